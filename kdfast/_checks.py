@@ -1,0 +1,120 @@
+"""Argument checks shared by every public function.
+
+Each check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong
+shape, device or value) with a message that names the argument and what was expected.
+None of them synchronizes with a GPU except :func:`check_targets` (an out-of-range class
+index would otherwise trigger a device-side assert that poisons the CUDA context) and
+:func:`check_finite`, which the caller enables explicitly. Under ``torch.compile`` these
+two data-dependent checks become ``torch._assert_async`` device assertions, so that the
+graph has no break.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REGULARIZATIONS = ("l2", "kl")
+
+
+def check_tensor(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def check_logits(name: str, x) -> None:
+    """``x`` must be a 2-D floating tensor [B, C] (fp16, bf16, fp32 or fp64)."""
+    check_tensor(name, x)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), got {x.dtype}"
+        )
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D tensor [B, C], got shape {tuple(x.shape)}")
+
+
+def check_pair(student, teacher) -> None:
+    """Student and teacher logits: both [B, C] floating tensors, same shape and device, B, C >= 1."""
+    check_logits("student", student)
+    check_logits("teacher", teacher)
+    if teacher.shape != student.shape:
+        raise ValueError(
+            f"teacher must have the student's shape {tuple(student.shape)}, got {tuple(teacher.shape)}"
+        )
+    if teacher.device != student.device:
+        raise ValueError(f"teacher must be on the student's device {student.device}, got {teacher.device}")
+    if student.shape[0] < 1 or student.shape[1] < 1:
+        raise ValueError(f"student must have at least one row and one class, got shape {tuple(student.shape)}")
+
+
+def check_targets(target, batch: int, num_classes: int, device: torch.device) -> None:
+    """``target`` must hold integer class indices [B] in [0, C) on the logits' device."""
+    check_tensor("target", target)
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"target must be an integer tensor of class indices, got {target.dtype}")
+    if target.dim() != 1 or target.shape[0] != batch:
+        raise ValueError(f"target must have shape ({batch},) to match the logits, got {tuple(target.shape)}")
+    if target.device != device:
+        raise ValueError(f"target must be on the logits' device {device}, got {target.device}")
+    if torch.compiler.is_compiling():
+        # A traced graph cannot raise from data: assert on the device instead.
+        torch._assert_async(((target >= 0) & (target < num_classes)).all(),
+                            f"target values must lie in [0, {num_classes - 1}]")
+        return
+    low, high = torch.stack([target.min(), target.max()]).tolist()
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"target values must lie in [0, {num_classes - 1}], got values in [{low}, {high}]")
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def check_positive(name: str, value) -> float:
+    """A finite real number > 0 (temperatures, regularization strengths)."""
+    value = _number(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def check_nonnegative(name: str, value) -> float:
+    """A finite real number >= 0 (loss weights)."""
+    value = _number(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def check_regularization(regularization) -> str:
+    if regularization not in REGULARIZATIONS:
+        raise ValueError(f"regularization must be 'l2' or 'kl', got {regularization!r}")
+    return regularization
+
+
+def check_correlation_length(name: str, length: int, what: str) -> None:
+    """A Pearson/Spearman correlation needs at least two elements to be defined."""
+    if length < 2:
+        raise ValueError(f"{name}: a correlation over {what} needs at least 2 elements, got {length}")
+
+
+def check_finite(**tensors) -> None:
+    """Raise if any named tensor holds NaN or Inf (costs one device sync per tensor).
+
+    Inside ``torch.compile`` the check becomes an asynchronous device assertion.
+    """
+    for name, x in tensors.items():
+        if x is None:
+            continue
+        if torch.compiler.is_compiling():
+            torch._assert_async(torch.isfinite(x).all(), f"{name} contains NaN or Inf values (check_finite=True)")
+        elif not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} contains NaN or Inf values (check_finite=True)")

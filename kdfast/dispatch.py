@@ -1,0 +1,160 @@
+"""Backend registry and dispatch.
+
+Every loss has up to four implementations computing the same function: ``torch`` (the
+reference), ``cpu`` (fused C++), ``triton`` and ``cuda`` (fused GPU kernels). A call picks
+one in this order of precedence: the ``backend=`` argument, the ``KDFAST_BACKEND``
+environment variable, then ``"auto"`` (the fastest backend able to run on the inputs).
+Forcing a backend that cannot run raises :class:`BackendUnavailableError` with the reason;
+it never falls back silently to a slower one.
+
+Each backend declares what it supports through ``not_supported_reasons``; ``auto`` takes
+the first backend of its preference list with no reasons, and when none fits the error
+lists every backend with its reasons.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable, Mapping
+
+import torch
+
+from kdfast import _ops, reference
+
+BACKEND_NAMES = ("torch", "cpu", "triton", "cuda")
+ENV_VAR = "KDFAST_BACKEND"
+
+#: Fastest first, per device type; ``torch`` is always last.
+AUTO_PREFERENCE = {"cpu": ("cpu", "torch"), "cuda": ("triton", "cuda", "torch")}
+
+#: The operations every backend provides.
+OPS = ("kd_loss", "pearson_loss", "dist_loss", "spearman_loss", "cmkd_loss", "drkd_loss")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A requested backend cannot run on the given inputs; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    name: str
+    description: str
+    #: Why the backend cannot run at all on this installation (None: it can).
+    unavailable: Callable[[], str | None]
+    #: op name -> implementation taking the checked arguments of the public function.
+    ops: Mapping[str, Callable]
+    #: device types whose tensors the backend computes on (None: any device).
+    devices: tuple[str, ...] | None
+
+    def not_supported_reasons(self, op: str, device: torch.device) -> list[str]:
+        reason = self.unavailable()
+        if reason is not None:
+            return [reason]
+        reasons = []
+        if op not in self.ops:
+            reasons.append(f"it has no implementation of {op}")
+        if self.devices is not None and device.type not in self.devices:
+            reasons.append(f"it runs on {' or '.join(self.devices)} tensors, not {device.type}")
+        return reasons
+
+
+def _torch_unavailable() -> str | None:
+    # The reference needs the compiled isotonic regression for its soft ranks only, but a
+    # broken build is worth reporting here too.
+    return _ops.EXTENSION_ERROR
+
+
+def _not_built(what: str) -> Callable[[], str]:
+    return lambda: f"not built yet: this release of kdfast has no {what}"
+
+
+_REGISTRY: dict[str, Backend] = {
+    "torch": Backend(
+        name="torch",
+        description="reference implementation in plain PyTorch (any device)",
+        unavailable=_torch_unavailable,
+        ops={op: getattr(reference, op) for op in OPS},
+        devices=None,
+    ),
+    "cpu": Backend(
+        name="cpu",
+        description="fused C++ kernels for CPU tensors",
+        unavailable=_not_built("fused C++ CPU kernels"),
+        ops={},
+        devices=("cpu",),
+    ),
+    "triton": Backend(
+        name="triton",
+        description="fused Triton kernels for CUDA tensors",
+        unavailable=_not_built("Triton kernels"),
+        ops={},
+        devices=("cuda",),
+    ),
+    "cuda": Backend(
+        name="cuda",
+        description="fused CUDA C++ kernels for CUDA tensors",
+        unavailable=_not_built("CUDA C++ kernels"),
+        ops={},
+        devices=("cuda",),
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendStatus:
+    """What :func:`backends` reports for one backend."""
+
+    name: str
+    available: bool
+    reason: str
+    description: str
+
+    def __str__(self) -> str:
+        state = "available" if self.available else "unavailable"
+        return f"{self.name:7s} {state:11s} {self.reason or self.description}"
+
+
+def backends() -> dict[str, BackendStatus]:
+    """Report each backend and why it is or is not usable on this installation.
+
+    Returns:
+        A dict from backend name (``torch``, ``cpu``, ``triton``, ``cuda``) to a
+        :class:`BackendStatus` with ``available`` and ``reason`` (empty when available).
+        ``print(*kdfast.backends().values(), sep="\\n")`` gives a readable table.
+    """
+    report = {}
+    for name in BACKEND_NAMES:
+        backend = _REGISTRY[name]
+        reason = backend.unavailable()
+        report[name] = BackendStatus(name, reason is None, reason or "", backend.description)
+    return report
+
+
+def requested_backend(backend: str | None) -> str:
+    """The backend name a call asks for: the argument, else ``$KDFAST_BACKEND``, else ``auto``."""
+    if backend is None:
+        backend = os.environ.get(ENV_VAR, "").strip() or "auto"
+        source = f"the environment variable {ENV_VAR}"
+    else:
+        source = "backend"
+    if not isinstance(backend, str) or backend not in ("auto",) + BACKEND_NAMES:
+        raise ValueError(f"{source} must be one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
+    return backend
+
+
+def resolve(op: str, backend: str | None, device: torch.device) -> Callable:
+    """The implementation of ``op`` to run on tensors on ``device``."""
+    name = requested_backend(backend)
+    if name != "auto":
+        reasons = _REGISTRY[name].not_supported_reasons(op, device)
+        if reasons:
+            raise BackendUnavailableError(f"backend '{name}' cannot run {op} here: " + "; ".join(reasons))
+        return _REGISTRY[name].ops[op]
+    all_reasons = []
+    for candidate in AUTO_PREFERENCE.get(device.type, ("torch",)):
+        reasons = _REGISTRY[candidate].not_supported_reasons(op, device)
+        if not reasons:
+            return _REGISTRY[candidate].ops[op]
+        all_reasons.append(f"{candidate}: " + "; ".join(reasons))
+    raise BackendUnavailableError(f"no backend can run {op} on {device} tensors: " + " | ".join(all_reasons))

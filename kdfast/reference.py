@@ -1,0 +1,160 @@
+"""The ``torch`` backend: every kdfast loss written with plain PyTorch operations.
+
+This is the reference that the fused backends are tested against, and the definition of
+each loss in code (see DESIGN.md "Loss definitions" and the README). Gradients are those
+of autograd through these expressions. Arguments are assumed valid: the public functions
+in :mod:`kdfast.losses` check them first.
+
+Arithmetic runs in float32 for fp16/bf16/fp32 inputs and in float64 when an input is
+float64 (so that ``torch.autograd.gradcheck`` can run on it); the loss has that dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from kdfast.softrank import average_ranks, soft_rank
+
+#: Denominator floor of the Pearson correlation: ρ(a, b) = <a−ā, b−b̄> / max(‖a−ā‖‖b−b̄‖, 1e-8).
+PEARSON_EPS = 1e-8
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def center(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x − mean(x)`` along ``dim``, exactly zero for a constant vector.
+
+    The mean is taken of ``x − x_0`` (the first element), which is 0 exactly for a
+    constant vector; the plain mean of n equal floats can miss them by an ulp.
+    """
+    shifted = x - x.narrow(dim, 0, 1)
+    return shifted - shifted.mean(dim=dim, keepdim=True)
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Pearson correlation of ``a`` and ``b`` along ``dim`` (0 for a constant vector, never NaN)."""
+    a_c = center(a, dim)
+    b_c = center(b, dim)
+    covariance = (a_c * b_c).sum(dim=dim)
+    norms = torch.linalg.vector_norm(a_c, dim=dim) * torch.linalg.vector_norm(b_c, dim=dim)
+    return covariance / norms.clamp_min(PEARSON_EPS)
+
+
+def standardize_rows(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise ``(x − mean) / std`` with the population std; a constant row becomes zeros.
+
+    The zero-variance case is masked before the square root so that its gradient is 0,
+    not NaN.
+    """
+    x_c = center(x, dim=1)
+    variance = (x_c * x_c).mean(dim=1, keepdim=True)
+    varying = variance > 0
+    std = torch.where(varying, variance, torch.ones_like(variance)).sqrt()
+    return torch.where(varying, x_c / std, torch.zeros_like(x_c))
+
+
+def upcast(student, teacher):
+    """Both logits in the compute dtype. Each loss upcasts once, at its entry, so that the
+    gradients of all its terms accumulate in that dtype and are rounded to the input's
+    dtype only once."""
+    dtype = compute_dtype(student, teacher)
+    return student.to(dtype), teacher.to(dtype)
+
+
+def _log_probs(student, teacher, temperature):
+    return F.log_softmax(student / temperature, dim=1), F.log_softmax(teacher / temperature, dim=1)
+
+
+def _kl_rows(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    # KL(q ‖ p) per row from log-probabilities: an underflowed q_c = 0 contributes
+    # 0 · finite = 0 (log_softmax stays finite), never 0 · (−inf).
+    return (log_q.exp() * (log_q - log_p)).sum(dim=1)
+
+
+def kd_loss(student, teacher, temperature):
+    log_p, log_q = _log_probs(*upcast(student, teacher), temperature)
+    return temperature**2 * _kl_rows(log_q, log_p).mean()
+
+
+def pearson_loss(student, teacher, temperature, dim):
+    log_p, log_q = _log_probs(*upcast(student, teacher), temperature)
+    rho = pearson(log_p.exp(), log_q.exp(), dim=dim)
+    return temperature**2 * (1.0 - rho.mean())
+
+
+def dist_loss(student, teacher, temperature, beta, gamma):
+    log_p, log_q = _log_probs(*upcast(student, teacher), temperature)
+    p, q = log_p.exp(), log_q.exp()
+    loss = p.new_zeros(())
+    if beta != 0:
+        loss = loss + beta * temperature**2 * (1.0 - pearson(p, q, dim=1).mean())
+    if gamma != 0:
+        loss = loss + gamma * temperature**2 * (1.0 - pearson(p, q, dim=0).mean())
+    return loss
+
+
+def spearman_rows(student, teacher, regularization_strength):
+    """ρ_S per row: soft ranks of the standardized student logits vs the teacher's average ranks."""
+    student_ranks = soft_rank(standardize_rows(student), "l2", regularization_strength)
+    return pearson(student_ranks, average_ranks(teacher), dim=1)
+
+
+def spearman_loss(student, teacher, regularization_strength):
+    return 1.0 - spearman_rows(*upcast(student, teacher), regularization_strength).mean()
+
+
+def entropy_difficulty(teacher, temperature):
+    """d_i = H(softmax(t_i/τ)) / log C in [0, 1], without gradient."""
+    with torch.no_grad():
+        log_q = F.log_softmax(teacher / temperature, dim=1)
+        entropy = -(log_q.exp() * log_q).sum(dim=1)
+        return (entropy / math.log(teacher.shape[1])).clamp(0.0, 1.0)
+
+
+def cmkd_loss(student, teacher, target, temperature, kl_weight, corr_weight, ce_weight, difficulty,
+              regularization_strength):
+    """CMKD; ``difficulty`` is the per-sample weight d: a float, a [B] tensor, or None for entropy."""
+    student, teacher = upcast(student, teacher)
+    log_p, log_q = _log_probs(student, teacher, temperature)
+    loss = kl_weight * temperature**2 * _kl_rows(log_q, log_p).mean()
+    if corr_weight != 0:
+        if difficulty is None:
+            difficulty = entropy_difficulty(teacher, temperature)
+        elif isinstance(difficulty, torch.Tensor):
+            difficulty = difficulty.detach().to(log_p.dtype)
+        rho = pearson(log_p.exp(), log_q.exp(), dim=1)
+        rho_s = spearman_rows(student, teacher, regularization_strength)
+        per_sample = (1.0 - difficulty) * (1.0 - rho) + difficulty * (1.0 - rho_s)
+        loss = loss + corr_weight * temperature**2 * per_sample.mean()
+    if target is not None and ce_weight != 0:
+        loss = loss + ce_weight * F.cross_entropy(student, target)
+    return loss
+
+
+def rectify(teacher, target):
+    """Swap, in each row whose argmax is not the target, the max logit with the target's logit."""
+    batch, num_classes = teacher.shape
+    argmax = teacher.argmax(dim=1)
+    target = target.long()
+    permutation = torch.arange(num_classes, device=teacher.device).expand(batch, -1).clone()
+    rows = torch.arange(batch, device=teacher.device)
+    # Rows whose argmax is the target get the identity twice; the others a transposition.
+    permutation[rows, target] = argmax
+    permutation[rows, argmax] = target
+    return teacher.gather(1, permutation)
+
+
+def drkd_loss(student, teacher, target, temperature, ce_weight):
+    student, teacher = upcast(student, teacher)
+    loss = kd_loss(student, rectify(teacher, target), temperature)
+    if ce_weight != 0:
+        loss = loss + ce_weight * F.cross_entropy(student, target)
+    return loss

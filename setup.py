@@ -1,0 +1,49 @@
+"""Build of kdfast and its compiled extension ``kdfast._C``.
+
+The extension is built against the PyTorch that is already installed, so install with
+``pip install --no-build-isolation -e .`` (the Makefile does this inside ``.venv``).
+The Triton kernels live in the top-level ``kernels/`` folder and are installed as the
+subpackage ``kdfast.kernels``.
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+try:
+    import torch  # noqa: F401
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+except ImportError:
+    sys.exit(
+        "kdfast compiles against the PyTorch you have installed: install torch first "
+        "(pip install torch==2.13.0) and then kdfast with `pip install --no-build-isolation -e .`"
+    )
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def cpu_extension():
+    """The C++ operators (every csrc/*.cpp), parallel over rows through ATen's OpenMP pool."""
+    sources = sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
+    return CppExtension(
+        name="kdfast._C",
+        sources=sources,
+        extra_compile_args=["-O3", "-fopenmp", "-std=c++17"],
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    name="kdfast",
+    version="0.1.0",
+    description="Fused knowledge-distillation losses, soft ranks and res-students for PyTorch",
+    python_requires=">=3.10",
+    packages=["kdfast", "kdfast.kernels"],
+    package_dir={"kdfast": "kdfast", "kdfast.kernels": "kernels"},
+    ext_modules=[cpu_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    # torch is deliberately not listed: the extension is compiled against the torch that
+    # is installed at build time, and an unpinned requirement would let pip replace it.
+)
