@@ -60,8 +60,9 @@ class Backend:
 
 
 def _torch_unavailable() -> str | None:
-    # The reference needs the compiled isotonic regression for its soft ranks only, but a
-    # broken build is worth reporting here too.
+    # Only the soft ranks of the reference need the compiled extension, but an install
+    # without it is broken: report it (with the command that rebuilds it) rather than
+    # fail later inside a Spearman term.
     return _ops.EXTENSION_ERROR
 
 

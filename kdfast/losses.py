@@ -253,7 +253,6 @@ def drkd_loss(student, teacher, target, temperature=4.0, ce_weight=0.0, *, backe
     Returns:
         Scalar loss.
     """
-    _checks.check_pair(student, teacher)
     if target is None:
         raise ValueError("target is required by drkd_loss: it decides which rows are rectified")
     (temperature,) = _prepare(student, teacher, target, check_finite, temperature=temperature)
