@@ -1,7 +1,7 @@
 """Soft rank / soft sort: kdfast (C++ PAV, parallel over rows) against torchsort.
 
-Times forward and forward+backward for a sweep of row lengths and appends the rows to
-benchmarks/results/softrank.csv. Usage:
+Times forward and forward+backward for a sweep of row lengths, and the row sort alone
+that both start with, and appends the rows to benchmarks/results/softrank.csv. Usage:
 
     python benchmarks/bench_softrank.py [--batch 256] [--sizes 100 1000 10000] [--device cpu]
 """
@@ -38,6 +38,11 @@ def main(argv=None):
     rows = []
     for n in args.sizes:
         x = torch.randn(args.batch, n, device=device)
+        # The sort every soft rank/sort starts with: the floor of a sort-based reference.
+        timing = measure_ms(lambda: x.sort(dim=1, descending=True, stable=True), device, reps=args.reps)
+        rows.append({"op": "sort", "provider": "torch", "regularization": "", "mode": "forward", "B": args.batch,
+                     "n": n, "dtype": "float32", **timing, "device": device_name(device)})
+        print(f"torch.sort (stable)              n={n:6d} median {timing['median_ms']:8.3f} ms")
         for provider, ops in providers().items():
             for op, fn in ops.items():
                 for regularization in ("l2", "kl"):

@@ -59,6 +59,8 @@ def check_targets(target, batch: int, num_classes: int, device: torch.device) ->
         raise ValueError(f"target must have shape ({batch},) to match the logits, got {tuple(target.shape)}")
     if target.device != device:
         raise ValueError(f"target must be on the logits' device {device}, got {target.device}")
+    if target.numel() == 0:
+        return
     if torch.compiler.is_compiling():
         # A traced graph cannot raise from data: assert on the device instead.
         torch._assert_async(((target >= 0) & (target < num_classes)).all(),

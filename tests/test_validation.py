@@ -160,3 +160,10 @@ def test_modules_check_their_arguments_at_construction():
         kdfast.nn.TeacherAdapter(0, 10)
     with pytest.raises(ValueError, match="hidden_dim must be a positive integer"):
         kdfast.nn.TeacherAdapter(8, 10, hidden_dim=2.5)
+
+
+def test_empty_inputs_of_the_row_wise_functions():
+    assert kdfast.rectify(torch.randn(0, 5), torch.zeros(0, dtype=torch.long)).shape == (0, 5)
+    assert kdfast.soft_rank(torch.randn(0, 5)).shape == (0, 5)
+    assert kdfast.soft_sort(torch.randn(3, 0)).shape == (3, 0)
+    assert kdfast.average_ranks(torch.randn(3, 0)).shape == (3, 0)
