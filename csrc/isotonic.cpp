@@ -1,22 +1,19 @@
-// Pool-adjacent-violators (PAV) isotonic regression, the core of soft ranks and soft
-// sorts (Blondel, Teboul, Berthet, Djolonga: "Fast Differentiable Sorting and Ranking",
-// ICML 2020). Every row of a [B, n] batch is solved independently, in parallel over rows.
+// The isotonic-regression operators behind the reference backend's soft ranks and soft
+// sorts: every row of a [B, n] batch is solved by pool-adjacent-violators (pav.h),
+// independently and in parallel over rows.
 //
-// For each row, with y and w of length n, the solution v is non-increasing and solves
-//   l2: argmin_{v_1 >= ... >= v_n} 1/2 ||v - (y - w)||^2
-//   kl: argmin_{v_1 >= ... >= v_n} <exp(y - v), 1> + <exp(w), v>
-// It is piecewise constant: on each block B of consecutive indices it equals
-//   l2: mean(y_B - w_B)          kl: logsumexp(y_B) - logsumexp(w_B).
-//
-// Adjacent blocks of the returned solution are strictly decreasing (equal neighbours are
-// always merged, in the output precision), so the vector-Jacobian product recovers the
-// blocks exactly from runs of equal values; no block structure has to be stored.
+// The vector-Jacobian product recovers the blocks from runs of equal values of the
+// solution, so no block structure has to be stored: adjacent blocks are strictly
+// decreasing. (Two neighbours whose means differ by less than an ulp of the output type
+// round to the same value; the VJP then treats them as one pooled block, which moves the
+// returned values by less than that ulp.)
 #include <torch/extension.h>
+
+#include "pav.h"
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cmath>
 #include <limits>
 #include <string>
 #include <vector>
@@ -30,67 +27,25 @@ bool is_kl(const std::string& regularization) {
   return regularization == "kl";
 }
 
-// log(exp(a) + exp(b)) without overflow; exact for infinities and NaN-propagating.
-inline double log_add_exp(double a, double b) {
-  if (std::isnan(a) || std::isnan(b)) return std::numeric_limits<double>::quiet_NaN();
-  const double hi = std::max(a, b);
-  const double lo = std::min(a, b);
-  if (lo == -std::numeric_limits<double>::infinity() ||
-      hi == std::numeric_limits<double>::infinity()) {
-    return hi;
-  }
-  return hi + std::log1p(std::exp(lo - hi));
-}
-
 // Rows per parallel task: enough elements that a task amortizes its scheduling.
 int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)); }
 
-// Block statistics kept on the PAV stack. `a` and `b` accumulate in double (sum and
-// count for l2, log-sum-exps for kl); `value` is the block's solution rounded to the
-// output type, and merging decisions compare rounded values so that the strict
-// decrease between blocks holds in the output precision.
-template <typename scalar_t>
-struct BlockStack {
+// Scratch for the PAV stack of one row, reused across the rows of a parallel task.
+struct PavScratch {
   std::vector<int64_t> start;
   std::vector<double> a, b;
-  std::vector<scalar_t> value;
 
-  explicit BlockStack(int64_t n) : start(n), a(n), b(n), value(n) {}
+  explicit PavScratch(int64_t n) : start(n), a(n), b(n) {}
+  template <bool kKL>
+  PavBlocks<kKL> blocks() { return {start.data(), a.data(), b.data()}; }
 };
 
 template <typename scalar_t, bool kKL>
-void pav_row(const scalar_t* y, const scalar_t* w, scalar_t* sol, int64_t n,
-             BlockStack<scalar_t>& stack) {
-  int64_t top = -1;  // index of the last block on the stack
-  for (int64_t i = 0; i < n; ++i) {
-    ++top;
-    stack.start[top] = i;
-    if constexpr (kKL) {
-      stack.a[top] = static_cast<double>(y[i]);
-      stack.b[top] = static_cast<double>(w[i]);
-      stack.value[top] = static_cast<scalar_t>(stack.a[top] - stack.b[top]);
-    } else {
-      stack.a[top] = static_cast<double>(y[i]) - static_cast<double>(w[i]);
-      stack.b[top] = 1.0;
-      stack.value[top] = static_cast<scalar_t>(stack.a[top]);
-    }
-    // The solution must be non-increasing: pool the last two blocks while they are not.
-    while (top > 0 && stack.value[top - 1] <= stack.value[top]) {
-      if constexpr (kKL) {
-        stack.a[top - 1] = log_add_exp(stack.a[top - 1], stack.a[top]);
-        stack.b[top - 1] = log_add_exp(stack.b[top - 1], stack.b[top]);
-        stack.value[top - 1] = static_cast<scalar_t>(stack.a[top - 1] - stack.b[top - 1]);
-      } else {
-        stack.a[top - 1] += stack.a[top];
-        stack.b[top - 1] += stack.b[top];
-        stack.value[top - 1] = static_cast<scalar_t>(stack.a[top - 1] / stack.b[top - 1]);
-      }
-      --top;
-    }
-  }
-  for (int64_t block = 0; block <= top; ++block) {
-    const int64_t end = block < top ? stack.start[block + 1] : n;
-    std::fill(sol + stack.start[block], sol + end, stack.value[block]);
+void pav_row(const scalar_t* y, const scalar_t* w, scalar_t* sol, int64_t n, PavScratch& scratch) {
+  PavBlocks<kKL> blocks = scratch.blocks<kKL>();
+  pav<kKL>(n, [&](int64_t i) { return y[i]; }, [&](int64_t i) { return w[i]; }, blocks);
+  for (int64_t block = 0; block < blocks.count; ++block) {
+    std::fill(sol + blocks.start[block], sol + blocks.end(block, n), static_cast<scalar_t>(blocks.value(block)));
   }
 }
 
@@ -155,13 +110,13 @@ at::Tensor isotonic_cpu(const at::Tensor& y_in, const at::Tensor& w_in, c10::str
     const scalar_t* w_ptr = w.data_ptr<scalar_t>();
     scalar_t* sol_ptr = sol.data_ptr<scalar_t>();
     at::parallel_for(0, rows, grain_rows(n), [&](int64_t first, int64_t last) {
-      BlockStack<scalar_t> stack(n);
+      PavScratch scratch(n);
       for (int64_t r = first; r < last; ++r) {
         const int64_t offset = r * n;
         if (kl) {
-          pav_row<scalar_t, true>(y_ptr + offset, w_ptr + offset, sol_ptr + offset, n, stack);
+          pav_row<scalar_t, true>(y_ptr + offset, w_ptr + offset, sol_ptr + offset, n, scratch);
         } else {
-          pav_row<scalar_t, false>(y_ptr + offset, w_ptr + offset, sol_ptr + offset, n, stack);
+          pav_row<scalar_t, false>(y_ptr + offset, w_ptr + offset, sol_ptr + offset, n, scratch);
         }
       }
     });

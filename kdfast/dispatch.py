@@ -20,7 +20,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from kdfast import _ops, reference
+from kdfast import _ops, fused, reference
 
 BACKEND_NAMES = ("torch", "cpu", "triton", "cuda")
 ENV_VAR = "KDFAST_BACKEND"
@@ -46,8 +46,10 @@ class Backend:
     ops: Mapping[str, Callable]
     #: device types whose tensors the backend computes on (None: any device).
     devices: tuple[str, ...] | None
+    #: dtypes of logits it reads (None: any floating dtype).
+    dtypes: tuple[torch.dtype, ...] | None = None
 
-    def not_supported_reasons(self, op: str, device: torch.device) -> list[str]:
+    def not_supported_reasons(self, op: str, device: torch.device, dtypes: tuple[torch.dtype, ...] = ()) -> list[str]:
         reason = self.unavailable()
         if reason is not None:
             return [reason]
@@ -56,6 +58,12 @@ class Backend:
             reasons.append(f"it has no implementation of {op}")
         if self.devices is not None and device.type not in self.devices:
             reasons.append(f"it runs on {' or '.join(self.devices)} tensors, not {device.type}")
+        if self.dtypes is not None:
+            unsupported = sorted({str(d).replace("torch.", "") for d in dtypes if d not in self.dtypes})
+            if unsupported:
+                supported = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+                reasons.append(f"it reads {supported} logits, not {', '.join(unsupported)} "
+                               "(float64 runs on the torch reference)")
         return reasons
 
 
@@ -80,10 +88,11 @@ _REGISTRY: dict[str, Backend] = {
     ),
     "cpu": Backend(
         name="cpu",
-        description="fused C++ kernels for CPU tensors",
-        unavailable=_not_built("fused C++ CPU kernels"),
-        ops={},
+        description="fused C++ kernels for CPU tensors (loss and gradient in one pass per row)",
+        unavailable=lambda: _ops.EXTENSION_ERROR,
+        ops=fused.OPS,
         devices=("cpu",),
+        dtypes=fused.DTYPES,
     ),
     "triton": Backend(
         name="triton",
@@ -144,17 +153,17 @@ def requested_backend(backend: str | None) -> str:
     return backend
 
 
-def resolve(op: str, backend: str | None, device: torch.device) -> Callable:
-    """The implementation of ``op`` to run on tensors on ``device``."""
+def resolve(op: str, backend: str | None, device: torch.device, dtypes: tuple[torch.dtype, ...] = ()) -> Callable:
+    """The implementation of ``op`` to run on tensors of ``dtypes`` on ``device``."""
     name = requested_backend(backend)
     if name != "auto":
-        reasons = _REGISTRY[name].not_supported_reasons(op, device)
+        reasons = _REGISTRY[name].not_supported_reasons(op, device, dtypes)
         if reasons:
             raise BackendUnavailableError(f"backend '{name}' cannot run {op} here: " + "; ".join(reasons))
         return _REGISTRY[name].ops[op]
     all_reasons = []
     for candidate in AUTO_PREFERENCE.get(device.type, ("torch",)):
-        reasons = _REGISTRY[candidate].not_supported_reasons(op, device)
+        reasons = _REGISTRY[candidate].not_supported_reasons(op, device, dtypes)
         if not reasons:
             return _REGISTRY[candidate].ops[op]
         all_reasons.append(f"{candidate}: " + "; ".join(reasons))

@@ -50,6 +50,12 @@ def _prepare(student, teacher, target=None, check_finite=False, **positive):
     return [_checks.check_positive(name, value) for name, value in positive.items()]
 
 
+def _run(op, backend, student, teacher, *args):
+    """Runs ``op`` of the backend chosen for these logits' device and dtypes."""
+    implementation = resolve(op, backend, student.device, (student.dtype, teacher.dtype))
+    return implementation(student, teacher, *args)
+
+
 def _spearman_strength(regularization_strength, num_classes: int) -> float:
     if regularization_strength is None:
         return default_spearman_strength(num_classes)
@@ -69,7 +75,7 @@ def kd_loss(student, teacher, temperature=4.0, *, backend=None, check_finite=Fal
         Network", 2015.)
     """
     (temperature,) = _prepare(student, teacher, check_finite=check_finite, temperature=temperature)
-    return resolve("kd_loss", backend, student.device)(student, teacher, temperature)
+    return _run("kd_loss", backend, student, teacher, temperature)
 
 
 def pearson_loss(student, teacher, temperature=1.0, dim=1, *, backend=None, check_finite=False):
@@ -91,7 +97,7 @@ def pearson_loss(student, teacher, temperature=1.0, dim=1, *, backend=None, chec
     dim = dim % 2
     what = "classes (dim=1)" if dim == 1 else "the batch (dim=0)"
     _checks.check_correlation_length("pearson_loss", student.shape[dim], what)
-    return resolve("pearson_loss", backend, student.device)(student, teacher, temperature, dim)
+    return _run("pearson_loss", backend, student, teacher, temperature, dim)
 
 
 def dist_loss(student, teacher, temperature=1.0, beta=1.0, gamma=1.0, *, backend=None, check_finite=False):
@@ -122,7 +128,7 @@ def dist_loss(student, teacher, temperature=1.0, beta=1.0, gamma=1.0, *, backend
         _checks.check_correlation_length(
             "dist_loss (intra-class, gamma != 0; pass gamma=0 for B=1)", student.shape[0], "the batch"
         )
-    return resolve("dist_loss", backend, student.device)(student, teacher, temperature, beta, gamma)
+    return _run("dist_loss", backend, student, teacher, temperature, beta, gamma)
 
 
 def spearman_loss(student, teacher, regularization_strength=None, *, backend=None, check_finite=False):
@@ -148,7 +154,7 @@ def spearman_loss(student, teacher, regularization_strength=None, *, backend=Non
     _prepare(student, teacher, check_finite=check_finite)
     _checks.check_correlation_length("spearman_loss", student.shape[1], "classes")
     strength = _spearman_strength(regularization_strength, student.shape[1])
-    return resolve("spearman_loss", backend, student.device)(student, teacher, strength)
+    return _run("spearman_loss", backend, student, teacher, strength)
 
 
 def cmkd_loss(
@@ -196,9 +202,7 @@ def cmkd_loss(
     _checks.check_correlation_length("cmkd_loss", student.shape[1], "classes")
     difficulty = _difficulty(weighting, student)
     strength = _spearman_strength(regularization_strength, student.shape[1])
-    return resolve("cmkd_loss", backend, student.device)(
-        student, teacher, target, temperature, *weights, difficulty, strength
-    )
+    return _run("cmkd_loss", backend, student, teacher, target, temperature, *weights, difficulty, strength)
 
 
 def _difficulty(weighting, student):
@@ -257,4 +261,4 @@ def drkd_loss(student, teacher, target, temperature=4.0, ce_weight=0.0, *, backe
         raise ValueError("target is required by drkd_loss: it decides which rows are rectified")
     (temperature,) = _prepare(student, teacher, target, check_finite, temperature=temperature)
     ce_weight = _checks.check_nonnegative("ce_weight", ce_weight)
-    return resolve("drkd_loss", backend, student.device)(student, teacher, target, temperature, ce_weight)
+    return _run("drkd_loss", backend, student, teacher, target, temperature, ce_weight)

@@ -22,6 +22,29 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# Every (backend, device) pair whose implementations the tests compare; GPU pairs carry
+# the gpu marker. Tests create inputs on the CPU and move them to the device.
+BACKEND_DEVICES = [
+    pytest.param(("torch", "cpu"), id="torch"),
+    pytest.param(("cpu", "cpu"), id="cpu"),
+    pytest.param(("torch", "cuda"), id="torch-cuda", marks=pytest.mark.gpu),
+    pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.gpu),
+]
+FUSED_BACKEND_DEVICES = [p for p in BACKEND_DEVICES if p.values[0][0] != "torch"]
+
+
+@pytest.fixture(params=BACKEND_DEVICES)
+def backend_device(request):
+    """(backend name, device) for tests that every implementation must pass."""
+    return request.param
+
+
+@pytest.fixture(params=FUSED_BACKEND_DEVICES)
+def fused_backend_device(request):
+    """(backend name, device) of the fused kernels, compared against the reference."""
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _deterministic(monkeypatch):
     """Every test starts from the same seed and from the automatic backend choice."""

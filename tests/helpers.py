@@ -18,7 +18,7 @@ def teacher_like(batch, classes, generator=None):
     target = torch.randint(0, classes, (batch,), generator=generator)
     teacher[torch.arange(batch), target] += 10.0
     noise = torch.randn(batch, classes, dtype=torch.float64, generator=generator)
-    student = teacher + 0.7 * teacher.std(dim=1, keepdim=True) * noise
+    student = teacher + 0.7 * teacher.std(dim=1, keepdim=True, correction=0) * noise
     return student, teacher, target
 
 

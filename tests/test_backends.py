@@ -1,44 +1,56 @@
-"""Backend report, KDFAST_BACKEND, forced backends that cannot run."""
+"""Backend report, automatic choice, KDFAST_BACKEND, forced backends that cannot run."""
 
 import pytest
 import torch
 
 import kdfast
-from kdfast import dispatch
+from kdfast import dispatch, fused, reference
 
 
 def test_report_lists_every_backend_with_a_reason():
     report = kdfast.backends()
     assert list(report) == ["torch", "cpu", "triton", "cuda"]
-    assert report["torch"].available and report["torch"].reason == ""
-    for name in ("cpu", "triton", "cuda"):
-        assert not report[name].available
-        assert "not built yet" in report[name].reason
-        assert name in str(report[name]) and "unavailable" in str(report[name])
+    for name in ("torch", "cpu"):
+        assert report[name].available and report[name].reason == ""
+    assert not report["triton"].available and "not built yet" in report["triton"].reason
+    for status in report.values():
+        assert status.name in str(status)
+        assert ("unavailable" in str(status)) != status.available
 
 
-def test_auto_runs_the_reference_on_cpu_tensors():
+def test_auto_picks_the_fused_cpu_kernels_and_the_reference_for_float64():
+    cpu = torch.device("cpu")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert dispatch.resolve("kd_loss", None, cpu, (dtype, dtype)) is fused.kd_loss
+    assert dispatch.resolve("kd_loss", None, cpu, (torch.float64, torch.float64)) is reference.kd_loss
+    assert dispatch.resolve("kd_loss", None, cpu, (torch.float32, torch.float64)) is reference.kd_loss
     s, t = torch.randn(3, 5), torch.randn(3, 5)
     torch.testing.assert_close(kdfast.kd_loss(s, t, backend="auto"), kdfast.kd_loss(s, t, backend="torch"))
-    assert dispatch.resolve("kd_loss", None, torch.device("cpu")) is kdfast.reference.kd_loss
 
 
-@pytest.mark.parametrize("name", ["cpu", "triton", "cuda"])
-def test_forcing_an_unbuilt_backend_says_why(name):
+@pytest.mark.parametrize("name,reason", [("triton", "not built yet"), ("cuda", "")])
+def test_forcing_a_backend_that_cannot_run_says_why(name, reason):
     s, t = torch.randn(3, 5), torch.randn(3, 5)
-    with pytest.raises(kdfast.BackendUnavailableError, match=f"backend '{name}' cannot run kd_loss here: not built yet"):
+    with pytest.raises(kdfast.BackendUnavailableError, match=f"backend '{name}' cannot run kd_loss here: {reason}"):
         kdfast.kd_loss(s, t, backend=name)
+
+
+def test_forcing_the_cpu_backend_on_float64_says_why():
+    s, t = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    with pytest.raises(kdfast.BackendUnavailableError, match="reads float32, float16, bfloat16 logits, not float64"):
+        kdfast.dist_loss(s, t, backend="cpu")
 
 
 def test_environment_variable_selects_the_backend(monkeypatch):
     s, t, y = torch.randn(3, 5), torch.randn(3, 5), torch.tensor([0, 1, 2])
     monkeypatch.setenv("KDFAST_BACKEND", "torch")
-    assert torch.isfinite(kdfast.cmkd_loss(s, t, y))
-    monkeypatch.setenv("KDFAST_BACKEND", "cpu")
-    with pytest.raises(kdfast.BackendUnavailableError, match="backend 'cpu' cannot run cmkd_loss"):
+    expected = kdfast.cmkd_loss(s, t, y)
+    assert expected.grad_fn is None or "Fused" not in type(expected.grad_fn).__name__
+    monkeypatch.setenv("KDFAST_BACKEND", "triton")
+    with pytest.raises(kdfast.BackendUnavailableError, match="backend 'triton' cannot run cmkd_loss"):
         kdfast.cmkd_loss(s, t, y)
     # An explicit argument wins over the environment.
-    assert torch.isfinite(kdfast.cmkd_loss(s, t, y, backend="torch"))
+    torch.testing.assert_close(kdfast.cmkd_loss(s, t, y, backend="cpu"), expected)
     monkeypatch.setenv("KDFAST_BACKEND", "fastest")
     with pytest.raises(ValueError, match="the environment variable KDFAST_BACKEND must be one of"):
         kdfast.kd_loss(s, t)
@@ -50,11 +62,17 @@ def test_unknown_backend_argument():
 
 
 def test_device_support_is_part_of_the_reasons():
-    # A built backend that runs on other devices is refused with the device as reason.
     gpu_only = dispatch.Backend("demo", "test double", lambda: None, {"kd_loss": None}, ("cuda",))
-    assert gpu_only.not_supported_reasons("kd_loss", torch.device("cpu")) == [
-        "it runs on cuda tensors, not cpu"
-    ]
-    assert gpu_only.not_supported_reasons("dist_loss", torch.device("cuda")) == [
-        "it has no implementation of dist_loss"
-    ]
+    assert gpu_only.not_supported_reasons("kd_loss", torch.device("cpu")) == ["it runs on cuda tensors, not cpu"]
+    assert gpu_only.not_supported_reasons("dist_loss", torch.device("cuda")) == ["it has no implementation of dist_loss"]
+    report = dispatch._REGISTRY["cpu"].not_supported_reasons("kd_loss", torch.device("cuda"), (torch.float32,))
+    assert report == ["it runs on cpu tensors, not cuda"]
+
+
+def test_no_backend_fits_lists_every_reason(monkeypatch):
+    # With the reference made unavailable, auto has nothing left for float64 and says why for each.
+    monkeypatch.setitem(dispatch._REGISTRY, "torch", dispatch.Backend(
+        "torch", "disabled for this test", lambda: "disabled for this test", {}, None))
+    with pytest.raises(kdfast.BackendUnavailableError, match="no backend can run kd_loss on cpu tensors: "
+                       "cpu: it reads .* not float64 .* torch: disabled for this test"):
+        kdfast.kd_loss(torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64))

@@ -1,0 +1,629 @@
+// Fused CPU kernels of every kdfast loss (the generic loss of losses.h): one pass over
+// each row computes its loss terms and writes dL/ds (and dL/dt when asked), in parallel
+// over rows. A row is upcast once into thread-local float buffers, so all arithmetic runs
+// in fp32 on cache-resident data; the only B×C outputs are the gradients themselves.
+// The intra-class (column) correlation needs statistics across rows: two extra passes
+// accumulate them per fixed chunk of rows (so the result does not depend on the number
+// of threads), before the row pass uses them.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "losses.h"
+
+namespace kdfast {
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// exp(x) for float, branch-free so that loops over it vectorize (with -fno-trapping-math):
+// Cephes' range reduction and degree-6 polynomial, within 1e-7 relative of exp; exact 0
+// below the float range, inf above, NaN propagated.
+inline __attribute__((always_inline)) float vexp(float x) {
+  constexpr float hi = 88.3762626647949f, lo = -87.3365447505531f;
+  float xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = xc - n * 0.693359375f - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  float out = p * scale;
+  out = x < lo ? 0.0f : out;
+  out = x > hi ? kInf : out;
+  return x != x ? x : out;
+}
+
+// Per-thread buffers for one row at a time (allocated once per parallel task).
+struct RowScratch {
+  std::vector<float> s, t, p, q, softmax1, grad;
+  // Spearman terms: sort keys and orders, soft ranks in sorted order, teacher ranks in
+  // original order, the PAV stack.
+  std::vector<uint32_t> keys, keys_tmp;
+  std::vector<int32_t> order, order_tmp, order_tmp2, teacher_order;
+  std::vector<float> teacher_ranks, u_sorted, grad_z;
+  std::vector<double> ranks, z_sorted;
+  std::vector<int64_t> block_start;
+  std::vector<double> block_a, block_b;
+
+  RowScratch(int64_t n, bool spearman) : s(n), t(n), p(n), q(n), softmax1(n), grad(n) {
+    if (spearman) {
+      keys.resize(n), keys_tmp.resize(n), order.resize(n), order_tmp.resize(n), order_tmp2.resize(n);
+      teacher_order.resize(n), ranks.resize(n), teacher_ranks.resize(n), u_sorted.resize(n), z_sorted.resize(n);
+      grad_z.resize(n);
+      block_start.resize(n), block_a.resize(n), block_b.resize(n);
+    }
+  }
+};
+
+// Stable LSD radix sort (8-bit digits) of x's indices into ascending order of x.
+void radix_argsort(const float* x, int64_t n, RowScratch& w, int32_t* order) {
+  uint32_t histogram[4][256] = {};
+  uint32_t* keys = w.keys.data();
+  uint32_t* keys_tmp = w.keys_tmp.data();
+  int32_t* idx = order;
+  int32_t* idx_tmp = w.order_tmp.data();
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t key = ascending_key(x[i]);
+    keys[i] = key;
+    idx[i] = static_cast<int32_t>(i);
+    for (int digit = 0; digit < 4; ++digit) ++histogram[digit][(key >> (8 * digit)) & 255u];
+  }
+  for (int digit = 0; digit < 4; ++digit) {
+    uint32_t* counts = histogram[digit];
+    if (*std::max_element(counts, counts + 256) == static_cast<uint32_t>(n)) continue;  // one bucket: no-op pass
+    uint32_t offset = 0;
+    for (int bucket = 0; bucket < 256; ++bucket) {
+      const uint32_t c = counts[bucket];
+      counts[bucket] = offset;
+      offset += c;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t slot = counts[(keys[i] >> (8 * digit)) & 255u]++;
+      keys_tmp[slot] = keys[i];
+      idx_tmp[slot] = idx[i];
+    }
+    std::swap(keys, keys_tmp);
+    std::swap(idx, idx_tmp);
+  }
+  if (idx != order) std::copy(idx, idx + n, order);
+}
+
+// Softmax statistics of one row at temperature τ: p_j = exp((x_j − max)/τ − log_sum).
+struct SoftmaxStats {
+  float max, log_sum;
+};
+
+// The intra-class term's per-column correlations (as gradient coefficients, see
+// Correlation), with the centered means they use; one entry per class.
+struct ColumnStats {
+  std::vector<float> mean_p, mean_q, cross, self_p, self_q;
+  float loss = 0.0f;  // column_coef · (1 − mean ρ)
+};
+
+template <typename in_t>
+SoftmaxStats row_softmax_stats(const in_t* x, int64_t n, float inv_temperature, float* exps) {
+  float max = -kInf;
+#pragma omp simd reduction(max : max)
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = static_cast<float>(x[j]);
+    max = v > max ? v : max;
+  }
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    const float e = vexp((static_cast<float>(x[j]) - max) * inv_temperature);
+    exps[j] = e;
+    sum += e;
+  }
+  return {max, std::log(sum)};
+}
+
+// Rows per chunk of the column statistics: a fixed function of B, so the summation order
+// (and the result) does not depend on how many threads run.
+int64_t column_chunk_rows(int64_t rows) { return std::max<int64_t>(16, (rows + 63) / 64); }
+
+template <typename s_t, typename t_t>
+ColumnStats column_stats(const s_t* student, const t_t* teacher, int64_t rows, int64_t n, const LossConfig& cfg,
+                         std::vector<SoftmaxStats>& s_stats, std::vector<SoftmaxStats>& t_stats) {
+  const float it = cfg.inv_temperature;
+  const int64_t chunk = column_chunk_rows(rows);
+  const int64_t chunks = (rows + chunk - 1) / chunk;
+  // Pass 1: every row's softmax statistics and the column sums of p − p_0, q − q_0
+  // (shifted by row 0, so that a constant column centers to exactly zero).
+  std::vector<float> p0(n), q0(n);
+  s_stats[0] = row_softmax_stats(student, n, it, p0.data());
+  t_stats[0] = row_softmax_stats(teacher, n, it, q0.data());
+  for (int64_t j = 0; j < n; ++j) {
+    p0[j] *= std::exp(-s_stats[0].log_sum);
+    q0[j] *= std::exp(-t_stats[0].log_sum);
+  }
+  std::vector<double> partial(static_cast<size_t>(chunks) * 2 * n, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> pe(n), qe(n);
+    for (int64_t c = first; c < last; ++c) {
+      double* sum_p = partial.data() + c * 2 * n;
+      double* sum_q = sum_p + n;
+      for (int64_t i = c * chunk; i < std::min(rows, (c + 1) * chunk); ++i) {
+        s_stats[i] = row_softmax_stats(student + i * n, n, it, pe.data());
+        t_stats[i] = row_softmax_stats(teacher + i * n, n, it, qe.data());
+        const float rs = std::exp(-s_stats[i].log_sum), rt = std::exp(-t_stats[i].log_sum);
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) {
+          sum_p[j] += pe[j] * rs - p0[j];
+          sum_q[j] += qe[j] * rt - q0[j];
+        }
+      }
+    }
+  });
+  ColumnStats stats;
+  stats.mean_p.resize(n);
+  stats.mean_q.resize(n);
+  for (int64_t j = 0; j < n; ++j) {
+    double sp = 0.0, sq = 0.0;
+    for (int64_t c = 0; c < chunks; ++c) {
+      sp += partial[c * 2 * n + j];
+      sq += partial[c * 2 * n + n + j];
+    }
+    stats.mean_p[j] = static_cast<float>(p0[j] + sp / static_cast<double>(rows));
+    stats.mean_q[j] = static_cast<float>(q0[j] + sq / static_cast<double>(rows));
+  }
+  // Pass 2: centered cross and squared sums per column.
+  partial.assign(static_cast<size_t>(chunks) * 3 * n, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      double* ab = partial.data() + c * 3 * n;
+      double* aa = ab + n;
+      double* bb = aa + n;
+      for (int64_t i = c * chunk; i < std::min(rows, (c + 1) * chunk); ++i) {
+        const s_t* s = student + i * n;
+        const t_t* t = teacher + i * n;
+        const SoftmaxStats ss = s_stats[i], ts = t_stats[i];
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) {
+          const float a = vexp((static_cast<float>(s[j]) - ss.max) * it - ss.log_sum) - stats.mean_p[j];
+          const float b = vexp((static_cast<float>(t[j]) - ts.max) * it - ts.log_sum) - stats.mean_q[j];
+          ab[j] += a * b;
+          aa[j] += a * a;
+          bb[j] += b * b;
+        }
+      }
+    }
+  });
+  stats.cross.resize(n);
+  stats.self_p.resize(n);
+  stats.self_q.resize(n);
+  double rho_sum = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    double ab = 0.0, aa = 0.0, bb = 0.0;
+    for (int64_t c = 0; c < chunks; ++c) {
+      ab += partial[c * 3 * n + j];
+      aa += partial[c * 3 * n + n + j];
+      bb += partial[c * 3 * n + 2 * n + j];
+    }
+    const Correlation corr = correlation(ab, aa, bb);
+    stats.cross[j] = corr.cross;
+    stats.self_p[j] = corr.self_a;
+    stats.self_q[j] = corr.self_b;
+    rho_sum += corr.rho;
+  }
+  stats.loss = static_cast<float>(cfg.column_coef * (1.0 - rho_sum / static_cast<double>(n)));
+  return stats;
+}
+
+// The soft Spearman correlation of one row (standardized student logits s against the
+// teacher t's average ranks), and, when `grad_coef` ≠ 0, grad_coef · dρ_S/ds into
+// w.grad_z (original order). Works in the student's descending order k, so that every
+// loop after the sorts runs over contiguous buffers. The standardized logits, θ = ẑ/ε and
+// the soft ranks are kept in double: θ − (n, ..., 1) has magnitude ~n, and in float the
+// rounding would move pool-adjacent-violators' merge decisions (and with them the
+// piecewise-constant gradient) away from the exact ones.
+double spearman_row(const float* s, const float* t, int64_t n, float strength, float grad_coef, RowScratch& w) {
+  const double inv_n = 1.0 / static_cast<double>(n);
+  // Standardize, centering on the first element so that a constant row is exactly zero.
+  const double s0 = s[0];
+  double shift_sum = 0.0;
+#pragma omp simd reduction(+ : shift_sum)
+  for (int64_t j = 0; j < n; ++j) shift_sum += s[j] - s0;
+  const double mean_shift = shift_sum * inv_n;
+  double variance = 0.0;
+#pragma omp simd reduction(+ : variance)
+  for (int64_t j = 0; j < n; ++j) {
+    const double x = (s[j] - s0) - mean_shift;
+    variance += x * x;
+  }
+  variance *= inv_n;
+  const bool varying = variance > 0.0;
+  const double std_dev = varying ? std::sqrt(variance) : 1.0;
+  const double z_scale = varying ? 1.0 / std_dev : 0.0;  // a constant row standardizes to zeros
+
+  // Sort descending (standardization keeps the order of s).
+  int32_t* order = w.order.data();
+  radix_argsort(s, n, w, w.order_tmp2.data());
+  for (int64_t k = 0; k < n; ++k) order[k] = w.order_tmp2[n - 1 - k];
+  // The teacher's hard ranks, ties sharing their average rank, gathered into that order.
+  int32_t* t_order = w.teacher_order.data();
+  radix_argsort(t, n, w, t_order);
+  float* t_ranks = w.teacher_ranks.data();
+  for (int64_t k = 0; k < n;) {
+    int64_t end = k + 1;
+    while (end < n && t[t_order[end]] == t[t_order[k]]) ++end;
+    const float average = 0.5f * static_cast<float>(k + 1 + end);
+    for (int64_t m = k; m < end; ++m) t_ranks[t_order[m]] = average;
+    k = end;
+  }
+  float* u = w.u_sorted.data();  // teacher ranks in the student's descending order
+  double* z = w.z_sorted.data();
+  double* ranks = w.ranks.data();  // θ = ẑ/ε in descending order, then the soft ranks
+  const double inv_strength = 1.0 / static_cast<double>(strength);
+  for (int64_t k = 0; k < n; ++k) {
+    const int32_t j = order[k];
+    u[k] = t_ranks[j];
+    z[k] = ((s[j] - s0) - mean_shift) * z_scale;
+    ranks[k] = z[k] * inv_strength;
+  }
+  // Soft ranks: pool-adjacent-violators on θ − (n, n−1, ..., 1), rank = θ − block value.
+  PavBlocks<false> blocks{w.block_start.data(), w.block_a.data(), w.block_b.data()};
+  pav<false>(n, [&](int64_t k) { return ranks[k]; }, [&](int64_t k) { return static_cast<double>(n - k); }, blocks);
+  for (int64_t b = 0; b < blocks.count; ++b) {
+    const double value = blocks.value(b);
+    for (int64_t k = blocks.start[b]; k < blocks.end(b, n); ++k) ranks[k] -= value;
+  }
+
+  // Pearson correlation of the soft ranks with the teacher ranks.
+  const double r0 = ranks[0], u0 = u[0];
+  double r_shift = 0.0, u_shift = 0.0;
+#pragma omp simd reduction(+ : r_shift, u_shift)
+  for (int64_t k = 0; k < n; ++k) {
+    r_shift += ranks[k] - r0;
+    u_shift += u[k] - u0;
+  }
+  const double r_mean = r0 + r_shift * inv_n, u_mean = u0 + u_shift * inv_n;
+  double ab = 0.0, aa = 0.0, bb = 0.0;
+#pragma omp simd reduction(+ : ab, aa, bb)
+  for (int64_t k = 0; k < n; ++k) {
+    const double a = ranks[k] - r_mean, b = u[k] - u_mean;
+    ab += a * b;
+    aa += a * a;
+    bb += b * b;
+  }
+  const Correlation corr = correlation(ab, aa, bb);
+  if (grad_coef == 0.0f) return corr.rho;
+
+  // Backward through the Pearson correlation, the soft rank's vector-Jacobian product
+  // (g minus its block mean, / ε) and the standardization, in sorted order; then
+  // scattered back to the original order.
+  float* grad_z = w.grad_z.data();
+  if (!varying) {
+    std::fill(grad_z, grad_z + n, 0.0f);
+    return corr.rho;
+  }
+  double* g = w.ranks.data();  // reuses the ranks' buffer, in place
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    g[k] = grad_coef * (corr.cross * (u[k] - u_mean) - corr.self_a * (g[k] - r_mean));
+  }
+  for (int64_t b = 0; b < blocks.count; ++b) {
+    const int64_t begin = blocks.start[b], end = blocks.end(b, n);
+    double block_sum = 0.0;
+    for (int64_t k = begin; k < end; ++k) block_sum += g[k];
+    const double block_mean = block_sum / static_cast<double>(end - begin);
+    for (int64_t k = begin; k < end; ++k) g[k] = (g[k] - block_mean) * inv_strength;
+  }
+  double g_sum = 0.0, gz_sum = 0.0;
+#pragma omp simd reduction(+ : g_sum, gz_sum)
+  for (int64_t k = 0; k < n; ++k) {
+    g_sum += g[k];
+    gz_sum += g[k] * z[k];
+  }
+  const double g_mean = g_sum * inv_n, gz_mean = gz_sum * inv_n;
+  for (int64_t k = 0; k < n; ++k) grad_z[order[k]] = static_cast<float>((g[k] - g_mean - z[k] * gz_mean) * z_scale);
+  return corr.rho;
+}
+
+// One row of the generic loss: returns ℓ_i and writes grad_scale-scaled gradients of ℓ_i
+// (plus the column term's share of this row, already scaled) into gs / gt.
+template <typename s_t, typename t_t>
+float fused_row(const s_t* s_in, const t_t* t_in, int64_t n, int64_t target, float difficulty,
+                const LossConfig& cfg, const ColumnStats* columns, float grad_scale, RowScratch& w, s_t* gs,
+                t_t* gt) {
+  float* s = w.s.data();
+  float* t = w.t.data();
+  float* p = w.p.data();
+  float* q = w.q.data();
+  const float it = cfg.inv_temperature;
+  const float inv_n = 1.0f / static_cast<float>(n);
+  const bool has_target = target >= 0 && target < n;
+  if ((cfg.ce_coef != 0.0f || cfg.rectify) && !has_target) return std::numeric_limits<float>::quiet_NaN();
+
+  float s_max = -kInf, t_max = -kInf;
+#pragma omp simd reduction(max : s_max, t_max)
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = static_cast<float>(s_in[j]);
+    t[j] = static_cast<float>(t_in[j]);
+    s_max = s[j] > s_max ? s[j] : s_max;
+    t_max = t[j] > t_max ? t[j] : t_max;
+  }
+  // DR-KD rectification: the teacher's (first) max logit and the target's logit trade
+  // places; the max, the softmax normalizer and everything else of the row are unchanged.
+  int64_t t_argmax = 0;
+  if (cfg.rectify) {
+    while (t_argmax + 1 < n && !(t[t_argmax] == t_max)) ++t_argmax;
+  }
+  const bool swapped = cfg.rectify && t_argmax != target;
+  if (swapped) std::swap(t[t_argmax], t[target]);
+
+  float s_sum = 0.0f, t_sum = 0.0f;
+#pragma omp simd reduction(+ : s_sum, t_sum)
+  for (int64_t j = 0; j < n; ++j) {
+    p[j] = vexp((s[j] - s_max) * it);
+    q[j] = vexp((t[j] - t_max) * it);
+    s_sum += p[j];
+    t_sum += q[j];
+  }
+  const float s_log_sum = std::log(s_sum), t_log_sum = std::log(t_sum);
+  const float s_inv_sum = 1.0f / s_sum, t_inv_sum = 1.0f / t_sum;
+  // log q_j − log p_j, from the logits: finite whenever the logits are, even where the
+  // probabilities underflow (so q_j = 0 contributes 0 · finite to the KL).
+  // In double: the teacher's KL gradient q_j·(log q_j − log p_j − KL) cancels where q
+  // concentrates, so both terms need more than float precision.
+  const double log_sum_difference = static_cast<double>(s_log_sum) - static_cast<double>(t_log_sum);
+  auto log_ratio = [&](int64_t j) {
+    return (static_cast<double>(t[j] - t_max) - static_cast<double>(s[j] - s_max)) * it + log_sum_difference;
+  };
+  float p_shift = 0.0f, q_shift = 0.0f;
+  const float p0 = p[0] * s_inv_sum, q0 = q[0] * t_inv_sum;
+#pragma omp simd reduction(+ : p_shift, q_shift)
+  for (int64_t j = 0; j < n; ++j) {
+    p[j] *= s_inv_sum;
+    q[j] *= t_inv_sum;
+    p_shift += p[j] - p0;
+    q_shift += q[j] - q0;
+  }
+  double kl = 0.0, entropy = 0.0;
+  if (cfg.kl_coef != 0.0f) {
+#pragma omp simd reduction(+ : kl)
+    for (int64_t j = 0; j < n; ++j) kl += q[j] * log_ratio(j);
+  }
+  if (cfg.difficulty_mode == kDifficultyEntropy) {
+#pragma omp simd reduction(+ : entropy)
+    for (int64_t j = 0; j < n; ++j) entropy -= q[j] * ((t[j] - t_max) * it - t_log_sum);
+  }
+
+  float loss = 0.0f;
+  if (cfg.kl_coef != 0.0f) loss += cfg.kl_coef * static_cast<float>(kl);
+  float* softmax1 = w.softmax1.data();  // softmax(s) at temperature 1, for the CE term
+  if (cfg.ce_coef != 0.0f) {
+    float sum1 = 0.0f;
+#pragma omp simd reduction(+ : sum1)
+    for (int64_t j = 0; j < n; ++j) {
+      softmax1[j] = vexp(s[j] - s_max);
+      sum1 += softmax1[j];
+    }
+    const float inv_sum1 = 1.0f / sum1;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) softmax1[j] *= inv_sum1;
+    loss += cfg.ce_coef * (std::log(sum1) + s_max - s[target]);
+  }
+
+  float d = cfg.difficulty_value;
+  if (cfg.difficulty_mode == kDifficultyEntropy) {
+    d = static_cast<float>(std::min(1.0, std::max(0.0, entropy / std::log(static_cast<double>(n)))));
+  } else if (cfg.difficulty_mode == kDifficultyPerSample) {
+    d = difficulty;
+  }
+
+  const float p_mean = p0 + p_shift * inv_n, q_mean = q0 + q_shift * inv_n;
+  const float pearson_weight = cfg.pearson_coef * (1.0f - d);
+  Correlation row_corr{0.0f, 0.0f, 0.0f, 0.0f};
+  if (pearson_weight != 0.0f) {
+    // Moments in double: near ρ = 1 the loss term 1 − ρ is ill-conditioned, and float
+    // sums would leave it with an error of an ulp of ρ.
+    double ab = 0.0, aa = 0.0, bb = 0.0;
+#pragma omp simd reduction(+ : ab, aa, bb)
+    for (int64_t j = 0; j < n; ++j) {
+      const double a = p[j] - p_mean, b = q[j] - q_mean;
+      ab += a * b;
+      aa += a * a;
+      bb += b * b;
+    }
+    row_corr = correlation(ab, aa, bb);
+    loss += pearson_weight * static_cast<float>(1.0 - row_corr.rho);
+  }
+
+  const float spearman_weight = cfg.spearman_coef * d;
+  const bool spearman_grad = spearman_weight != 0.0f && cfg.student_grad;
+  if (spearman_weight != 0.0f) {
+    const double rho_s = spearman_row(s, t, n, cfg.rank_strength, spearman_grad ? -spearman_weight * grad_scale : 0.0f, w);
+    loss += spearman_weight * static_cast<float>(1.0 - rho_s);
+  }
+  if (!cfg.student_grad && !cfg.teacher_grad) return loss;
+
+  // Gradients. The KL part in closed form: (p − q)/τ for the student, (q/τ)(log q − log p
+  // − KL) for the teacher. The correlations give g = dℓ/dp (or dℓ/dq), which goes
+  // through the softmax as (p/τ)(g − <p, g>).
+  const float pearson_grad = -pearson_weight * grad_scale;
+  const float column_grad = columns ? -cfg.column_coef * inv_n : 0.0f;
+  const bool correlations = pearson_weight != 0.0f || columns;
+  const float kl_grad = cfg.kl_coef * grad_scale * it;
+  float* g = w.grad.data();
+  // One side's dℓ/dx into `out`, for x = s (mine = p, other = q) or x = t (mine = q, other = p).
+  auto side_gradient = [&](const float* mine, const float* other, float mine_mean, float other_mean,
+                           float row_self, const float* column_mine_mean, const float* column_other_mean,
+                           const float* column_self, float* out) {
+    float mg = 0.0f;
+    if (correlations) {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        g[j] = pearson_grad * (row_corr.cross * (other[j] - other_mean) - row_self * (mine[j] - mine_mean));
+      }
+      if (columns) {
+        const float* cross = columns->cross.data();
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) {
+          g[j] += column_grad * (cross[j] * (other[j] - column_other_mean[j]) -
+                                 column_self[j] * (mine[j] - column_mine_mean[j]));
+        }
+      }
+#pragma omp simd reduction(+ : mg)
+      for (int64_t j = 0; j < n; ++j) mg += mine[j] * g[j];
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) out[j] += it * mine[j] * (g[j] - mg);
+    }
+  };
+  const float* col_mean_p = columns ? columns->mean_p.data() : nullptr;
+  const float* col_mean_q = columns ? columns->mean_q.data() : nullptr;
+  if (cfg.teacher_grad) {
+    // log q − log p needs both rows of logits: this side goes first, then their buffers
+    // are reused for the outputs.
+    float* out = w.t.data();
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) g[j] = kl_grad * q[j] * static_cast<float>(log_ratio(j) - kl);
+    std::copy(g, g + n, out);
+    side_gradient(q, p, q_mean, p_mean, row_corr.self_b, col_mean_q, col_mean_p,
+                  columns ? columns->self_q.data() : nullptr, out);
+    if (swapped) std::swap(out[t_argmax], out[target]);  // back to the unrectified positions
+    for (int64_t j = 0; j < n; ++j) gt[j] = static_cast<t_t>(out[j]);
+  }
+  if (cfg.student_grad) {
+    float* out = w.s.data();
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) out[j] = kl_grad * (p[j] - q[j]);
+    side_gradient(p, q, p_mean, q_mean, row_corr.self_a, col_mean_p, col_mean_q,
+                  columns ? columns->self_p.data() : nullptr, out);
+    if (cfg.ce_coef != 0.0f) {
+      const float ce_grad = cfg.ce_coef * grad_scale;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) out[j] += ce_grad * softmax1[j];
+      out[target] -= ce_grad;
+    }
+    if (spearman_grad) {
+      const float* grad_z = w.grad_z.data();
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) out[j] += grad_z[j];
+    }
+    for (int64_t j = 0; j < n; ++j) gs[j] = static_cast<s_t>(out[j]);
+  }
+  return loss;
+}
+
+// Calls f with a value of the C++ type of the logits' dtype (float, Half or BFloat16).
+template <typename F>
+void dispatch_logits(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: return f(float{});
+    case at::kHalf: return f(at::Half{});
+    case at::kBFloat16: return f(at::BFloat16{});
+    default: TORCH_CHECK(false, "kdfast fused loss: logits must be float32, float16 or bfloat16, got ", dtype);
+  }
+}
+
+void check_logits(const char* name, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2, "kdfast fused loss: ", name, " must be a 2-D [B, C] tensor, got ", x.dim(), " dims");
+  TORCH_CHECK(x.device().is_cpu(), "kdfast fused loss (cpu): ", name, " must be a CPU tensor, got ", x.device());
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "kdfast fused loss: ", name, " must be float32, float16 or bfloat16, got ", dtype);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_kd_loss_cpu(
+    const at::Tensor& student_in, const at::Tensor& teacher_in, const c10::optional<at::Tensor>& target_in,
+    const c10::optional<at::Tensor>& difficulty_in, double temperature, double kl_coef, double ce_coef,
+    double pearson_coef, double spearman_coef, double column_coef, double rank_strength, int64_t difficulty_mode,
+    double difficulty_value, bool rectify, bool student_grad, bool teacher_grad) {
+  check_logits("student", student_in);
+  check_logits("teacher", teacher_in);
+  TORCH_CHECK(student_in.sizes() == teacher_in.sizes(), "kdfast fused loss: teacher must have shape ",
+              student_in.sizes(), ", got ", teacher_in.sizes());
+  TORCH_CHECK(temperature > 0 && rank_strength > 0, "kdfast fused loss: temperature and rank_strength must be > 0");
+  TORCH_CHECK(!(rectify && column_coef != 0), "kdfast fused loss: rectification does not combine with the column term");
+  const int64_t rows = student_in.size(0), n = student_in.size(1);
+  TORCH_CHECK(rows > 0 && n > 0, "kdfast fused loss: empty logits");
+  const at::Tensor student = student_in.contiguous(), teacher = teacher_in.contiguous();
+
+  at::Tensor target;
+  if (target_in.has_value()) {
+    target = target_in->to(at::kLong).contiguous();
+    TORCH_CHECK(target.dim() == 1 && target.size(0) == rows, "kdfast fused loss: target must have shape [B]");
+  }
+  TORCH_CHECK(!(ce_coef != 0 || rectify) || target.defined(), "kdfast fused loss: the CE term and rectification need a target");
+  at::Tensor difficulty;
+  if (difficulty_mode == kDifficultyPerSample) {
+    TORCH_CHECK(difficulty_in.has_value(), "kdfast fused loss: per-sample difficulty needs the difficulty tensor");
+    difficulty = difficulty_in->to(at::kFloat).contiguous();
+    TORCH_CHECK(difficulty.dim() == 1 && difficulty.size(0) == rows, "kdfast fused loss: difficulty must have shape [B]");
+  }
+
+  const LossConfig cfg{static_cast<float>(1.0 / temperature), static_cast<float>(kl_coef), static_cast<float>(ce_coef),
+                       static_cast<float>(pearson_coef), static_cast<float>(spearman_coef),
+                       static_cast<float>(column_coef), static_cast<float>(rank_strength), difficulty_mode,
+                       static_cast<float>(difficulty_value), rectify, student_grad, teacher_grad};
+  at::Tensor grad_student = student_grad ? at::empty_like(student) : at::empty({0}, student.options());
+  at::Tensor grad_teacher = teacher_grad ? at::empty_like(teacher) : at::empty({0}, teacher.options());
+  std::vector<float> row_loss(rows);
+  const bool spearman = spearman_coef != 0;
+  const int64_t* target_ptr = target.defined() ? target.data_ptr<int64_t>() : nullptr;
+  const float* difficulty_ptr = difficulty.defined() ? difficulty.data_ptr<float>() : nullptr;
+  float column_loss = 0.0f;
+
+  dispatch_logits(student.scalar_type(), [&](auto student_tag) {
+    using s_t = decltype(student_tag);
+    dispatch_logits(teacher.scalar_type(), [&](auto teacher_tag) {
+      using t_t = decltype(teacher_tag);
+      const s_t* s_ptr = student.data_ptr<s_t>();
+      const t_t* t_ptr = teacher.data_ptr<t_t>();
+      s_t* gs_ptr = student_grad ? grad_student.data_ptr<s_t>() : nullptr;
+      t_t* gt_ptr = teacher_grad ? grad_teacher.data_ptr<t_t>() : nullptr;
+      ColumnStats columns;
+      if (column_coef != 0) {
+        std::vector<SoftmaxStats> s_stats(rows), t_stats(rows);
+        columns = column_stats(s_ptr, t_ptr, rows, n, cfg, s_stats, t_stats);
+        column_loss = columns.loss;
+      }
+      const ColumnStats* column_ptr = column_coef != 0 ? &columns : nullptr;
+      const float grad_scale = 1.0f / static_cast<float>(rows);
+      // Rows per task: enough work to amortize a task (a sort makes a row costlier).
+      const int64_t grain = std::max<int64_t>(1, (spearman ? 2048 : 16384) / n);
+      at::parallel_for(0, rows, grain, [&](int64_t first, int64_t last) {
+        RowScratch scratch(n, spearman);
+        for (int64_t i = first; i < last; ++i) {
+          row_loss[i] = fused_row<s_t, t_t>(
+              s_ptr + i * n, t_ptr + i * n, n, target_ptr ? target_ptr[i] : -1,
+              difficulty_ptr ? difficulty_ptr[i] : 0.0f, cfg, column_ptr, grad_scale, scratch,
+              gs_ptr ? gs_ptr + i * n : nullptr, gt_ptr ? gt_ptr + i * n : nullptr);
+        }
+      });
+    });
+  });
+  // A fixed summation order: the loss does not depend on the number of threads.
+  double total = 0.0;
+  for (float v : row_loss) total += v;
+  const float loss = static_cast<float>(total / static_cast<double>(rows)) + column_loss;
+  return {at::scalar_tensor(loss, student.options().dtype(at::kFloat)), grad_student, grad_teacher};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(kdfast, m) {
+  m.def(
+      "fused_kd_loss(Tensor student, Tensor teacher, Tensor? target, Tensor? difficulty, float temperature, "
+      "float kl_coef, float ce_coef, float pearson_coef, float spearman_coef, float column_coef, "
+      "float rank_strength, int difficulty_mode, float difficulty_value, bool rectify, bool student_grad, "
+      "bool teacher_grad) -> (Tensor loss, Tensor grad_student, Tensor grad_teacher)");
+}
+
+TORCH_LIBRARY_IMPL(kdfast, CPU, m) { m.impl("fused_kd_loss", &fused_kd_loss_cpu); }
+
+}  // namespace kdfast

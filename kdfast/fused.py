@@ -1,0 +1,150 @@
+"""The fused backends (``cpu``, ``cuda``): every loss as one call of ``kdfast::fused_kd_loss``.
+
+All kdfast losses are settings of one generic loss (csrc/losses.h)::
+
+    L = (1/B) Σ_i ℓ_i + column · (1 − (1/C) Σ_c ρ(p_:,c, q_:,c))
+    ℓ_i = kl·KL(q_i‖p_i) + ce·CE(s_i, y_i) + pearson·(1−d_i)(1−ρ(p_i,q_i)) + spearman·d_i·(1−ρ_S,i)
+
+The operator computes L and, in the same pass over each row, dL/ds (and dL/dt when the
+teacher requires grad); backward only scales those saved gradients by ``grad_output``.
+The operator has a CPU kernel (csrc/losses_cpu.cpp) and, when kdfast was built with
+nvcc, a CUDA kernel (csrc/cuda/), registered below for the CUDA dispatch key; its fake
+implementation lets ``torch.compile`` trace it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from kdfast import _ops
+
+#: dtypes the fused kernels read (they accumulate in fp32); fp64 runs on the reference.
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+DIFFICULTY_CONSTANT, DIFFICULTY_ENTROPY, DIFFICULTY_PER_SAMPLE = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedConfig:
+    """Coefficients of the generic loss (τ² already folded in) and its options."""
+
+    temperature: float = 1.0
+    kl: float = 0.0
+    ce: float = 0.0
+    pearson: float = 0.0
+    spearman: float = 0.0
+    column: float = 0.0
+    rank_strength: float = 1.0
+    difficulty_mode: int = DIFFICULTY_CONSTANT
+    difficulty_value: float = 0.0
+    rectify: bool = False
+
+    def op_arguments(self) -> tuple:
+        return (self.temperature, self.kl, self.ce, self.pearson, self.spearman, self.column,
+                self.rank_strength, self.difficulty_mode, self.difficulty_value, self.rectify)
+
+
+if _ops.EXTENSION_ERROR is None:
+
+    @torch.library.register_fake("kdfast::fused_kd_loss")
+    def _fused_kd_loss_fake(student, teacher, target, difficulty, temperature, kl_coef, ce_coef, pearson_coef,
+                            spearman_coef, column_coef, rank_strength, difficulty_mode, difficulty_value, rectify,
+                            student_grad, teacher_grad):
+        loss = student.new_empty((), dtype=torch.float32)
+        grad_student = torch.empty_like(student) if student_grad else student.new_empty((0,))
+        grad_teacher = torch.empty_like(teacher) if teacher_grad else teacher.new_empty((0,))
+        return loss, grad_student, grad_teacher
+
+
+class _FusedLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, target, difficulty, config: FusedConfig):
+        student_grad, teacher_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss, grad_student, grad_teacher = torch.ops.kdfast.fused_kd_loss(
+            student, teacher, target, difficulty, *config.op_arguments(), student_grad, teacher_grad
+        )
+        ctx.save_for_backward(grad_student, grad_teacher)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        grad_student, grad_teacher = ctx.saved_tensors
+        student_grad, teacher_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        return (
+            _scaled(grad_student, grad_output) if student_grad else None,
+            _scaled(grad_teacher, grad_output) if teacher_grad else None,
+            None,
+            None,
+            None,
+        )
+
+
+def _scaled(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """The saved gradient times ``grad_output``; on the CPU, the saved tensor itself when
+    ``grad_output`` is 1 (autograd copies it before accumulating into a leaf's .grad).
+    On a GPU the multiply always runs: checking its value would cost a device sync."""
+    if grad_output.device.type == "cpu" and not torch.compiler.is_compiling() and grad_output.item() == 1.0:
+        return grad
+    return grad * grad_output
+
+
+def _fused(student, teacher, target, difficulty, config: FusedConfig):
+    if target is not None and target.dtype != torch.long:
+        target = target.long()
+    return _FusedLoss.apply(student, teacher, target, difficulty, config)
+
+
+def kd_loss(student, teacher, temperature):
+    return _fused(student, teacher, None, None, FusedConfig(temperature, kl=temperature**2))
+
+
+def pearson_loss(student, teacher, temperature, dim):
+    weight = {"pearson": temperature**2} if dim == 1 else {"column": temperature**2}
+    return _fused(student, teacher, None, None, FusedConfig(temperature, **weight))
+
+
+def dist_loss(student, teacher, temperature, beta, gamma):
+    config = FusedConfig(temperature, pearson=beta * temperature**2, column=gamma * temperature**2)
+    return _fused(student, teacher, None, None, config)
+
+
+def spearman_loss(student, teacher, regularization_strength):
+    config = FusedConfig(spearman=1.0, rank_strength=regularization_strength, difficulty_value=1.0)
+    return _fused(student, teacher, None, None, config)
+
+
+def cmkd_loss(student, teacher, target, temperature, kl_weight, corr_weight, ce_weight, difficulty,
+              regularization_strength):
+    """``difficulty``: None (entropy weighting), a float (fixed), or a [B] tensor (no gradient)."""
+    per_sample = None
+    if difficulty is None:
+        mode, value = DIFFICULTY_ENTROPY, 0.0
+    elif isinstance(difficulty, torch.Tensor):
+        mode, value = DIFFICULTY_PER_SAMPLE, 0.0
+        per_sample = difficulty.detach().float().contiguous()
+    else:
+        mode, value = DIFFICULTY_CONSTANT, float(difficulty)
+    tau2 = temperature**2
+    config = FusedConfig(temperature, kl=kl_weight * tau2, ce=ce_weight if target is not None else 0.0,
+                         pearson=corr_weight * tau2, spearman=corr_weight * tau2,
+                         rank_strength=regularization_strength, difficulty_mode=mode, difficulty_value=value)
+    return _fused(student, teacher, target, per_sample, config)
+
+
+def drkd_loss(student, teacher, target, temperature, ce_weight):
+    config = FusedConfig(temperature, kl=temperature**2, ce=ce_weight, rectify=True)
+    return _fused(student, teacher, target, None, config)
+
+
+OPS = {
+    "kd_loss": kd_loss,
+    "pearson_loss": pearson_loss,
+    "dist_loss": dist_loss,
+    "spearman_loss": spearman_loss,
+    "cmkd_loss": cmkd_loss,
+    "drkd_loss": drkd_loss,
+}
