@@ -33,7 +33,7 @@ $(STAMPS)/torchsort: $(STAMPS)/deps
 	env PATH="$(PATH_WITHOUT_NVCC)" $(PIP) install --no-build-isolation --no-deps torchsort==0.1.10
 	touch $@
 
-$(STAMPS)/kdfast: $(STAMPS)/deps setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh)
+$(STAMPS)/kdfast: $(STAMPS)/deps setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
 	$(PIP) install --no-build-isolation --no-deps -e .
 	touch $@
 

@@ -1,18 +1,23 @@
-"""Timing and result-file helpers shared by the benchmark scripts.
+"""Timing, memory and result-file helpers shared by the benchmark scripts.
 
 Times are medians with 20%/80% quantiles over repeated runs after a warm-up; on a GPU
 each run is bracketed by CUDA events on the current stream, on the CPU by
-``time.perf_counter``. Every result row carries the device, the commit and the date.
+``time.perf_counter``. Peak memory is what a call allocates at its peak, from PyTorch's
+allocators (see peak_memory_mb). Every result row carries the device, the commit and
+the date.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime
+import gc
+import json
 import os
 import platform
 import statistics
 import subprocess
+import tempfile
 import time
 from typing import Callable
 
@@ -40,6 +45,46 @@ def measure_ms(fn: Callable[[], object], device: torch.device, warmup: int = 5, 
             times.append((time.perf_counter() - begin) * 1e3)
     quintiles = statistics.quantiles(times, n=5)
     return {"median_ms": statistics.median(times), "q20_ms": quintiles[0], "q80_ms": quintiles[3]}
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
+    """Megabytes that running ``fn`` allocates at its peak, beyond what existed before.
+
+    On a GPU, from PyTorch's CUDA allocator statistics. On the CPU, from the profiler's
+    allocation events, whose running "Total Allocated" counts every allocation made
+    through PyTorch's CPU allocator during the call (kdfast's kernels take their scratch
+    from it too).
+    """
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as handle:
+            trace = json.load(handle)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    totals = [e["args"]["Total Allocated"] for e in events
+              if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0]
+    return max([0, *totals]) / 2**20
+
+
+def copy_bandwidth_gbps(device: torch.device, megabytes: int = 256) -> float:
+    """Measured copy bandwidth (bytes read + written per second, in GB/s): the floor that
+    a memory-bound kernel's achieved bandwidth is compared with."""
+    x = torch.empty(megabytes * 2**20 // 4, dtype=torch.float32, device=device).uniform_()
+    y = torch.empty_like(x)
+    timing = measure_ms(lambda: y.copy_(x), device, warmup=3, reps=20)
+    return 2 * x.numel() * 4 / (timing["median_ms"] * 1e-3) / 1e9
 
 
 def device_name(device: torch.device) -> str:

@@ -12,7 +12,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <vector>
 
 #include "losses.h"
 
@@ -46,17 +45,43 @@ inline __attribute__((always_inline)) float vexp(float x) {
   return x != x ? x : out;
 }
 
+// A std::vector-like buffer of trivially copyable T whose memory comes from PyTorch's CPU
+// allocator, so that allocation profilers (and the benchmarks' peak-memory figures) count
+// the kernels' scratch too. Contents start uninitialized unless assigned.
+template <typename T>
+class Buffer {
+ public:
+  Buffer() = default;
+  explicit Buffer(int64_t n) { resize(n); }
+  void resize(int64_t n) {
+    storage_ = at::empty({n * static_cast<int64_t>(sizeof(T))}, at::TensorOptions().dtype(at::kByte));
+    data_ = reinterpret_cast<T*>(storage_.data_ptr());
+  }
+  void assign(int64_t n, T value) {
+    resize(n);
+    std::fill(data_, data_ + n, value);
+  }
+  T* data() { return data_; }
+  const T* data() const { return data_; }
+  T& operator[](int64_t i) { return data_[i]; }
+  const T& operator[](int64_t i) const { return data_[i]; }
+
+ private:
+  at::Tensor storage_;
+  T* data_ = nullptr;
+};
+
 // Per-thread buffers for one row at a time (allocated once per parallel task).
 struct RowScratch {
-  std::vector<float> s, t, p, q, softmax1, grad;
+  Buffer<float> s, t, p, q, softmax1, grad;
   // Spearman terms: sort keys and orders, soft ranks in sorted order, teacher ranks in
   // original order, the PAV stack.
-  std::vector<uint32_t> keys, keys_tmp;
-  std::vector<int32_t> order, order_tmp, order_tmp2, teacher_order;
-  std::vector<float> teacher_ranks, u_sorted, grad_z;
-  std::vector<double> ranks, z_sorted;
-  std::vector<int64_t> block_start;
-  std::vector<double> block_a, block_b;
+  Buffer<uint32_t> keys, keys_tmp;
+  Buffer<int32_t> order, order_tmp, order_tmp2, teacher_order;
+  Buffer<float> teacher_ranks, u_sorted, grad_z;
+  Buffer<double> ranks, z_sorted;
+  Buffer<int64_t> block_start;
+  Buffer<double> block_a, block_b;
 
   RowScratch(int64_t n, bool spearman) : s(n), t(n), p(n), q(n), softmax1(n), grad(n) {
     if (spearman) {
@@ -109,7 +134,7 @@ struct SoftmaxStats {
 // The intra-class term's per-column correlations (as gradient coefficients, see
 // Correlation), with the centered means they use; one entry per class.
 struct ColumnStats {
-  std::vector<float> mean_p, mean_q, cross, self_p, self_q;
+  Buffer<float> mean_p, mean_q, cross, self_p, self_q;
   float loss = 0.0f;  // column_coef · (1 − mean ρ)
 };
 
@@ -132,87 +157,78 @@ SoftmaxStats row_softmax_stats(const in_t* x, int64_t n, float inv_temperature, 
 }
 
 // Rows per chunk of the column statistics: a fixed function of B, so the summation order
-// (and the result) does not depend on how many threads run.
+// (and the result) does not depend on the number of threads.
 int64_t column_chunk_rows(int64_t rows) { return std::max<int64_t>(16, (rows + 63) / 64); }
 
+// The intra-class term needs, per class c, the correlation of p_:,c with q_:,c over the
+// batch. One pass over the logits: each fixed chunk of rows updates, row by row and
+// vectorized across classes, Welford's running means and co-moments of a = p − p_0 and
+// b = q − q_0 (shifted by row 0, so that a constant column centers to exactly zero);
+// then the chunks are merged in order with Chan et al.'s pairwise update.
 template <typename s_t, typename t_t>
-ColumnStats column_stats(const s_t* student, const t_t* teacher, int64_t rows, int64_t n, const LossConfig& cfg,
-                         std::vector<SoftmaxStats>& s_stats, std::vector<SoftmaxStats>& t_stats) {
+ColumnStats column_stats(const s_t* student, const t_t* teacher, int64_t rows, int64_t n, const LossConfig& cfg) {
   const float it = cfg.inv_temperature;
   const int64_t chunk = column_chunk_rows(rows);
   const int64_t chunks = (rows + chunk - 1) / chunk;
-  // Pass 1: every row's softmax statistics and the column sums of p − p_0, q − q_0
-  // (shifted by row 0, so that a constant column centers to exactly zero).
-  std::vector<float> p0(n), q0(n);
-  s_stats[0] = row_softmax_stats(student, n, it, p0.data());
-  t_stats[0] = row_softmax_stats(teacher, n, it, q0.data());
+  Buffer<float> p0(n), q0(n);
+  const SoftmaxStats s0 = row_softmax_stats(student, n, it, p0.data());
+  const SoftmaxStats t0 = row_softmax_stats(teacher, n, it, q0.data());
   for (int64_t j = 0; j < n; ++j) {
-    p0[j] *= std::exp(-s_stats[0].log_sum);
-    q0[j] *= std::exp(-t_stats[0].log_sum);
+    p0[j] *= std::exp(-s0.log_sum);
+    q0[j] *= std::exp(-t0.log_sum);
   }
-  std::vector<double> partial(static_cast<size_t>(chunks) * 2 * n, 0.0);
+  // Per chunk: mean_a, mean_b, Σ (a−ā)(b−b̄), Σ (a−ā)², Σ (b−b̄)², each over its rows.
+  Buffer<double> moments;
+  moments.assign(chunks * 5 * n, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> pe(n), qe(n);
+    Buffer<float> pe(n), qe(n);
     for (int64_t c = first; c < last; ++c) {
-      double* sum_p = partial.data() + c * 2 * n;
-      double* sum_q = sum_p + n;
+      double* mean_a = moments.data() + c * 5 * n;
+      double* mean_b = mean_a + n;
+      double* ab = mean_b + n;
+      double* aa = ab + n;
+      double* bb = aa + n;
+      int64_t count = 0;
       for (int64_t i = c * chunk; i < std::min(rows, (c + 1) * chunk); ++i) {
-        s_stats[i] = row_softmax_stats(student + i * n, n, it, pe.data());
-        t_stats[i] = row_softmax_stats(teacher + i * n, n, it, qe.data());
-        const float rs = std::exp(-s_stats[i].log_sum), rt = std::exp(-t_stats[i].log_sum);
+        const SoftmaxStats ss = row_softmax_stats(student + i * n, n, it, pe.data());
+        const SoftmaxStats ts = row_softmax_stats(teacher + i * n, n, it, qe.data());
+        const float rs = std::exp(-ss.log_sum), rt = std::exp(-ts.log_sum);
+        const double inv_count = 1.0 / static_cast<double>(++count);
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) {
-          sum_p[j] += pe[j] * rs - p0[j];
-          sum_q[j] += qe[j] * rt - q0[j];
+          const double a = pe[j] * rs - p0[j], b = qe[j] * rt - q0[j];
+          const double da = a - mean_a[j], db = b - mean_b[j];
+          mean_a[j] += da * inv_count;
+          mean_b[j] += db * inv_count;
+          ab[j] += da * (b - mean_b[j]);
+          aa[j] += da * (a - mean_a[j]);
+          bb[j] += db * (b - mean_b[j]);
         }
       }
     }
   });
   ColumnStats stats;
-  stats.mean_p.resize(n);
-  stats.mean_q.resize(n);
-  for (int64_t j = 0; j < n; ++j) {
-    double sp = 0.0, sq = 0.0;
-    for (int64_t c = 0; c < chunks; ++c) {
-      sp += partial[c * 2 * n + j];
-      sq += partial[c * 2 * n + n + j];
-    }
-    stats.mean_p[j] = static_cast<float>(p0[j] + sp / static_cast<double>(rows));
-    stats.mean_q[j] = static_cast<float>(q0[j] + sq / static_cast<double>(rows));
+  for (Buffer<float>* column : {&stats.mean_p, &stats.mean_q, &stats.cross, &stats.self_p, &stats.self_q}) {
+    column->resize(n);
   }
-  // Pass 2: centered cross and squared sums per column.
-  partial.assign(static_cast<size_t>(chunks) * 3 * n, 0.0);
-  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
-    for (int64_t c = first; c < last; ++c) {
-      double* ab = partial.data() + c * 3 * n;
-      double* aa = ab + n;
-      double* bb = aa + n;
-      for (int64_t i = c * chunk; i < std::min(rows, (c + 1) * chunk); ++i) {
-        const s_t* s = student + i * n;
-        const t_t* t = teacher + i * n;
-        const SoftmaxStats ss = s_stats[i], ts = t_stats[i];
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) {
-          const float a = vexp((static_cast<float>(s[j]) - ss.max) * it - ss.log_sum) - stats.mean_p[j];
-          const float b = vexp((static_cast<float>(t[j]) - ts.max) * it - ts.log_sum) - stats.mean_q[j];
-          ab[j] += a * b;
-          aa[j] += a * a;
-          bb[j] += b * b;
-        }
-      }
-    }
-  });
-  stats.cross.resize(n);
-  stats.self_p.resize(n);
-  stats.self_q.resize(n);
   double rho_sum = 0.0;
   for (int64_t j = 0; j < n; ++j) {
-    double ab = 0.0, aa = 0.0, bb = 0.0;
+    double count = 0.0, mean_a = 0.0, mean_b = 0.0, ab = 0.0, aa = 0.0, bb = 0.0;
     for (int64_t c = 0; c < chunks; ++c) {
-      ab += partial[c * 3 * n + j];
-      aa += partial[c * 3 * n + n + j];
-      bb += partial[c * 3 * n + 2 * n + j];
+      const double* m = moments.data() + c * 5 * n;
+      const double rows_c = static_cast<double>(std::min(rows, (c + 1) * chunk) - c * chunk);
+      const double total = count + rows_c;
+      const double da = m[j] - mean_a, db = m[n + j] - mean_b;
+      const double weight = count * rows_c / total;
+      ab += m[2 * n + j] + da * db * weight;
+      aa += m[3 * n + j] + da * da * weight;
+      bb += m[4 * n + j] + db * db * weight;
+      mean_a += da * rows_c / total;
+      mean_b += db * rows_c / total;
+      count = total;
     }
+    stats.mean_p[j] = static_cast<float>(p0[j] + mean_a);
+    stats.mean_q[j] = static_cast<float>(q0[j] + mean_b);
     const Correlation corr = correlation(ab, aa, bb);
     stats.cross[j] = corr.cross;
     stats.self_p[j] = corr.self_a;
@@ -346,7 +362,14 @@ float fused_row(const s_t* s_in, const t_t* t_in, int64_t n, int64_t target, flo
   const float it = cfg.inv_temperature;
   const float inv_n = 1.0f / static_cast<float>(n);
   const bool has_target = target >= 0 && target < n;
-  if ((cfg.ce_coef != 0.0f || cfg.rectify) && !has_target) return std::numeric_limits<float>::quiet_NaN();
+  if ((cfg.ce_coef != 0.0f || cfg.rectify) && !has_target) {
+    // Only reachable when the caller skipped the range check (a compiled graph asserts
+    // it on the device): NaN everywhere rather than an out-of-bounds read.
+    constexpr float nan = std::numeric_limits<float>::quiet_NaN();
+    if (cfg.student_grad) std::fill(gs, gs + n, static_cast<s_t>(nan));
+    if (cfg.teacher_grad) std::fill(gt, gt + n, static_cast<t_t>(nan));
+    return nan;
+  }
 
   float s_max = -kInf, t_max = -kInf;
 #pragma omp simd reduction(max : s_max, t_max)
@@ -572,7 +595,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_kd_loss_cpu(
                        static_cast<float>(difficulty_value), rectify, student_grad, teacher_grad};
   at::Tensor grad_student = student_grad ? at::empty_like(student) : at::empty({0}, student.options());
   at::Tensor grad_teacher = teacher_grad ? at::empty_like(teacher) : at::empty({0}, teacher.options());
-  std::vector<float> row_loss(rows);
+  Buffer<float> row_loss(rows);
   const bool spearman = spearman_coef != 0;
   const int64_t* target_ptr = target.defined() ? target.data_ptr<int64_t>() : nullptr;
   const float* difficulty_ptr = difficulty.defined() ? difficulty.data_ptr<float>() : nullptr;
@@ -588,8 +611,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_kd_loss_cpu(
       t_t* gt_ptr = teacher_grad ? grad_teacher.data_ptr<t_t>() : nullptr;
       ColumnStats columns;
       if (column_coef != 0) {
-        std::vector<SoftmaxStats> s_stats(rows), t_stats(rows);
-        columns = column_stats(s_ptr, t_ptr, rows, n, cfg, s_stats, t_stats);
+        columns = column_stats(s_ptr, t_ptr, rows, n, cfg);
         column_loss = columns.loss;
       }
       const ColumnStats* column_ptr = column_coef != 0 ? &columns : nullptr;
@@ -609,7 +631,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_kd_loss_cpu(
   });
   // A fixed summation order: the loss does not depend on the number of threads.
   double total = 0.0;
-  for (float v : row_loss) total += v;
+  for (int64_t i = 0; i < rows; ++i) total += row_loss[i];
   const float loss = static_cast<float>(total / static_cast<double>(rows)) + column_loss;
   return {at::scalar_tensor(loss, student.options().dtype(at::kFloat)), grad_student, grad_teacher};
 }

@@ -103,10 +103,11 @@ _REGISTRY: dict[str, Backend] = {
     ),
     "cuda": Backend(
         name="cuda",
-        description="fused CUDA C++ kernels for CUDA tensors",
-        unavailable=_not_built("CUDA C++ kernels"),
-        ops={},
+        description="fused CUDA C++ kernels for CUDA tensors (one block per row)",
+        unavailable=fused.cuda_unavailable,
+        ops=fused.OPS,
         devices=("cuda",),
+        dtypes=fused.DTYPES,
     ),
 }
 

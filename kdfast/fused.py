@@ -8,8 +8,8 @@ All kdfast losses are settings of one generic loss (csrc/losses.h)::
 The operator computes L and, in the same pass over each row, dL/ds (and dL/dt when the
 teacher requires grad); backward only scales those saved gradients by ``grad_output``.
 The operator has a CPU kernel (csrc/losses_cpu.cpp) and, when kdfast was built with
-nvcc, a CUDA kernel (csrc/cuda/), registered below for the CUDA dispatch key; its fake
-implementation lets ``torch.compile`` trace it.
+nvcc, CUDA kernels (csrc/cuda/, module ``kdfast._C_cuda``), registered below for the
+CUDA dispatch key; its fake implementation lets ``torch.compile`` trace it.
 """
 
 from __future__ import annotations
@@ -23,6 +23,18 @@ from kdfast import _ops
 
 #: dtypes the fused kernels read (they accumulate in fp32); fp64 runs on the reference.
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # kdfast::cuda::LogitType
+
+try:
+    from kdfast import _C_cuda
+except ImportError as error:
+    _C_cuda = None
+    #: Why the CUDA kernels cannot be used, or None when they were compiled.
+    CUDA_BUILD_ERROR: str | None = (
+        f"not compiled: kdfast was built without nvcc ({error}); reinstall with nvcc on PATH or KDFAST_CUDA=1"
+    )
+else:
+    CUDA_BUILD_ERROR = None
 
 DIFFICULTY_CONSTANT, DIFFICULTY_ENTROPY, DIFFICULTY_PER_SAMPLE = 0, 1, 2
 
@@ -57,6 +69,57 @@ if _ops.EXTENSION_ERROR is None:
         grad_student = torch.empty_like(student) if student_grad else student.new_empty((0,))
         grad_teacher = torch.empty_like(teacher) if teacher_grad else teacher.new_empty((0,))
         return loss, grad_student, grad_teacher
+
+
+def _fused_kd_loss_cuda(student, teacher, target, difficulty, temperature, kl_coef, ce_coef, pearson_coef,
+                        spearman_coef, column_coef, rank_strength, difficulty_mode, difficulty_value, rectify,
+                        student_grad, teacher_grad):
+    """CUDA implementation of kdfast::fused_kd_loss: allocates the outputs and workspace with
+    PyTorch's caching allocator and launches csrc/cuda/ on the current stream."""
+    for name, x in (("student", student), ("teacher", teacher)):
+        if x.dtype not in _DTYPE_CODES:
+            raise TypeError(f"kdfast fused loss (cuda): {name} must be float32, float16 or bfloat16, got {x.dtype}")
+    student, teacher = student.contiguous(), teacher.contiguous()
+    rows, cols = student.shape
+    device = student.device
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    config = _C_cuda.LossConfig()
+    config.inv_temperature = 1.0 / temperature
+    config.kl_coef, config.ce_coef, config.pearson_coef = kl_coef, ce_coef, pearson_coef
+    config.spearman_coef, config.column_coef, config.rank_strength = spearman_coef, column_coef, rank_strength
+    config.difficulty_mode, config.difficulty_value, config.rectify = difficulty_mode, difficulty_value, rectify
+    config.student_grad, config.teacher_grad = student_grad, teacher_grad
+    workspace = torch.empty(_C_cuda.fused_loss_workspace_bytes(rows, cols, config, index), dtype=torch.uint8,
+                            device=device)
+    loss = torch.empty((), dtype=torch.float32, device=device)
+    grad_student = torch.empty_like(student) if student_grad else student.new_empty((0,))
+    grad_teacher = torch.empty_like(teacher) if teacher_grad else teacher.new_empty((0,))
+    target = None if target is None else target.long().contiguous()
+    difficulty = None if difficulty is None else difficulty.float().contiguous()
+
+    def pointer(x):
+        return 0 if x is None or x.numel() == 0 else x.data_ptr()
+
+    _C_cuda.fused_loss(pointer(student), _DTYPE_CODES[student.dtype], pointer(teacher), _DTYPE_CODES[teacher.dtype],
+                       pointer(target), pointer(difficulty), rows, cols, config, pointer(loss),
+                       pointer(grad_student), pointer(grad_teacher), pointer(workspace), index,
+                       torch.cuda.current_stream(device).cuda_stream)
+    return loss, grad_student, grad_teacher
+
+
+if _C_cuda is not None and _ops.EXTENSION_ERROR is None:
+    torch.library.impl("kdfast::fused_kd_loss", "CUDA", _fused_kd_loss_cuda)
+
+
+def cuda_unavailable() -> str | None:
+    """Why the CUDA kernels cannot run here, or None."""
+    if _ops.EXTENSION_ERROR is not None:
+        return _ops.EXTENSION_ERROR
+    if CUDA_BUILD_ERROR is not None:
+        return CUDA_BUILD_ERROR
+    if not torch.cuda.is_available():
+        return "no CUDA GPU: torch.cuda.is_available() is False"
+    return None
 
 
 class _FusedLoss(torch.autograd.Function):

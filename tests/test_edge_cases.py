@@ -74,6 +74,23 @@ def test_constant_rows(name, backend_device):
     assert grad_t is None or torch.isfinite(grad_t).all()
 
 
+@pytest.mark.parametrize("name", ["pearson_columns", "dist"])
+def test_constant_columns(name, backend_device):
+    # Identical rows make every column constant: each column correlation is exactly 0 (the
+    # intra-class term is τ²·1), nothing is NaN.
+    row = logits(1, 12, torch.float32)
+    s, t = _on(backend_device, row.expand(40, 12).contiguous(), logits(40, 12, torch.float32))
+    backend = backend_device[0]
+    s.requires_grad_()
+    if name == "dist":
+        loss = kdfast.dist_loss(s, t, beta=0.0, gamma=1.0, backend=backend)
+    else:
+        loss = kdfast.pearson_loss(s, t, dim=0, backend=backend)
+    (grad,) = torch.autograd.grad(loss, s)
+    assert loss.item() == pytest.approx(1.0, abs=1e-6)
+    assert torch.isfinite(grad).all()
+
+
 def test_constant_vector_has_zero_correlation(backend_device):
     constant = torch.full((3, 8), 0.1)
     other = torch.randn(3, 8)

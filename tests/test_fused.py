@@ -27,7 +27,8 @@ CASES = {
         lambda s, t, y, w, b: kdfast.cmkd_loss(s, t, y, 4.0, 1.0, 2.0, 0.5, w, 0.01, backend=b), False, True),
     "drkd": (lambda s, t, y, w, b: kdfast.drkd_loss(s, t, y, 3.0, 0.3, backend=b), False, False),
 }
-SHAPES = [(1, 1), (1, 2), (3, 7), (16, 1000), (5, 1001), (2, 32000)]
+# (100, 37): several chunks of rows in the column statistics, the last one partial.
+SHAPES = [(1, 1), (1, 2), (3, 7), (100, 37), (16, 1000), (5, 1001), (2, 32000)]
 
 
 def _applicable(case, shape):

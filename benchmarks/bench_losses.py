@@ -1,0 +1,207 @@
+"""Time and peak memory of every kdfast loss, per provider, over a sweep of B and C.
+
+Providers (each where it can run on the device):
+  eager          the reference (kdfast's torch backend: PyTorch ops, kdfast's soft rank)
+  compiled       torch.compile of the reference
+  torchsort      the eager reference with torchsort's soft rank (Spearman terms only)
+  kdfast-cpu, kdfast-cuda, kdfast-triton   kdfast's fused backends
+
+Modes: forward (the loss with inputs that require grad: the fused kernels write the
+gradient here), backward (autograd.grad of a built graph), forward+backward. Times are
+medians with 20/80% quantiles; GB/s counts the bytes a loss must move (read student and
+teacher, write the gradient) over the forward+backward time, next to the memory floor
+(those bytes at the measured copy bandwidth). Peak memory is what forward+backward adds.
+Rows are appended to benchmarks/results/losses.csv.
+
+Examples:
+  python benchmarks/bench_losses.py                          # B=256, C=1000, fp32, CPU
+  python benchmarks/bench_losses.py --preset cpu-sweep --plot benchmarks/results/losses_cpu.png
+  python benchmarks/bench_losses.py --preset gpu             # B=4096, C=1000, bf16, CUDA
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+import torch
+from common import append_rows, copy_bandwidth_gbps, device_name, measure_ms, peak_memory_mb
+
+import kdfast
+from kdfast import reference
+
+LOSSES = {
+    "kd_loss": lambda s, t, y, backend: kdfast.kd_loss(s, t, 4.0, backend=backend),
+    "pearson_loss": lambda s, t, y, backend: kdfast.pearson_loss(s, t, 1.0, backend=backend),
+    "dist_loss": lambda s, t, y, backend: kdfast.dist_loss(s, t, 1.0, 1.0, 1.0, backend=backend),
+    "spearman_loss": lambda s, t, y, backend: kdfast.spearman_loss(s, t, backend=backend),
+    "cmkd_loss": lambda s, t, y, backend: kdfast.cmkd_loss(s, t, y, 4.0, backend=backend),
+    "drkd_loss": lambda s, t, y, backend: kdfast.drkd_loss(s, t, y, 4.0, 1.0, backend=backend),
+}
+SPEARMAN_LOSSES = ("spearman_loss", "cmkd_loss")
+PROVIDERS = ("eager", "compiled", "torchsort", "kdfast-cpu", "kdfast-cuda", "kdfast-triton")
+PRESETS = {
+    "cpu-sweep": dict(device="cpu", dtype="float32",
+                      shapes=["256x100", "256x300", "256x1000", "256x3000", "256x10000", "64x1000", "1024x1000"],
+                      providers=["eager", "torchsort", "kdfast-cpu"]),
+    "gpu": dict(device="cuda", dtype="bfloat16", shapes=["4096x1000"], providers=list(PROVIDERS)),
+}
+
+
+@contextlib.contextmanager
+def torchsort_soft_ranks():
+    """The reference with torchsort.soft_rank in place of kdfast's (same conventions)."""
+    import torchsort
+
+    original = reference.soft_rank
+    reference.soft_rank = torchsort.soft_rank
+    try:
+        yield
+    finally:
+        reference.soft_rank = original
+
+
+def loss_function(provider: str, loss: str, device: torch.device):
+    """(callable(s, t, y) -> loss, context manager) for a provider, or a reason it cannot run."""
+    fn = LOSSES[loss]
+    if provider == "eager":
+        return (lambda s, t, y: fn(s, t, y, "torch")), contextlib.nullcontext
+    if provider == "compiled":
+        return torch.compile(lambda s, t, y: fn(s, t, y, "torch"), fullgraph=True), contextlib.nullcontext
+    if provider == "torchsort":
+        if loss not in SPEARMAN_LOSSES:
+            return "only the Spearman terms use a soft rank"
+        try:
+            import torchsort  # noqa: F401
+        except ImportError:
+            return "torchsort is not installed"
+        if device.type != "cpu":
+            return "torchsort's CUDA extension is not built here"
+        return (lambda s, t, y: fn(s, t, y, "torch")), torchsort_soft_ranks
+    backend = provider.split("-", 1)[1]
+    status = kdfast.backends()[backend]
+    if not status.available:
+        return status.reason
+    return (lambda s, t, y: fn(s, t, y, backend)), contextlib.nullcontext
+
+
+def run(shapes, providers, losses, device, dtype, reps, memory=True):
+    rows = []
+    copy_gbps = copy_bandwidth_gbps(device)
+    print(f"device: {device_name(device)}; measured copy bandwidth {copy_gbps:.1f} GB/s")
+    inputs = {}
+    for batch, classes in shapes:
+        generator = torch.Generator().manual_seed(0)
+        teacher = (torch.randn(batch, classes, generator=generator) * 2.0).to(device, dtype)
+        student = (teacher.float() + torch.randn(batch, classes, generator=generator).to(device)).to(dtype)
+        target = torch.randint(0, classes, (batch,), generator=generator).to(device)
+        inputs[batch, classes] = student, teacher, target
+    # Providers outermost, torch.compile last: the kernels Inductor generates bring an
+    # OpenMP runtime of their own whose spinning threads would slow what runs after them.
+    for provider in sorted(providers, key=lambda p: p == "compiled"):
+        for (batch, classes), (student, teacher, target) in inputs.items():
+            moved = batch * classes * (2 * student.element_size() + teacher.element_size())
+            floor_ms = moved / (copy_gbps * 1e9) * 1e3
+            for loss in losses:
+                made = loss_function(provider, loss, device)
+                if isinstance(made, str):
+                    continue
+                fn, context = made
+                s = student.detach().clone().requires_grad_()
+                with context():
+                    forward = lambda: fn(s, teacher, target)  # noqa: E731
+                    built = forward()
+                    timings = {
+                        "forward": measure_ms(forward, device, reps=reps),
+                        "backward": measure_ms(lambda: torch.autograd.grad(built, s, retain_graph=True), device,
+                                               reps=reps),
+                        "forward+backward": measure_ms(lambda: torch.autograd.grad(forward(), s), device, reps=reps),
+                    }
+                    del built
+                    peak = peak_memory_mb(lambda: torch.autograd.grad(forward(), s), device) if memory else None
+                for mode, timing in timings.items():
+                    full = mode == "forward+backward"
+                    rows.append({
+                        "loss": loss, "provider": provider, "mode": mode, "B": batch, "C": classes,
+                        "dtype": str(dtype).replace("torch.", ""), **{k: round(v, 5) for k, v in timing.items()},
+                        "gbps": round(moved / (timing["median_ms"] * 1e-3) / 1e9, 3) if full else "",
+                        "memory_floor_ms": round(floor_ms, 5) if full else "",
+                        "peak_mb": round(peak, 3) if full and peak is not None else "",
+                        "device": device_name(device),
+                    })
+                full = timings["forward+backward"]
+                print(f"{loss:14s} {provider:13s} B={batch:5d} C={classes:6d}  fwd+bwd {full['median_ms']:9.3f} ms "
+                      f"[{full['q20_ms']:.3f}, {full['q80_ms']:.3f}]  fwd {timings['forward']['median_ms']:8.3f}  "
+                      f"bwd {timings['backward']['median_ms']:8.3f}" + (f"  peak {peak:7.2f} MB" if memory else ""))
+    return rows
+
+
+def plot(rows, path):
+    """Forward+backward time against C (at the most common B) and against B, per loss and provider."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    full = [r for r in rows if r["mode"] == "forward+backward"]
+    losses = sorted({r["loss"] for r in full}, key=list(LOSSES).index)
+    batches = [r["B"] for r in full]
+    common_b = max(set(batches), key=batches.count)
+    classes = [r["C"] for r in full]
+    common_c = max(set(classes), key=classes.count)
+    figure, axes = plt.subplots(2, len(losses), figsize=(3.2 * len(losses), 6.4), squeeze=False)
+    for column, loss in enumerate(losses):
+        for row_index, (fixed, varied, value) in enumerate((("B", "C", common_b), ("C", "B", common_c))):
+            axis = axes[row_index][column]
+            for provider in PROVIDERS:
+                points = sorted((r[varied], r["median_ms"]) for r in full
+                                if r["loss"] == loss and r["provider"] == provider and r[fixed] == value)
+                if len(points) > 1:
+                    axis.plot(*zip(*points), marker="o", label=provider)
+            axis.set_xscale("log")
+            axis.set_yscale("log")
+            axis.set_xlabel(f"{varied} ({fixed}={value})")
+            axis.set_title(loss if row_index == 0 else "")
+            axis.grid(True, which="both", alpha=0.3)
+        axes[0][column].set_ylabel("fwd+bwd ms" if column == 0 else "")
+    axes[0][0].legend(fontsize=7)
+    figure.suptitle(f"kdfast losses, forward+backward, {full[0]['dtype']}, {full[0]['device']}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    print("wrote", path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--shapes", nargs="+", default=["256x1000"], help="BxC pairs")
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES))
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--output", default="losses.csv", help="file name under benchmarks/results/")
+    parser.add_argument("--plot", help="also draw the sweep as a PNG at this path")
+    args = parser.parse_args(argv)
+    if args.preset:
+        defaults = parser.parse_args([])
+        for key, value in PRESETS[args.preset].items():
+            if getattr(args, key) == getattr(defaults, key):
+                setattr(args, key, value)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA GPU is available")
+    shapes = [tuple(int(v) for v in shape.lower().split("x")) for shape in args.shapes]
+    rows = run(shapes, args.providers, args.losses, device, getattr(torch, args.dtype), args.reps,
+               memory=not args.no_memory)
+    print("appended to", append_rows(args.output, rows))
+    if args.plot:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    main()

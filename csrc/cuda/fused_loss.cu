@@ -1,0 +1,760 @@
+// CUDA kernels of the fused KD loss (the generic loss of csrc/losses.h): the same math
+// as csrc/losses_cpu.cpp, one block per row, with block-wide reductions.
+//
+// The steps, all on the caller's stream:
+//   1. (column term)   per-row softmax statistics, then per-column moments over fixed
+//                      chunks of rows, reduced in a fixed order (deterministic);
+//   2. (Spearman term) a segmented radix sort (CUB) of every student and teacher row,
+//                      then one block per row: teacher average ranks, soft ranks by
+//                      pool-adjacent-violators (one thread; the row's PAV state in shared
+//                      memory when it fits), their correlation and its gradient;
+//   3. the row kernel: KL, CE, Pearson, difficulty, the Spearman and column shares, and
+//      the gradients, rounded once to the logits' dtype;
+//   4. the loss: a fixed-order sum of the per-row losses (and of the column correlations).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cub/block/block_scan.cuh>
+#include <cub/device/device_segmented_radix_sort.cuh>
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "fused_loss_cuda.h"
+
+namespace kdfast {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+// Rows per chunk of the column moments, as on the CPU: a fixed function of B.
+int64_t column_chunk_rows(int64_t rows) { return std::max<int64_t>(16, (rows + 63) / 64); }
+
+void check(cudaError_t status, const char* step) {
+  if (status != cudaSuccess) {
+    throw std::runtime_error(std::string("kdfast CUDA fused loss: ") + step + " failed: " + cudaGetErrorString(status));
+  }
+}
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// Sums N values over the block; every thread gets the totals. Fixed order: deterministic.
+template <typename T, int N>
+__device__ __forceinline__ void block_sum(T (&v)[N], T* scratch) {
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v[k] += __shfl_xor_sync(0xffffffffu, v[k], offset);
+  }
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  __syncthreads();  // a previous reduction may still be reading the scratch
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) scratch[warp * N + k] = v[k];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    T total = 0;
+    for (int w = 0; w < kWarps; ++w) total += scratch[w * N + k];
+    v[k] = total;
+  }
+}
+
+// Maximum over the block (NaN ignored, as on the CPU), with the first index reaching it.
+__device__ __forceinline__ void block_argmax(float& value, int64_t& index, float* fscratch, int64_t* iscratch) {
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const float other = __shfl_xor_sync(0xffffffffu, value, offset);
+    const int64_t other_index = __shfl_xor_sync(0xffffffffu, index, offset);
+    if (other > value || (other == value && other_index < index)) {
+      value = other;
+      index = other_index;
+    }
+  }
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  __syncthreads();
+  if (lane == 0) {
+    fscratch[warp] = value;
+    iscratch[warp] = index;
+  }
+  __syncthreads();
+  value = fscratch[0];
+  index = iscratch[0];
+  for (int w = 1; w < kWarps; ++w) {
+    if (fscratch[w] > value || (fscratch[w] == value && iscratch[w] < index)) {
+      value = fscratch[w];
+      index = iscratch[w];
+    }
+  }
+}
+
+struct Scratch {
+  double d[kWarps * 4];
+  float f[kWarps * 4];
+  int64_t i[kWarps];
+};
+
+// ---------------------------------------------------------------------------------
+// 1. Column statistics (the intra-class term).
+
+struct SoftmaxStats {
+  float max, log_sum;
+};
+
+template <typename s_t, typename t_t>
+__global__ void __launch_bounds__(kThreads) row_softmax_stats_kernel(const s_t* student, const t_t* teacher,
+                                                                     int64_t cols, float it, SoftmaxStats* stats) {
+  __shared__ Scratch scratch;
+  const int64_t row = blockIdx.x;
+  const s_t* s = student + row * cols;
+  const t_t* t = teacher + row * cols;
+  float s_max = -INFINITY, t_max = -INFINITY;
+  int64_t unused_s = 0, unused_t = 0;
+  for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
+    const float a = to_float(s[j]), b = to_float(t[j]);
+    s_max = a > s_max ? a : s_max;
+    t_max = b > t_max ? b : t_max;
+  }
+  block_argmax(s_max, unused_s, scratch.f, scratch.i);
+  block_argmax(t_max, unused_t, scratch.f, scratch.i);
+  float sums[2] = {0.0f, 0.0f};
+  for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
+    sums[0] += expf((to_float(s[j]) - s_max) * it);
+    sums[1] += expf((to_float(t[j]) - t_max) * it);
+  }
+  block_sum(sums, scratch.f);
+  if (threadIdx.x == 0) {
+    stats[2 * row] = {s_max, logf(sums[0])};
+    stats[2 * row + 1] = {t_max, logf(sums[1])};
+  }
+}
+
+// One thread per column, one blockIdx.y per chunk of rows. pass 0: Σ (p − p_0), Σ (q − q_0)
+// (shifted by row 0, so that a constant column centers to exactly zero); pass 1: centered
+// Σ ab, Σ aa, Σ bb with the means found by pass 0.
+template <typename s_t, typename t_t>
+__global__ void __launch_bounds__(kThreads) column_moments_kernel(const s_t* student, const t_t* teacher, int64_t rows,
+                                                                  int64_t cols, float it, const SoftmaxStats* stats,
+                                                                  int64_t chunk, int pass, const float* means,
+                                                                  double* partial) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (j >= cols) return;
+  auto prob = [&](auto x, SoftmaxStats st) { return expf((to_float(x) - st.max) * it - st.log_sum); };
+  const int64_t first = static_cast<int64_t>(blockIdx.y) * chunk;
+  const int64_t last = first + chunk < rows ? first + chunk : rows;
+  double* out = partial + static_cast<int64_t>(blockIdx.y) * 3 * cols;
+  if (pass == 0) {
+    const float p0 = prob(student[j], stats[0]), q0 = prob(teacher[j], stats[1]);
+    double sp = 0.0, sq = 0.0;
+    for (int64_t i = first; i < last; ++i) {
+      sp += prob(student[i * cols + j], stats[2 * i]) - p0;
+      sq += prob(teacher[i * cols + j], stats[2 * i + 1]) - q0;
+    }
+    out[j] = sp;
+    out[cols + j] = sq;
+  } else {
+    const float mean_p = means[j], mean_q = means[cols + j];
+    double ab = 0.0, aa = 0.0, bb = 0.0;
+    for (int64_t i = first; i < last; ++i) {
+      const double a = prob(student[i * cols + j], stats[2 * i]) - mean_p;
+      const double b = prob(teacher[i * cols + j], stats[2 * i + 1]) - mean_q;
+      ab += a * b;
+      aa += a * a;
+      bb += b * b;
+    }
+    out[j] = ab;
+    out[cols + j] = aa;
+    out[2 * cols + j] = bb;
+  }
+}
+
+// Reduces the chunks' partials in order. pass 0 writes the column means; pass 1 the
+// correlation's gradient coefficients and ρ per column.
+struct ColumnStats {
+  float *mean_p, *mean_q, *cross, *self_p, *self_q;
+  double* rho;
+};
+
+template <typename s_t, typename t_t>
+__global__ void __launch_bounds__(kThreads) column_finalize_kernel(const s_t* student, const t_t* teacher,
+                                                                   int64_t rows, int64_t cols, float it,
+                                                                   const SoftmaxStats* stats, int64_t chunks, int pass,
+                                                                   const double* partial, ColumnStats columns) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (j >= cols) return;
+  double sums[3] = {0.0, 0.0, 0.0};
+  for (int64_t c = 0; c < chunks; ++c) {
+    for (int k = 0; k < (pass == 0 ? 2 : 3); ++k) sums[k] += partial[(c * 3 + k) * cols + j];
+  }
+  if (pass == 0) {
+    const float p0 = expf((to_float(student[j]) - stats[0].max) * it - stats[0].log_sum);
+    const float q0 = expf((to_float(teacher[j]) - stats[1].max) * it - stats[1].log_sum);
+    columns.mean_p[j] = static_cast<float>(p0 + sums[0] / static_cast<double>(rows));
+    columns.mean_q[j] = static_cast<float>(q0 + sums[1] / static_cast<double>(rows));
+  } else {
+    const Correlation corr = correlation(sums[0], sums[1], sums[2]);
+    columns.cross[j] = corr.cross;
+    columns.self_p[j] = corr.self_a;
+    columns.self_q[j] = corr.self_b;
+    columns.rho[j] = corr.rho;
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// 2. The Spearman term.
+
+template <typename s_t, typename t_t>
+__global__ void __launch_bounds__(kThreads) prepare_sort_kernel(const s_t* student, const t_t* teacher, int64_t rows,
+                                                                int64_t cols, float* s_keys, float* t_keys,
+                                                                int32_t* iota, int32_t* offsets) {
+  const int64_t total = rows * cols;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * kThreads) {
+    s_keys[e] = to_float(student[e]);
+    t_keys[e] = to_float(teacher[e]);
+    iota[e] = static_cast<int32_t>(e % cols);
+    if (e % cols == 0) offsets[e / cols] = static_cast<int32_t>(e);
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) offsets[rows] = static_cast<int32_t>(total);
+}
+
+// The per-row arrays of the Spearman kernel: in dynamic shared memory when they fit,
+// else in the row's slice of the workspace.
+struct RankRow {
+  double* ranks;       // θ = ẑ/ε in the student's descending order, then the soft ranks, then g
+  double* block_a;     // PAV stack
+  double* block_b;
+  int64_t* block_start;
+  float* u;            // teacher average ranks in the student's descending order
+  float* t_rank;       // teacher average ranks in original order
+  int32_t* group;      // start of each sorted teacher element's tie group
+};
+constexpr size_t kRankRowBytes = 3 * sizeof(double) + sizeof(int64_t) + 2 * sizeof(float) + sizeof(int32_t);
+// Bytes between two rows' arrays in the workspace, a multiple of 16 so that every row's
+// doubles stay aligned.
+__host__ __device__ inline size_t rank_row_stride(int64_t cols) { return (cols * kRankRowBytes + 15) / 16 * 16; }
+
+__device__ RankRow rank_row(char* base, int64_t cols) {
+  RankRow r;
+  r.ranks = reinterpret_cast<double*>(base);
+  r.block_a = r.ranks + cols;
+  r.block_b = r.block_a + cols;
+  r.block_start = reinterpret_cast<int64_t*>(r.block_b + cols);
+  r.u = reinterpret_cast<float*>(r.block_start + cols);
+  r.t_rank = r.u + cols;
+  r.group = reinterpret_cast<int32_t*>(r.t_rank + cols);
+  return r;
+}
+
+struct MaxOp {
+  __device__ int32_t operator()(int32_t a, int32_t b) const { return a > b ? a : b; }
+};
+
+// Running maximum over a row processed tile by tile (for the tie groups' starts).
+struct RunningMax {
+  int32_t running = 0;
+  __device__ int32_t operator()(int32_t tile_max) {
+    const int32_t before = running;
+    running = tile_max > running ? tile_max : running;
+    return before;
+  }
+};
+
+// One block per row: ρ_S of the standardized student row against the teacher's average
+// ranks, and (when grad_rho is given) dρ_S/ds into grad_rho (float, original order).
+template <typename s_t>
+__global__ void __launch_bounds__(kThreads) spearman_kernel(const s_t* student, int64_t cols, float strength,
+                                                            const float* t_sorted, const int32_t* t_order,
+                                                            const int32_t* s_order, char* global_rows,
+                                                            bool rows_in_shared, double* rho_out, float* grad_rho) {
+  extern __shared__ __align__(16) char shared_rows[];
+  __shared__ Scratch scratch;
+  using BlockScan = cub::BlockScan<int32_t, kThreads>;
+  __shared__ typename BlockScan::TempStorage scan_storage;
+  const int64_t row = blockIdx.x;
+  const s_t* s = student + row * cols;
+  const float* ts = t_sorted + row * cols;
+  const int32_t* to = t_order + row * cols;
+  const int32_t* so = s_order + row * cols;  // ascending
+  RankRow r = rank_row(rows_in_shared ? shared_rows : global_rows + row * rank_row_stride(cols), cols);
+  const double inv_n = 1.0 / static_cast<double>(cols);
+
+  // Standardization: mean and population variance, centered on the first element.
+  const double s0 = to_float(s[0]);
+  double moments[1] = {0.0};
+  for (int64_t j = threadIdx.x; j < cols; j += kThreads) moments[0] += to_float(s[j]) - s0;
+  block_sum(moments, scratch.d);
+  const double mean_shift = moments[0] * inv_n;
+  double variance[1] = {0.0};
+  for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
+    const double x = (to_float(s[j]) - s0) - mean_shift;
+    variance[0] += x * x;
+  }
+  block_sum(variance, scratch.d);
+  const bool varying = variance[0] > 0.0;
+  const double z_scale = varying ? 1.0 / sqrt(variance[0] * inv_n) : 0.0;
+  auto z_of = [&](int64_t k) {  // ẑ of the k-th largest student logit
+    return ((to_float(s[so[cols - 1 - k]]) - s0) - mean_shift) * z_scale;
+  };
+
+  // Teacher average ranks: the start of each tie group by a running-max scan, tile by tile.
+  RunningMax prefix;
+  for (int64_t base = 0; base < cols; base += kThreads) {
+    const int64_t k = base + threadIdx.x;
+    const int32_t start = (k < cols && (k == 0 || ts[k] != ts[k - 1])) ? static_cast<int32_t>(k) : 0;
+    int32_t group_start;
+    BlockScan(scan_storage).InclusiveScan(start, group_start, MaxOp(), prefix);
+    __syncthreads();
+    if (k < cols) r.group[k] = group_start;
+  }
+  __syncthreads();
+  // The last element of each group writes the group's average rank (1-based) at the
+  // group's start; then every element reads it.
+  for (int64_t k = threadIdx.x; k < cols; k += kThreads) {
+    if (k == cols - 1 || ts[k + 1] != ts[k]) r.t_rank[r.group[k]] = 0.5f * static_cast<float>(r.group[k] + k) + 1.0f;
+  }
+  __syncthreads();
+  for (int64_t k = threadIdx.x; k < cols; k += kThreads) r.u[k] = r.t_rank[r.group[k]];
+  __syncthreads();
+  for (int64_t k = threadIdx.x; k < cols; k += kThreads) r.t_rank[to[k]] = r.u[k];
+  __syncthreads();
+  const double inv_strength = 1.0 / static_cast<double>(strength);
+  for (int64_t k = threadIdx.x; k < cols; k += kThreads) {
+    r.u[k] = r.t_rank[so[cols - 1 - k]];
+    r.ranks[k] = z_of(k) * inv_strength;
+  }
+  __syncthreads();
+
+  // Soft ranks: PAV is sequential, one thread runs it on the row; the others then
+  // subtract each block's value in parallel over blocks.
+  __shared__ int64_t block_count;
+  if (threadIdx.x == 0) {
+    PavBlocks<false> blocks{r.block_start, r.block_a, r.block_b};
+    pav<false>(cols, [&](int64_t k) { return r.ranks[k]; },
+               [&](int64_t k) { return static_cast<double>(cols - k); }, blocks);
+    block_count = blocks.count;
+  }
+  __syncthreads();
+  const PavBlocks<false> blocks{r.block_start, r.block_a, r.block_b, block_count};
+  for (int64_t b = threadIdx.x; b < blocks.count; b += kThreads) {
+    const double value = blocks.value(b);
+    for (int64_t k = blocks.start[b]; k < blocks.end(b, cols); ++k) r.ranks[k] -= value;
+  }
+  __syncthreads();
+
+  // Pearson correlation of the soft ranks with the teacher ranks.
+  const double r0 = r.ranks[0], u0 = r.u[0];
+  double shifts[2] = {0.0, 0.0};
+  for (int64_t k = threadIdx.x; k < cols; k += kThreads) {
+    shifts[0] += r.ranks[k] - r0;
+    shifts[1] += r.u[k] - u0;
+  }
+  block_sum(shifts, scratch.d);
+  const double r_mean = r0 + shifts[0] * inv_n, u_mean = u0 + shifts[1] * inv_n;
+  double m[3] = {0.0, 0.0, 0.0};
+  for (int64_t k = threadIdx.x; k < cols; k += kThreads) {
+    const double a = r.ranks[k] - r_mean, b = r.u[k] - u_mean;
+    m[0] += a * b;
+    m[1] += a * a;
+    m[2] += b * b;
+  }
+  block_sum(m, scratch.d);
+  const Correlation corr = correlation(m[0], m[1], m[2]);
+  if (threadIdx.x == 0) rho_out[row] = corr.rho;
+  if (grad_rho == nullptr) return;  // uniform across the block
+  float* grad = grad_rho + row * cols;
+  if (!varying) {
+    for (int64_t j = threadIdx.x; j < cols; j += kThreads) grad[j] = 0.0f;
+    return;
+  }
+  // Backward: through the correlation, the soft rank (g minus its block mean, / ε) and
+  // the standardization.
+  __syncthreads();
+  for (int64_t k = threadIdx.x; k < cols; k += kThreads) {
+    r.ranks[k] = corr.cross * (r.u[k] - u_mean) - corr.self_a * (r.ranks[k] - r_mean);
+  }
+  __syncthreads();
+  for (int64_t b = threadIdx.x; b < blocks.count; b += kThreads) {
+    const int64_t begin = blocks.start[b], end = blocks.end(b, cols);
+    double sum = 0.0;
+    for (int64_t k = begin; k < end; ++k) sum += r.ranks[k];
+    const double mean = sum / static_cast<double>(end - begin);
+    for (int64_t k = begin; k < end; ++k) r.ranks[k] = (r.ranks[k] - mean) * inv_strength;
+  }
+  __syncthreads();
+  double g[2] = {0.0, 0.0};
+  for (int64_t k = threadIdx.x; k < cols; k += kThreads) {
+    g[0] += r.ranks[k];
+    g[1] += r.ranks[k] * z_of(k);
+  }
+  block_sum(g, scratch.d);
+  const double g_mean = g[0] * inv_n, gz_mean = g[1] * inv_n;
+  for (int64_t k = threadIdx.x; k < cols; k += kThreads) {
+    grad[so[cols - 1 - k]] = static_cast<float>((r.ranks[k] - g_mean - z_of(k) * gz_mean) * z_scale);
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// 3. The row kernel.
+
+struct RowInputs {
+  const int64_t* target;
+  const float* difficulty;
+  const double* spearman_rho;  // [rows] or null
+  const float* spearman_grad;  // [rows, cols] or null
+  ColumnStats columns;         // valid when column_coef != 0
+  float* row_loss;
+};
+
+template <typename s_t, typename t_t>
+__global__ void __launch_bounds__(kThreads) fused_row_kernel(const s_t* student, const t_t* teacher, int64_t cols,
+                                                             LossConfig cfg, float grad_scale, RowInputs in,
+                                                             s_t* grad_student, t_t* grad_teacher) {
+  __shared__ Scratch scratch;
+  const int64_t row = blockIdx.x;
+  const s_t* s = student + row * cols;
+  const t_t* t_raw = teacher + row * cols;
+  const float it = cfg.inv_temperature;
+  const double inv_n = 1.0 / static_cast<double>(cols);
+  const int64_t target = in.target ? in.target[row] : -1;
+  const bool has_target = target >= 0 && target < cols;
+  if ((cfg.ce_coef != 0.0f || cfg.rectify) && !has_target) {  // uniform across the block
+    if (threadIdx.x == 0) in.row_loss[row] = NAN;
+    for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
+      if (cfg.student_grad) grad_student[row * cols + j] = from_float<s_t>(NAN);
+      if (cfg.teacher_grad) grad_teacher[row * cols + j] = from_float<t_t>(NAN);
+    }
+    return;
+  }
+
+  // Maxima; the teacher's first argmax for DR-KD's rectification.
+  float s_max = -INFINITY, t_max = -INFINITY;
+  int64_t s_arg = cols, t_arg = cols;
+  for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
+    const float a = to_float(s[j]), b = to_float(t_raw[j]);
+    if (a > s_max) s_max = a;
+    if (b > t_max || (b == t_max && j < t_arg)) {
+      t_max = b;
+      t_arg = j;
+    }
+  }
+  block_argmax(s_max, s_arg, scratch.f, scratch.i);
+  block_argmax(t_max, t_arg, scratch.f, scratch.i);
+  if (t_arg >= cols) t_arg = 0;  // an all-NaN row
+  const bool swapped = cfg.rectify && t_arg != target;
+  // The rectified teacher: the argmax and the target trade places.
+  auto teacher_at = [&](int64_t j) {
+    const int64_t source = !swapped ? j : (j == t_arg ? target : (j == target ? t_arg : j));
+    return to_float(t_raw[source]);
+  };
+  auto student_at = [&](int64_t j) { return to_float(s[j]); };
+
+  float sums[3] = {0.0f, 0.0f, 0.0f};  // softmax normalizers at τ, and of the CE term at 1
+  for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
+    sums[0] += expf((student_at(j) - s_max) * it);
+    sums[1] += expf((teacher_at(j) - t_max) * it);
+    if (cfg.ce_coef != 0.0f) sums[2] += expf(student_at(j) - s_max);
+  }
+  block_sum(sums, scratch.f);
+  const float s_log_sum = logf(sums[0]), t_log_sum = logf(sums[1]);
+  const double log_sum_difference = static_cast<double>(s_log_sum) - static_cast<double>(t_log_sum);
+  auto p_at = [&](int64_t j) { return expf((student_at(j) - s_max) * it - s_log_sum); };
+  auto q_at = [&](int64_t j) { return expf((teacher_at(j) - t_max) * it - t_log_sum); };
+  auto log_ratio = [&](int64_t j) {  // log q_j − log p_j, from the logits
+    return (static_cast<double>(teacher_at(j) - t_max) - static_cast<double>(student_at(j) - s_max)) * it +
+           log_sum_difference;
+  };
+
+  const float p0 = p_at(0), q0 = q_at(0);
+  double acc[4] = {0.0, 0.0, 0.0, 0.0};  // KL, entropy, Σ (p − p_0), Σ (q − q_0)
+  for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
+    const float p = p_at(j), q = q_at(j);
+    acc[0] += q * log_ratio(j);
+    acc[1] -= q * ((teacher_at(j) - t_max) * it - t_log_sum);
+    acc[2] += p - p0;
+    acc[3] += q - q0;
+  }
+  block_sum(acc, scratch.d);
+  const double kl = acc[0];
+  const float p_mean = static_cast<float>(p0 + acc[2] * inv_n), q_mean = static_cast<float>(q0 + acc[3] * inv_n);
+
+  double loss = 0.0;
+  if (cfg.kl_coef != 0.0f) loss += cfg.kl_coef * kl;
+  if (cfg.ce_coef != 0.0f) loss += cfg.ce_coef * (logf(sums[2]) + s_max - student_at(target));
+  float d = cfg.difficulty_value;
+  if (cfg.difficulty_mode == kDifficultyEntropy) {
+    d = static_cast<float>(fmin(1.0, fmax(0.0, acc[1] / log(static_cast<double>(cols)))));
+  } else if (cfg.difficulty_mode == kDifficultyPerSample) {
+    d = in.difficulty[row];
+  }
+  const float pearson_weight = cfg.pearson_coef * (1.0f - d);
+  Correlation row_corr{0.0, 0.0f, 0.0f, 0.0f};
+  if (pearson_weight != 0.0f) {
+    double m[3] = {0.0, 0.0, 0.0};
+    for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
+      const double a = p_at(j) - p_mean, b = q_at(j) - q_mean;
+      m[0] += a * b;
+      m[1] += a * a;
+      m[2] += b * b;
+    }
+    block_sum(m, scratch.d);
+    row_corr = correlation(m[0], m[1], m[2]);
+    loss += pearson_weight * (1.0 - row_corr.rho);
+  }
+  const float spearman_weight = cfg.spearman_coef * d;
+  if (spearman_weight != 0.0f) loss += spearman_weight * (1.0 - in.spearman_rho[row]);
+  if (threadIdx.x == 0) in.row_loss[row] = static_cast<float>(loss);
+  if (!cfg.student_grad && !cfg.teacher_grad) return;
+
+  // Gradients: (p/τ)(g − <p, g>) for g = dℓ/dp from the correlations, the KL part in
+  // closed form; the same for the teacher with the roles swapped.
+  const float pearson_grad = -pearson_weight * grad_scale;
+  const bool columns = cfg.column_coef != 0.0f;
+  const float column_grad = columns ? static_cast<float>(-cfg.column_coef * inv_n) : 0.0f;
+  const float kl_grad = cfg.kl_coef * grad_scale * it;
+  const ColumnStats& col = in.columns;
+  auto g_student = [&](int64_t j, float p, float q) {
+    float g = pearson_grad * (row_corr.cross * (q - q_mean) - row_corr.self_a * (p - p_mean));
+    if (columns) g += column_grad * (col.cross[j] * (q - col.mean_q[j]) - col.self_p[j] * (p - col.mean_p[j]));
+    return g;
+  };
+  auto g_teacher = [&](int64_t j, float p, float q) {
+    float g = pearson_grad * (row_corr.cross * (p - p_mean) - row_corr.self_b * (q - q_mean));
+    if (columns) g += column_grad * (col.cross[j] * (p - col.mean_p[j]) - col.self_q[j] * (q - col.mean_q[j]));
+    return g;
+  };
+  const bool correlations = pearson_weight != 0.0f || columns;
+  float dots[2] = {0.0f, 0.0f};  // <p, g_student>, <q, g_teacher>
+  if (correlations) {
+    for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
+      const float p = p_at(j), q = q_at(j);
+      if (cfg.student_grad) dots[0] += p * g_student(j, p, q);
+      if (cfg.teacher_grad) dots[1] += q * g_teacher(j, p, q);
+    }
+    block_sum(dots, scratch.f);
+  }
+  const float ce_grad = cfg.ce_coef * grad_scale;
+  const float inv_sum1 = cfg.ce_coef != 0.0f ? 1.0f / sums[2] : 0.0f;
+  const float spearman_grad = -spearman_weight * grad_scale;
+  for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
+    const float p = p_at(j), q = q_at(j);
+    if (cfg.student_grad) {
+      float v = kl_grad * (p - q);
+      if (correlations) v += it * p * (g_student(j, p, q) - dots[0]);
+      if (ce_grad != 0.0f) v += ce_grad * (expf(student_at(j) - s_max) * inv_sum1 - (j == target ? 1.0f : 0.0f));
+      if (spearman_grad != 0.0f) v += spearman_grad * in.spearman_grad[row * cols + j];
+      grad_student[row * cols + j] = from_float<s_t>(v);
+    }
+    if (cfg.teacher_grad) {
+      float v = kl_grad * q * static_cast<float>(log_ratio(j) - kl);
+      if (correlations) v += it * q * (g_teacher(j, p, q) - dots[1]);
+      // Back to the unrectified positions: rectified position j holds original position σ(j).
+      const int64_t source = !swapped ? j : (j == t_arg ? target : (j == target ? t_arg : j));
+      grad_teacher[row * cols + source] = from_float<t_t>(v);
+    }
+  }
+}
+
+// 4. The loss: Σ row losses / B + column_coef · (1 − Σ ρ_c / C), in a fixed order.
+__global__ void __launch_bounds__(kThreads) finalize_loss_kernel(const float* row_loss, int64_t rows,
+                                                                 const double* column_rho, int64_t cols,
+                                                                 float column_coef, float* loss) {
+  __shared__ Scratch scratch;
+  double sums[2] = {0.0, 0.0};
+  for (int64_t i = threadIdx.x; i < rows; i += kThreads) sums[0] += row_loss[i];
+  if (column_rho != nullptr) {
+    for (int64_t j = threadIdx.x; j < cols; j += kThreads) sums[1] += column_rho[j];
+  }
+  block_sum(sums, scratch.d);
+  if (threadIdx.x == 0) {
+    double total = sums[0] / static_cast<double>(rows);
+    if (column_rho != nullptr) total += column_coef * (1.0 - sums[1] / static_cast<double>(cols));
+    *loss = static_cast<float>(total);
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Workspace layout and launches.
+
+size_t align_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+// Maximum dynamic shared memory for a row's rank arrays; longer rows use the workspace.
+constexpr size_t kMaxSharedRankBytes = 96 * 1024;
+
+struct Layout {
+  size_t row_loss = 0, stats = 0, partial = 0, column_floats = 0, column_rho = 0;
+  size_t s_keys = 0, t_keys = 0, s_sorted = 0, t_sorted = 0, iota = 0, s_order = 0, t_order = 0, offsets = 0;
+  size_t sort_temp = 0, sort_temp_bytes = 0, rank_rows = 0, rho = 0, grad_rho = 0;
+  size_t total = 0;
+  int64_t chunk = 0, chunks = 0;
+  bool rank_rows_in_shared = false;
+};
+
+Layout layout(int64_t rows, int64_t cols, const LossConfig& cfg) {
+  Layout l;
+  size_t at = 0;
+  auto take = [&](size_t bytes) {
+    const size_t offset = at;
+    at += align_up(bytes);
+    return offset;
+  };
+  const size_t elements = static_cast<size_t>(rows) * static_cast<size_t>(cols);
+  l.row_loss = take(rows * sizeof(float));
+  if (cfg.column_coef != 0.0f) {
+    l.chunk = column_chunk_rows(rows);
+    l.chunks = (rows + l.chunk - 1) / l.chunk;
+    l.stats = take(2 * rows * sizeof(SoftmaxStats));
+    l.partial = take(static_cast<size_t>(l.chunks) * 3 * cols * sizeof(double));
+    l.column_floats = take(5 * cols * sizeof(float));
+    l.column_rho = take(cols * sizeof(double));
+  }
+  if (cfg.spearman_coef != 0.0f) {
+    l.s_keys = take(elements * sizeof(float));
+    l.t_keys = take(elements * sizeof(float));
+    l.s_sorted = take(elements * sizeof(float));
+    l.t_sorted = take(elements * sizeof(float));
+    l.iota = take(elements * sizeof(int32_t));
+    l.s_order = take(elements * sizeof(int32_t));
+    l.t_order = take(elements * sizeof(int32_t));
+    l.offsets = take((rows + 1) * sizeof(int32_t));
+    size_t temp = 0;
+    check(cub::DeviceSegmentedRadixSort::SortPairs(nullptr, temp, static_cast<const float*>(nullptr),
+                                                   static_cast<float*>(nullptr), static_cast<const int32_t*>(nullptr),
+                                                   static_cast<int32_t*>(nullptr), static_cast<int>(elements),
+                                                   static_cast<int>(rows), static_cast<const int32_t*>(nullptr),
+                                                   static_cast<const int32_t*>(nullptr)),
+          "sizing the segmented sort");
+    l.sort_temp_bytes = temp;
+    l.sort_temp = take(temp);
+    l.rank_rows_in_shared = cols * kRankRowBytes <= kMaxSharedRankBytes;
+    if (!l.rank_rows_in_shared) l.rank_rows = take(rows * rank_row_stride(cols));
+    l.rho = take(rows * sizeof(double));
+    if (cfg.student_grad) l.grad_rho = take(elements * sizeof(float));
+  }
+  l.total = at;
+  return l;
+}
+
+template <typename s_t, typename t_t>
+void launch(const FusedLossArgs& a, const Layout& l) {
+  const LossConfig& cfg = a.config;
+  char* ws = static_cast<char*>(a.workspace);
+  cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
+  const s_t* student = static_cast<const s_t*>(a.student);
+  const t_t* teacher = static_cast<const t_t*>(a.teacher);
+  const int64_t rows = a.rows, cols = a.cols;
+  const unsigned column_blocks = static_cast<unsigned>((cols + kThreads - 1) / kThreads);
+
+  RowInputs in{a.target, a.difficulty, nullptr, nullptr, {}, reinterpret_cast<float*>(ws + l.row_loss)};
+  double* column_rho = nullptr;
+  if (cfg.column_coef != 0.0f) {
+    auto* stats = reinterpret_cast<SoftmaxStats*>(ws + l.stats);
+    auto* partial = reinterpret_cast<double*>(ws + l.partial);
+    float* floats = reinterpret_cast<float*>(ws + l.column_floats);
+    column_rho = reinterpret_cast<double*>(ws + l.column_rho);
+    in.columns = {floats, floats + cols, floats + 2 * cols, floats + 3 * cols, floats + 4 * cols, column_rho};
+    row_softmax_stats_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(student, teacher, cols,
+                                                                                    cfg.inv_temperature, stats);
+    check(cudaGetLastError(), "row softmax statistics");
+    for (int pass = 0; pass < 2; ++pass) {
+      const dim3 grid(column_blocks, static_cast<unsigned>(l.chunks));
+      column_moments_kernel<<<grid, kThreads, 0, stream>>>(student, teacher, rows, cols, cfg.inv_temperature, stats,
+                                                           l.chunk, pass, floats, partial);
+      check(cudaGetLastError(), "column moments");
+      column_finalize_kernel<<<column_blocks, kThreads, 0, stream>>>(student, teacher, rows, cols,
+                                                                     cfg.inv_temperature, stats, l.chunks, pass,
+                                                                     partial, in.columns);
+      check(cudaGetLastError(), "column statistics");
+    }
+  }
+  if (cfg.spearman_coef != 0.0f) {
+    float* s_keys = reinterpret_cast<float*>(ws + l.s_keys);
+    float* t_keys = reinterpret_cast<float*>(ws + l.t_keys);
+    float* s_sorted = reinterpret_cast<float*>(ws + l.s_sorted);
+    float* t_sorted = reinterpret_cast<float*>(ws + l.t_sorted);
+    int32_t* iota = reinterpret_cast<int32_t*>(ws + l.iota);
+    int32_t* s_order = reinterpret_cast<int32_t*>(ws + l.s_order);
+    int32_t* t_order = reinterpret_cast<int32_t*>(ws + l.t_order);
+    int32_t* offsets = reinterpret_cast<int32_t*>(ws + l.offsets);
+    const int64_t elements = rows * cols;
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((elements + kThreads - 1) / kThreads, 65535));
+    prepare_sort_kernel<<<blocks, kThreads, 0, stream>>>(student, teacher, rows, cols, s_keys, t_keys, iota, offsets);
+    check(cudaGetLastError(), "preparing the row sorts");
+    size_t temp_bytes = l.sort_temp_bytes;
+    for (int side = 0; side < 2; ++side) {
+      check(cub::DeviceSegmentedRadixSort::SortPairs(ws + l.sort_temp, temp_bytes, side ? t_keys : s_keys,
+                                                     side ? t_sorted : s_sorted, iota, side ? t_order : s_order,
+                                                     static_cast<int>(elements), static_cast<int>(rows), offsets,
+                                                     offsets + 1, 0, 32, stream),
+            "the segmented row sort");
+    }
+    double* rho = reinterpret_cast<double*>(ws + l.rho);
+    float* grad_rho = cfg.student_grad ? reinterpret_cast<float*>(ws + l.grad_rho) : nullptr;
+    const size_t shared = l.rank_rows_in_shared ? cols * kRankRowBytes : 0;
+    if (shared > 48 * 1024) {
+      check(cudaFuncSetAttribute(spearman_kernel<s_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(shared)),
+            "raising the Spearman kernel's shared memory");
+    }
+    spearman_kernel<s_t><<<static_cast<unsigned>(rows), kThreads, shared, stream>>>(
+        student, cols, cfg.rank_strength, t_sorted, t_order, s_order, ws + l.rank_rows, l.rank_rows_in_shared, rho,
+        grad_rho);
+    check(cudaGetLastError(), "the Spearman kernel");
+    in.spearman_rho = rho;
+    in.spearman_grad = grad_rho;
+  }
+  fused_row_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+      student, teacher, cols, cfg, 1.0f / static_cast<float>(rows), in, static_cast<s_t*>(a.grad_student),
+      static_cast<t_t*>(a.grad_teacher));
+  check(cudaGetLastError(), "the row kernel");
+  finalize_loss_kernel<<<1, kThreads, 0, stream>>>(in.row_loss, rows, column_rho, cols, cfg.column_coef, a.loss);
+  check(cudaGetLastError(), "the loss reduction");
+}
+
+template <typename F>
+void dispatch(LogitType type, F&& f) {
+  switch (type) {
+    case LogitType::kFloat32: return f(float{});
+    case LogitType::kFloat16: return f(__half{});
+    case LogitType::kBFloat16: return f(__nv_bfloat16{});
+  }
+  throw std::runtime_error("kdfast CUDA fused loss: unknown logit dtype code");
+}
+
+}  // namespace
+
+size_t fused_loss_workspace_bytes(int64_t rows, int64_t cols, const LossConfig& config, int device) {
+  check(cudaSetDevice(device), "selecting the tensors' device");
+  return layout(rows, cols, config).total;
+}
+
+void fused_loss(const FusedLossArgs& args) {
+  if (args.rows <= 0 || args.cols <= 0) throw std::runtime_error("kdfast CUDA fused loss: empty logits");
+  if (args.rows > 2147483647 || args.cols > 2147483647 ||
+      (args.config.spearman_coef != 0.0f && args.rows * args.cols > 2147483647)) {
+    throw std::runtime_error("kdfast CUDA fused loss: the Spearman terms sort at most 2^31 - 1 logits per call");
+  }
+  // This module links the CUDA runtime statically: its current device is its own, set
+  // here from the tensors' device (PyTorch's current device is not visible to it).
+  check(cudaSetDevice(args.device), "selecting the tensors' device");
+  const Layout l = layout(args.rows, args.cols, args.config);
+  dispatch(args.student_type, [&](auto s_tag) {
+    dispatch(args.teacher_type, [&](auto t_tag) { launch<decltype(s_tag), decltype(t_tag)>(args, l); });
+  });
+}
+
+}  // namespace cuda
+}  // namespace kdfast
