@@ -276,20 +276,15 @@ struct RunningMax {
 // One block per row: ρ_S of the standardized student row against the teacher's average
 // ranks, and (when grad_rho is given) dρ_S/ds into grad_rho (float, original order).
 template <typename s_t>
-__global__ void __launch_bounds__(kThreads) spearman_kernel(const s_t* student, int64_t cols, float strength,
-                                                            const float* t_sorted, const int32_t* t_order,
-                                                            const int32_t* s_order, char* global_rows,
-                                                            bool rows_in_shared, double* rho_out, float* grad_rho) {
-  extern __shared__ __align__(16) char shared_rows[];
-  __shared__ Scratch scratch;
+__device__ void spearman_row(int64_t row, const s_t* student, int64_t cols, float strength, const float* t_sorted,
+                             const int32_t* t_order, const int32_t* s_order, RankRow r, Scratch& scratch,
+                             typename cub::BlockScan<int32_t, kThreads>::TempStorage& scan_storage,
+                             int64_t& block_count, double* rho_out, float* grad_rho) {
   using BlockScan = cub::BlockScan<int32_t, kThreads>;
-  __shared__ typename BlockScan::TempStorage scan_storage;
-  const int64_t row = blockIdx.x;
   const s_t* s = student + row * cols;
   const float* ts = t_sorted + row * cols;
   const int32_t* to = t_order + row * cols;
   const int32_t* so = s_order + row * cols;  // ascending
-  RankRow r = rank_row(rows_in_shared ? shared_rows : global_rows + row * rank_row_stride(cols), cols);
   const double inv_n = 1.0 / static_cast<double>(cols);
 
   // Standardization: mean and population variance, centered on the first element.
@@ -340,7 +335,6 @@ __global__ void __launch_bounds__(kThreads) spearman_kernel(const s_t* student, 
 
   // Soft ranks: PAV is sequential, one thread runs it on the row; the others then
   // subtract each block's value in parallel over blocks.
-  __shared__ int64_t block_count;
   if (threadIdx.x == 0) {
     PavBlocks<false> blocks{r.block_start, r.block_a, r.block_b};
     pav<false>(cols, [&](int64_t k) { return r.ranks[k]; },
@@ -404,6 +398,26 @@ __global__ void __launch_bounds__(kThreads) spearman_kernel(const s_t* student, 
   const double g_mean = g[0] * inv_n, gz_mean = g[1] * inv_n;
   for (int64_t k = threadIdx.x; k < cols; k += kThreads) {
     grad[so[cols - 1 - k]] = static_cast<float>((r.ranks[k] - g_mean - z_of(k) * gz_mean) * z_scale);
+  }
+}
+
+// Rows are taken in turn by a grid of at most a few blocks per multiprocessor, so that
+// rows too long for shared memory need workspace for the resident blocks only.
+template <typename s_t>
+__global__ void __launch_bounds__(kThreads) spearman_kernel(const s_t* student, int64_t rows, int64_t cols,
+                                                            float strength, const float* t_sorted,
+                                                            const int32_t* t_order, const int32_t* s_order,
+                                                            char* global_rows, bool rows_in_shared, double* rho_out,
+                                                            float* grad_rho) {
+  extern __shared__ __align__(16) char shared_rows[];
+  __shared__ Scratch scratch;
+  __shared__ typename cub::BlockScan<int32_t, kThreads>::TempStorage scan_storage;
+  __shared__ int64_t block_count;
+  const RankRow r = rank_row(rows_in_shared ? shared_rows : global_rows + blockIdx.x * rank_row_stride(cols), cols);
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    __syncthreads();  // the previous row's arrays are no longer read
+    spearman_row(row, student, cols, strength, t_sorted, t_order, s_order, r, scratch, scan_storage, block_count,
+                 rho_out, grad_rho);
   }
 }
 
@@ -599,12 +613,14 @@ struct Layout {
   size_t s_keys = 0, t_keys = 0, s_sorted = 0, t_sorted = 0, iota = 0, s_order = 0, t_order = 0, offsets = 0;
   size_t sort_temp = 0, sort_temp_bytes = 0, rank_rows = 0, rho = 0, grad_rho = 0;
   size_t total = 0;
-  int64_t chunk = 0, chunks = 0;
+  int64_t chunk = 0, chunks = 0, spearman_grid = 0;
   bool rank_rows_in_shared = false;
 };
 
-Layout layout(int64_t rows, int64_t cols, const LossConfig& cfg) {
+Layout layout(int64_t rows, int64_t cols, const LossConfig& cfg, int device) {
   Layout l;
+  int multiprocessors = 0;
+  check(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device), "reading the device");
   size_t at = 0;
   auto take = [&](size_t bytes) {
     const size_t offset = at;
@@ -640,7 +656,8 @@ Layout layout(int64_t rows, int64_t cols, const LossConfig& cfg) {
     l.sort_temp_bytes = temp;
     l.sort_temp = take(temp);
     l.rank_rows_in_shared = cols * kRankRowBytes <= kMaxSharedRankBytes;
-    if (!l.rank_rows_in_shared) l.rank_rows = take(rows * rank_row_stride(cols));
+    l.spearman_grid = l.rank_rows_in_shared ? rows : std::min<int64_t>(rows, 2 * multiprocessors);
+    if (!l.rank_rows_in_shared) l.rank_rows = take(l.spearman_grid * rank_row_stride(cols));
     l.rho = take(rows * sizeof(double));
     if (cfg.student_grad) l.grad_rho = take(elements * sizeof(float));
   }
@@ -709,9 +726,9 @@ void launch(const FusedLossArgs& a, const Layout& l) {
                                  static_cast<int>(shared)),
             "raising the Spearman kernel's shared memory");
     }
-    spearman_kernel<s_t><<<static_cast<unsigned>(rows), kThreads, shared, stream>>>(
-        student, cols, cfg.rank_strength, t_sorted, t_order, s_order, ws + l.rank_rows, l.rank_rows_in_shared, rho,
-        grad_rho);
+    spearman_kernel<s_t><<<static_cast<unsigned>(l.spearman_grid), kThreads, shared, stream>>>(
+        student, rows, cols, cfg.rank_strength, t_sorted, t_order, s_order, ws + l.rank_rows, l.rank_rows_in_shared,
+        rho, grad_rho);
     check(cudaGetLastError(), "the Spearman kernel");
     in.spearman_rho = rho;
     in.spearman_grad = grad_rho;
@@ -738,7 +755,7 @@ void dispatch(LogitType type, F&& f) {
 
 size_t fused_loss_workspace_bytes(int64_t rows, int64_t cols, const LossConfig& config, int device) {
   check(cudaSetDevice(device), "selecting the tensors' device");
-  return layout(rows, cols, config).total;
+  return layout(rows, cols, config, device).total;
 }
 
 void fused_loss(const FusedLossArgs& args) {
@@ -750,7 +767,7 @@ void fused_loss(const FusedLossArgs& args) {
   // This module links the CUDA runtime statically: its current device is its own, set
   // here from the tensors' device (PyTorch's current device is not visible to it).
   check(cudaSetDevice(args.device), "selecting the tensors' device");
-  const Layout l = layout(args.rows, args.cols, args.config);
+  const Layout l = layout(args.rows, args.cols, args.config, args.device);
   dispatch(args.student_type, [&](auto s_tag) {
     dispatch(args.teacher_type, [&](auto t_tag) { launch<decltype(s_tag), decltype(t_tag)>(args, l); });
   });

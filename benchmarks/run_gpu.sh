@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one call (for the device tool, or any CUDA machine):
+# build kdfast's CUDA kernels against the machine's own PyTorch, run the GPU tests, run the
+# GPU benchmarks. Results land in benchmarks/results/ (and in $OUT when it is set), each
+# row with the device, the commit and the date.
+#   bash benchmarks/run_gpu.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+PYTHON=${PYTHON:-python3}
+results=benchmarks/results
+mkdir -p "$results"
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+"$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+KDFAST_CUDA=1 "$PYTHON" -m pip install -q --no-build-isolation --no-deps -e .
+"$PYTHON" -c "import kdfast; print(*kdfast.backends().values(), sep='\n')"
+
+# The GPU-marked tests (the modules below do not need torchsort, which is not installed there).
+set +e
+"$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests/test_fused.py tests/test_edge_cases.py tests/test_backends.py \
+  2>&1 | tee "$results/gpu_tests.log"
+tests_status=${PIPESTATUS[0]}
+set -e
+
+"$PYTHON" benchmarks/bench_losses.py --preset gpu --output losses_gpu.csv --plot "$results/losses_gpu.png"
+
+if [ -n "${OUT:-}" ]; then
+  cp "$results/gpu_tests.log" "$results/losses_gpu.csv" "$results/losses_gpu.png" "$OUT"/
+fi
+exit "$tests_status"
