@@ -76,8 +76,8 @@ struct RowScratch {
   Buffer<float> s, t, p, q, softmax1, grad;
   // Spearman terms: sort keys and orders, soft ranks in sorted order, teacher ranks in
   // original order, the PAV stack.
-  Buffer<uint32_t> keys, keys_tmp;
-  Buffer<int32_t> order, order_tmp, order_tmp2, teacher_order;
+  Buffer<uint64_t> items, items_tmp;
+  Buffer<int32_t> order;
   Buffer<float> teacher_ranks, u_sorted, grad_z;
   Buffer<double> ranks, z_sorted;
   Buffer<int64_t> block_start;
@@ -85,25 +85,24 @@ struct RowScratch {
 
   RowScratch(int64_t n, bool spearman) : s(n), t(n), p(n), q(n), softmax1(n), grad(n) {
     if (spearman) {
-      keys.resize(n), keys_tmp.resize(n), order.resize(n), order_tmp.resize(n), order_tmp2.resize(n);
-      teacher_order.resize(n), ranks.resize(n), teacher_ranks.resize(n), u_sorted.resize(n), z_sorted.resize(n);
+      items.resize(n), items_tmp.resize(n), order.resize(n), ranks.resize(n), teacher_ranks.resize(n);
+      u_sorted.resize(n), z_sorted.resize(n);
       grad_z.resize(n);
       block_start.resize(n), block_a.resize(n), block_b.resize(n);
     }
   }
 };
 
-// Stable LSD radix sort (8-bit digits) of x's indices into ascending order of x.
-void radix_argsort(const float* x, int64_t n, RowScratch& w, int32_t* order) {
+// Stable LSD radix sort (8-bit digits) of x into ascending order. Returns the sorted
+// items, each one 64-bit word: the order-preserving key of x_i (ascending_key of x_i + 0,
+// so that −0 and +0 get one key, as they compare equal) above the index i.
+const uint64_t* radix_sort(const float* x, int64_t n, RowScratch& w) {
   uint32_t histogram[4][256] = {};
-  uint32_t* keys = w.keys.data();
-  uint32_t* keys_tmp = w.keys_tmp.data();
-  int32_t* idx = order;
-  int32_t* idx_tmp = w.order_tmp.data();
+  uint64_t* items = w.items.data();
+  uint64_t* items_tmp = w.items_tmp.data();
   for (int64_t i = 0; i < n; ++i) {
-    const uint32_t key = ascending_key(x[i]);
-    keys[i] = key;
-    idx[i] = static_cast<int32_t>(i);
+    const uint32_t key = ascending_key(x[i] + 0.0f);
+    items[i] = (static_cast<uint64_t>(key) << 32) | static_cast<uint32_t>(i);
     for (int digit = 0; digit < 4; ++digit) ++histogram[digit][(key >> (8 * digit)) & 255u];
   }
   for (int digit = 0; digit < 4; ++digit) {
@@ -115,16 +114,15 @@ void radix_argsort(const float* x, int64_t n, RowScratch& w, int32_t* order) {
       counts[bucket] = offset;
       offset += c;
     }
-    for (int64_t i = 0; i < n; ++i) {
-      const uint32_t slot = counts[(keys[i] >> (8 * digit)) & 255u]++;
-      keys_tmp[slot] = keys[i];
-      idx_tmp[slot] = idx[i];
-    }
-    std::swap(keys, keys_tmp);
-    std::swap(idx, idx_tmp);
+    const int shift = 32 + 8 * digit;
+    for (int64_t i = 0; i < n; ++i) items_tmp[counts[(items[i] >> shift) & 255u]++] = items[i];
+    std::swap(items, items_tmp);
   }
-  if (idx != order) std::copy(idx, idx + n, order);
+  return items;
 }
+
+inline int32_t item_index(uint64_t item) { return static_cast<int32_t>(item & 0xffffffffu); }
+inline uint32_t item_key(uint64_t item) { return static_cast<uint32_t>(item >> 32); }
 
 // Softmax statistics of one row at temperature τ: p_j = exp((x_j − max)/τ − log_sum).
 struct SoftmaxStats {
@@ -267,17 +265,16 @@ double spearman_row(const float* s, const float* t, int64_t n, float strength, f
 
   // Sort descending (standardization keeps the order of s).
   int32_t* order = w.order.data();
-  radix_argsort(s, n, w, w.order_tmp2.data());
-  for (int64_t k = 0; k < n; ++k) order[k] = w.order_tmp2[n - 1 - k];
-  // The teacher's hard ranks, ties sharing their average rank, gathered into that order.
-  int32_t* t_order = w.teacher_order.data();
-  radix_argsort(t, n, w, t_order);
+  const uint64_t* sorted = radix_sort(s, n, w);
+  for (int64_t k = 0; k < n; ++k) order[k] = item_index(sorted[n - 1 - k]);
+  // The teacher's hard ranks, ties (equal keys) sharing their average rank.
+  sorted = radix_sort(t, n, w);
   float* t_ranks = w.teacher_ranks.data();
   for (int64_t k = 0; k < n;) {
     int64_t end = k + 1;
-    while (end < n && t[t_order[end]] == t[t_order[k]]) ++end;
+    while (end < n && item_key(sorted[end]) == item_key(sorted[k])) ++end;
     const float average = 0.5f * static_cast<float>(k + 1 + end);
-    for (int64_t m = k; m < end; ++m) t_ranks[t_order[m]] = average;
+    for (int64_t m = k; m < end; ++m) t_ranks[item_index(sorted[m])] = average;
     k = end;
   }
   float* u = w.u_sorted.data();  // teacher ranks in the student's descending order
@@ -295,54 +292,50 @@ double spearman_row(const float* s, const float* t, int64_t n, float strength, f
   pav<false>(n, [&](int64_t k) { return ranks[k]; }, [&](int64_t k) { return static_cast<double>(n - k); }, blocks);
   for (int64_t b = 0; b < blocks.count; ++b) {
     const double value = blocks.value(b);
-    for (int64_t k = blocks.start[b]; k < blocks.end(b, n); ++k) ranks[k] -= value;
+    const int64_t begin = blocks.start[b], end = blocks.end(b, n);
+    for (int64_t k = begin; k < end; ++k) ranks[k] -= value;
   }
 
-  // Pearson correlation of the soft ranks with the teacher ranks.
+  // Pearson correlation of the soft ranks with the teacher ranks, from sums shifted by
+  // the first element (in double; a constant row gives exactly zero spread).
   const double r0 = ranks[0], u0 = u[0];
-  double r_shift = 0.0, u_shift = 0.0;
-#pragma omp simd reduction(+ : r_shift, u_shift)
+  double sr = 0.0, su = 0.0, srr = 0.0, suu = 0.0, sru = 0.0;
+#pragma omp simd reduction(+ : sr, su, srr, suu, sru)
   for (int64_t k = 0; k < n; ++k) {
-    r_shift += ranks[k] - r0;
-    u_shift += u[k] - u0;
+    const double a = ranks[k] - r0, b = u[k] - u0;
+    sr += a;
+    su += b;
+    srr += a * a;
+    suu += b * b;
+    sru += a * b;
   }
-  const double r_mean = r0 + r_shift * inv_n, u_mean = u0 + u_shift * inv_n;
-  double ab = 0.0, aa = 0.0, bb = 0.0;
-#pragma omp simd reduction(+ : ab, aa, bb)
-  for (int64_t k = 0; k < n; ++k) {
-    const double a = ranks[k] - r_mean, b = u[k] - u_mean;
-    ab += a * b;
-    aa += a * a;
-    bb += b * b;
-  }
-  const Correlation corr = correlation(ab, aa, bb);
+  const double r_mean = r0 + sr * inv_n, u_mean = u0 + su * inv_n;
+  const Correlation corr = correlation(sru - sr * su * inv_n, srr - sr * sr * inv_n, suu - su * su * inv_n);
   if (grad_coef == 0.0f) return corr.rho;
 
-  // Backward through the Pearson correlation, the soft rank's vector-Jacobian product
-  // (g minus its block mean, / ε) and the standardization, in sorted order; then
-  // scattered back to the original order.
+  // Backward through the Pearson correlation and the soft rank's vector-Jacobian product
+  // (g minus its block mean, / ε), block by block; then the standardization, scattered
+  // back to the original order.
   float* grad_z = w.grad_z.data();
   if (!varying) {
     std::fill(grad_z, grad_z + n, 0.0f);
     return corr.rho;
   }
   double* g = w.ranks.data();  // reuses the ranks' buffer, in place
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) {
-    g[k] = grad_coef * (corr.cross * (u[k] - u_mean) - corr.self_a * (g[k] - r_mean));
-  }
+  double g_sum = 0.0, gz_sum = 0.0;
   for (int64_t b = 0; b < blocks.count; ++b) {
     const int64_t begin = blocks.start[b], end = blocks.end(b, n);
     double block_sum = 0.0;
-    for (int64_t k = begin; k < end; ++k) block_sum += g[k];
+    for (int64_t k = begin; k < end; ++k) {
+      g[k] = grad_coef * (corr.cross * (u[k] - u_mean) - corr.self_a * (g[k] - r_mean));
+      block_sum += g[k];
+    }
     const double block_mean = block_sum / static_cast<double>(end - begin);
-    for (int64_t k = begin; k < end; ++k) g[k] = (g[k] - block_mean) * inv_strength;
-  }
-  double g_sum = 0.0, gz_sum = 0.0;
-#pragma omp simd reduction(+ : g_sum, gz_sum)
-  for (int64_t k = 0; k < n; ++k) {
-    g_sum += g[k];
-    gz_sum += g[k] * z[k];
+    for (int64_t k = begin; k < end; ++k) {
+      g[k] = (g[k] - block_mean) * inv_strength;
+      g_sum += g[k];
+      gz_sum += g[k] * z[k];
+    }
   }
   const double g_mean = g_sum * inv_n, gz_mean = gz_sum * inv_n;
   for (int64_t k = 0; k < n; ++k) grad_z[order[k]] = static_cast<float>((g[k] - g_mean - z[k] * gz_mean) * z_scale);

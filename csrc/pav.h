@@ -33,7 +33,10 @@ KDFAST_HD double log_add_exp(double a, double b) {
 
 // The blocks of a PAV solution, kept as a stack: block k covers [start[k], start[k+1])
 // (the last one ends at n). `a` and `b` accumulate in double: sum and count for l2,
-// log-sum-exps for kl. value(k) is the block's solution.
+// log-sum-exps for kl. value(k) is the block's solution. Two blocks violate the
+// decreasing order when the earlier one's value does not exceed the later one's; for l2
+// the means are compared by cross-multiplication (counts are positive), so no division
+// runs per merge.
 template <bool kKL>
 struct PavBlocks {
   int64_t* start;
@@ -43,12 +46,6 @@ struct PavBlocks {
 
   KDFAST_HD int64_t end(int64_t block, int64_t n) const { return block + 1 < count ? start[block + 1] : n; }
   KDFAST_HD double value(int64_t block) const { return kKL ? a[block] - b[block] : a[block] / b[block]; }
-  // Whether block `lower` (earlier) does not exceed block `upper` (later), i.e. whether the
-  // pair violates the decreasing order and must be pooled. For l2 the means are compared
-  // by cross-multiplication (counts are positive), so no division runs per merge.
-  KDFAST_HD bool violates(int64_t lower, int64_t upper) const {
-    return kKL ? a[lower] - b[lower] <= a[upper] - b[upper] : a[lower] * b[upper] <= a[upper] * b[lower];
-  }
 };
 
 // Runs PAV over y(k), w(k) for k in [0, n) and leaves the blocks in `blocks`. O(n).
@@ -57,29 +54,38 @@ struct PavBlocks {
 // give the same output as one pooled block.
 template <bool kKL, typename YFn, typename WFn>
 KDFAST_HD void pav(int64_t n, YFn y, WFn w, PavBlocks<kKL>& blocks) {
-  int64_t top = -1;  // index of the last block on the stack
+  int64_t count = 0;  // blocks on the stack
   for (int64_t i = 0; i < n; ++i) {
-    ++top;
-    blocks.start[top] = i;
+    // The newest block stays in registers while it absorbs the stack's top blocks that
+    // violate the decreasing order; then it is pushed.
+    int64_t start = i;
+    double a, b;
     if constexpr (kKL) {
-      blocks.a[top] = static_cast<double>(y(i));
-      blocks.b[top] = static_cast<double>(w(i));
+      a = static_cast<double>(y(i));
+      b = static_cast<double>(w(i));
     } else {
-      blocks.a[top] = static_cast<double>(y(i)) - static_cast<double>(w(i));
-      blocks.b[top] = 1.0;
+      a = static_cast<double>(y(i)) - static_cast<double>(w(i));
+      b = 1.0;
     }
-    while (top > 0 && blocks.violates(top - 1, top)) {
+    while (count > 0) {
+      const double top_a = blocks.a[count - 1], top_b = blocks.b[count - 1];
+      const bool violates = kKL ? top_a - top_b <= a - b : top_a * b <= a * top_b;
+      if (!violates) break;
       if constexpr (kKL) {
-        blocks.a[top - 1] = log_add_exp(blocks.a[top - 1], blocks.a[top]);
-        blocks.b[top - 1] = log_add_exp(blocks.b[top - 1], blocks.b[top]);
+        a = log_add_exp(top_a, a);
+        b = log_add_exp(top_b, b);
       } else {
-        blocks.a[top - 1] += blocks.a[top];
-        blocks.b[top - 1] += blocks.b[top];
+        a += top_a;
+        b += top_b;
       }
-      --top;
+      start = blocks.start[--count];
     }
+    blocks.start[count] = start;
+    blocks.a[count] = a;
+    blocks.b[count] = b;
+    ++count;
   }
-  blocks.count = top + 1;
+  blocks.count = count;
 }
 
 }  // namespace kdfast

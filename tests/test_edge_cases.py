@@ -115,6 +115,15 @@ def test_ties_in_teacher_and_student(backend_device):
     assert kdfast.spearman_loss(s, t, 1e-3, backend=backend).item() == pytest.approx(expected, abs=1e-5)
 
 
+def test_signed_zeros_tie_in_the_teacher_ranks(backend_device):
+    # −0.0 == +0.0: they share their average rank, as in scipy.stats.rankdata.
+    s = torch.tensor([[0.3, -1.2, 2.0, 0.7, -0.4]])
+    t = torch.tensor([[-0.0, 0.0, 1.0, -2.0, 0.0]])
+    expected = 1.0 - spearmanr(s[0].numpy(), t[0].numpy()).statistic
+    s, t = _on(backend_device, s, t)
+    assert kdfast.spearman_loss(s, t, 1e-3, backend=backend_device[0]).item() == pytest.approx(expected, abs=1e-5)
+
+
 def test_c2_and_b1(backend_device):
     s, t, y = _on(backend_device, logits(1, 2, torch.float32), logits(1, 2, torch.float32), torch.tensor([1]))
     backend = backend_device[0]
