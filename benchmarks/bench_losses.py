@@ -26,11 +26,15 @@ import contextlib
 import os
 import sys
 
-import torch
-from common import append_rows, copy_bandwidth_gbps, device_name, measure_ms, peak_memory_mb
+# numpy's bundled OpenBLAS starts a thread pool whose idle threads spin; on a small CPU
+# they steal cycles from the code being timed (kdfast never calls BLAS).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import kdfast
-from kdfast import reference
+import torch  # noqa: E402
+from common import append_rows, copy_bandwidth_gbps, device_name, measure_ms, peak_memory_mb  # noqa: E402
+
+import kdfast  # noqa: E402
+from kdfast import reference  # noqa: E402
 
 LOSSES = {
     "kd_loss": lambda s, t, y, backend: kdfast.kd_loss(s, t, 4.0, backend=backend),

@@ -81,6 +81,7 @@ struct RowScratch {
   Buffer<float> teacher_ranks, u_sorted, grad_z;
   Buffer<double> ranks, z_sorted;
   Buffer<int64_t> block_start;
+  Buffer<int32_t> block_of;
   Buffer<double> block_a, block_b;
 
   RowScratch(int64_t n, bool spearman) : s(n), t(n), p(n), q(n), softmax1(n), grad(n) {
@@ -88,7 +89,7 @@ struct RowScratch {
       items.resize(n), items_tmp.resize(n), order.resize(n), ranks.resize(n), teacher_ranks.resize(n);
       u_sorted.resize(n), z_sorted.resize(n);
       grad_z.resize(n);
-      block_start.resize(n), block_a.resize(n), block_b.resize(n);
+      block_start.resize(n), block_of.resize(n), block_a.resize(n), block_b.resize(n);
     }
   }
 };
@@ -290,11 +291,15 @@ double spearman_row(const float* s, const float* t, int64_t n, float strength, f
   // Soft ranks: pool-adjacent-violators on θ − (n, n−1, ..., 1), rank = θ − block value.
   PavBlocks<false> blocks{w.block_start.data(), w.block_a.data(), w.block_b.data()};
   pav<false>(n, [&](int64_t k) { return ranks[k]; }, [&](int64_t k) { return static_cast<double>(n - k); }, blocks);
-  for (int64_t b = 0; b < blocks.count; ++b) {
-    const double value = blocks.value(b);
-    const int64_t begin = blocks.start[b], end = blocks.end(b, n);
-    for (int64_t k = begin; k < end; ++k) ranks[k] -= value;
-  }
+  // Each element's block, without a data-dependent branch (blocks are mostly 1–3 long):
+  // flags at block starts, then a running count.
+  int32_t* block_of = w.block_of.data();
+  double* block_value = w.block_b.data();  // the counts are no longer needed: values in place
+  std::fill(block_of, block_of + n, 0);
+  for (int64_t b = 1; b < blocks.count; ++b) block_of[blocks.start[b]] = 1;
+  for (int64_t k = 1; k < n; ++k) block_of[k] += block_of[k - 1];
+  for (int64_t b = 0; b < blocks.count; ++b) block_value[b] = blocks.value(b);
+  for (int64_t k = 0; k < n; ++k) ranks[k] -= block_value[block_of[k]];
 
   // Pearson correlation of the soft ranks with the teacher ranks, from sums shifted by
   // the first element (in double; a constant row gives exactly zero spread).
@@ -322,20 +327,24 @@ double spearman_row(const float* s, const float* t, int64_t n, float strength, f
     return corr.rho;
   }
   double* g = w.ranks.data();  // reuses the ranks' buffer, in place
-  double g_sum = 0.0, gz_sum = 0.0;
+  double* prefix = w.block_a.data();  // Σ g over [0, k), then each block's mean of g
+  double running = 0.0;
+  for (int64_t k = 0; k < n; ++k) {
+    g[k] = grad_coef * (corr.cross * (u[k] - u_mean) - corr.self_a * (g[k] - r_mean));
+    prefix[k] = running;
+    running += g[k];
+  }
+  double* block_mean = w.block_b.data();
   for (int64_t b = 0; b < blocks.count; ++b) {
     const int64_t begin = blocks.start[b], end = blocks.end(b, n);
-    double block_sum = 0.0;
-    for (int64_t k = begin; k < end; ++k) {
-      g[k] = grad_coef * (corr.cross * (u[k] - u_mean) - corr.self_a * (g[k] - r_mean));
-      block_sum += g[k];
-    }
-    const double block_mean = block_sum / static_cast<double>(end - begin);
-    for (int64_t k = begin; k < end; ++k) {
-      g[k] = (g[k] - block_mean) * inv_strength;
-      g_sum += g[k];
-      gz_sum += g[k] * z[k];
-    }
+    block_mean[b] = ((end < n ? prefix[end] : running) - prefix[begin]) / static_cast<double>(end - begin);
+  }
+  double g_sum = 0.0, gz_sum = 0.0;
+#pragma omp simd reduction(+ : g_sum, gz_sum)
+  for (int64_t k = 0; k < n; ++k) {
+    g[k] = (g[k] - block_mean[block_of[k]]) * inv_strength;
+    g_sum += g[k];
+    gz_sum += g[k] * z[k];
   }
   const double g_mean = g_sum * inv_n, gz_mean = gz_sum * inv_n;
   for (int64_t k = 0; k < n; ++k) grad_z[order[k]] = static_cast<float>((g[k] - g_mean - z[k] * gz_mean) * z_scale);
