@@ -40,20 +40,25 @@ def sources(pattern):
 
 
 def cpu_arch_flags():
-    """Vector ISA flags for the C++ kernels: AVX2/FMA/F16C when the build machine has them.
+    """Vector ISA flags for the C++ kernels, from what the build machine offers.
 
     The extension is compiled on the machine that runs it (pip install from source), like
-    -march=native but limited to x86-64-v3, which every recent x86 server has. Set
-    KDFAST_CPU_FLAGS to override (e.g. KDFAST_CPU_FLAGS="" for a portable baseline build).
+    -march=native but limited to the x86-64 levels v4 (AVX-512) and v3 (AVX2/FMA), which
+    recent x86 servers have. Set KDFAST_CPU_FLAGS to override (e.g. KDFAST_CPU_FLAGS=""
+    for a portable baseline build).
     """
     if "KDFAST_CPU_FLAGS" in os.environ:
         return os.environ["KDFAST_CPU_FLAGS"].split()
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+            flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), []))
     except OSError:
         return []
-    return ["-mavx2", "-mfma", "-mf16c"] if {"avx2", "fma", "f16c"} <= set(flags) else []
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma", "f16c"} <= flags:
+        return ["-march=x86-64-v4"]
+    if {"avx2", "fma", "f16c", "bmi2"} <= flags:
+        return ["-march=x86-64-v3"]
+    return []
 
 
 def cpu_extension():

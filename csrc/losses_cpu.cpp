@@ -22,7 +22,7 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // exp(x) for float, branch-free so that loops over it vectorize (with -fno-trapping-math):
 // Cephes' range reduction and degree-6 polynomial, within 1e-7 relative of exp; exact 0
-// below the float range, inf above, NaN propagated.
+// below the float range, inf above. A NaN propagates through the polynomial.
 inline __attribute__((always_inline)) float vexp(float x) {
   constexpr float hi = 88.3762626647949f, lo = -87.3365447505531f;
   float xc = x < lo ? lo : x;
@@ -41,8 +41,7 @@ inline __attribute__((always_inline)) float vexp(float x) {
   std::memcpy(&scale, &bits, sizeof(scale));
   float out = p * scale;
   out = x < lo ? 0.0f : out;
-  out = x > hi ? kInf : out;
-  return x != x ? x : out;
+  return x > hi ? kInf : out;
 }
 
 // A std::vector-like buffer of trivially copyable T whose memory comes from PyTorch's CPU
