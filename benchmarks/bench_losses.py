@@ -46,6 +46,7 @@ LOSSES = {
 }
 SPEARMAN_LOSSES = ("spearman_loss", "cmkd_loss")
 PROVIDERS = ("eager", "compiled", "torchsort", "kdfast-cpu", "kdfast-cuda", "kdfast-triton")
+COLORS = dict(zip(PROVIDERS, ("tab:blue", "tab:purple", "tab:gray", "tab:orange", "tab:green", "tab:red")))
 PRESETS = {
     "cpu-sweep": dict(device="cpu", dtype="float32",
                       shapes=["256x100", "256x300", "256x1000", "256x3000", "256x10000", "64x1000", "1024x1000"],
@@ -149,32 +150,48 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    full = [r for r in rows if r["mode"] == "forward+backward"]
+    # The last measurement of each point (a results file may hold several runs).
+    latest = {(r["loss"], r["provider"], r["mode"], int(r["B"]), int(r["C"])): r for r in rows}
+    full = [r for r in latest.values() if r["mode"] == "forward+backward"]
     losses = sorted({r["loss"] for r in full}, key=list(LOSSES).index)
-    batches = [r["B"] for r in full]
+    batches = [int(r["B"]) for r in full]
     common_b = max(set(batches), key=batches.count)
-    classes = [r["C"] for r in full]
+    classes = [int(r["C"]) for r in full]
     common_c = max(set(classes), key=classes.count)
-    figure, axes = plt.subplots(2, len(losses), figsize=(3.2 * len(losses), 6.4), squeeze=False)
+    figure, axes = plt.subplots(2, len(losses), figsize=(3.2 * len(losses), 6.6), squeeze=False)
+    shown = set()
     for column, loss in enumerate(losses):
         for row_index, (fixed, varied, value) in enumerate((("B", "C", common_b), ("C", "B", common_c))):
             axis = axes[row_index][column]
             for provider in PROVIDERS:
-                points = sorted((r[varied], r["median_ms"]) for r in full
-                                if r["loss"] == loss and r["provider"] == provider and r[fixed] == value)
+                points = sorted((int(r[varied]), float(r["median_ms"])) for r in full
+                                if r["loss"] == loss and r["provider"] == provider and int(r[fixed]) == value)
                 if len(points) > 1:
-                    axis.plot(*zip(*points), marker="o", label=provider)
+                    axis.plot(*zip(*points), marker="o", color=COLORS[provider], label=provider)
+                    shown.add(provider)
             axis.set_xscale("log")
             axis.set_yscale("log")
             axis.set_xlabel(f"{varied} ({fixed}={value})")
             axis.set_title(loss if row_index == 0 else "")
             axis.grid(True, which="both", alpha=0.3)
         axes[0][column].set_ylabel("fwd+bwd ms" if column == 0 else "")
-    axes[0][0].legend(fontsize=7)
-    figure.suptitle(f"kdfast losses, forward+backward, {full[0]['dtype']}, {full[0]['device']}", fontsize=9)
-    figure.tight_layout()
+    handles = [plt.Line2D([], [], color=COLORS[p], marker="o", label=p) for p in PROVIDERS if p in shown]
+    figure.legend(handles=handles, loc="upper right", ncol=len(handles), fontsize=8)
+    figure.suptitle(f"kdfast losses, forward+backward, {full[0]['dtype']}, {full[0]['device']}", fontsize=9, x=0.3)
+    figure.tight_layout(rect=(0, 0, 1, 0.95))
     figure.savefig(path, dpi=110)
     print("wrote", path)
+
+
+def latest_rows(csv_name):
+    """The rows of the last run recorded in benchmarks/results/csv_name (same commit, date, device, dtype)."""
+    import csv
+
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", csv_name)) as handle:
+        rows = list(csv.DictReader(handle))
+    last = rows[-1]
+    keys = ("commit", "date", "device", "dtype")
+    return [r for r in rows if all(r[k] == last[k] for k in keys)]
 
 
 def main(argv=None):
@@ -189,7 +206,14 @@ def main(argv=None):
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--output", default="losses.csv", help="file name under benchmarks/results/")
     parser.add_argument("--plot", help="also draw the sweep as a PNG at this path")
+    parser.add_argument("--replot", action="store_true",
+                        help="measure nothing: draw --plot from the last run recorded in --output")
     args = parser.parse_args(argv)
+    if args.replot:
+        if not args.plot:
+            sys.exit("--replot needs --plot PATH")
+        plot(latest_rows(args.output), args.plot)
+        return
     if args.preset:
         defaults = parser.parse_args([])
         for key, value in PRESETS[args.preset].items():

@@ -155,8 +155,9 @@ SoftmaxStats row_softmax_stats(const in_t* x, int64_t n, float inv_temperature, 
 }
 
 // Rows per chunk of the column statistics: a fixed function of B, so the summation order
-// (and the result) does not depend on the number of threads.
-int64_t column_chunk_rows(int64_t rows) { return std::max<int64_t>(16, (rows + 63) / 64); }
+// (and the result) does not depend on the number of threads. Each chunk keeps 5 doubles
+// per class; at least 64 rows per chunk bounds that at 10/64 of the gradient's size.
+int64_t column_chunk_rows(int64_t rows) { return std::max<int64_t>(64, (rows + 63) / 64); }
 
 // The intra-class term needs, per class c, the correlation of p_:,c with q_:,c over the
 // batch. One pass over the logits: each fixed chunk of rows updates, row by row and

@@ -27,8 +27,9 @@ CASES = {
         lambda s, t, y, w, b: kdfast.cmkd_loss(s, t, y, 4.0, 1.0, 2.0, 0.5, w, 0.01, backend=b), False, True),
     "drkd": (lambda s, t, y, w, b: kdfast.drkd_loss(s, t, y, 3.0, 0.3, backend=b), False, False),
 }
-# (100, 37): several chunks of rows in the column statistics, the last one partial.
-SHAPES = [(1, 1), (1, 2), (3, 7), (100, 37), (16, 1000), (5, 1001), (2, 32000)]
+# (150, 37): several chunks of rows in the column statistics (64 rows each on the CPU,
+# the last one partial).
+SHAPES = [(1, 1), (1, 2), (3, 7), (150, 37), (16, 1000), (5, 1001), (2, 32000)]
 
 
 def _applicable(case, shape):
@@ -111,7 +112,7 @@ def test_mixed_student_and_teacher_dtypes(fused_backend_device):
 
 
 def test_results_do_not_depend_on_the_number_of_threads():
-    s, t, y, w = _inputs((64, 300))
+    s, t, y, w = _inputs((200, 300))
     previous = torch.get_num_threads()
     try:
         results = []
