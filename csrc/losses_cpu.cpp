@@ -103,7 +103,10 @@ const uint64_t* radix_sort(const float* x, int64_t n, RowScratch& w) {
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t key = ascending_key(x[i] + 0.0f);
     items[i] = (static_cast<uint64_t>(key) << 32) | static_cast<uint32_t>(i);
-    for (int digit = 0; digit < 4; ++digit) ++histogram[digit][(key >> (8 * digit)) & 255u];
+    ++histogram[0][key & 255u];
+    ++histogram[1][(key >> 8) & 255u];
+    ++histogram[2][(key >> 16) & 255u];
+    ++histogram[3][key >> 24];
   }
   for (int digit = 0; digit < 4; ++digit) {
     uint32_t* counts = histogram[digit];
@@ -115,7 +118,11 @@ const uint64_t* radix_sort(const float* x, int64_t n, RowScratch& w) {
       offset += c;
     }
     const int shift = 32 + 8 * digit;
-    for (int64_t i = 0; i < n; ++i) items_tmp[counts[(items[i] >> shift) & 255u]++] = items[i];
+#pragma GCC unroll 4
+    for (int64_t i = 0; i < n; ++i) {
+      const uint64_t item = items[i];
+      items_tmp[counts[(item >> shift) & 255u]++] = item;
+    }
     std::swap(items, items_tmp);
   }
   return items;
