@@ -79,6 +79,12 @@ def _fused_kd_loss_cuda(student, teacher, target, difficulty, temperature, kl_co
     for name, x in (("student", student), ("teacher", teacher)):
         if x.dtype not in _DTYPE_CODES:
             raise TypeError(f"kdfast fused loss (cuda): {name} must be float32, float16 or bfloat16, got {x.dtype}")
+    for name, x in (("teacher", teacher), ("target", target), ("difficulty", difficulty)):
+        if x is not None and x.device != student.device:
+            raise ValueError(f"kdfast fused loss (cuda): {name} must be on {student.device}, got {x.device}")
+    if teacher.shape != student.shape or student.dim() != 2:
+        raise ValueError(f"kdfast fused loss (cuda): student and teacher must be [B, C] of one shape, got "
+                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")
     student, teacher = student.contiguous(), teacher.contiguous()
     rows, cols = student.shape
     device = student.device
