@@ -148,6 +148,7 @@ setup(
     python_requires=">=3.10",
     packages=["kdfast", "kdfast.kernels"],
     package_dir={"kdfast": "kdfast", "kdfast.kernels": "kernels"},
+    package_data={"kdfast": ["backend_choice.json"]},
     ext_modules=extensions,
     cmdclass={"build_ext": BuildWithNvcc.with_options(use_ninja=True)},
     # torch is deliberately not listed: the extension is compiled against the torch that

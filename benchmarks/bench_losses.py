@@ -5,6 +5,7 @@ Providers (each where it can run on the device):
   compiled       torch.compile of the reference
   torchsort      the eager reference with torchsort's soft rank (Spearman terms only)
   kdfast-cpu, kdfast-cuda, kdfast-triton   kdfast's fused backends
+  liger          log-softmax + Liger-Kernel's LigerKLDIVLoss (kd_loss only, where installed)
 
 Modes: forward (the loss with inputs that require grad: the fused kernels write the
 gradient here), backward (autograd.grad of a built graph), forward+backward. Times are
@@ -17,6 +18,7 @@ Examples:
   python benchmarks/bench_losses.py                          # B=256, C=1000, fp32, CPU
   python benchmarks/bench_losses.py --preset cpu-sweep --plot benchmarks/results/losses_cpu.png
   python benchmarks/bench_losses.py --preset gpu             # B=4096, C=1000, bf16, CUDA
+  python benchmarks/bench_losses.py --preset gpu-large-c     # kd_loss, C = 32k ... 256k, bf16, CUDA
 """
 
 from __future__ import annotations
@@ -45,13 +47,17 @@ LOSSES = {
     "drkd_loss": lambda s, t, y, backend: kdfast.drkd_loss(s, t, y, 4.0, 1.0, backend=backend),
 }
 SPEARMAN_LOSSES = ("spearman_loss", "cmkd_loss")
-PROVIDERS = ("eager", "compiled", "torchsort", "kdfast-cpu", "kdfast-cuda", "kdfast-triton")
-COLORS = dict(zip(PROVIDERS, ("tab:blue", "tab:purple", "tab:gray", "tab:orange", "tab:green", "tab:red")))
+PROVIDERS = ("eager", "compiled", "torchsort", "kdfast-cpu", "kdfast-cuda", "kdfast-triton", "liger")
+COLORS = dict(zip(PROVIDERS, ("tab:blue", "tab:purple", "tab:gray", "tab:orange", "tab:green", "tab:red",
+                              "tab:brown")))
 PRESETS = {
     "cpu-sweep": dict(device="cpu", dtype="float32",
                       shapes=["256x100", "256x300", "256x1000", "256x3000", "256x10000", "64x1000", "1024x1000"],
                       providers=["eager", "torchsort", "kdfast-cpu"]),
     "gpu": dict(device="cuda", dtype="bfloat16", shapes=["4096x1000"], providers=list(PROVIDERS)),
+    "gpu-large-c": dict(device="cuda", dtype="bfloat16", losses=["kd_loss"],
+                        shapes=["8192x32768", "8192x65536", "8192x131072", "4096x262144"],
+                        providers=["eager", "kdfast-cuda", "kdfast-triton", "liger"]),
 }
 
 
@@ -75,6 +81,24 @@ def loss_function(provider: str, loss: str, device: torch.device):
         return (lambda s, t, y: fn(s, t, y, "torch")), contextlib.nullcontext
     if provider == "compiled":
         return torch.compile(lambda s, t, y: fn(s, t, y, "torch"), fullgraph=True), contextlib.nullcontext
+    if provider == "liger":
+        if loss != "kd_loss":
+            return "Liger-Kernel has a KL divergence, not the other losses"
+        if device.type != "cuda":
+            return "Liger-Kernel's kernels run on CUDA"
+        try:
+            from liger_kernel.transformers import LigerKLDIVLoss
+        except ImportError:
+            return "liger-kernel is not installed"
+        liger_kl = LigerKLDIVLoss(reduction="batchmean", log_target=True)
+        tau = 4.0  # as LOSSES["kd_loss"]
+
+        def liger(s, t, y):
+            log_p = torch.nn.functional.log_softmax(s / tau, dim=-1)
+            log_q = torch.nn.functional.log_softmax(t / tau, dim=-1)
+            return liger_kl(log_p, log_q) * tau**2
+
+        return liger, contextlib.nullcontext
     if provider == "torchsort":
         if loss not in SPEARMAN_LOSSES:
             return "only the Spearman terms use a soft rank"

@@ -11,6 +11,12 @@ PYTHON=${PYTHON:-python3}
 results=benchmarks/results
 mkdir -p "$results"
 
+# Wheels carried in .whl/ (the device tool's way to bring packages): liger-kernel, for
+# the large-C comparison.
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --target /tmp/kdfast-site .whl/*.whl
+  export PYTHONPATH="/tmp/kdfast-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 KDFAST_CUDA=1 "$PYTHON" -m pip install -q --no-build-isolation --no-deps -e .
@@ -18,14 +24,18 @@ KDFAST_CUDA=1 "$PYTHON" -m pip install -q --no-build-isolation --no-deps -e .
 
 # The GPU-marked tests (the modules below do not need torchsort, which is not installed there).
 set +e
-"$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests/test_fused.py tests/test_edge_cases.py tests/test_backends.py \
-  2>&1 | tee "$results/gpu_tests.log"
+"$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests/test_fused.py tests/test_edge_cases.py \
+  tests/test_backends.py 2>&1 | tee "$results/gpu_tests.log"
 tests_status=${PIPESTATUS[0]}
 set -e
 
-"$PYTHON" benchmarks/bench_losses.py --preset gpu --output losses_gpu.csv --plot "$results/losses_gpu.png"
+"$PYTHON" benchmarks/bench_losses.py --preset gpu --output losses_gpu.csv
+"$PYTHON" benchmarks/choose_backends.py --csv losses_gpu.csv   # what backend="auto" runs on this GPU
+"$PYTHON" benchmarks/bench_losses.py --preset gpu-large-c --output losses_gpu_large_c.csv \
+  --plot "$results/losses_gpu_large_c.png"
 
 if [ -n "${OUT:-}" ]; then
-  cp "$results/gpu_tests.log" "$results/losses_gpu.csv" "$results/losses_gpu.png" "$OUT"/
+  cp "$results/gpu_tests.log" "$results/losses_gpu.csv" "$results/losses_gpu_large_c.csv" \
+    "$results/losses_gpu_large_c.png" kdfast/backend_choice.json "$OUT"/
 fi
 exit "$tests_status"

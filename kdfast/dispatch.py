@@ -15,6 +15,8 @@ lists every backend with its reasons.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import os
 from typing import Callable, Mapping
 
@@ -25,8 +27,33 @@ from kdfast import _ops, fused, reference
 BACKEND_NAMES = ("torch", "cpu", "triton", "cuda")
 ENV_VAR = "KDFAST_BACKEND"
 
-#: Fastest first, per device type; ``torch`` is always last.
+#: Fastest first, per device type; ``torch`` is always last. On CUDA tensors the measured
+#: choice of backend_choice.json comes first when the GPU and the loss are in it.
 AUTO_PREFERENCE = {"cpu": ("cpu", "torch"), "cuda": ("triton", "cuda", "torch")}
+CHOICE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "backend_choice.json")
+
+
+@functools.lru_cache(maxsize=None)
+def measured_choices() -> dict:
+    """GPU name -> {loss: backend} from backend_choice.json (written by benchmarks/choose_backends.py)."""
+    with open(CHOICE_FILE) as handle:
+        return json.load(handle)["devices"]
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def auto_preference(op: str, device: torch.device) -> tuple[str, ...]:
+    """The backends ``auto`` tries for ``op`` on ``device``, in order."""
+    order = AUTO_PREFERENCE.get(device.type, ("torch",))
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        chosen = measured_choices().get(_gpu_name(index), {}).get(op)
+        if chosen in order:
+            order = (chosen,) + tuple(b for b in order if b != chosen)
+    return order
 
 #: The operations every backend provides.
 OPS = ("kd_loss", "pearson_loss", "dist_loss", "spearman_loss", "cmkd_loss", "drkd_loss")
@@ -74,10 +101,6 @@ def _torch_unavailable() -> str | None:
     return _ops.EXTENSION_ERROR
 
 
-def _not_built(what: str) -> Callable[[], str]:
-    return lambda: f"not built yet: this release of kdfast has no {what}"
-
-
 _REGISTRY: dict[str, Backend] = {
     "torch": Backend(
         name="torch",
@@ -96,10 +119,11 @@ _REGISTRY: dict[str, Backend] = {
     ),
     "triton": Backend(
         name="triton",
-        description="fused Triton kernels for CUDA tensors",
-        unavailable=_not_built("Triton kernels"),
-        ops={},
-        devices=("cuda",),
+        description="fused Triton kernels for CUDA tensors (CPU tensors under TRITON_INTERPRET=1)",
+        unavailable=fused.triton_unavailable,
+        ops=fused.TRITON_OPS,
+        devices=("cuda", "cpu") if fused.triton_interpreted() else ("cuda",),
+        dtypes=fused.DTYPES,
     ),
     "cuda": Backend(
         name="cuda",
@@ -163,7 +187,7 @@ def resolve(op: str, backend: str | None, device: torch.device, dtypes: tuple[to
             raise BackendUnavailableError(f"backend '{name}' cannot run {op} here: " + "; ".join(reasons))
         return _REGISTRY[name].ops[op]
     all_reasons = []
-    for candidate in AUTO_PREFERENCE.get(device.type, ("torch",)):
+    for candidate in auto_preference(op, device):
         reasons = _REGISTRY[candidate].not_supported_reasons(op, device, dtypes)
         if not reasons:
             return _REGISTRY[candidate].ops[op]

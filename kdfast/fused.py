@@ -129,10 +129,13 @@ def cuda_unavailable() -> str | None:
 
 
 class _FusedLoss(torch.autograd.Function):
+    """Runs a fused-loss operator (same schema as kdfast::fused_kd_loss) in forward, which
+    returns the loss and the gradients; backward only scales those by grad_output."""
+
     @staticmethod
-    def forward(ctx, student, teacher, target, difficulty, config: FusedConfig):
+    def forward(ctx, student, teacher, target, difficulty, config: FusedConfig, op):
         student_grad, teacher_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        loss, grad_student, grad_teacher = torch.ops.kdfast.fused_kd_loss(
+        loss, grad_student, grad_teacher = op(
             student, teacher, target, difficulty, *config.op_arguments(), student_grad, teacher_grad
         )
         ctx.save_for_backward(grad_student, grad_teacher)
@@ -149,6 +152,7 @@ class _FusedLoss(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -161,59 +165,89 @@ def _scaled(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
     return grad * grad_output
 
 
-def _fused(student, teacher, target, difficulty, config: FusedConfig):
-    if target is not None and target.dtype != torch.long:
-        target = target.long()
-    return _FusedLoss.apply(student, teacher, target, difficulty, config)
+def losses_for(op) -> dict:
+    """Every public loss as a setting of the fused operator ``op`` (a callable with the
+    schema of kdfast::fused_kd_loss), keyed by the loss's name; the implementations a
+    fused backend registers in kdfast.dispatch."""
+
+    def run(student, teacher, target, difficulty, config: FusedConfig):
+        if target is not None and target.dtype != torch.long:
+            target = target.long()
+        return _FusedLoss.apply(student, teacher, target, difficulty, config, op)
+
+    def kd_loss(student, teacher, temperature):
+        return run(student, teacher, None, None, FusedConfig(temperature, kl=temperature**2))
+
+    def pearson_loss(student, teacher, temperature, dim):
+        weight = {"pearson": temperature**2} if dim == 1 else {"column": temperature**2}
+        return run(student, teacher, None, None, FusedConfig(temperature, **weight))
+
+    def dist_loss(student, teacher, temperature, beta, gamma):
+        config = FusedConfig(temperature, pearson=beta * temperature**2, column=gamma * temperature**2)
+        return run(student, teacher, None, None, config)
+
+    def spearman_loss(student, teacher, regularization_strength):
+        config = FusedConfig(spearman=1.0, rank_strength=regularization_strength, difficulty_value=1.0)
+        return run(student, teacher, None, None, config)
+
+    def cmkd_loss(student, teacher, target, temperature, kl_weight, corr_weight, ce_weight, difficulty,
+                  regularization_strength):
+        # difficulty: None (entropy weighting), a float (fixed), or a [B] tensor (no gradient).
+        per_sample = None
+        if difficulty is None:
+            mode, value = DIFFICULTY_ENTROPY, 0.0
+        elif isinstance(difficulty, torch.Tensor):
+            mode, value = DIFFICULTY_PER_SAMPLE, 0.0
+            per_sample = difficulty.detach().float().contiguous()
+        else:
+            mode, value = DIFFICULTY_CONSTANT, float(difficulty)
+        tau2 = temperature**2
+        config = FusedConfig(temperature, kl=kl_weight * tau2, ce=ce_weight if target is not None else 0.0,
+                             pearson=corr_weight * tau2, spearman=corr_weight * tau2,
+                             rank_strength=regularization_strength, difficulty_mode=mode, difficulty_value=value)
+        return run(student, teacher, target, per_sample, config)
+
+    def drkd_loss(student, teacher, target, temperature, ce_weight):
+        config = FusedConfig(temperature, kl=temperature**2, ce=ce_weight, rectify=True)
+        return run(student, teacher, target, None, config)
+
+    return {
+        "kd_loss": kd_loss,
+        "pearson_loss": pearson_loss,
+        "dist_loss": dist_loss,
+        "spearman_loss": spearman_loss,
+        "cmkd_loss": cmkd_loss,
+        "drkd_loss": drkd_loss,
+    }
 
 
-def kd_loss(student, teacher, temperature):
-    return _fused(student, teacher, None, None, FusedConfig(temperature, kl=temperature**2))
+#: The cpu and cuda backends: torch.ops.kdfast.fused_kd_loss dispatches on the device
+#: (looked up at call time, so that it can be observed in tests).
+OPS = losses_for(lambda *args: torch.ops.kdfast.fused_kd_loss(*args))
+
+try:  # registers torch.ops.kdfast.fused_kd_loss_triton
+    from kdfast.kernels import kd_losses as _triton_kernels  # noqa: F401
+except ImportError as error:
+    #: Why the Triton kernels cannot be used, or None.
+    TRITON_IMPORT_ERROR: str | None = f"Triton is not importable ({error})"
+else:
+    TRITON_IMPORT_ERROR = None
+
+#: The triton backend.
+TRITON_OPS = losses_for(lambda *args: torch.ops.kdfast.fused_kd_loss_triton(*args))
 
 
-def pearson_loss(student, teacher, temperature, dim):
-    weight = {"pearson": temperature**2} if dim == 1 else {"column": temperature**2}
-    return _fused(student, teacher, None, None, FusedConfig(temperature, **weight))
+def triton_interpreted() -> bool:
+    """Whether Triton runs through its CPU interpreter (TRITON_INTERPRET=1, read at import)."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def dist_loss(student, teacher, temperature, beta, gamma):
-    config = FusedConfig(temperature, pearson=beta * temperature**2, column=gamma * temperature**2)
-    return _fused(student, teacher, None, None, config)
-
-
-def spearman_loss(student, teacher, regularization_strength):
-    config = FusedConfig(spearman=1.0, rank_strength=regularization_strength, difficulty_value=1.0)
-    return _fused(student, teacher, None, None, config)
-
-
-def cmkd_loss(student, teacher, target, temperature, kl_weight, corr_weight, ce_weight, difficulty,
-              regularization_strength):
-    """``difficulty``: None (entropy weighting), a float (fixed), or a [B] tensor (no gradient)."""
-    per_sample = None
-    if difficulty is None:
-        mode, value = DIFFICULTY_ENTROPY, 0.0
-    elif isinstance(difficulty, torch.Tensor):
-        mode, value = DIFFICULTY_PER_SAMPLE, 0.0
-        per_sample = difficulty.detach().float().contiguous()
-    else:
-        mode, value = DIFFICULTY_CONSTANT, float(difficulty)
-    tau2 = temperature**2
-    config = FusedConfig(temperature, kl=kl_weight * tau2, ce=ce_weight if target is not None else 0.0,
-                         pearson=corr_weight * tau2, spearman=corr_weight * tau2,
-                         rank_strength=regularization_strength, difficulty_mode=mode, difficulty_value=value)
-    return _fused(student, teacher, target, per_sample, config)
-
-
-def drkd_loss(student, teacher, target, temperature, ce_weight):
-    config = FusedConfig(temperature, kl=temperature**2, ce=ce_weight, rectify=True)
-    return _fused(student, teacher, target, None, config)
-
-
-OPS = {
-    "kd_loss": kd_loss,
-    "pearson_loss": pearson_loss,
-    "dist_loss": dist_loss,
-    "spearman_loss": spearman_loss,
-    "cmkd_loss": cmkd_loss,
-    "drkd_loss": drkd_loss,
-}
+def triton_unavailable() -> str | None:
+    """Why the Triton kernels cannot run here, or None."""
+    if TRITON_IMPORT_ERROR is not None:
+        return TRITON_IMPORT_ERROR
+    if not torch.cuda.is_available() and not triton_interpreted():
+        return "no CUDA GPU: torch.cuda.is_available() is False (set TRITON_INTERPRET=1 to run them on the CPU)"
+    return None

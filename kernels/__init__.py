@@ -1,5 +1,5 @@
 """Triton kernels of kdfast, installed as ``kdfast.kernels`` (one module per op family).
 
-The Triton backend is declared in :mod:`kdfast.dispatch` but has no kernels in this
-release yet; ``kdfast.backends()`` reports it as not built.
+* :mod:`kdfast.kernels.kd_losses`: the fused KD loss (every loss of kdfast) and its
+  operator ``torch.ops.kdfast.fused_kd_loss_triton``.
 """

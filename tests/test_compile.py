@@ -49,7 +49,8 @@ def test_data_checks_become_device_assertions_when_compiled():
         compiled(s.masked_fill(s > 1, float("nan")), t, torch.tensor([0, 1, 4]))
 
 
-@pytest.mark.parametrize("backend,compiler", [("torch", "aot_eager"), ("cpu", "aot_eager"), ("cpu", "inductor")])
+@pytest.mark.parametrize("backend,compiler", [("torch", "aot_eager"), ("cpu", "aot_eager"), ("cpu", "inductor"),
+                                              pytest.param("triton", "aot_eager", marks=pytest.mark.interpreter)])
 def test_training_step_compiles_fullgraph(backend, compiler):
     # student forward → kdfast loss under torch.compile(fullgraph=True); backward runs the
     # compiled backward graph; gradients equal the eager step's.

@@ -39,7 +39,7 @@ def _loss_and_grads(name, s, t, y, backend, grad_output=None):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("shape", [(1, 2), (1, 7), (4, 2), (3, 1000)])
+@pytest.mark.parametrize("shape", [(1, 2), (1, 7), (4, 2), (3, 257)])
 def test_finite_on_tiny_and_odd_shapes(name, shape, backend_device):
     s, t, y = _on(backend_device, logits(*shape, torch.float32), logits(*shape, torch.float32),
                   torch.randint(0, shape[1], (shape[0],)))

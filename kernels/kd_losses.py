@@ -1,0 +1,638 @@
+"""Triton kernels of kdfast's fused KD loss, their launcher, and its torch operator.
+
+The same generic loss as the C++ and CUDA kernels (csrc/losses.h)::
+
+    L = (1/B) Σ_i [kl·KL_i + ce·CE_i + pearson·(1−d_i)(1−ρ_i) + spearman·d_i·(1−ρ_S,i)]
+        + column·(1 − (1/C) Σ_c ρ(p_:,c, q_:,c))
+
+computed with its gradients in one pass per row: every public loss is a setting of it
+(kdfast.fused.losses_for maps them; its autograd Function saves the gradients and only
+scales them in backward). The pieces:
+
+* ``_fused_row_kernel``: one program per row, columns in chunks of BLOCK with an online
+  softmax, so any C works (the chunks are re-read from cache by the later passes); KL, CE,
+  Pearson, the per-sample difficulty, DR-KD's rectification (a swap of two columns), the
+  shares of the Spearman and column terms, and the gradients, each rounded once.
+* ``_softmax_stats_kernel`` and ``_column_moments_kernel``: the intra-class term's column
+  statistics, over fixed chunks of rows (deterministic), finished with a few [C]-sized
+  PyTorch operations.
+* ``_spearman_kernel``: one program per row for C ≤ 8192: both rows sorted by ``tl.sort``
+  on packed (key, index) words, the teacher's tie groups by scans, pool-adjacent-violators
+  as a sequential loop over a per-row workspace, and the backward through the soft ranks
+  and the standardization with prefix sums; writes ρ_S and dρ_S/ds for the row kernel.
+
+Floats are runtime arguments (no recompilation per temperature); only flags and block
+sizes are constexpr. Block sizes and warps come from a heuristic on C (``launch_config``),
+which also holds under Triton's interpreter (TRITON_INTERPRET=1), where the tests run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+#: Longest row the Spearman kernel sorts (one program holds the row).
+MAX_SPEARMAN_CLASSES = 8192
+#: Widest chunk of a row the row kernel holds at once.
+MAX_ROW_BLOCK = 4096
+PEARSON_EPS = 1e-8
+DIFFICULTY_CONSTANT, DIFFICULTY_ENTROPY, DIFFICULTY_PER_SAMPLE = 0, 1, 2
+
+_forced_block = None
+
+
+@contextlib.contextmanager
+def forced_block_size(block: int):
+    """Run the row kernel with chunks of ``block`` columns (tests use it to force the chunked
+    path on short rows)."""
+    global _forced_block
+    previous, _forced_block = _forced_block, block
+    try:
+        yield
+    finally:
+        _forced_block = previous
+
+
+def launch_config(classes: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for a row of ``classes`` logits: the whole row up to 4096, else
+    chunks of 4096; enough warps that each thread holds a few elements."""
+    block = _forced_block or min(triton.next_power_of_2(classes), MAX_ROW_BLOCK)
+    return block, max(1, min(16, block // 256))
+
+
+@triton.jit
+def _max(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _min(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def _ascending_key(x):
+    """An unsigned key whose integer order is the order of the floats; +0.0 is added so
+    that −0 and +0 (which compare equal) get one key."""
+    bits = (x + 0.0).to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, ~bits, bits | (-2147483648)).to(tl.uint32)
+
+
+@triton.jit
+def _correlation(ab, aa, bb):
+    """ρ = <a,b>/max(‖a‖‖b‖, 1e-8) from centered moments, and the coefficients of its
+    gradient: ∂ρ/∂a = cross·(b − b̄) − self_a·(a − ā) (and symmetrically for b)."""
+    norm = tl.sqrt(aa) * tl.sqrt(bb)
+    above = norm > 1e-8
+    safe = tl.where(above, norm, 1e-8)
+    rho = ab / safe
+    cross = 1.0 / safe
+    self_a = tl.where(above, rho / tl.where(aa > 0, aa, 1.0), 0.0)
+    self_b = tl.where(above, rho / tl.where(bb > 0, bb, 1.0), 0.0)
+    return rho, cross, self_a, self_b
+
+
+@triton.jit
+def _fused_row_kernel(
+    s_ptr,  # [B, C] student logits
+    t_ptr,  # [B, C] teacher logits
+    target_ptr,  # [B] int64 targets (when HAS_TARGET)
+    difficulty_ptr,  # [B] fp32 per-sample difficulty (DIFFICULTY_MODE == 2)
+    rho_s_ptr,  # [B] fp64 Spearman correlations (when HAS_SPEARMAN)
+    grad_rho_ptr,  # [B, C] fp32 dρ_S/ds (when HAS_SPEARMAN and STUDENT_GRAD)
+    col_ptr,  # [5, C] fp32 column statistics: mean_p, mean_q, cross, self_p, self_q (HAS_COLUMN)
+    row_loss_ptr,  # [B] fp32 out: ℓ_i
+    gs_ptr,  # [B, C] out: dL/ds, in the student's dtype (STUDENT_GRAD)
+    gt_ptr,  # [B, C] out: dL/dt, in the teacher's dtype (TEACHER_GRAD)
+    C,
+    inv_tau,
+    kl_coef,
+    ce_coef,
+    pearson_coef,
+    spearman_coef,
+    column_coef,
+    difficulty_value,
+    grad_scale,
+    HAS_TARGET: tl.constexpr,
+    HAS_CE: tl.constexpr,
+    HAS_PEARSON: tl.constexpr,
+    HAS_SPEARMAN: tl.constexpr,
+    HAS_COLUMN: tl.constexpr,
+    RECTIFY: tl.constexpr,
+    DIFFICULTY_MODE: tl.constexpr,
+    STUDENT_GRAD: tl.constexpr,
+    TEACHER_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * C
+    t_row = t_ptr + row * C
+    target = 0
+    if HAS_TARGET:
+        target = tl.load(target_ptr + row).to(tl.int32)
+    valid = (target >= 0) & (target < C)
+
+    # Pass 1: online max and softmax normalizers (at τ, and at 1 for the CE term), and the
+    # teacher's first argmax for the rectification.
+    s_max = -float("inf")
+    t_max = -float("inf")
+    s_sum = 0.0
+    t_sum = 0.0
+    s_sum1 = 0.0
+    t_arg = 0
+    for start in range(0, C, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < C
+        s = tl.load(s_row + offs, mask=mask, other=-float("inf")).to(tl.float32)
+        t = tl.load(t_row + offs, mask=mask, other=-float("inf")).to(tl.float32)
+        new_s_max = tl.maximum(s_max, tl.max(s, 0))
+        s_sum = s_sum * tl.exp((s_max - new_s_max) * inv_tau) + tl.sum(tl.exp((s - new_s_max) * inv_tau), 0)
+        if HAS_CE:
+            s_sum1 = s_sum1 * tl.exp(s_max - new_s_max) + tl.sum(tl.exp(s - new_s_max), 0)
+        s_max = new_s_max
+        chunk_t_max = tl.max(t, 0)
+        if RECTIFY:
+            chunk_arg = tl.argmax(t, 0, tie_break_left=True).to(tl.int32)
+            t_arg = tl.where(chunk_t_max > t_max, start + chunk_arg, t_arg)
+        new_t_max = tl.maximum(t_max, chunk_t_max)
+        t_sum = t_sum * tl.exp((t_max - new_t_max) * inv_tau) + tl.sum(tl.exp((t - new_t_max) * inv_tau), 0)
+        t_max = new_t_max
+    s_log_sum = tl.log(s_sum)
+    t_log_sum = tl.log(t_sum)
+    # Rectified teacher: column t_arg and the target trade places (no-op when equal).
+    swap_a = tl.where(RECTIFY & valid, t_arg, -1)
+    swap_b = tl.where(RECTIFY & valid, target, -1)
+
+    # Pass 2: KL (and the log-ratio) in fp64, entropy, and the means of p and q shifted by
+    # their first element (so that a constant row centers to exactly zero).
+    s0 = tl.load(s_row).to(tl.float32)
+    t0 = tl.load(t_row + tl.where(swap_a == 0, swap_b, tl.where(swap_b == 0, swap_a, 0))).to(tl.float32)
+    p0 = tl.exp((s0 - s_max) * inv_tau - s_log_sum)
+    q0 = tl.exp((t0 - t_max) * inv_tau - t_log_sum)
+    log_sum_difference = s_log_sum.to(tl.float64) - t_log_sum.to(tl.float64)
+    kl = tl.zeros((), dtype=tl.float64)
+    entropy = 0.0
+    p_shift = 0.0
+    q_shift = 0.0
+    for start in range(0, C, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < C
+        source = tl.where(offs == swap_a, swap_b, tl.where(offs == swap_b, swap_a, offs))
+        s = tl.load(s_row + offs, mask=mask, other=0.0).to(tl.float32)
+        t = tl.load(t_row + source, mask=mask, other=0.0).to(tl.float32)
+        log_q = (t - t_max) * inv_tau - t_log_sum
+        p = tl.where(mask, tl.exp((s - s_max) * inv_tau - s_log_sum), 0.0)
+        q = tl.where(mask, tl.exp(log_q), 0.0)
+        ratio = ((t - t_max).to(tl.float64) - (s - s_max).to(tl.float64)) * inv_tau + log_sum_difference
+        kl += tl.sum(tl.where(mask, q.to(tl.float64) * ratio, 0.0), 0)
+        entropy -= tl.sum(tl.where(mask, q * log_q, 0.0), 0)
+        p_shift += tl.sum(tl.where(mask, p - p0, 0.0), 0)
+        q_shift += tl.sum(tl.where(mask, q - q0, 0.0), 0)
+    p_mean = p0 + p_shift / C
+    q_mean = q0 + q_shift / C
+
+    loss = kl_coef * kl
+    if HAS_CE:
+        s_y = tl.load(s_row + target, mask=valid, other=0.0).to(tl.float32)
+        loss += ce_coef * (tl.log(s_sum1) + s_max - s_y)
+    d = difficulty_value
+    if DIFFICULTY_MODE == 1:
+        d = tl.minimum(1.0, tl.maximum(0.0, entropy / tl.log(C * 1.0)))
+    if DIFFICULTY_MODE == 2:
+        d = tl.load(difficulty_ptr + row)
+    pearson_weight = pearson_coef * (1.0 - d)
+    rho = tl.zeros((), dtype=tl.float64)
+    cross = 0.0
+    self_p = 0.0
+    self_q = 0.0
+    if HAS_PEARSON:
+        # Moments in fp64: near ρ = 1 the term 1 − ρ is ill-conditioned.
+        ab = tl.zeros((), dtype=tl.float64)
+        aa = tl.zeros((), dtype=tl.float64)
+        bb = tl.zeros((), dtype=tl.float64)
+        for start in range(0, C, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < C
+            source = tl.where(offs == swap_a, swap_b, tl.where(offs == swap_b, swap_a, offs))
+            s = tl.load(s_row + offs, mask=mask, other=0.0).to(tl.float32)
+            t = tl.load(t_row + source, mask=mask, other=0.0).to(tl.float32)
+            a = tl.where(mask, tl.exp((s - s_max) * inv_tau - s_log_sum) - p_mean, 0.0).to(tl.float64)
+            b = tl.where(mask, tl.exp((t - t_max) * inv_tau - t_log_sum) - q_mean, 0.0).to(tl.float64)
+            ab += tl.sum(a * b, 0)
+            aa += tl.sum(a * a, 0)
+            bb += tl.sum(b * b, 0)
+        rho, cross64, self_p64, self_q64 = _correlation(ab, aa, bb)
+        cross = cross64.to(tl.float32)
+        self_p = self_p64.to(tl.float32)
+        self_q = self_q64.to(tl.float32)
+        loss += pearson_weight * (1.0 - rho)
+    spearman_weight = spearman_coef * d
+    if HAS_SPEARMAN:
+        loss += spearman_weight * (1.0 - tl.load(rho_s_ptr + row))
+    if HAS_TARGET:
+        loss = tl.where(valid, loss, float("nan"))
+    tl.store(row_loss_ptr + row, loss.to(tl.float32))
+
+    if STUDENT_GRAD or TEACHER_GRAD:
+        # Gradients: (p/τ)(g − <p, g>) for g = dℓ/dp from the correlations, and the KL part
+        # in closed form, (p − q)/τ for the student, (q/τ)(log q − log p − KL) for the teacher.
+        pearson_grad = -pearson_weight * grad_scale
+        column_grad = -column_coef / C
+        kl_grad = kl_coef * grad_scale * inv_tau
+        p_dot = 0.0
+        q_dot = 0.0
+        if HAS_PEARSON or HAS_COLUMN:
+            for start in range(0, C, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                mask, source, s, t, p, q, g_s, g_t = _gradient_chunk(
+                    s_row, t_row, col_ptr, offs, C, swap_a, swap_b, s_max, s_log_sum, t_max, t_log_sum, inv_tau,
+                    p_mean, q_mean, cross, self_p, self_q, pearson_grad, column_grad, HAS_COLUMN)
+                p_dot += tl.sum(tl.where(mask, p * g_s, 0.0), 0)
+                q_dot += tl.sum(tl.where(mask, q * g_t, 0.0), 0)
+        for start in range(0, C, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask, source, s, t, p, q, g_s, g_t = _gradient_chunk(
+                s_row, t_row, col_ptr, offs, C, swap_a, swap_b, s_max, s_log_sum, t_max, t_log_sum, inv_tau,
+                p_mean, q_mean, cross, self_p, self_q, pearson_grad, column_grad, HAS_COLUMN)
+            if STUDENT_GRAD:
+                v = kl_grad * (p - q) + inv_tau * p * (g_s - p_dot)
+                if HAS_CE:
+                    v += ce_coef * grad_scale * (tl.exp(s - s_max) / s_sum1 - tl.where(offs == target, 1.0, 0.0))
+                if HAS_SPEARMAN:
+                    v -= spearman_weight * grad_scale * tl.load(grad_rho_ptr + row * C + offs, mask=mask, other=0.0)
+                if HAS_TARGET:
+                    v = tl.where(valid, v, float("nan"))
+                tl.store(gs_ptr + row * C + offs, v.to(gs_ptr.dtype.element_ty), mask=mask)
+            if TEACHER_GRAD:
+                ratio = ((t - t_max).to(tl.float64) - (s - s_max).to(tl.float64)) * inv_tau + log_sum_difference
+                v = kl_grad * q * (ratio - kl).to(tl.float32) + inv_tau * q * (g_t - q_dot)
+                if HAS_TARGET:
+                    v = tl.where(valid, v, float("nan"))
+                # Back to the unrectified positions: rectified position j holds original `source`.
+                tl.store(gt_ptr + row * C + source, v.to(gt_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gradient_chunk(s_row, t_row, col_ptr, offs, C, swap_a, swap_b, s_max, s_log_sum, t_max, t_log_sum, inv_tau,
+                    p_mean, q_mean, cross, self_p, self_q, pearson_grad, column_grad, HAS_COLUMN: tl.constexpr):
+    """One chunk of a row for the gradient passes: p, q, and g = dℓ/dp, dℓ/dq from the row
+    and column correlations (the teacher read through the rectification's swap)."""
+    mask = offs < C
+    source = tl.where(offs == swap_a, swap_b, tl.where(offs == swap_b, swap_a, offs))
+    s = tl.load(s_row + offs, mask=mask, other=0.0).to(tl.float32)
+    t = tl.load(t_row + source, mask=mask, other=0.0).to(tl.float32)
+    p = tl.exp((s - s_max) * inv_tau - s_log_sum)
+    q = tl.exp((t - t_max) * inv_tau - t_log_sum)
+    g_s = pearson_grad * (cross * (q - q_mean) - self_p * (p - p_mean))
+    g_t = pearson_grad * (cross * (p - p_mean) - self_q * (q - q_mean))
+    if HAS_COLUMN:
+        mean_p = tl.load(col_ptr + offs, mask=mask, other=0.0)
+        mean_q = tl.load(col_ptr + C + offs, mask=mask, other=0.0)
+        c_cross = tl.load(col_ptr + 2 * C + offs, mask=mask, other=0.0)
+        c_self_p = tl.load(col_ptr + 3 * C + offs, mask=mask, other=0.0)
+        c_self_q = tl.load(col_ptr + 4 * C + offs, mask=mask, other=0.0)
+        g_s += column_grad * (c_cross * (q - mean_q) - c_self_p * (p - mean_p))
+        g_t += column_grad * (c_cross * (p - mean_p) - c_self_q * (q - mean_q))
+    return mask, source, s, t, p, q, g_s, g_t
+
+
+@triton.jit
+def _softmax_stats_kernel(
+    s_ptr,  # [B, C] student logits
+    t_ptr,  # [B, C] teacher logits
+    stats_ptr,  # [B, 4] fp32 out: student max, log-sum, teacher max, log-sum (at τ)
+    C,
+    inv_tau,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_max = -float("inf")
+    t_max = -float("inf")
+    s_sum = 0.0
+    t_sum = 0.0
+    for start in range(0, C, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < C
+        s = tl.load(s_ptr + row * C + offs, mask=mask, other=-float("inf")).to(tl.float32)
+        t = tl.load(t_ptr + row * C + offs, mask=mask, other=-float("inf")).to(tl.float32)
+        new_s_max = tl.maximum(s_max, tl.max(s, 0))
+        new_t_max = tl.maximum(t_max, tl.max(t, 0))
+        s_sum = s_sum * tl.exp((s_max - new_s_max) * inv_tau) + tl.sum(tl.exp((s - new_s_max) * inv_tau), 0)
+        t_sum = t_sum * tl.exp((t_max - new_t_max) * inv_tau) + tl.sum(tl.exp((t - new_t_max) * inv_tau), 0)
+        s_max = new_s_max
+        t_max = new_t_max
+    tl.store(stats_ptr + row * 4, s_max)
+    tl.store(stats_ptr + row * 4 + 1, tl.log(s_sum))
+    tl.store(stats_ptr + row * 4 + 2, t_max)
+    tl.store(stats_ptr + row * 4 + 3, tl.log(t_sum))
+
+
+@triton.jit
+def _column_moments_kernel(
+    s_ptr,  # [B, C] student logits
+    t_ptr,  # [B, C] teacher logits
+    stats_ptr,  # [B, 4] fp32 softmax statistics
+    means_ptr,  # [2, C] fp32: column means of p and q (PASS 1)
+    partial_ptr,  # [chunks, 3, C] fp64 out: per chunk of rows
+    origin_ptr,  # [2, C] fp32 out: p and q of row 0 (PASS 0, chunk 0)
+    B,
+    C,
+    inv_tau,
+    rows_per_chunk,
+    PASS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # PASS 0: Σ (p − p_0), Σ (q − q_0) (shifted by row 0: a constant column is exactly
+    # zero); PASS 1: centered Σ ab, Σ aa, Σ bb with the means PASS 0 gave.
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < C
+    chunk = tl.program_id(1)
+    first = chunk * rows_per_chunk
+    last = tl.minimum(first + rows_per_chunk, B)
+    out = partial_ptr + chunk.to(tl.int64) * 3 * C
+    if PASS == 0:
+        center_p = tl.exp((tl.load(s_ptr + cols, mask=mask, other=0.0).to(tl.float32) - tl.load(stats_ptr)) * inv_tau
+                          - tl.load(stats_ptr + 1))
+        center_q = tl.exp((tl.load(t_ptr + cols, mask=mask, other=0.0).to(tl.float32) - tl.load(stats_ptr + 2))
+                          * inv_tau - tl.load(stats_ptr + 3))
+        if chunk == 0:
+            tl.store(origin_ptr + cols, center_p, mask=mask)
+            tl.store(origin_ptr + C + cols, center_q, mask=mask)
+    else:
+        center_p = tl.load(means_ptr + cols, mask=mask, other=0.0)
+        center_q = tl.load(means_ptr + C + cols, mask=mask, other=0.0)
+    first_sum = tl.zeros((BLOCK,), dtype=tl.float64)
+    second_sum = tl.zeros((BLOCK,), dtype=tl.float64)
+    third_sum = tl.zeros((BLOCK,), dtype=tl.float64)
+    s_rows = s_ptr + first.to(tl.int64) * C
+    t_rows = t_ptr + first.to(tl.int64) * C
+    st = stats_ptr + first * 4
+    for _ in range(first, last):
+        s = tl.load(s_rows + cols, mask=mask, other=0.0).to(tl.float32)
+        t = tl.load(t_rows + cols, mask=mask, other=0.0).to(tl.float32)
+        a = (tl.exp((s - tl.load(st)) * inv_tau - tl.load(st + 1)) - center_p).to(tl.float64)
+        b = (tl.exp((t - tl.load(st + 2)) * inv_tau - tl.load(st + 3)) - center_q).to(tl.float64)
+        if PASS == 0:
+            first_sum += a
+            second_sum += b
+        else:
+            first_sum += a * b
+            second_sum += a * a
+            third_sum += b * b
+        s_rows += C
+        t_rows += C
+        st += 4
+    tl.store(out + cols, first_sum, mask=mask)
+    tl.store(out + C + cols, second_sum, mask=mask)
+    if PASS == 1:
+        tl.store(out + 2 * C + cols, third_sum, mask=mask)
+
+
+@triton.jit
+def _spearman_kernel(
+    s_ptr,  # [B, C] student logits
+    t_ptr,  # [B, C] teacher logits
+    theta_ptr,  # [B, C] fp64 workspace: θ = ẑ/ε in the student's descending order
+    stack_start_ptr,  # [B, C] int32 workspace: PAV blocks' starts
+    stack_a_ptr,  # [B, C] fp64 workspace: PAV blocks' sums, later prefix sums of g
+    stack_b_ptr,  # [B, C] fp64 workspace: PAV blocks' counts
+    flag_ptr,  # [B, C] int32 workspace
+    rank_ptr,  # [B, C] fp32 workspace: teacher average ranks, original order
+    key_ptr,  # [B, C] int64 workspace: the teacher's sorted keys
+    rho_ptr,  # [B] fp64 out: ρ_S
+    grad_ptr,  # [B, C] fp32 out: dρ_S/ds, original order (WITH_GRAD)
+    C,
+    strength,
+    WITH_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    base = row * C
+    offs = tl.arange(0, BLOCK)
+    mask = offs < C
+    n = C * 1.0
+
+    # Standardize (fp64), centering on the first element: a constant row is exactly zero.
+    s0 = tl.load(s_ptr + base).to(tl.float32)
+    s = tl.load(s_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    shifted = tl.where(mask, (s - s0).to(tl.float64), 0.0)
+    mean_shift = tl.sum(shifted, 0) / n
+    centered = tl.where(mask, shifted - mean_shift, 0.0)
+    variance = tl.sum(centered * centered, 0) / n
+    varying = variance > 0.0
+    z_scale = tl.where(varying, 1.0 / tl.sqrt(tl.where(varying, variance, 1.0)), 0.0)
+
+    # The student's descending order: sort ascending by the key of −s (padding last).
+    key_s = _ascending_key(tl.where(mask, -s, float("inf")))
+    items = tl.sort((key_s.to(tl.uint64) << 32) | offs.to(tl.uint64))
+    order = (items & 0xFFFFFFFF).to(tl.int32)
+
+    # The teacher's average ranks: sort, tie groups from equal neighbouring keys (their
+    # first and last positions by max/min scans), scattered back to original positions.
+    t = tl.load(t_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    key_t = _ascending_key(tl.where(mask, t, float("inf")))
+    t_items = tl.sort((key_t.to(tl.uint64) << 32) | offs.to(tl.uint64))
+    t_keys = (t_items >> 32).to(tl.int64)
+    t_index = (t_items & 0xFFFFFFFF).to(tl.int32)
+    tl.store(key_ptr + base + offs, t_keys, mask=mask)
+    tl.debug_barrier()
+    previous = tl.load(key_ptr + base + offs - 1, mask=mask & (offs > 0), other=-1)
+    following = tl.load(key_ptr + base + offs + 1, mask=mask & (offs + 1 < C), other=-1)
+    starts = tl.associative_scan(tl.where(mask & (previous != t_keys), offs, 0), 0, _max)
+    ends = tl.associative_scan(tl.where(mask & (following != t_keys), offs, BLOCK), 0, _min, reverse=True)
+    average = (starts + ends).to(tl.float32) * 0.5 + 1.0
+    tl.store(rank_ptr + base + t_index, average, mask=mask)
+    tl.debug_barrier()
+    u = tl.load(rank_ptr + base + order, mask=mask, other=0.0).to(tl.float64)
+    s_sorted = tl.load(s_ptr + base + order, mask=mask, other=0.0).to(tl.float32)
+    z = tl.where(mask, ((s_sorted - s0).to(tl.float64) - mean_shift) * z_scale, 0.0)
+    theta = z / strength
+    tl.store(theta_ptr + base + offs, theta, mask=mask)
+    tl.debug_barrier()
+
+    # Pool-adjacent-violators on θ − (n, n−1, ..., 1): sequential. The newest block stays in
+    # registers while it absorbs the violating blocks on the stack; a barrier after each
+    # push makes it visible to every thread of the program.
+    count = 0
+    for k in range(0, C):
+        a = tl.load(theta_ptr + base + k) - (C - k).to(tl.float64)
+        b = tl.full((), 1.0, tl.float64)
+        start = k
+        merging = count > 0
+        while merging:
+            top_a = tl.load(stack_a_ptr + base + count - 1)
+            top_b = tl.load(stack_b_ptr + base + count - 1)
+            if top_a * b <= a * top_b:
+                a += top_a
+                b += top_b
+                count -= 1
+                start = tl.load(stack_start_ptr + base + count)
+                merging = count > 0
+            else:
+                merging = False
+        tl.store(stack_start_ptr + base + count, start)
+        tl.store(stack_a_ptr + base + count, a)
+        tl.store(stack_b_ptr + base + count, b)
+        count += 1
+        tl.debug_barrier()
+
+    # Each element's block (flags at block starts, then a running count), the soft ranks.
+    tl.store(flag_ptr + base + offs, tl.zeros((BLOCK,), dtype=tl.int32), mask=mask)
+    tl.debug_barrier()
+    block_starts = tl.load(stack_start_ptr + base + offs, mask=offs < count, other=0)
+    tl.store(flag_ptr + base + block_starts, tl.full((BLOCK,), 1, tl.int32), mask=(offs < count) & (offs > 0))
+    tl.debug_barrier()
+    block = tl.cumsum(tl.load(flag_ptr + base + offs, mask=mask, other=0), 0)
+    block_a = tl.load(stack_a_ptr + base + block, mask=mask, other=0.0)
+    block_b = tl.load(stack_b_ptr + base + block, mask=mask, other=1.0)
+    ranks = tl.where(mask, theta - block_a / block_b, 0.0)
+
+    # Pearson correlation of the soft ranks with the teacher ranks (fp64, shifted sums).
+    r0 = tl.sum(tl.where(offs == 0, ranks, 0.0), 0)
+    u0 = tl.sum(tl.where(offs == 0, u, 0.0), 0)
+    r_mean = r0 + tl.sum(tl.where(mask, ranks - r0, 0.0), 0) / n
+    u_mean = u0 + tl.sum(tl.where(mask, u - u0, 0.0), 0) / n
+    ra = tl.where(mask, ranks - r_mean, 0.0)
+    ua = tl.where(mask, u - u_mean, 0.0)
+    rho, cross, self_r, _ = _correlation(tl.sum(ra * ua, 0), tl.sum(ra * ra, 0), tl.sum(ua * ua, 0))
+    tl.store(rho_ptr + row, rho)
+
+    if WITH_GRAD:
+        # Backward: through the correlation; through the soft rank (g minus its block's
+        # mean, / ε), with block sums from prefix sums; through the standardization.
+        g = tl.where(mask, cross * ua - self_r * ra, 0.0)
+        prefix = tl.cumsum(g, 0)
+        tl.debug_barrier()  # every thread is done reading the PAV sums
+        tl.store(stack_a_ptr + base + offs, prefix, mask=mask)
+        tl.debug_barrier()
+        first = tl.load(stack_start_ptr + base + block, mask=mask, other=0)
+        end = tl.where(block + 1 < count, tl.load(stack_start_ptr + base + block + 1,
+                                                  mask=mask & (block + 1 < count), other=0), C)
+        before = tl.load(stack_a_ptr + base + first - 1, mask=mask & (first > 0), other=0.0)
+        through = tl.load(stack_a_ptr + base + end - 1, mask=mask, other=0.0)
+        block_mean = (through - before) / (end - first).to(tl.float64)
+        g = tl.where(mask, (g - block_mean) / strength, 0.0)
+        g_mean = tl.sum(g, 0) / n
+        gz_mean = tl.sum(g * z, 0) / n
+        grad = (g - g_mean - z * gz_mean) * z_scale
+        tl.store(grad_ptr + base + order, grad.to(tl.float32), mask=mask)
+
+
+def _column_statistics(student, teacher, inv_tau):
+    """[5, C] fp32 (mean_p, mean_q, cross, self_p, self_q) and the [C] column correlations."""
+    rows, classes = student.shape
+    block, warps = launch_config(classes)
+    stats = torch.empty(rows, 4, dtype=torch.float32, device=student.device)
+    _softmax_stats_kernel[(rows,)](student, teacher, stats, classes, inv_tau, BLOCK=block, num_warps=warps)
+    rows_per_chunk = max(16, triton.cdiv(rows, 64))  # a fixed function of B: deterministic
+    chunks = triton.cdiv(rows, rows_per_chunk)
+    column_block = min(256, triton.next_power_of_2(classes))
+    grid = (triton.cdiv(classes, column_block), chunks)
+    partial = torch.empty(chunks, 3, classes, dtype=torch.float64, device=student.device)
+    origin = torch.empty(2, classes, dtype=torch.float32, device=student.device)
+    _column_moments_kernel[grid](student, teacher, stats, origin, partial, origin, rows, classes, inv_tau,
+                                 rows_per_chunk, PASS=0, BLOCK=column_block)
+    means = (origin.double() + partial[:, :2].sum(0) / rows).float()
+    _column_moments_kernel[grid](student, teacher, stats, means, partial, origin, rows, classes, inv_tau,
+                                 rows_per_chunk, PASS=1, BLOCK=column_block)
+    ab, aa, bb = partial.sum(0)
+    norm = aa.sqrt() * bb.sqrt()
+    above = norm > PEARSON_EPS
+    safe = torch.where(above, norm, torch.full_like(norm, PEARSON_EPS))
+    rho = ab / safe
+    self_p = torch.where(above, rho / torch.where(aa > 0, aa, torch.ones_like(aa)), torch.zeros_like(rho))
+    self_q = torch.where(above, rho / torch.where(bb > 0, bb, torch.ones_like(bb)), torch.zeros_like(rho))
+    columns = torch.stack([means[0], means[1], (1.0 / safe).float(), self_p.float(), self_q.float()])
+    return columns.contiguous(), rho
+
+
+def _spearman(student, teacher, strength, with_grad):
+    """ρ_S per row [B] fp64 and, when asked, dρ_S/ds [B, C] fp32."""
+    rows, classes = student.shape
+    if classes > MAX_SPEARMAN_CLASSES:
+        raise ValueError(f"the Triton backend computes the Spearman terms for at most {MAX_SPEARMAN_CLASSES} "
+                         f"classes (each row is sorted by one program), got C={classes}; use backend='cuda' or 'cpu'")
+    block = triton.next_power_of_2(classes)
+    device = student.device
+    work64 = torch.empty(3, rows, classes, dtype=torch.float64, device=device)
+    work32 = torch.empty(2, rows, classes, dtype=torch.int32, device=device)
+    ranks = torch.empty(rows, classes, dtype=torch.float32, device=device)
+    keys = torch.empty(rows, classes, dtype=torch.int64, device=device)
+    rho = torch.empty(rows, dtype=torch.float64, device=device)
+    grad = torch.empty(rows, classes, dtype=torch.float32, device=device) if with_grad else rho
+    _spearman_kernel[(rows,)](student, teacher, work64[0], work32[0], work64[1], work64[2], work32[1], ranks, keys,
+                              rho, grad, classes, strength, WITH_GRAD=with_grad, BLOCK=block,
+                              num_warps=max(1, min(16, block // 256)))
+    return rho, (grad if with_grad else None)
+
+
+@torch.library.custom_op("kdfast::fused_kd_loss_triton", mutates_args=())
+def fused_kd_loss_triton(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: torch.Tensor | None,
+    difficulty: torch.Tensor | None,
+    temperature: float,
+    kl_coef: float,
+    ce_coef: float,
+    pearson_coef: float,
+    spearman_coef: float,
+    column_coef: float,
+    rank_strength: float,
+    difficulty_mode: int,
+    difficulty_value: float,
+    rectify: bool,
+    student_grad: bool,
+    teacher_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The generic fused loss on Triton (same schema and results as kdfast::fused_kd_loss)."""
+    if student.dim() != 2 or teacher.shape != student.shape:
+        raise ValueError(f"kdfast fused loss (triton): student and teacher must be [B, C] of one shape, got "
+                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+    for name, x in (("teacher", teacher), ("target", target), ("difficulty", difficulty)):
+        if x is not None and x.device != student.device:
+            raise ValueError(f"kdfast fused loss (triton): {name} must be on {student.device}, got {x.device}")
+    if rectify and column_coef != 0:
+        raise ValueError("kdfast fused loss (triton): rectification does not combine with the column term")
+    if (ce_coef != 0 or rectify) and target is None:
+        raise ValueError("kdfast fused loss (triton): the CE term and rectification need a target")
+    student, teacher = student.contiguous(), teacher.contiguous()
+    rows, classes = student.shape
+    inv_tau = 1.0 / temperature
+    device = student.device
+    row_loss = torch.empty(rows, dtype=torch.float32, device=device)
+    grad_student = torch.empty_like(student) if student_grad else student.new_empty((0,))
+    grad_teacher = torch.empty_like(teacher) if teacher_grad else teacher.new_empty((0,))
+    columns, column_rho = (_column_statistics(student, teacher, inv_tau) if column_coef != 0 else (row_loss, None))
+    spearman_rho, spearman_grad = (_spearman(student, teacher, rank_strength, student_grad) if spearman_coef != 0
+                                   else (row_loss, None))
+    target = target.long().contiguous() if target is not None else row_loss
+    difficulty = difficulty.float().contiguous() if difficulty is not None else row_loss
+    block, warps = launch_config(classes)
+    _fused_row_kernel[(rows,)](
+        student, teacher, target, difficulty, spearman_rho,
+        spearman_grad if spearman_grad is not None else row_loss, columns, row_loss,
+        grad_student if student_grad else row_loss, grad_teacher if teacher_grad else row_loss,
+        classes, inv_tau, kl_coef, ce_coef, pearson_coef, spearman_coef, column_coef, difficulty_value,
+        1.0 / rows,
+        HAS_TARGET=target is not row_loss, HAS_CE=ce_coef != 0, HAS_PEARSON=pearson_coef != 0,
+        HAS_SPEARMAN=spearman_coef != 0, HAS_COLUMN=column_coef != 0, RECTIFY=rectify,
+        DIFFICULTY_MODE=difficulty_mode, STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad,
+        BLOCK=block, num_warps=warps,
+    )
+    loss = row_loss.sum() / rows
+    if column_rho is not None:
+        loss = loss + column_coef * (1.0 - column_rho.mean()).float()
+    return loss, grad_student, grad_teacher
+
+
+@fused_kd_loss_triton.register_fake
+def _(student, teacher, target, difficulty, temperature, kl_coef, ce_coef, pearson_coef, spearman_coef,
+      column_coef, rank_strength, difficulty_mode, difficulty_value, rectify, student_grad, teacher_grad):
+    loss = student.new_empty((), dtype=torch.float32)
+    grad_student = torch.empty_like(student) if student_grad else student.new_empty((0,))
+    grad_teacher = torch.empty_like(teacher) if teacher_grad else teacher.new_empty((0,))
+    return loss, grad_student, grad_teacher
