@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from common import append_rows, copy_bandwidth_gbps, device_name, measure_ms, peak_memory_mb  # noqa: E402
 
 import kdfast  # noqa: E402
-from kdfast import reference  # noqa: E402
+from kdfast import dispatch, reference  # noqa: E402
 
 LOSSES = {
     "kd_loss": lambda s, t, y, backend: kdfast.kd_loss(s, t, 4.0, backend=backend),
@@ -74,7 +74,7 @@ def torchsort_soft_ranks():
         reference.soft_rank = original
 
 
-def loss_function(provider: str, loss: str, device: torch.device):
+def loss_function(provider: str, loss: str, device: torch.device, dtype: torch.dtype):
     """(callable(s, t, y) -> loss, context manager) for a provider, or a reason it cannot run."""
     fn = LOSSES[loss]
     if provider == "eager":
@@ -110,9 +110,9 @@ def loss_function(provider: str, loss: str, device: torch.device):
             return "torchsort's CUDA extension is not built here"
         return (lambda s, t, y: fn(s, t, y, "torch")), torchsort_soft_ranks
     backend = provider.split("-", 1)[1]
-    status = kdfast.backends()[backend]
-    if not status.available:
-        return status.reason
+    reasons = dispatch.not_supported_reasons(backend, loss, device, (dtype, dtype))
+    if reasons:
+        return "; ".join(reasons)
     return (lambda s, t, y: fn(s, t, y, backend)), contextlib.nullcontext
 
 
@@ -134,7 +134,7 @@ def run(shapes, providers, losses, device, dtype, reps, memory=True):
             moved = batch * classes * (2 * student.element_size() + teacher.element_size())
             floor_ms = moved / (copy_gbps * 1e9) * 1e3
             for loss in losses:
-                made = loss_function(provider, loss, device)
+                made = loss_function(provider, loss, device, student.dtype)
                 if isinstance(made, str):
                     continue
                 fn, context = made

@@ -178,6 +178,11 @@ def requested_backend(backend: str | None) -> str:
     return backend
 
 
+def not_supported_reasons(backend: str, op: str, device: torch.device, dtypes: tuple[torch.dtype, ...] = ()) -> list[str]:
+    """Why ``backend`` cannot run ``op`` on tensors of ``dtypes`` on ``device`` (empty: it can)."""
+    return _REGISTRY[backend].not_supported_reasons(op, device, dtypes)
+
+
 def resolve(op: str, backend: str | None, device: torch.device, dtypes: tuple[torch.dtype, ...] = ()) -> Callable:
     """The implementation of ``op`` to run on tensors of ``dtypes`` on ``device``."""
     name = requested_backend(backend)
