@@ -34,7 +34,15 @@ set -e
 "$PYTHON" benchmarks/bench_losses.py --preset gpu-large-c --output losses_gpu_large_c.csv \
   --plot "$results/losses_gpu_large_c.png"
 
+# The input pipelines on the GPU: nvJPEG decode through DALI when DALI is installed (it is
+# carried as a wheel in .whl/ like liger-kernel), the PyTorch fallback delivering to the GPU.
+data_providers="torch-gpu"
+if "$PYTHON" -c "import nvidia.dali" 2>/dev/null; then data_providers="dali-gpu torch-gpu"; fi
+"$PYTHON" benchmarks/bench_data.py --providers $data_providers --workers 16 --batch-size 256 \
+  --output data_gpu.csv || echo "bench_data.py failed (scikit-learn missing for its photos?)"
+
 if [ -n "${OUT:-}" ]; then
+  cp "$results"/data_gpu.csv "$OUT"/ 2>/dev/null || true
   cp "$results/gpu_tests.log" "$results/losses_gpu.csv" "$results/losses_gpu_large_c.csv" \
     "$results/losses_gpu_large_c.png" kdfast/backend_choice.json "$OUT"/
 fi
