@@ -2,6 +2,8 @@
 
 Subcommands:
 
+* ``kdfast train [--config FILE] [options]`` — train a teacher, a baseline or a KD student;
+* ``kdfast eval --student ARCH --checkpoint FILE [options]`` — top-1/top-5 on the val split;
 * ``kdfast data demo DIR`` — write the embedded digits as an ImageNet-style JPEG folder;
 * ``kdfast data verify DIR`` — decode every image of a dataset, list the bad ones.
 """
@@ -43,9 +45,34 @@ def _data_verify(args) -> int:
     return 1
 
 
+def _train(args) -> int:
+    from kdfast.config import resolve_config
+    from kdfast.train import train
+
+    train(resolve_config(args))
+    return 0
+
+
+def _eval(args) -> int:
+    from kdfast.config import resolve_config
+    from kdfast.train import run_eval
+
+    run_eval(resolve_config(args))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdfast", description="kdfast: fast knowledge distillation")
     commands = parser.add_subparsers(dest="command", required=True)
+    from kdfast.config import add_config_arguments
+
+    train = commands.add_parser("train", help="train a model (every option also settable in --config)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_arguments(train, exclude=("checkpoint",))
+    train.set_defaults(handler=_train)
+    evaluate = commands.add_parser("eval", help="evaluate weights on the validation split")
+    add_config_arguments(evaluate)
+    evaluate.set_defaults(handler=_eval)
 
     data = commands.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     demo = data.add_parser("demo", help="write the embedded digits as an ImageNet-style JPEG folder")

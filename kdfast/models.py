@@ -1,0 +1,300 @@
+"""The model zoo: the standard KD teacher/student pairs, written without torchvision.
+
+Every model is a :class:`Classifier`: ``model(x)`` returns logits, and
+``model.forward_features(x)`` the pooled penultimate feature ``[B, feature_dim]`` that
+``model.fc`` maps to logits (PESF-KD's teacher adapter reads it).
+
+* ImageNet ResNets ``resnet18``, ``resnet34``, ``resnet50`` (He et al., 2016) whose
+  state-dict keys and shapes match torchvision's, so a torchvision checkpoint file loads
+  as a teacher (:func:`load_weights`).
+* CIFAR-style ResNets ``resnet8``, ``resnet20``, ``resnet32``, ``resnet56``, ``resnet110``
+  and the 4×-wide ``resnet8x4``, ``resnet32x4``, with the key names of the CRD/RepDistiller
+  model zoo that most KD papers report on (Tian et al., 2020).
+* Wide ResNets ``wrn_16_2``, ``wrn_40_2`` … (``wrn_<depth>_<widen>``, Zagoruyko &
+  Komodakis, 2016), pre-activation, no dropout.
+* ``mlp-<width>-<width>…``: a multilayer perceptron on the flattened image, for the
+  embedded 8×8 digits (e.g. ``mlp-256-256`` teacher, ``mlp-32`` student).
+
+CIFAR-style models and MLPs take any image size (global average pooling; the MLP needs
+the size at construction); ImageNet ResNets expect about 224 px (a stride-32 network).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+__all__ = ["Classifier", "MODEL_NAMES", "create_model", "load_weights", "model_names"]
+
+
+class Classifier(nn.Module):
+    """Base of the zoo: ``forward = fc ∘ forward_features``."""
+
+    feature_dim: int
+    fc: nn.Linear
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.forward_features(x))
+
+
+def _conv3x3(inputs: int, outputs: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(inputs, outputs, 3, stride=stride, padding=1, bias=False)
+
+
+def _downsample(inputs: int, outputs: int, stride: int) -> nn.Sequential | None:
+    if stride == 1 and inputs == outputs:
+        return None
+    return nn.Sequential(nn.Conv2d(inputs, outputs, 1, stride=stride, bias=False), nn.BatchNorm2d(outputs))
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inputs: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = _conv3x3(inputs, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = _downsample(inputs, planes, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inputs: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inputs, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes, stride)  # stride on the 3×3, as torchvision (ResNet v1.5)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _downsample(inputs, planes * 4, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+def _init_resnet(model: nn.Module) -> None:
+    """He-normal convolutions, unit BatchNorm, and the last BN of each residual branch at
+    zero (each block starts as the identity: Goyal et al., 2017)."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    for module in model.modules():
+        if isinstance(module, Bottleneck):
+            nn.init.zeros_(module.bn3.weight)
+        elif isinstance(module, BasicBlock):
+            nn.init.zeros_(module.bn2.weight)
+
+
+class ResNet(Classifier):
+    """A ResNet: a stem, then stages of residual blocks, global average pooling and ``fc``.
+
+    ``stem="imagenet"``: 7×7/2 convolution and 3×3/2 max-pooling (torchvision's layout and
+    key names); ``stem="cifar"``: one 3×3 convolution (CRD's CIFAR ResNets).
+    """
+
+    def __init__(self, block: type[nn.Module], layers: list[int], widths: list[int], num_classes: int,
+                 in_channels: int = 3, stem: str = "imagenet", stem_width: int | None = None):
+        super().__init__()
+        stem_width = stem_width or widths[0]
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_channels, stem_width, 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        else:
+            self.conv1 = _conv3x3(in_channels, stem_width)
+            self.maxpool = nn.Identity()
+        self.bn1 = nn.BatchNorm2d(stem_width)
+        self.relu = nn.ReLU(inplace=True)
+        channels = stem_width
+        for stage, (blocks, width) in enumerate(zip(layers, widths), start=1):
+            stride = 1 if stage == 1 else 2
+            modules = []
+            for index in range(blocks):
+                modules.append(block(channels, width, stride if index == 0 else 1))
+                channels = width * block.expansion
+            setattr(self, f"layer{stage}", nn.Sequential(*modules))
+        self.stages = len(layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.feature_dim = channels
+        self.fc = nn.Linear(channels, num_classes)
+        _init_resnet(self)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for stage in range(1, self.stages + 1):
+            x = getattr(self, f"layer{stage}")(x)
+        return torch.flatten(self.avgpool(x), 1)
+
+
+class _WideBlock(nn.Module):
+    """Pre-activation block of a wide ResNet (BN-ReLU-conv twice, 1×1 projection shortcut)."""
+
+    def __init__(self, inputs: int, outputs: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(inputs)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = _conv3x3(inputs, outputs, stride)
+        self.bn2 = nn.BatchNorm2d(outputs)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(outputs, outputs)
+        self.equal = inputs == outputs and stride == 1
+        self.convShortcut = None if self.equal else nn.Conv2d(inputs, outputs, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        activated = self.relu1(self.bn1(x))
+        out = self.conv2(self.relu2(self.bn2(self.conv1(activated))))
+        return out + (x if self.equal else self.convShortcut(activated))
+
+
+class WideResNet(Classifier):
+    """WRN-depth-widen: three stages of (depth − 4)/6 pre-activation blocks, widths 16k, 32k, 64k."""
+
+    def __init__(self, depth: int, widen: int, num_classes: int, in_channels: int = 3):
+        super().__init__()
+        if (depth - 4) % 6 or depth < 10:
+            raise ValueError(f"a wide ResNet's depth must be 6n + 4 with n >= 1, got {depth}")
+        blocks = (depth - 4) // 6
+        widths = [16, 16 * widen, 32 * widen, 64 * widen]
+        self.conv1 = _conv3x3(in_channels, widths[0])
+        for stage in range(3):
+            layers = [_WideBlock(widths[stage] if index == 0 else widths[stage + 1], widths[stage + 1],
+                                 (1 if stage == 0 else 2) if index == 0 else 1) for index in range(blocks)]
+            setattr(self, f"block{stage + 1}", nn.Sequential(*layers))
+        self.bn1 = nn.BatchNorm2d(widths[3])
+        self.relu = nn.ReLU(inplace=True)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.feature_dim = widths[3]
+        self.fc = nn.Linear(widths[3], num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.fc.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block3(self.block2(self.block1(self.conv1(x))))
+        return torch.flatten(self.avgpool(self.relu(self.bn1(x))), 1)
+
+
+class MLP(Classifier):
+    """Flatten, then Linear-ReLU layers of the given widths, then ``fc``."""
+
+    def __init__(self, widths: list[int], num_classes: int, in_features: int):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        for width in widths:
+            layers += [nn.Linear(in_features, width), nn.ReLU(inplace=True)]
+            in_features = width
+        self.body = nn.Sequential(*layers)
+        self.feature_dim = in_features
+        self.fc = nn.Linear(in_features, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+_IMAGENET = {  # name: (block, blocks per stage)
+    "resnet18": (BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (Bottleneck, [3, 4, 6, 3]),
+}
+_CIFAR = {  # name: (depth, stem width, stage widths)
+    "resnet8": (8, 16, [16, 32, 64]),
+    "resnet14": (14, 16, [16, 32, 64]),
+    "resnet20": (20, 16, [16, 32, 64]),
+    "resnet32": (32, 16, [16, 32, 64]),
+    "resnet44": (44, 16, [16, 32, 64]),
+    "resnet56": (56, 16, [16, 32, 64]),
+    "resnet110": (110, 16, [16, 32, 64]),
+    "resnet8x4": (8, 32, [64, 128, 256]),
+    "resnet32x4": (32, 32, [64, 128, 256]),
+}
+_WRN = re.compile(r"wrn_(\d+)_(\d+)$")
+_MLP = re.compile(r"mlp(-\d+)*$")
+MODEL_NAMES = sorted(_IMAGENET) + sorted(_CIFAR) + ["wrn_16_2", "wrn_40_2", "wrn_<depth>_<widen>",
+                                                    "mlp-<width>-…"]
+
+
+def model_names() -> list[str]:
+    """The names :func:`create_model` accepts (patterns in angle brackets)."""
+    return list(MODEL_NAMES)
+
+
+def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 224) -> Classifier:
+    """A zoo model by name, freshly initialized.
+
+    Args:
+        name: see :data:`MODEL_NAMES` (e.g. ``"resnet18"``, ``"resnet8x4"``, ``"wrn_40_2"``,
+            ``"mlp-256-256"``).
+        num_classes: outputs of ``fc``.
+        in_channels: image channels (3; 1 for the digits).
+        image_size: input height and width (used by MLPs only).
+    """
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if name in _IMAGENET:
+        block, layers = _IMAGENET[name]
+        return ResNet(block, layers, [64, 128, 256, 512], num_classes, in_channels, stem="imagenet")
+    if name in _CIFAR:
+        depth, stem, widths = _CIFAR[name]
+        return ResNet(BasicBlock, [(depth - 2) // 6] * 3, widths, num_classes, in_channels, stem="cifar",
+                      stem_width=stem)
+    if match := _WRN.match(name):
+        return WideResNet(int(match.group(1)), int(match.group(2)), num_classes, in_channels)
+    if _MLP.match(name):
+        widths = [int(width) for width in name.split("-")[1:]]
+        return MLP(widths, num_classes, in_channels * image_size * image_size)
+    raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")
+
+
+def load_weights(model: nn.Module, path, *, what: str = "teacher checkpoint") -> None:
+    """Load weights into ``model`` from a file: a plain state dict (e.g. torchvision's
+    ``resnet34-*.pth``), a kdfast run's ``model.pt``, or a kdfast training checkpoint.
+
+    Prefixes that DDP or ``torch.compile`` add (``module.``, ``_orig_mod.``) are removed.
+    Raises ValueError naming the missing, unexpected or mis-shaped keys.
+    """
+    from kdfast.checkpoint import read_checkpoint_file
+
+    state = read_checkpoint_file(path, what=what)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise ValueError(f"{what} {path} is not a state dict of tensors")
+    cleaned = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key.removeprefix(prefix)
+        cleaned[key] = value
+    expected = model.state_dict()
+    # Checkpoints older than PyTorch 0.4 (torchvision's own ResNet files among them) have no
+    # BatchNorm step counters; they are not weights, so they may be missing.
+    missing = sorted(key for key in set(expected) - set(cleaned) if not key.endswith("num_batches_tracked"))
+    unexpected = sorted(set(cleaned) - set(expected))
+    mis_shaped = [f"{key} {tuple(cleaned[key].shape)} (expected {tuple(expected[key].shape)})"
+                  for key in expected if key in cleaned and cleaned[key].shape != expected[key].shape]
+    if missing or unexpected or mis_shaped:
+        raise ValueError(f"{what} {path} does not match the model: {len(missing)} missing keys {missing[:5]}, "
+                         f"{len(unexpected)} unexpected keys {unexpected[:5]}, {len(mis_shaped)} mis-shaped "
+                         f"{mis_shaped[:5]}")
+    model.load_state_dict(cleaned, strict=False)

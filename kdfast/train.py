@@ -1,0 +1,588 @@
+"""The trainer behind ``kdfast train`` and ``kdfast eval``: thin on purpose.
+
+One process per device (``torchrun`` starts several; DDP with NCCL on GPUs, gloo on CPUs).
+Each step: the frozen teacher's forward (no grad, autocast), the student's forward, the
+method's loss terms (kdfast's fused losses), backward, optimizer and schedule. The run
+folder holds ``config.yaml``, ``metrics.jsonl``, ``checkpoint-<step>.pt`` (atomic, with a
+checksum; see :mod:`kdfast.checkpoint`), ``model.pt`` and ``summary.json``; only rank 0
+writes them.
+
+Methods (``--method``), each with a cross-entropy term of weight ``--ce-weight``:
+
+* ``ce``: cross-entropy alone (teachers, baselines);
+* ``kd``: + Hinton KD, :func:`kdfast.kd_loss`;
+* ``dist``: + DIST, :func:`kdfast.dist_loss` (the intra-class term is over each process's
+  batch, as in DIST's own multi-GPU code);
+* ``cmkd``: + CMKD, :func:`kdfast.cmkd_loss`;
+* ``drkd``: + DR-KD self-distillation, :func:`kdfast.drkd_loss` against the student's own
+  logits for each sample from the previous epoch (a per-sample bank indexed by the
+  loader's sample indices; the first epoch is plain CE);
+* ``pesf``: + KD from a PESF-KD teacher adapter (:class:`kdfast.nn.TeacherAdapter`) that
+  trains at the same time on the teacher's pooled feature, in its own parameter group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import kdfast
+from kdfast.checkpoint import latest_checkpoint, save_state_dict, write_checkpoint
+from kdfast.config import TEACHER_METHODS, TrainConfig, save_config, validate
+from kdfast.models import create_model, load_weights
+from kdfast.nn import TeacherAdapter
+
+LOGGER = logging.getLogger("kdfast.train")
+
+__all__ = ["Runtime", "evaluate", "run_eval", "train"]
+
+
+# --------------------------------------------------------------------------- processes
+
+@dataclass
+class Runtime:
+    """Where this process runs: its rank among ``world_size`` and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    owns_process_group: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_runtime(device: str = "auto") -> Runtime:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), pick the device, join the group."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but PyTorch sees no CUDA GPU")
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        target = torch.device("cuda", torch.cuda.current_device())
+    else:
+        target = torch.device("cpu")
+    owns = False
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=target if use_cuda else None)
+        owns = True
+    return Runtime(rank, world_size, local_rank, target, owns)
+
+
+def _all_reduce_sum(runtime: Runtime, values: torch.Tensor) -> torch.Tensor:
+    if runtime.distributed:
+        dist.all_reduce(values)
+    return values
+
+
+@contextlib.contextmanager
+def _execution_settings(config: TrainConfig):
+    """Threads and determinism for one run, restored afterwards (the demo runs many in one process)."""
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+             torch.backends.cudnn.benchmark)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if config.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(config.deterministic)
+    torch.backends.cudnn.benchmark = not config.deterministic
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1])
+        torch.backends.cudnn.benchmark = saved[2]
+
+
+# --------------------------------------------------------------------------- data and models
+
+_IMAGE_DTYPES = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def make_loaders(config: TrainConfig, runtime: Runtime):
+    """(train loader, val loader) of this process's shard."""
+    from kdfast.data import make_loader
+
+    options = dict(batch_size=config.batch_size, device=runtime.device, image_size=config.image_size,
+                   dtype=_IMAGE_DTYPES[config.amp], channels_last=config.channels_last, rank=runtime.rank,
+                   world_size=runtime.world_size, num_workers=config.workers, seed=config.seed)
+    if config.data != "digits":
+        options["loader"] = config.loader
+    return make_loader(config.data, "train", **options), make_loader(config.data, "val", **options)
+
+
+def build_model(name: str, loader, config: TrainConfig, runtime: Runtime, weights: str | None = None,
+                what: str = "checkpoint") -> nn.Module:
+    channels, height, _ = loader.image_shape
+    model = create_model(name, loader.num_classes, in_channels=channels, image_size=height)
+    if weights:
+        load_weights(model, weights, what=what)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    return model.to(device=runtime.device, memory_format=memory_format)
+
+
+class Schedule:
+    """The learning-rate factor at a step: linear warm-up, then cosine to 0, step decay or constant.
+
+    A plain object (not a closure), so that ``LambdaLR.state_dict`` saves it with the checkpoint.
+    """
+
+    def __init__(self, config: TrainConfig, steps_per_epoch: int):
+        self.kind = config.schedule
+        self.total = config.epochs * steps_per_epoch
+        self.warmup = round(config.warmup_epochs * steps_per_epoch)
+        self.boundaries = [m * steps_per_epoch for m in config.milestones]
+        self.decay = config.lr_decay
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.kind == "cosine":
+            progress = (step - self.warmup) / max(1, self.total - self.warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if self.kind == "step":
+            return self.decay ** sum(step >= boundary for boundary in self.boundaries)
+        return 1.0
+
+
+def make_optimizer(config: TrainConfig, student: nn.Module, adapter: nn.Module | None) -> torch.optim.Optimizer:
+    """Weight decay on weights only (not on BatchNorm or biases); the adapter in its own group."""
+    def groups(module, lr):
+        decay = [p for p in module.parameters() if p.requires_grad and p.ndim > 1]
+        plain = [p for p in module.parameters() if p.requires_grad and p.ndim <= 1]
+        return [{"params": decay, "weight_decay": config.weight_decay, "lr": lr},
+                {"params": plain, "weight_decay": 0.0, "lr": lr}]
+
+    param_groups = groups(student, config.lr)
+    if adapter is not None:
+        param_groups += groups(adapter, config.adapter_lr or config.lr)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(param_groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
+    return torch.optim.AdamW(param_groups, lr=config.lr)
+
+
+class StudentStep(nn.Module):
+    """What trains, as one module for DDP: the student and, for PESF-KD, the teacher adapter."""
+
+    def __init__(self, student: nn.Module, adapter: TeacherAdapter | None):
+        super().__init__()
+        self.student = student
+        self.adapter = adapter
+
+    def forward(self, images, teacher_logits=None, teacher_features=None):
+        student_logits = self.student(images)
+        adapted = None if self.adapter is None else self.adapter(teacher_logits, teacher_features)
+        return student_logits, adapted
+
+
+# --------------------------------------------------------------------------- the method's loss
+
+NEVER = -(2**62)  # the bank's epoch of a sample not seen yet (never "the previous epoch")
+
+
+class LogitBank:
+    """DR-KD's per-sample memory: each training sample's student logits and the epoch they are from.
+
+    Kept in host memory (ImageNet: 1.28 M × 1000 logits), in fp32 up to 64 M entries and
+    bf16 beyond. Under DDP every process holds the whole bank: each step's logits are
+    gathered from all ranks, because the next epoch's shuffle sends a sample to any rank.
+    """
+
+    def __init__(self, num_samples: int, num_classes: int):
+        dtype = torch.float32 if num_samples * num_classes <= 64 * 2**20 else torch.bfloat16
+        self.logits = torch.zeros(num_samples, num_classes, dtype=dtype)
+        self.epoch = torch.full((num_samples,), NEVER, dtype=torch.int64)  # epoch of each row's logits
+
+    def read(self, indices: torch.Tensor, epoch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits from ``epoch - 1``, mask of the rows that have them) on ``device``."""
+        cpu = indices.cpu()
+        valid = self.epoch[cpu] == epoch - 1
+        return self.logits[cpu].to(device, torch.float32, non_blocking=True), valid.to(device, non_blocking=True)
+
+    def write(self, indices: torch.Tensor, logits: torch.Tensor, epoch: int, runtime: Runtime) -> None:
+        logits = logits.detach().float()
+        if runtime.distributed:
+            gathered_indices = [torch.empty_like(indices) for _ in range(runtime.world_size)]
+            gathered_logits = [torch.empty_like(logits) for _ in range(runtime.world_size)]
+            dist.all_gather(gathered_indices, indices)
+            dist.all_gather(gathered_logits, logits)
+            indices, logits = torch.cat(gathered_indices), torch.cat(gathered_logits)
+        indices = indices.cpu()
+        self.logits[indices] = logits.cpu().to(self.logits.dtype)
+        self.epoch[indices] = epoch
+
+    def state_dict(self) -> dict:
+        return {"logits": self.logits, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.logits.copy_(state["logits"])
+        self.epoch.copy_(state["epoch"])
+
+
+class MethodLoss:
+    """The loss terms of a method for one batch: a dict of named scalars whose sum is optimized."""
+
+    def __init__(self, config: TrainConfig, num_classes: int, num_samples: int):
+        self.config = config
+        self.method = config.method
+        self.temperature = config.resolved_temperature()
+        self.backend = None if config.backend == "auto" else config.backend
+        self.bank = LogitBank(num_samples, num_classes) if config.method == "drkd" else None
+
+    def __call__(self, student_logits, teacher_logits, adapted, adapter, labels, indices, epoch, runtime):
+        c, tau, backend = self.config, self.temperature, self.backend
+        s = student_logits
+        terms = {"ce": c.ce_weight * F.cross_entropy(s.float(), labels)}
+        if self.method == "kd":
+            terms["kd"] = c.kd_weight * kdfast.kd_loss(s, teacher_logits, tau, backend=backend)
+        elif self.method == "dist":
+            terms["dist"] = c.kd_weight * kdfast.dist_loss(s, teacher_logits, tau, c.dist_beta, c.dist_gamma,
+                                                           backend=backend)
+        elif self.method == "cmkd":
+            terms["cmkd"] = c.kd_weight * kdfast.cmkd_loss(
+                s, teacher_logits, None, tau, c.cmkd_kl_weight, c.cmkd_corr_weight, 0.0, c.cmkd_weighting,
+                c.spearman_strength, backend=backend)
+        elif self.method == "drkd":
+            previous, valid = self.bank.read(indices, epoch, s.device)
+            rows = valid.nonzero().squeeze(1)
+            if len(rows):  # rows without a previous-epoch logit (epoch 0) get CE only
+                share = len(rows) / len(s)
+                terms["drkd"] = c.kd_weight * share * kdfast.drkd_loss(s[rows], previous[rows], labels[rows], tau,
+                                                                       backend=backend)
+            else:
+                terms["drkd"] = s.new_zeros((), dtype=torch.float32)
+            self.bank.write(indices, s, epoch, runtime)
+        elif self.method == "pesf":
+            targets = adapter.student_targets(adapted, labels)
+            terms["kd"] = c.kd_weight * kdfast.kd_loss(s, targets, tau, backend=backend)
+            terms["adapter"] = adapter.adapter_loss(adapted, s, labels)
+        return terms
+
+
+# --------------------------------------------------------------------------- progress and metrics
+
+class Progress:
+    """A one-line progress bar (``bar``) or a line per log interval (``lines``) on stderr."""
+
+    def __init__(self, mode: str, total_steps: int, enabled: bool):
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        self.mode = mode if enabled else "none"
+        self.total = total_steps
+
+    def update(self, step: int, epoch: int, epochs: int, record: dict, seconds_left: float) -> None:
+        if self.mode == "none":
+            return
+        terms = " ".join(f"{name} {value:.4f}" for name, value in record["terms"].items())
+        eta = time.strftime("%H:%M:%S", time.gmtime(max(0.0, seconds_left)))
+        text = (f"epoch {epoch + 1}/{epochs} step {step}/{self.total} {record['images_per_s']:.0f} img/s "
+                f"loss {record['loss']:.4f} ({terms}) lr {record['lr']:.4g} ETA {eta}")
+        if self.mode == "bar":
+            width = 20
+            done = int(width * step / max(1, self.total))
+            sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {text}\033[K")
+        else:
+            sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    def message(self, text: str) -> None:
+        if self.mode == "bar":
+            sys.stderr.write("\r\033[K")
+        if self.mode != "none":
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
+
+
+class MetricsWriter:
+    """Appends JSON records to ``metrics.jsonl`` (and TensorBoard scalars when available); rank 0 only."""
+
+    def __init__(self, folder: Path | None, tensorboard: bool):
+        self.path = None if folder is None else folder / "metrics.jsonl"
+        self.board = None
+        if folder is not None and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.board = SummaryWriter(str(folder / "tensorboard"))
+            except ImportError:
+                LOGGER.info("tensorboard is not installed; metrics go to metrics.jsonl only")
+
+    def write(self, record: dict) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.board is not None:
+            prefix = record["kind"]
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                    self.board.add_scalar(f"{prefix}/{key}", value, record["step"])
+            for key, value in record.get("terms", {}).items():
+                self.board.add_scalar(f"{prefix}/loss_{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def _autocast(config: TrainConfig, device: torch.device):
+    if config.amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=_IMAGE_DTYPES[config.amp])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, runtime: Runtime, config: TrainConfig) -> dict:
+    """Top-1, top-5 (in %) and mean cross-entropy over the whole split (all ranks together)."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=runtime.device)  # correct@1, correct@5, loss, count
+    k = min(5, loader.num_classes)
+    for images, labels, _ in loader:
+        with _autocast(config, runtime.device):
+            logits = model(images)
+        logits = logits.float()
+        top = logits.topk(k, dim=1).indices
+        hits = top == labels[:, None]
+        totals += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), F.cross_entropy(logits, labels, reduction="sum"),
+                               torch.tensor(len(labels), device=logits.device)]).to(totals)
+    model.train(was_training)
+    correct1, correct5, loss, count = _all_reduce_sum(runtime, totals).tolist()
+    return {"top1": 100 * correct1 / count, "top5": 100 * correct5 / count, "loss": loss / count,
+            "images": int(count)}
+
+
+# --------------------------------------------------------------------------- training
+
+def _rng_state() -> dict:
+    numpy_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2]),
+                      "has_gauss": int(numpy_state[3]), "gauss": float(numpy_state[4])},
+            "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    module = getattr(module, "_orig_mod", module)
+    return getattr(module, "module", module)
+
+
+def train(config: TrainConfig, print_fn=print) -> dict:
+    """Run ``kdfast train`` with a resolved configuration; returns the summary (on every rank)."""
+    validate(config)
+    runtime = init_runtime(config.device)
+    try:
+        with _execution_settings(config):
+            return _train(config, runtime, print_fn)
+    finally:
+        if runtime.owns_process_group:
+            dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, runtime: Runtime, print_fn) -> dict:
+    folder = Path(config.output)
+    if runtime.main:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_config(config, folder / "config.yaml")
+    say = print_fn if runtime.main else (lambda *_: None)
+
+    train_loader, val_loader = make_loaders(config, runtime)
+    steps_per_epoch, total_steps = len(train_loader), len(train_loader) * config.epochs
+    torch.manual_seed(config.seed)  # the same initialization on every rank and in every method
+    student = build_model(config.student, train_loader, config, runtime, config.init_checkpoint, "init_checkpoint")
+    teacher = adapter = None
+    if config.method in TEACHER_METHODS:
+        teacher = build_model(config.teacher, train_loader, config, runtime, config.teacher_checkpoint,
+                              "teacher_checkpoint").eval().requires_grad_(False)
+    if config.method == "pesf":
+        adapter = TeacherAdapter(teacher.feature_dim, train_loader.num_classes, config.adapter_hidden,
+                                 config.resolved_temperature(), config.rectify,
+                                 backend=None if config.backend == "auto" else config.backend).to(runtime.device)
+    model = StudentStep(student, adapter)
+    if config.sync_bn and runtime.distributed and runtime.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = make_optimizer(config, model.student, model.adapter)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule(config, steps_per_epoch))
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.amp == "fp16")
+    loss_fn = MethodLoss(config, train_loader.num_classes, train_loader.num_samples)
+
+    start_epoch = start_batch = global_step = 0
+    best_top1, elapsed_before = None, 0.0
+    if config.resume:
+        found = latest_checkpoint(folder)
+        if found is None:
+            say(f"resume: no valid checkpoint in {folder}; starting from the beginning")
+        else:
+            path, state = found
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            if loss_fn.bank is not None:
+                loss_fn.bank.load_state_dict(state["bank"])
+            _set_rng_state(state["rng"])
+            start_epoch, start_batch, global_step = state["epoch"], state["batch"], state["step"]
+            best_top1, elapsed_before = state.get("best_top1"), state.get("elapsed_s", 0.0)
+            say(f"resumed from {path} (epoch {start_epoch + 1}, batch {start_batch}, step {global_step})")
+
+    ddp_model = model
+    if runtime.distributed:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    step_model = torch.compile(ddp_model) if config.compile else ddp_model
+    teacher_forward = None
+    if teacher is not None:
+        teacher_forward = torch.compile(teacher.forward_features) if config.compile else teacher.forward_features
+
+    metrics = MetricsWriter(folder if runtime.main else None, config.tensorboard)
+    progress = Progress(config.progress, total_steps, runtime.main)
+    parameters = sum(p.numel() for p in student.parameters())
+    say(f"kdfast train: {config.method} | student {config.student} ({parameters:,} parameters)"
+        + (f" | teacher {config.teacher}" if teacher is not None else "")
+        + f" | {train_loader.num_samples} train / {val_loader.num_samples} val images, {train_loader.num_classes} "
+        f"classes | {runtime.world_size} process(es) on {runtime.device.type} | {steps_per_epoch} steps/epoch")
+
+    def checkpoint(epoch: int, batch: int) -> None:
+        if not runtime.main:
+            return
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
+                 "epoch": epoch, "batch": batch, "step": global_step, "best_top1": best_top1,
+                 "elapsed_s": elapsed_before + time.perf_counter() - started, "config": config.to_dict()}
+        if loss_fn.bank is not None:
+            state["bank"] = loss_fn.bank.state_dict()
+        write_checkpoint(folder, state, global_step, keep=config.keep_checkpoints)
+
+    started = time.perf_counter()
+    last_eval: dict | None = None
+    images_seen = 0
+    for epoch in range(start_epoch, config.epochs):
+        model.train()
+        sums: dict[str, torch.Tensor] = {}
+        interval_steps, interval_start, data_wait = 0, time.perf_counter(), 0.0
+        batches = iter(train_loader.iterate(epoch, start_batch))
+        for batch_index in range(start_batch, steps_per_epoch):
+            wait_start = time.perf_counter()
+            images, labels, indices = next(batches)
+            data_wait += time.perf_counter() - wait_start
+
+            teacher_logits = teacher_features = None
+            with _autocast(config, runtime.device):
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_features = teacher_forward(images)
+                        teacher_logits = teacher.fc(teacher_features)
+                student_logits, adapted = step_model(images, teacher_logits, teacher_features)
+            terms = loss_fn(student_logits, teacher_logits, adapted, model.adapter, labels, indices, epoch, runtime)
+            loss = sum(terms.values())
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            global_step += 1
+            interval_steps += 1
+            images_seen += len(labels) * runtime.world_size
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value.detach()
+
+            last_of_epoch = batch_index + 1 == steps_per_epoch
+            if global_step % config.log_every == 0 or last_of_epoch:
+                names = list(sums)
+                reduced = _all_reduce_sum(runtime, torch.stack([sums[n].float() for n in names])
+                                          / (interval_steps * runtime.world_size)).tolist()
+                seconds = time.perf_counter() - interval_start
+                record = {"kind": "train", "epoch": epoch, "step": global_step, "lr": scheduler.get_last_lr()[0],
+                          "loss": sum(reduced), "terms": dict(zip(names, reduced)),
+                          "images_per_s": interval_steps * len(labels) * runtime.world_size / seconds,
+                          "data_wait_s": data_wait, "compute_s": seconds - data_wait, "interval_s": seconds}
+                metrics.write(record)
+                rate = global_step - (start_epoch * steps_per_epoch + start_batch)
+                seconds_left = (time.perf_counter() - started) / max(1, rate) * (total_steps - global_step)
+                progress.update(global_step, epoch, config.epochs, record, seconds_left)
+                sums, interval_steps, interval_start, data_wait = {}, 0, time.perf_counter(), 0.0
+            if config.checkpoint_every and global_step % config.checkpoint_every == 0 and not last_of_epoch:
+                checkpoint(epoch, batch_index + 1)
+        start_batch = 0
+
+        final = epoch + 1 == config.epochs
+        if final or (config.eval_every and (epoch + 1) % config.eval_every == 0):
+            last_eval = evaluate(student, val_loader, runtime, config)
+            best_top1 = last_eval["top1"] if best_top1 is None else max(best_top1, last_eval["top1"])
+            metrics.write({"kind": "eval", "epoch": epoch, "step": global_step, **last_eval})
+            progress.message(f"epoch {epoch + 1}/{config.epochs}: val top-1 {last_eval['top1']:.2f}% "
+                             f"top-5 {last_eval['top5']:.2f}% loss {last_eval['loss']:.4f}")
+        checkpoint(epoch + 1, 0)
+
+    if last_eval is None:  # resumed after the last epoch had finished
+        last_eval = evaluate(student, val_loader, runtime, config)
+    seconds = elapsed_before + time.perf_counter() - started
+    summary = {"method": config.method, "student": config.student, "teacher": config.teacher,
+               "epochs": config.epochs, "steps": global_step, "top1": last_eval["top1"], "top5": last_eval["top5"],
+               "best_top1": best_top1 if best_top1 is not None else last_eval["top1"], "val_loss": last_eval["loss"],
+               "train_seconds": seconds, "world_size": runtime.world_size, "device": runtime.device.type,
+               "images_per_s": images_seen / max(1e-9, time.perf_counter() - started)}
+    if runtime.main:
+        save_state_dict(folder / "model.pt", student.state_dict())
+        if adapter is not None:
+            save_state_dict(folder / "adapter.pt", adapter.state_dict())
+        (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    metrics.close()
+    say(f"done: val top-1 {summary['top1']:.2f}% (best {summary['best_top1']:.2f}%), top-5 {summary['top5']:.2f}%, "
+        f"{seconds:.1f} s; weights in {folder / 'model.pt'}")
+    return summary
+
+
+def run_eval(config: TrainConfig, print_fn=print) -> dict:
+    """``kdfast eval``: top-1/top-5 of ``config.student`` with weights ``config.checkpoint`` on the val split."""
+    if not config.checkpoint:
+        raise ValueError("checkpoint is required by kdfast eval: the weights of --student to evaluate")
+    runtime = init_runtime(config.device)
+    try:
+        with _execution_settings(config):
+            _, val_loader = make_loaders(config, runtime)
+            model = build_model(config.student, val_loader, config, runtime, config.checkpoint, "checkpoint")
+            result = evaluate(model, val_loader, runtime, config)
+        if runtime.main:
+            print_fn(f"{config.student} on {config.data} val: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%, "
+                     f"loss {result['loss']:.4f} ({result['images']} images)")
+        return result
+    finally:
+        if runtime.owns_process_group:
+            dist.destroy_process_group()
