@@ -93,13 +93,26 @@ struct RowScratch {
   }
 };
 
+// Rows up to this length are sorted by comparison instead of by radix.
+constexpr int64_t kComparisonSortMax = 64;
+
 // Stable LSD radix sort (8-bit digits) of x into ascending order. Returns the sorted
 // items, each one 64-bit word: the order-preserving key of x_i (ascending_key of x_i + 0,
 // so that −0 and +0 get one key, as they compare equal) above the index i.
 const uint64_t* radix_sort(const float* x, int64_t n, RowScratch& w) {
-  uint32_t histogram[4][256] = {};
   uint64_t* items = w.items.data();
   uint64_t* items_tmp = w.items_tmp.data();
+  if (n <= kComparisonSortMax) {
+    // Short rows: the four 256-bucket passes would cost more than the row. The items are
+    // distinct (the index is in the low bits), so any comparison sort of them gives the
+    // stable radix sort's exact order.
+    for (int64_t i = 0; i < n; ++i) {
+      items[i] = (static_cast<uint64_t>(ascending_key(x[i] + 0.0f)) << 32) | static_cast<uint32_t>(i);
+    }
+    std::sort(items, items + n);
+    return items;
+  }
+  uint32_t histogram[4][256] = {};
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t key = ascending_key(x[i] + 0.0f);
     items[i] = (static_cast<uint64_t>(key) << 32) | static_cast<uint32_t>(i);

@@ -1,10 +1,12 @@
-"""A short, real distillation on scikit-learn's bundled handwritten digits (``make demo``).
+"""The end-to-end demo (``make demo``): every KD method on the embedded digits, through the trainer.
 
-A teacher MLP is trained with cross-entropy; then a much smaller student is trained from
-the same initialization with cross-entropy alone, with Hinton KD (``kdfast.kd_loss``),
-with DIST (``kdfast.dist_loss``) and with CMKD (``kdfast.cmkd_loss``), over several
-seeds, and the validation accuracies are printed. Nothing is downloaded: the digits
-(1,797 8×8 images, 10 classes) ship inside scikit-learn.
+A ResNet-20 teacher is trained with cross-entropy; then a ResNet-8 student (a quarter of
+its parameters) is trained with each method — ``ce``, ``kd``, ``dist``, ``cmkd``, ``drkd``,
+``pesf`` — from the same initialization and data order for a given seed, over several
+seeds. Every run is a real ``kdfast train`` run (its folder holds the config, metrics,
+checkpoints and weights). The table of mean ± std top-1 and time per method is printed and
+written as ``results.md``, ``results.json`` and a chart ``results.png`` in the run folder.
+Nothing is downloaded: the digits (1,797 8×8 images, 10 classes) ship inside scikit-learn.
 
 Run ``python -m kdfast.demo --help`` for the options.
 """
@@ -12,118 +14,115 @@ Run ``python -m kdfast.demo --help`` for the options.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
-
-import torch
-import torch.nn.functional as F
-from torch import nn
+from pathlib import Path
 
 import kdfast
+from kdfast.config import METHODS, resolve_config
+from kdfast.train import train
+
+#: Per-method settings of the demo on top of the trainer's defaults: DIST with its CIFAR
+#: setting (τ = 4, β = γ = 2) rather than its ImageNet default (τ = 1, β = γ = 1).
+METHOD_OPTIONS = {"dist": dict(temperature=4.0, dist_beta=2.0, dist_gamma=2.0)}
 
 
-def load_digits(seed: int = 0, val_fraction: float = 0.3):
-    """Digits as float tensors in [0, 1]: (x_train, y_train, x_val, y_val), a stratified split."""
-    from sklearn.datasets import load_digits as sklearn_digits
-    from sklearn.model_selection import train_test_split
-
-    data = sklearn_digits()
-    x_train, x_val, y_train, y_val = train_test_split(
-        data.data / 16.0, data.target, test_size=val_fraction, random_state=seed, stratify=data.target
-    )
-    as_x = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
-    as_y = lambda a: torch.tensor(a, dtype=torch.long)  # noqa: E731
-    return as_x(x_train), as_y(y_train), as_x(x_val), as_y(y_val)
+def _quiet(*_):
+    pass
 
 
-def mlp(widths: list[int]) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(fan_in, fan_out))
-        if i < len(widths) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    with torch.no_grad():
-        return (model(x).argmax(1) == y).float().mean().item()
-
-
-def train(model, x, y, loss_fn, epochs, batch_size, lr, seed, teacher_logits=None):
-    """Mini-batch AdamW with a cosine schedule; ``loss_fn(student_logits, teacher_logits, target)``."""
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps = epochs * ((len(x) + batch_size - 1) // batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    for _ in range(epochs):
-        model.train()
-        for batch in torch.randperm(len(x), generator=generator).split(batch_size):
-            teacher = None if teacher_logits is None else teacher_logits[batch]
-            loss = loss_fn(model(x[batch]), teacher, y[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    return model
-
-
-def student_methods(temperature: float):
-    """Each method's loss of (student logits, teacher logits, targets); all keep the CE term."""
-    return {
-        "ce": lambda s, t, y: F.cross_entropy(s, y),
-        "kd": lambda s, t, y: F.cross_entropy(s, y) + kdfast.kd_loss(s, t, temperature),
-        "dist": lambda s, t, y: F.cross_entropy(s, y) + kdfast.dist_loss(s, t, temperature=1.0, beta=2.0, gamma=2.0),
-        "cmkd": lambda s, t, y: kdfast.cmkd_loss(s, t, y, temperature),
-    }
-
-
-def run(epochs: int = 60, seeds: int = 3, teacher_widths=(64, 256, 256, 10), student_widths=(64, 16, 10),
-        temperature: float = 4.0, batch_size: int = 64, lr: float = 3e-3, print_fn=print) -> dict:
-    """Train the teacher and every student; returns {method: [accuracy per seed]} plus the teacher's."""
-    x_train, y_train, x_val, y_val = load_digits()
-    print_fn(f"digits: {len(x_train)} train / {len(x_val)} val images, 10 classes; backends: "
+def run(output: str | Path = "runs/demo", teacher: str = "resnet20", student: str = "resnet8",
+        teacher_epochs: int = 30, epochs: int = 20, seeds: int = 3, methods=METHODS, print_fn=print) -> dict:
+    """Train the teacher and every (method, seed) student; write and return the results."""
+    output = Path(output)
+    common = dict(data="digits", batch_size=64, lr=0.1, progress="none", eval_every=0, tensorboard=False)
+    print_fn(f"kdfast demo: digits (1257 train / 540 val, 8×8), teacher {teacher}, student {student}; backends: "
              + ", ".join(name for name, status in kdfast.backends().items() if status.available))
-
-    torch.manual_seed(0)
     start = time.perf_counter()
-    teacher = train(mlp(list(teacher_widths)), x_train, y_train, student_methods(temperature)["ce"],
-                    40, batch_size, lr, seed=0)
-    teacher_accuracy = accuracy(teacher, x_val, y_val)
-    teacher_params = sum(p.numel() for p in teacher.parameters())
-    print_fn(f"teacher {list(teacher_widths)} ({teacher_params} params): val top-1 {100 * teacher_accuracy:.2f}% "
-             f"({time.perf_counter() - start:.1f}s)")
-    with torch.no_grad():
-        teacher.eval()
-        teacher_logits = teacher(x_train)
+    teacher_summary = train(resolve_config(student=teacher, method="ce", epochs=teacher_epochs,
+                                           output=str(output / "teacher"), **common), print_fn=_quiet)
+    teacher_seconds = time.perf_counter() - start
+    print_fn(f"teacher {teacher}: val top-1 {teacher_summary['top1']:.2f}% ({teacher_seconds:.1f} s)")
+    teacher_file = str(output / "teacher" / "model.pt")
 
-    student_params = sum(p.numel() for p in mlp(list(student_widths)).parameters())
-    print_fn(f"student {list(student_widths)} ({student_params} params), {seeds} seeds, {epochs} epochs, "
-             f"temperature {temperature}:")
-    results = {"teacher": [teacher_accuracy]}
-    for method, loss_fn in student_methods(temperature).items():
-        start = time.perf_counter()
-        scores = []
+    results = {"teacher": {"model": teacher, "top1": [teacher_summary["top1"]], "seconds": [teacher_seconds]}}
+    for method in methods:
+        scores, seconds = [], []
         for seed in range(seeds):
-            torch.manual_seed(100 + seed)  # the same initialization for every method
-            student = train(mlp(list(student_widths)), x_train, y_train, loss_fn, epochs, batch_size, lr,
-                            seed=seed, teacher_logits=teacher_logits)
-            scores.append(accuracy(student, x_val, y_val))
-        results[method] = scores
-        spread = statistics.stdev(scores) if len(scores) > 1 else 0.0
-        print_fn(f"  {method:5s} val top-1 {100 * statistics.mean(scores):6.2f}% ± {100 * spread:4.2f}  "
-                 f"({(time.perf_counter() - start) / seeds:.1f}s per run)")
+            start = time.perf_counter()
+            summary = train(resolve_config(student=student, method=method, epochs=epochs, seed=seed,
+                                           teacher=teacher, teacher_checkpoint=teacher_file,
+                                           output=str(output / f"{method}-seed{seed}"),
+                                           **common, **METHOD_OPTIONS.get(method, {})), print_fn=_quiet)
+            scores.append(summary["top1"])
+            seconds.append(time.perf_counter() - start)
+        results[method] = {"model": student, "top1": scores, "seconds": seconds}
+        mean, std = _mean_std(scores)
+        print_fn(f"  {method:5s} val top-1 {mean:6.2f}% ± {std:4.2f}  ({statistics.mean(seconds):.1f} s per run)")
+
+    settings = dict(teacher=teacher, student=student, teacher_epochs=teacher_epochs, epochs=epochs, seeds=seeds)
+    write_report(output, results, settings)
+    print_fn(f"table: {output / 'results.md'}, chart: {output / 'results.png'}")
     return results
+
+
+def write_report(output: Path, results: dict, settings: dict) -> None:
+    """``results.md`` (the table), ``results.json`` (every run) and ``results.png`` (the chart)."""
+    baseline = statistics.mean(results["ce"]["top1"]) if "ce" in results else None
+    lines = [f"# kdfast demo: digits, teacher {settings['teacher']}, student {settings['student']}", "",
+             f"{settings['seeds']} seeds, {settings['epochs']} student epochs, {settings['teacher_epochs']} teacher "
+             f"epochs; validation top-1 (540 images).", "",
+             "| method | model | top-1 (mean ± std) | vs ce | time per run |", "| --- | --- | --- | --- | --- |"]
+    for method, entry in results.items():
+        mean, std = _mean_std(entry["top1"])
+        delta = "" if baseline is None or method in ("teacher", "ce") else f"{mean - baseline:+.2f}"
+        lines.append(f"| {method} | {entry['model']} | {mean:.2f} ± {std:.2f} | {delta} | "
+                     f"{statistics.mean(entry['seconds']):.1f} s |")
+    (output / "results.md").write_text("\n".join(lines) + "\n")
+    (output / "results.json").write_text(json.dumps({"settings": settings, "results": results}, indent=2) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    means = [_mean_std(results[name]["top1"])[0] for name in names]
+    stds = [_mean_std(results[name]["top1"])[1] for name in names]
+    figure, axis = plt.subplots(figsize=(7, 3.5))
+    colors = ["#888888" if name == "teacher" else "#4C72B0" if name == "ce" else "#DD8452" for name in names]
+    axis.bar(names, means, yerr=stds, capsize=4, color=colors)
+    bottom = max(0.0, min(m - s for m, s in zip(means, stds)) - 1.0)
+    axis.set_ylim(bottom, 100.0)
+    axis.set_ylabel("val top-1 (%)")
+    axis.set_title(f"digits: {settings['student']} student, {settings['teacher']} teacher, "
+                   f"{settings['seeds']} seeds (mean ± std)")
+    for index, mean in enumerate(means):
+        axis.text(index, bottom + 0.02 * (100.0 - bottom), f"{mean:.2f}", ha="center", va="bottom", fontsize=8,
+                  color="white")
+    figure.tight_layout()
+    figure.savefig(output / "results.png", dpi=120)
+    plt.close(figure)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=60, help="student epochs (the teacher trains 40)")
+    parser.add_argument("--output", default="runs/demo", help="run folder (default runs/demo)")
+    parser.add_argument("--teacher", default="resnet20")
+    parser.add_argument("--student", default="resnet8")
+    parser.add_argument("--teacher-epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=20, help="student epochs")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--temperature", type=float, default=4.0)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     args = parser.parse_args(argv)
-    run(epochs=args.epochs, seeds=args.seeds, temperature=args.temperature)
+    if "ce" not in args.methods:
+        args.methods.insert(0, "ce")  # the baseline every other row is compared with
+    run(args.output, args.teacher, args.student, args.teacher_epochs, args.epochs, args.seeds, args.methods)
 
 
 if __name__ == "__main__":

@@ -281,6 +281,77 @@ class MethodLoss:
         return terms
 
 
+class KDStep:
+    """One training step of a method, and everything it updates.
+
+    Builds the student (seeded: the same initialization on every rank and for every
+    method), the frozen teacher, the PESF-KD adapter, the optimizer, the schedule, the AMP
+    scaler and the method's loss. Calling it runs teacher forward (no grad), student
+    forward, loss, backward, optimizer and schedule on one batch and returns the loss
+    terms. ``mark(part)``, when given, is called after each part (the training benchmark
+    times them).
+    """
+
+    def __init__(self, config: TrainConfig, runtime: Runtime, train_loader, load_weights: bool = True):
+        self.config, self.runtime = config, runtime
+        torch.manual_seed(config.seed)
+        student = build_model(config.student, train_loader, config, runtime,
+                              config.init_checkpoint if load_weights else None, "init_checkpoint")
+        self.teacher = adapter = None
+        if config.method in TEACHER_METHODS:
+            self.teacher = build_model(config.teacher, train_loader, config, runtime,
+                                       config.teacher_checkpoint if load_weights else None,
+                                       "teacher_checkpoint").eval().requires_grad_(False)
+        if config.method == "pesf":
+            adapter = TeacherAdapter(self.teacher.feature_dim, train_loader.num_classes, config.adapter_hidden,
+                                     config.resolved_temperature(), config.rectify,
+                                     backend=None if config.backend == "auto" else config.backend).to(runtime.device)
+        self.model = StudentStep(student, adapter)
+        if config.sync_bn and runtime.distributed and runtime.device.type == "cuda":
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.optimizer = make_optimizer(config, self.model.student, self.model.adapter)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, Schedule(config, len(train_loader)))
+        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.amp == "fp16")
+        self.loss_fn = MethodLoss(config, train_loader.num_classes, train_loader.num_samples)
+        self.step_model, self.teacher_forward = self.model, None
+        if self.teacher is not None:
+            self.teacher_forward = self.teacher.forward_features
+
+    def wrap(self) -> None:
+        """DDP (when distributed) and torch.compile (when asked); after any checkpoint is loaded."""
+        model = self.model
+        if self.runtime.distributed:
+            device_ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        self.step_model = torch.compile(model) if self.config.compile else model
+        if self.teacher is not None and self.config.compile:
+            self.teacher_forward = torch.compile(self.teacher.forward_features)
+
+    def __call__(self, images, labels, indices, epoch: int, mark=None) -> dict[str, torch.Tensor]:
+        mark = mark or (lambda part: None)
+        teacher_logits = teacher_features = None
+        with _autocast(self.config, self.runtime.device):
+            if self.teacher is not None:
+                with torch.no_grad():
+                    teacher_features = self.teacher_forward(images)
+                    teacher_logits = self.teacher.fc(teacher_features)
+                mark("teacher forward")
+            student_logits, adapted = self.step_model(images, teacher_logits, teacher_features)
+        mark("student forward")
+        terms = self.loss_fn(student_logits, teacher_logits, adapted, self.model.adapter, labels, indices, epoch,
+                             self.runtime)
+        loss = sum(terms.values())
+        mark("loss")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        mark("backward")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        mark("optimizer")
+        return terms
+
+
 # --------------------------------------------------------------------------- progress and metrics
 
 class Progress:
@@ -424,23 +495,10 @@ def _train(config: TrainConfig, runtime: Runtime, print_fn) -> dict:
 
     train_loader, val_loader = make_loaders(config, runtime)
     steps_per_epoch, total_steps = len(train_loader), len(train_loader) * config.epochs
-    torch.manual_seed(config.seed)  # the same initialization on every rank and in every method
-    student = build_model(config.student, train_loader, config, runtime, config.init_checkpoint, "init_checkpoint")
-    teacher = adapter = None
-    if config.method in TEACHER_METHODS:
-        teacher = build_model(config.teacher, train_loader, config, runtime, config.teacher_checkpoint,
-                              "teacher_checkpoint").eval().requires_grad_(False)
-    if config.method == "pesf":
-        adapter = TeacherAdapter(teacher.feature_dim, train_loader.num_classes, config.adapter_hidden,
-                                 config.resolved_temperature(), config.rectify,
-                                 backend=None if config.backend == "auto" else config.backend).to(runtime.device)
-    model = StudentStep(student, adapter)
-    if config.sync_bn and runtime.distributed and runtime.device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = make_optimizer(config, model.student, model.adapter)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule(config, steps_per_epoch))
-    scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.amp == "fp16")
-    loss_fn = MethodLoss(config, train_loader.num_classes, train_loader.num_samples)
+    kd_step = KDStep(config, runtime, train_loader)
+    model, optimizer, scheduler, scaler, loss_fn = (kd_step.model, kd_step.optimizer, kd_step.scheduler,
+                                                    kd_step.scaler, kd_step.loss_fn)
+    student = model.student
 
     start_epoch = start_batch = global_step = 0
     best_top1, elapsed_before = None, 0.0
@@ -461,20 +519,12 @@ def _train(config: TrainConfig, runtime: Runtime, print_fn) -> dict:
             best_top1, elapsed_before = state.get("best_top1"), state.get("elapsed_s", 0.0)
             say(f"resumed from {path} (epoch {start_epoch + 1}, batch {start_batch}, step {global_step})")
 
-    ddp_model = model
-    if runtime.distributed:
-        ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-    step_model = torch.compile(ddp_model) if config.compile else ddp_model
-    teacher_forward = None
-    if teacher is not None:
-        teacher_forward = torch.compile(teacher.forward_features) if config.compile else teacher.forward_features
-
+    kd_step.wrap()
     metrics = MetricsWriter(folder if runtime.main else None, config.tensorboard)
     progress = Progress(config.progress, total_steps, runtime.main)
     parameters = sum(p.numel() for p in student.parameters())
     say(f"kdfast train: {config.method} | student {config.student} ({parameters:,} parameters)"
-        + (f" | teacher {config.teacher}" if teacher is not None else "")
+        + (f" | teacher {config.teacher}" if kd_step.teacher is not None else "")
         + f" | {train_loader.num_samples} train / {val_loader.num_samples} val images, {train_loader.num_classes} "
         f"classes | {runtime.world_size} process(es) on {runtime.device.type} | {steps_per_epoch} steps/epoch")
 
@@ -502,20 +552,7 @@ def _train(config: TrainConfig, runtime: Runtime, print_fn) -> dict:
             images, labels, indices = next(batches)
             data_wait += time.perf_counter() - wait_start
 
-            teacher_logits = teacher_features = None
-            with _autocast(config, runtime.device):
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_features = teacher_forward(images)
-                        teacher_logits = teacher.fc(teacher_features)
-                student_logits, adapted = step_model(images, teacher_logits, teacher_features)
-            terms = loss_fn(student_logits, teacher_logits, adapted, model.adapter, labels, indices, epoch, runtime)
-            loss = sum(terms.values())
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            terms = kd_step(images, labels, indices, epoch)
             global_step += 1
             interval_steps += 1
             images_seen += len(labels) * runtime.world_size
@@ -560,8 +597,8 @@ def _train(config: TrainConfig, runtime: Runtime, print_fn) -> dict:
                "images_per_s": images_seen / max(1e-9, time.perf_counter() - started)}
     if runtime.main:
         save_state_dict(folder / "model.pt", student.state_dict())
-        if adapter is not None:
-            save_state_dict(folder / "adapter.pt", adapter.state_dict())
+        if model.adapter is not None:
+            save_state_dict(folder / "adapter.pt", model.adapter.state_dict())
         (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     metrics.close()
     say(f"done: val top-1 {summary['top1']:.2f}% (best {summary['best_top1']:.2f}%), top-5 {summary['top5']:.2f}%, "
