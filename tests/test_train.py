@@ -302,3 +302,14 @@ def test_two_gloo_processes_match_one(tmp_path, teacher_file, method):
     expected = weights(tmp_path / "one" / "model.pt")
     for key, value in weights(tmp_path / "two" / "model.pt").items():
         torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-6)
+
+
+def test_example_imagenet_config_resolves():
+    """The SLURM example's config is valid (its paths are placeholders for a cluster)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    resolved = resolve_config(parser.parse_args(["--config", str(ROOT / "examples" / "imagenet_cmkd.yaml")]))
+    assert (resolved.student, resolved.teacher, resolved.method, resolved.amp) == ("resnet18", "resnet34", "cmkd", "bf16")
+    assert "examples/imagenet_cmkd.yaml" in (ROOT / "examples" / "slurm_imagenet.sbatch").read_text()
