@@ -313,3 +313,13 @@ def test_example_imagenet_config_resolves():
     resolved = resolve_config(parser.parse_args(["--config", str(ROOT / "examples" / "imagenet_cmkd.yaml")]))
     assert (resolved.student, resolved.teacher, resolved.method, resolved.amp) == ("resnet18", "resnet34", "cmkd", "bf16")
     assert "examples/imagenet_cmkd.yaml" in (ROOT / "examples" / "slurm_imagenet.sbatch").read_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["cmkd", "drkd", "pesf"])
+def test_train_on_gpu(tmp_path, teacher_file, method):
+    """A CUDA run with bf16 autocast and channels_last (the fused CUDA/Triton losses inside)."""
+    cfg = config(tmp_path, student="resnet8", method=method, teacher="mlp-128", teacher_checkpoint=str(teacher_file),
+                 device="cuda", amp="bf16", channels_last=True, epochs=3)
+    summary = train(cfg, print_fn=quiet)
+    assert summary["device"] == "cuda" and summary["top1"] > 50
