@@ -323,3 +323,13 @@ def test_train_on_gpu(tmp_path, teacher_file, method):
                  device="cuda", amp="bf16", channels_last=True, epochs=3)
     summary = train(cfg, print_fn=quiet)
     assert summary["device"] == "cuda" and summary["top1"] > 50
+
+
+def test_compiled_run_matches_eager(tmp_path, teacher_file):
+    """--compile (torch.compile of the student step and the teacher) trains to the eager weights."""
+    common = dict(student="mlp-32", method="kd", teacher="mlp-128", teacher_checkpoint=str(teacher_file), epochs=1)
+    train(config(tmp_path, name="eager", **common), print_fn=quiet)
+    train(config(tmp_path, name="compiled", compile=True, **common), print_fn=quiet)
+    expected = weights(tmp_path / "eager" / "model.pt")
+    for key, value in weights(tmp_path / "compiled" / "model.pt").items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-4, atol=1e-5)
