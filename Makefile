@@ -13,10 +13,15 @@ PYTEST_ARGS ?=
 # compiler is on PATH, so it is built with every directory holding nvcc removed.
 PATH_WITHOUT_NVCC := $(shell printf '%s' "$$PATH" | tr ':' '\n' | while read -r d; do [ -x "$$d/nvcc" ] || echo "$$d"; done | paste -sd:)
 
-.PHONY: demo test install clean
+.PHONY: demo reskd test install clean
 
 demo: $(STAMPS)/kdfast
 	$(PY) -m kdfast.demo
+
+# ResKD on the digits: teacher, plain student, 3-stage chain, accuracy-vs-cost curve
+# (runs/reskd/curve.json and curve.png).
+reskd: $(STAMPS)/kdfast
+	$(PY) -m kdfast reskd demo --output runs/reskd
 
 test: $(STAMPS)/kdfast $(STAMPS)/torchsort
 	$(PY) -m pytest $(PYTEST_ARGS)

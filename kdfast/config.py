@@ -14,11 +14,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-METHODS = ("ce", "kd", "dist", "cmkd", "drkd", "pesf")
-TEACHER_METHODS = ("kd", "dist", "cmkd", "pesf")  # drkd's teacher is the student's own past logits
+METHODS = ("ce", "kd", "dist", "cmkd", "drkd", "pesf", "reskd")
+TEACHER_METHODS = ("kd", "dist", "cmkd", "pesf", "reskd")  # drkd's teacher is the student's own past logits
 #: The temperature each method uses when --temperature is not given (the papers' defaults;
 #: DIST uses τ = 1 on ImageNet).
-DEFAULT_TEMPERATURE = {"ce": 1.0, "kd": 4.0, "dist": 1.0, "cmkd": 4.0, "drkd": 4.0, "pesf": 4.0}
+DEFAULT_TEMPERATURE = {"ce": 1.0, "kd": 4.0, "dist": 1.0, "cmkd": 4.0, "drkd": 4.0, "pesf": 4.0, "reskd": 4.0}
 
 
 def _option(default, help: str, **extra):
@@ -36,14 +36,14 @@ class TrainConfig:
     workers: int | None = _option(None, "DALI threads or DataLoader workers per process (default: cores, at most 8)")
     # models
     student: str = _option("resnet8", "student architecture (kdfast.models)")
-    teacher: str | None = _option(None, "teacher architecture (kd, dist, cmkd, pesf; ignored by ce and drkd)")
+    teacher: str | None = _option(None, "teacher architecture (kd, dist, cmkd, pesf, reskd; ignored by ce, drkd)")
     teacher_checkpoint: str | None = _option(None, "teacher weights: a kdfast model.pt/checkpoint or a "
                                                    "torchvision state dict")
     init_checkpoint: str | None = _option(None, "initial student weights (default: fresh initialization)")
     sync_bn: bool = _option(False, "convert the student's BatchNorm to SyncBatchNorm under DDP (GPUs only)")
     # method and loss
     method: str = _option("ce", "training method", choices=METHODS)
-    temperature: float | None = _option(None, "τ (default per method: kd/cmkd/drkd/pesf 4, dist 1)")
+    temperature: float | None = _option(None, "τ (default per method: kd/cmkd/drkd/pesf/reskd 4, dist 1)")
     ce_weight: float = _option(1.0, "weight of the cross-entropy term")
     kd_weight: float = _option(1.0, "weight of the distillation term")
     dist_beta: float = _option(1.0, "DIST inter-class (row) weight β")
@@ -55,6 +55,8 @@ class TrainConfig:
     adapter_hidden: int | None = _option(None, "PESF adapter hidden width (default: the teacher's feature size)")
     adapter_lr: float | None = _option(None, "PESF adapter learning rate (default: --lr)")
     rectify: bool = _option(False, "PESF: rectify the adapted teacher logits (DR-KD) for the student")
+    reskd_chain: str | None = _option(None, "ResKD: the chain trained so far (chain.pt of the previous stage's run); "
+                                            "--student is the new res-student (without it: the base)")
     # optimization
     optimizer: str = _option("sgd", "optimizer", choices=("sgd", "adamw"))
     lr: float = _option(0.1, "peak learning rate")
@@ -191,6 +193,8 @@ def validate(config: TrainConfig) -> None:
     if config.method in TEACHER_METHODS and not config.teacher_checkpoint:
         raise ValueError(f"method {config.method!r} needs teacher_checkpoint: the teacher's weights (a frozen "
                          f"random teacher teaches nothing)")
+    if config.reskd_chain and config.method != "reskd":
+        raise ValueError(f"reskd_chain is only read by method 'reskd', got method {config.method!r}")
     if config.schedule == "step" and not config.milestones:
         raise ValueError("the step schedule needs --milestones (epochs at which the lr decays)")
     if config.device not in ("auto", "cpu", "cuda"):

@@ -22,7 +22,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from kdfast import _ops, fused, reference
+from kdfast import _ops, fused, gate, reference
 
 BACKEND_NAMES = ("torch", "cpu", "triton", "cuda")
 ENV_VAR = "KDFAST_BACKEND"
@@ -55,7 +55,7 @@ def auto_preference(op: str, device: torch.device) -> tuple[str, ...]:
             order = (chosen,) + tuple(b for b in order if b != chosen)
     return order
 
-#: The operations every backend provides.
+#: The losses every backend provides (ResKD's gate_compact has torch, cpu and triton ones).
 OPS = ("kd_loss", "pearson_loss", "dist_loss", "spearman_loss", "cmkd_loss", "drkd_loss")
 
 
@@ -106,14 +106,14 @@ _REGISTRY: dict[str, Backend] = {
         name="torch",
         description="reference implementation in plain PyTorch (any device)",
         unavailable=_torch_unavailable,
-        ops={op: getattr(reference, op) for op in OPS},
+        ops={**{op: getattr(reference, op) for op in OPS}, "gate_compact": gate.IMPLEMENTATIONS["torch"]},
         devices=None,
     ),
     "cpu": Backend(
         name="cpu",
         description="fused C++ kernels for CPU tensors (loss and gradient in one pass per row)",
         unavailable=lambda: _ops.EXTENSION_ERROR,
-        ops=fused.OPS,
+        ops={**fused.OPS, "gate_compact": gate.IMPLEMENTATIONS["cpu"]},
         devices=("cpu",),
         dtypes=fused.DTYPES,
     ),
@@ -121,7 +121,7 @@ _REGISTRY: dict[str, Backend] = {
         name="triton",
         description="fused Triton kernels for CUDA tensors (CPU tensors under TRITON_INTERPRET=1)",
         unavailable=fused.triton_unavailable,
-        ops=fused.TRITON_OPS,
+        ops={**fused.TRITON_OPS, "gate_compact": gate.IMPLEMENTATIONS["triton"]},
         devices=("cuda", "cpu") if fused.triton_interpreted() else ("cuda",),
         dtypes=fused.DTYPES,
     ),

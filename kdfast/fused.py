@@ -225,7 +225,8 @@ def losses_for(op) -> dict:
 #: (looked up at call time, so that it can be observed in tests).
 OPS = losses_for(lambda *args: torch.ops.kdfast.fused_kd_loss(*args))
 
-try:  # registers torch.ops.kdfast.fused_kd_loss_triton
+try:  # registers torch.ops.kdfast.fused_kd_loss_triton and gate_compact_triton
+    from kdfast.kernels import gate as _triton_gate  # noqa: F401
     from kdfast.kernels import kd_losses as _triton_kernels  # noqa: F401
 except ImportError as error:
     #: Why the Triton kernels cannot be used, or None.

@@ -8,7 +8,8 @@ Every model is a :class:`Classifier`: ``model(x)`` returns logits, and
   state-dict keys and shapes match torchvision's, so a torchvision checkpoint file loads
   as a teacher (:func:`load_weights`).
 * CIFAR-style ResNets ``resnet8``, ``resnet20``, ``resnet32``, ``resnet56``, ``resnet110``
-  and the 4×-wide ``resnet8x4``, ``resnet32x4``, with the key names of the CRD/RepDistiller
+  and the 4×-wide ``resnet8x4``, ``resnet32x4`` (and narrower ``resnet<depth>_w<width>``,
+  e.g. ``resnet8_w8``, for light res-students), with the key names of the CRD/RepDistiller
   model zoo that most KD papers report on (Tian et al., 2020).
 * Wide ResNets ``wrn_16_2``, ``wrn_40_2`` … (``wrn_<depth>_<widen>``, Zagoruyko &
   Komodakis, 2016), pre-activation, no dropout.
@@ -230,9 +231,10 @@ _CIFAR = {  # name: (depth, stem width, stage widths)
     "resnet32x4": (32, 32, [64, 128, 256]),
 }
 _WRN = re.compile(r"wrn_(\d+)_(\d+)$")
+_NARROW = re.compile(r"resnet(\d+)_w(\d+)$")  # CIFAR-style, stage widths w, 2w, 4w
 _MLP = re.compile(r"mlp(-\d+)*$")
-MODEL_NAMES = sorted(_IMAGENET) + sorted(_CIFAR) + ["wrn_16_2", "wrn_40_2", "wrn_<depth>_<widen>",
-                                                    "mlp-<width>-…"]
+MODEL_NAMES = sorted(_IMAGENET) + sorted(_CIFAR) + ["resnet<depth>_w<width>", "wrn_16_2", "wrn_40_2",
+                                                    "wrn_<depth>_<widen>", "mlp-<width>-…"]
 
 
 def model_names() -> list[str]:
@@ -259,6 +261,12 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: 
         depth, stem, widths = _CIFAR[name]
         return ResNet(BasicBlock, [(depth - 2) // 6] * 3, widths, num_classes, in_channels, stem="cifar",
                       stem_width=stem)
+    if match := _NARROW.match(name):
+        depth, width = int(match.group(1)), int(match.group(2))
+        if (depth - 2) % 6 or depth < 8 or width < 1:
+            raise ValueError(f"resnet<depth>_w<width> needs depth = 6n + 2 >= 8 and width >= 1, got {name!r}")
+        return ResNet(BasicBlock, [(depth - 2) // 6] * 3, [width, 2 * width, 4 * width], num_classes, in_channels,
+                      stem="cifar", stem_width=width)
     if match := _WRN.match(name):
         return WideResNet(int(match.group(1)), int(match.group(2)), num_classes, in_channels)
     if _MLP.match(name):

@@ -274,11 +274,41 @@ class MethodLoss:
             else:
                 terms["drkd"] = s.new_zeros((), dtype=torch.float32)
             self.bank.write(indices, s, epoch, runtime)
+        elif self.method == "reskd":  # the stage's logits: frozen chain + the new res-student
+            terms["kd"] = c.kd_weight * kdfast.kd_loss(s, teacher_logits, tau, backend=backend)
         elif self.method == "pesf":
             targets = adapter.student_targets(adapted, labels)
             terms["kd"] = c.kd_weight * kdfast.kd_loss(s, targets, tau, backend=backend)
             terms["adapter"] = adapter.adapter_loss(adapted, s, labels)
         return terms
+
+
+def _reskd_stage(config: TrainConfig, runtime: Runtime, res_student: nn.Module):
+    """ResKD: the frozen chain so far plus the new res-student (or the base, without a chain)."""
+    from kdfast.reskd import ChainStage, load_chain
+
+    if not config.reskd_chain:
+        return ChainStage(None, res_student)
+    chain, _ = load_chain(config.reskd_chain, runtime.device)
+    if config.channels_last:
+        chain = chain.to(memory_format=torch.channels_last)
+    if not config.init_checkpoint:  # start as the chain: the new correction is zero at first
+        nn.init.zeros_(res_student.fc.weight)
+        nn.init.zeros_(res_student.fc.bias)
+    return ChainStage(chain, res_student)
+
+
+def _save_reskd_chain(config: TrainConfig, stage, loader, folder: Path) -> None:
+    """``chain.pt``: the chain so far plus this run's res-student (the next stage's --reskd-chain)."""
+    from kdfast.reskd import load_chain, save_chain
+
+    architectures, modules = [], []
+    if stage.chain is not None:
+        architectures = load_chain(config.reskd_chain)[1]["architectures"]
+        modules = [stage.chain.base, *stage.chain.res_students]
+    channels, height, _ = loader.image_shape
+    save_chain(folder / "chain.pt", [*architectures, config.student], [*modules, stage.student],
+               num_classes=loader.num_classes, in_channels=channels, image_size=height)
 
 
 class KDStep:
@@ -297,6 +327,8 @@ class KDStep:
         torch.manual_seed(config.seed)
         student = build_model(config.student, train_loader, config, runtime,
                               config.init_checkpoint if load_weights else None, "init_checkpoint")
+        if config.method == "reskd":
+            student = _reskd_stage(config, runtime, student)
         self.teacher = adapter = None
         if config.method in TEACHER_METHODS:
             self.teacher = build_model(config.teacher, train_loader, config, runtime,
@@ -596,7 +628,11 @@ def _train(config: TrainConfig, runtime: Runtime, print_fn) -> dict:
                "train_seconds": seconds, "world_size": runtime.world_size, "device": runtime.device.type,
                "images_per_s": images_seen / max(1e-9, time.perf_counter() - started)}
     if runtime.main:
-        save_state_dict(folder / "model.pt", student.state_dict())
+        if config.method == "reskd":
+            save_state_dict(folder / "model.pt", student.student.state_dict())
+            _save_reskd_chain(config, student, train_loader, folder)
+        else:
+            save_state_dict(folder / "model.pt", student.state_dict())
         if model.adapter is not None:
             save_state_dict(folder / "adapter.pt", model.adapter.state_dict())
         (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
