@@ -20,9 +20,11 @@ import time
 from pathlib import Path
 
 import kdfast
-from kdfast.config import METHODS, resolve_config
+from kdfast.config import resolve_config
 from kdfast.train import train
 
+#: The single-student methods the demo compares (ResKD has its own: ``kdfast reskd demo``).
+METHODS = ("ce", "kd", "dist", "cmkd", "drkd", "pesf")
 #: Per-method settings of the demo on top of the trainer's defaults: DIST with its CIFAR
 #: setting (τ = 4, β = γ = 2) rather than its ImageNet default (τ = 1, β = γ = 1).
 METHOD_OPTIONS = {"dist": dict(temperature=4.0, dist_beta=2.0, dist_gamma=2.0)}

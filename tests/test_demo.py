@@ -3,7 +3,7 @@
 import json
 
 import kdfast.demo
-from kdfast.config import METHODS
+from kdfast.demo import METHODS
 
 
 def test_demo_trains_every_method_and_writes_the_report(tmp_path):
