@@ -25,7 +25,7 @@ KDFAST_CUDA=1 "$PYTHON" -m pip install -q --no-build-isolation --no-deps -e .
 # The GPU-marked tests (the modules below do not need torchsort, which is not installed there).
 set +e
 "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests/test_fused.py tests/test_edge_cases.py \
-  tests/test_backends.py tests/test_train.py 2>&1 | tee "$results/gpu_tests.log"
+  tests/test_backends.py tests/test_train.py tests/test_reskd.py 2>&1 | tee "$results/gpu_tests.log"
 tests_status=${PIPESTATUS[0]}
 set -e
 

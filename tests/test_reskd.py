@@ -16,15 +16,19 @@ from kdfast.reskd import (ChainStage, ResidualChain, accuracy_cost_curve, calibr
                           simulate)
 from kdfast.train import train
 
-GATE_BACKENDS = [pytest.param("cpu", id="cpu"),
-                 pytest.param("triton", id="triton-interpreter", marks=pytest.mark.interpreter)]
+# (backend, device): the kernels against the reference on the same device.
+GATE_BACKENDS = [pytest.param(("cpu", "cpu"), id="cpu"),
+                 pytest.param(("triton", "cpu"), id="triton-interpreter", marks=pytest.mark.interpreter),
+                 pytest.param(("triton", "cuda"), id="triton", marks=pytest.mark.gpu)]
 
 
 def quiet(*_):
     pass
 
 
-def check_gate(logits, rows, threshold, backend):
+def check_gate(logits, rows, threshold, backend_device):
+    backend, device = backend_device
+    logits, rows = logits.to(device), rows.to(device)
     expected = gate_compact_reference(logits, rows, threshold)
     got = gate_compact(logits, rows, threshold, backend=backend)
     assert torch.equal(got[0], expected[0]), (got[0], expected[0])
@@ -45,7 +49,7 @@ def test_gate_agrees_with_reference(backend, active, classes, dtype):
     rows = torch.randperm(10 * active + 1)[:active]
     for threshold in (0.0, 0.3, 0.9, 1.0):
         next_rows, count, confidence = check_gate(logits, rows, threshold, backend)
-        kept = rows[confidence < threshold]
+        kept = rows.to(confidence.device)[confidence < threshold]
         assert torch.equal(next_rows[: int(count)], kept) and (next_rows[int(count):] == -1).all()
 
 
@@ -58,10 +62,10 @@ def test_gate_edge_rows(backend):
     rows = torch.arange(7) * 3
     for threshold in (0.25, 0.26, 0.9999, 1.0):
         check_gate(logits, rows, threshold, backend)
-    _, _, confidence = gate_compact(logits, rows, 0.5, backend=backend)
+    _, _, confidence = check_gate(logits, rows, 0.5, backend)
     assert confidence[0] == 0.25 and confidence[2] == 1.0
     assert torch.isnan(confidence[3:6]).all()  # and those rows stop
-    wide = torch.randn(16, 40)
+    wide = torch.randn(16, 40).to(backend[1])
     check_gate(wide[:, ::2], torch.arange(16), 0.5, backend)  # a stride-2 view
 
 
@@ -96,12 +100,13 @@ def small_chain(seed=0, classes=5, stages=3):
     return ResidualChain(student(), [student() for _ in range(stages - 1)]).eval()
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("backend, device", [("torch", "cpu"), ("cpu", "cpu"),
+                                             pytest.param("triton", "cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("batch", [1, 2, 33])
-def test_infer_matches_chain_prefixes(backend, batch):
+def test_infer_matches_chain_prefixes(backend, device, batch):
     """Rows that ran k stages hold exactly the k-stage prefix (up to float rounding of sub-batches)."""
-    chain = small_chain()
-    x = torch.randn(batch, 3, 2, 2) * 3
+    chain = small_chain().to(device)
+    x = (torch.randn(batch, 3, 2, 2) * 3).to(device)
     with torch.no_grad():
         prefixes = chain.stage_logits(x)
     for thresholds in ([0.5, 0.7], [0.9, 0.3], 0.6):
