@@ -170,8 +170,6 @@ def resolve_config(args: argparse.Namespace | None = None, **overrides) -> Train
 
 def validate(config: TrainConfig) -> None:
     """Raise ValueError naming the first option with a bad value."""
-    from kdfast.models import create_model  # noqa: F401  (names are checked when models are built)
-
     def positive(name, integer=False):
         value = getattr(config, name)
         if (integer and (isinstance(value, bool) or not isinstance(value, int))) or value <= 0:

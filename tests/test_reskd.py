@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +11,7 @@ from torch import nn
 from kdfast import dispatch
 from kdfast.config import resolve_config
 from kdfast.gate import gate_compact, gate_compact_reference, max_probability
-from kdfast.reskd import (ChainStage, ResidualChain, accuracy_cost_curve, calibrate, count_flops, load_chain,
-                          simulate)
+from kdfast.reskd import ChainStage, ResidualChain, calibrate, count_flops, load_chain, simulate
 from kdfast.train import train
 
 # (backend, device): the kernels against the reference on the same device.
