@@ -98,8 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     from kdfast.config import add_config_arguments
 
-    train = commands.add_parser("train", help="train a model (every option also settable in --config)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train = commands.add_parser("train", help="train a model (every option also settable in --config)")
     add_config_arguments(train, exclude=("checkpoint",))
     train.set_defaults(handler=_train)
     evaluate = commands.add_parser("eval", help="evaluate weights on the validation split")
