@@ -255,7 +255,7 @@ class MethodLoss:
         c, tau, backend = self.config, self.temperature, self.backend
         s = student_logits
         terms = {"ce": c.ce_weight * F.cross_entropy(s.float(), labels)}
-        if self.method == "kd":
+        if self.method in ("kd", "reskd"):  # reskd: s is the stage's logits (frozen chain + new res-student)
             terms["kd"] = c.kd_weight * kdfast.kd_loss(s, teacher_logits, tau, backend=backend)
         elif self.method == "dist":
             terms["dist"] = c.kd_weight * kdfast.dist_loss(s, teacher_logits, tau, c.dist_beta, c.dist_gamma,
@@ -274,8 +274,6 @@ class MethodLoss:
             else:
                 terms["drkd"] = s.new_zeros((), dtype=torch.float32)
             self.bank.write(indices, s, epoch, runtime)
-        elif self.method == "reskd":  # the stage's logits: frozen chain + the new res-student
-            terms["kd"] = c.kd_weight * kdfast.kd_loss(s, teacher_logits, tau, backend=backend)
         elif self.method == "pesf":
             targets = adapter.student_targets(adapted, labels)
             terms["kd"] = c.kd_weight * kdfast.kd_loss(s, targets, tau, backend=backend)
