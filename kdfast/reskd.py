@@ -111,10 +111,11 @@ class ChainStage(nn.Module):
     """What ``--method reskd`` trains: a frozen chain (eval mode, no gradient) plus a new
     res-student, whose sum is the stage's logits. Without a chain it is the base itself."""
 
-    def __init__(self, chain: ResidualChain | None, student: nn.Module):
+    def __init__(self, chain: ResidualChain | None, student: nn.Module, chain_architectures: Sequence[str] = ()):
         super().__init__()
         self.chain = chain
         self.student = student
+        self.chain_architectures = list(chain_architectures)  # what save_chain records for the frozen stages
         if chain is not None:
             chain.requires_grad_(False)
             chain.eval()
@@ -328,14 +329,13 @@ def accuracy_cost_curve(chain: ResidualChain, loader, *, references: dict[str, n
         gated.append({"threshold": threshold, **result})
     prefixes = [{"stages": k, "top1": 100 * correct[k - 1].double().mean().item(), "flops": float(sum(flops[:k]))}
                 for k in range(1, chain.num_stages + 1)]
-    reference_points = {}
-    for name, model in (references or {}).items():
-        model.eval()
-        hits = total = 0
-        for images, labels, _ in loader:
-            hits += (model(images).argmax(1) == labels).sum().item()
-            total += len(labels)
-        reference_points[name] = {"top1": 100 * hits / total, "flops": count_flops(model, image_shape, device)}
+    from kdfast.config import TrainConfig
+    from kdfast.train import Runtime, evaluate
+
+    runtime = Runtime(0, 1, 0, device)
+    reference_points = {name: {"top1": evaluate(model, loader, runtime, TrainConfig())["top1"],
+                               "flops": count_flops(model, image_shape, device)}
+                        for name, model in (references or {}).items()}
     return {"stage_flops": flops, "gated": gated, "chain_prefixes": prefixes, "references": reference_points}
 
 

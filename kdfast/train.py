@@ -287,25 +287,22 @@ def _reskd_stage(config: TrainConfig, runtime: Runtime, res_student: nn.Module):
 
     if not config.reskd_chain:
         return ChainStage(None, res_student)
-    chain, _ = load_chain(config.reskd_chain, runtime.device)
+    chain, spec = load_chain(config.reskd_chain, runtime.device)
     if config.channels_last:
         chain = chain.to(memory_format=torch.channels_last)
     if not config.init_checkpoint:  # start as the chain: the new correction is zero at first
         nn.init.zeros_(res_student.fc.weight)
         nn.init.zeros_(res_student.fc.bias)
-    return ChainStage(chain, res_student)
+    return ChainStage(chain, res_student, spec["architectures"])
 
 
 def _save_reskd_chain(config: TrainConfig, stage, loader, folder: Path) -> None:
     """``chain.pt``: the chain so far plus this run's res-student (the next stage's --reskd-chain)."""
-    from kdfast.reskd import load_chain, save_chain
+    from kdfast.reskd import save_chain
 
-    architectures, modules = [], []
-    if stage.chain is not None:
-        architectures = load_chain(config.reskd_chain)[1]["architectures"]
-        modules = [stage.chain.base, *stage.chain.res_students]
+    modules = [] if stage.chain is None else [stage.chain.base, *stage.chain.res_students]
     channels, height, _ = loader.image_shape
-    save_chain(folder / "chain.pt", [*architectures, config.student], [*modules, stage.student],
+    save_chain(folder / "chain.pt", [*stage.chain_architectures, config.student], [*modules, stage.student],
                num_classes=loader.num_classes, in_channels=channels, image_size=height)
 
 
