@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (DatasetError, ValueError) as error:
+    except (DatasetError, ValueError, FloatingPointError) as error:
         print(f"kdfast: error: {error}", file=sys.stderr)
         return 2
 

@@ -591,6 +591,12 @@ def _train(config: TrainConfig, runtime: Runtime, print_fn) -> dict:
                 names = list(sums)
                 reduced = _all_reduce_sum(runtime, torch.stack([sums[n].float() for n in names])
                                           / (interval_steps * runtime.world_size)).tolist()
+                if not all(math.isfinite(value) for value in reduced):
+                    # Checked per log interval (where the terms reach the host anyway), not per step.
+                    raise FloatingPointError(
+                        f"training diverged at step {global_step} (epoch {epoch + 1}): mean loss terms "
+                        f"{dict(zip(names, reduced))} over the last {interval_steps} steps are not finite; lower "
+                        f"--lr, add --warmup-epochs, or resume from an earlier checkpoint in {folder}")
                 seconds = time.perf_counter() - interval_start
                 record = {"kind": "train", "epoch": epoch, "step": global_step, "lr": scheduler.get_last_lr()[0],
                           "loss": sum(reduced), "terms": dict(zip(names, reduced)),

@@ -219,6 +219,13 @@ def test_every_method_trains(tmp_path, teacher_file, method):
     assert saved["method"] == method and saved["epochs"] == 2
 
 
+def test_divergence_is_an_error_not_a_nan_model(tmp_path):
+    cfg = config(tmp_path, student="mlp-32", lr=1e12, log_every=2)
+    with pytest.raises(FloatingPointError, match=r"training diverged at step \d+ \(epoch 1\).*lower --lr"):
+        train(cfg, print_fn=quiet)
+    assert not (Path(cfg.output) / "model.pt").exists()
+
+
 def test_bf16_autocast_and_channels_last(tmp_path, teacher_file):
     cfg = config(tmp_path, student="resnet8", method="cmkd", teacher="mlp-128", teacher_checkpoint=str(teacher_file),
                  amp="bf16", channels_last=True, optimizer="adamw", lr=3e-3, epochs=4)
