@@ -440,11 +440,12 @@ float fused_row(const s_t* s_in, const t_t* t_in, int64_t n, int64_t target, flo
   double kl = 0.0, entropy = 0.0;
   if (cfg.kl_coef != 0.0f) {
 #pragma omp simd reduction(+ : kl)
-    for (int64_t j = 0; j < n; ++j) kl += q[j] * log_ratio(j);
+    // q_j = 0 (a −inf teacher logit, or underflow) adds nothing, never 0·(−inf).
+    for (int64_t j = 0; j < n; ++j) kl += q[j] > 0.0f ? q[j] * log_ratio(j) : 0.0;
   }
   if (cfg.difficulty_mode == kDifficultyEntropy) {
 #pragma omp simd reduction(+ : entropy)
-    for (int64_t j = 0; j < n; ++j) entropy -= q[j] * ((t[j] - t_max) * it - t_log_sum);
+    for (int64_t j = 0; j < n; ++j) entropy -= q[j] > 0.0f ? q[j] * ((t[j] - t_max) * it - t_log_sum) : 0.0f;
   }
 
   float loss = 0.0f;
@@ -471,7 +472,9 @@ float fused_row(const s_t* s_in, const t_t* t_in, int64_t n, int64_t target, flo
   }
 
   const float p_mean = p0 + p_shift * inv_n, q_mean = q0 + q_shift * inv_n;
-  const float pearson_weight = cfg.pearson_coef * (1.0f - d);
+  // The terms are on by their coefficient, not by the value of their weight: a NaN or inf
+  // difficulty times a zero coefficient must not switch on a term that was never prepared.
+  const float pearson_weight = cfg.pearson_coef != 0.0f ? cfg.pearson_coef * (1.0f - d) : 0.0f;
   Correlation row_corr{0.0f, 0.0f, 0.0f, 0.0f};
   if (pearson_weight != 0.0f) {
     // Moments in double: near ρ = 1 the loss term 1 − ρ is ill-conditioned, and float
@@ -488,7 +491,7 @@ float fused_row(const s_t* s_in, const t_t* t_in, int64_t n, int64_t target, flo
     loss += pearson_weight * static_cast<float>(1.0 - row_corr.rho);
   }
 
-  const float spearman_weight = cfg.spearman_coef * d;
+  const float spearman_weight = cfg.spearman_coef != 0.0f ? cfg.spearman_coef * d : 0.0f;
   const bool spearman_grad = spearman_weight != 0.0f && cfg.student_grad;
   if (spearman_weight != 0.0f) {
     const double rho_s = spearman_row(s, t, n, cfg.rank_strength, spearman_grad ? -spearman_weight * grad_scale : 0.0f, w);
@@ -535,7 +538,11 @@ float fused_row(const s_t* s_in, const t_t* t_in, int64_t n, int64_t target, flo
     // are reused for the outputs.
     float* out = w.t.data();
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) g[j] = kl_grad * q[j] * static_cast<float>(log_ratio(j) - kl);
+    // Without a KL term, or where q_j = 0 (a −inf teacher logit), the KL part is zero: computed,
+    // it would be 0·(±inf) = NaN for −inf logits.
+    for (int64_t j = 0; j < n; ++j) {
+      g[j] = kl_grad != 0.0f && q[j] > 0.0f ? kl_grad * q[j] * static_cast<float>(log_ratio(j) - kl) : 0.0f;
+    }
     std::copy(g, g + n, out);
     side_gradient(q, p, q_mean, p_mean, row_corr.self_b, col_mean_q, col_mean_p,
                   columns ? columns->self_q.data() : nullptr, out);

@@ -2,11 +2,14 @@
 
 Each check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong
 shape, device or value) with a message that names the argument and what was expected.
-None of them synchronizes with a GPU except :func:`check_targets` (an out-of-range class
-index would otherwise trigger a device-side assert that poisons the CUDA context) and
-:func:`check_finite`, which the caller enables explicitly. Under ``torch.compile`` these
-two data-dependent checks become ``torch._assert_async`` device assertions, so that the
-graph has no break.
+None of them synchronizes with a GPU unless the caller asks: the data-dependent checks
+(:func:`check_targets`' range check, :func:`check_finite`) read values back to the host
+only on the CPU or when ``exact=True`` / ``check_finite=True``. On a GPU the range of the
+targets is checked by a device-side assertion (``torch._assert_async``, as PyTorch's own
+``cross_entropy`` does), which costs no synchronization in a training step: an
+out-of-range target then stops the program with a CUDA device-side assertion at the next
+synchronization instead of a ``ValueError``. Under ``torch.compile`` both checks become
+device assertions, so that the graph has no break.
 """
 
 from __future__ import annotations
@@ -50,8 +53,12 @@ def check_pair(student, teacher) -> None:
         raise ValueError(f"student must have at least one row and one class, got shape {tuple(student.shape)}")
 
 
-def check_targets(target, batch: int, num_classes: int, device: torch.device) -> None:
-    """``target`` must hold integer class indices [B] in [0, C) on the logits' device."""
+def check_targets(target, batch: int, num_classes: int, device: torch.device, exact: bool = False) -> None:
+    """``target`` must hold integer class indices [B] in [0, C) on the logits' device.
+
+    The range is checked on the host (a clear ``ValueError``) for CPU tensors or when
+    ``exact`` is True (one device synchronization), else by a device-side assertion.
+    """
     check_tensor("target", target)
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
         raise TypeError(f"target must be an integer tensor of class indices, got {target.dtype}")
@@ -61,8 +68,9 @@ def check_targets(target, batch: int, num_classes: int, device: torch.device) ->
         raise ValueError(f"target must be on the logits' device {device}, got {target.device}")
     if target.numel() == 0:
         return
-    if torch.compiler.is_compiling():
-        # A traced graph cannot raise from data: assert on the device instead.
+    if torch.compiler.is_compiling() or (target.device.type != "cpu" and not exact):
+        # A traced graph cannot raise from data, and reading the range back from a GPU
+        # would synchronize every call: assert on the device instead.
         torch._assert_async(((target >= 0) & (target < num_classes)).all(),
                             f"target values must lie in [0, {num_classes - 1}]")
         return
@@ -120,3 +128,34 @@ def check_finite(**tensors) -> None:
             torch._assert_async(torch.isfinite(x).all(), f"{name} contains NaN or Inf values (check_finite=True)")
         elif not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name} contains NaN or Inf values (check_finite=True)")
+
+
+def check_fused_arguments(where: str, student, teacher, target, difficulty, temperature: float,
+                          rank_strength: float, difficulty_mode: int, ce_coef: float, column_coef: float,
+                          rectify: bool) -> None:
+    """What every fused-loss operator (``kdfast::fused_kd_loss`` on CUDA, the Triton one)
+    checks before it launches, as the CPU operator does: the kernels index with these
+    sizes and trust these invariants. ``where`` names the operator in the messages."""
+    if student.dim() != 2 or teacher.shape != student.shape:
+        raise ValueError(f"{where}: student and teacher must be [B, C] of one shape, got "
+                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+    rows, classes = student.shape
+    if rows == 0 or classes == 0:
+        raise ValueError(f"{where}: the logits must have at least one row and one class, got {tuple(student.shape)}")
+    for name, x in (("teacher", teacher), ("target", target), ("difficulty", difficulty)):
+        if x is not None and x.device != student.device:
+            raise ValueError(f"{where}: {name} must be on {student.device}, got {x.device}")
+    for name, x in (("target", target), ("difficulty", difficulty)):
+        if x is not None and tuple(x.shape) != (rows,):
+            raise ValueError(f"{where}: {name} must have shape ({rows},), got {tuple(x.shape)}")
+    if not (temperature > 0 and rank_strength > 0):
+        raise ValueError(f"{where}: temperature and rank_strength must be > 0, got {temperature} and {rank_strength}")
+    if difficulty_mode not in (0, 1, 2):
+        raise ValueError(f"{where}: difficulty_mode must be 0 (constant), 1 (entropy) or 2 (per sample), "
+                         f"got {difficulty_mode}")
+    if difficulty_mode == 2 and difficulty is None:
+        raise ValueError(f"{where}: per-sample difficulty (difficulty_mode=2) needs the difficulty tensor")
+    if rectify and column_coef != 0:
+        raise ValueError(f"{where}: rectification does not combine with the column term")
+    if (ce_coef != 0 or rectify) and target is None:
+        raise ValueError(f"{where}: the CE term and rectification need a target")

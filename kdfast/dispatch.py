@@ -7,9 +7,15 @@ environment variable, then ``"auto"`` (the fastest backend able to run on the in
 Forcing a backend that cannot run raises :class:`BackendUnavailableError` with the reason;
 it never falls back silently to a slower one.
 
-Each backend declares what it supports through ``not_supported_reasons``; ``auto`` takes
-the first backend of its preference list with no reasons, and when none fits the error
-lists every backend with its reasons.
+Each backend declares what it supports — devices, dtypes and shapes (e.g. the widest row
+the Triton Spearman kernel holds) — through ``not_supported_reasons``; ``auto`` takes the
+first backend of its preference list with no reasons, and when none fits the error lists
+every backend with its reasons. The decision itself (:func:`choose`) is a function of the
+op, the device, the dtypes, the shape and which backends are installed, so it can be
+checked for CUDA inputs on a machine without a GPU.
+
+Imports flow one way: this module knows the losses' implementations (``reference``,
+``fused``); other op families (ResKD's gate) register theirs with :func:`register`.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from kdfast import _ops, fused, gate, reference
+from kdfast import _ops, fused, reference
 
 BACKEND_NAMES = ("torch", "cpu", "triton", "cuda")
 ENV_VAR = "KDFAST_BACKEND"
@@ -45,12 +51,15 @@ def _gpu_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
-def auto_preference(op: str, device: torch.device) -> tuple[str, ...]:
-    """The backends ``auto`` tries for ``op`` on ``device``, in order."""
+def auto_preference(op: str, device: torch.device, gpu_name: str | None = None) -> tuple[str, ...]:
+    """The backends ``auto`` tries for ``op`` on ``device``, in order (on a GPU named in
+    backend_choice.json, its measured choice first; ``gpu_name`` defaults to the device's)."""
     order = AUTO_PREFERENCE.get(device.type, ("torch",))
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        chosen = measured_choices().get(_gpu_name(index), {}).get(op)
+        if gpu_name is None:
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            gpu_name = _gpu_name(index)
+        chosen = measured_choices().get(gpu_name, {}).get(op)
         if chosen in order:
             order = (chosen,) + tuple(b for b in order if b != chosen)
     return order
@@ -61,6 +70,41 @@ OPS = ("kd_loss", "pearson_loss", "dist_loss", "spearman_loss", "cmkd_loss", "dr
 
 class BackendUnavailableError(RuntimeError):
     """A requested backend cannot run on the given inputs; the message says why."""
+
+
+#: The ops whose Spearman terms sort each row (their shape limits differ).
+SPEARMAN_OPS = ("spearman_loss", "cmkd_loss")
+INT32_MAX = 2**31 - 1
+
+
+def _no_limits(op: str, shape: tuple[int, ...]) -> list[str]:
+    return []
+
+
+def _triton_limits(op: str, shape: tuple[int, ...]) -> list[str]:
+    from kdfast.kernels.kd_losses import MAX_CLASSES, MAX_SPEARMAN_CLASSES
+
+    if len(shape) != 2:
+        return []
+    classes = shape[1]
+    if op in SPEARMAN_OPS and classes > MAX_SPEARMAN_CLASSES:
+        return [f"it computes the Spearman terms for at most {MAX_SPEARMAN_CLASSES} classes "
+                f"(one program holds a row), not C={classes}"]
+    if classes > MAX_CLASSES:
+        return [f"it reads rows of at most {MAX_CLASSES} classes (32-bit column offsets), not C={classes}"]
+    return []
+
+
+def _cuda_limits(op: str, shape: tuple[int, ...]) -> list[str]:
+    if len(shape) != 2:
+        return []
+    rows, classes = shape
+    if op in SPEARMAN_OPS and rows * classes > INT32_MAX:
+        return [f"its Spearman terms sort at most 2^31 - 1 logits per call (CUB's 32-bit offsets), "
+                f"not B·C = {rows * classes}"]
+    if rows > INT32_MAX:
+        return [f"it takes at most 2^31 - 1 rows (one block per row), not B={rows}"]
+    return []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,23 +119,32 @@ class Backend:
     devices: tuple[str, ...] | None
     #: dtypes of logits it reads (None: any floating dtype).
     dtypes: tuple[torch.dtype, ...] | None = None
+    #: (op, shape of the logits) -> why it cannot take that shape (empty: it can).
+    limits: Callable[[str, tuple[int, ...]], list[str]] = _no_limits
 
-    def not_supported_reasons(self, op: str, device: torch.device, dtypes: tuple[torch.dtype, ...] = ()) -> list[str]:
-        reason = self.unavailable()
-        if reason is not None:
-            return [reason]
+    def limitations(self, op: str, device_type: str, dtypes: tuple[torch.dtype, ...] = (),
+                    shape: tuple[int, ...] = ()) -> list[str]:
+        """Why the backend, once installed, cannot run ``op`` on such inputs (empty: it can)."""
         reasons = []
         if op not in self.ops:
             reasons.append(f"it has no implementation of {op}")
-        if self.devices is not None and device.type not in self.devices:
-            reasons.append(f"it runs on {' or '.join(self.devices)} tensors, not {device.type}")
+        if self.devices is not None and device_type not in self.devices:
+            reasons.append(f"it runs on {' or '.join(self.devices)} tensors, not {device_type}")
         if self.dtypes is not None:
             unsupported = sorted({str(d).replace("torch.", "") for d in dtypes if d not in self.dtypes})
             if unsupported:
                 supported = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
                 reasons.append(f"it reads {supported} logits, not {', '.join(unsupported)} "
                                "(float64 runs on the torch reference)")
-        return reasons
+        return reasons + self.limits(op, tuple(shape))
+
+    def not_supported_reasons(self, op: str, device: torch.device, dtypes: tuple[torch.dtype, ...] = (),
+                              shape: tuple[int, ...] = ()) -> list[str]:
+        """Why the backend cannot run ``op`` here on such inputs: not installed, or its limitations."""
+        reason = self.unavailable()
+        if reason is not None:
+            return [reason]
+        return self.limitations(op, device.type, dtypes, shape)
 
 
 def _torch_unavailable() -> str | None:
@@ -106,14 +159,14 @@ _REGISTRY: dict[str, Backend] = {
         name="torch",
         description="reference implementation in plain PyTorch (any device)",
         unavailable=_torch_unavailable,
-        ops={**{op: getattr(reference, op) for op in OPS}, "gate_compact": gate.IMPLEMENTATIONS["torch"]},
+        ops={op: getattr(reference, op) for op in OPS},
         devices=None,
     ),
     "cpu": Backend(
         name="cpu",
         description="fused C++ kernels for CPU tensors (loss and gradient in one pass per row)",
         unavailable=lambda: _ops.EXTENSION_ERROR,
-        ops={**fused.OPS, "gate_compact": gate.IMPLEMENTATIONS["cpu"]},
+        ops=dict(fused.OPS),
         devices=("cpu",),
         dtypes=fused.DTYPES,
     ),
@@ -121,19 +174,28 @@ _REGISTRY: dict[str, Backend] = {
         name="triton",
         description="fused Triton kernels for CUDA tensors (CPU tensors under TRITON_INTERPRET=1)",
         unavailable=fused.triton_unavailable,
-        ops={**fused.TRITON_OPS, "gate_compact": gate.IMPLEMENTATIONS["triton"]},
+        ops=dict(fused.TRITON_OPS),
         devices=("cuda", "cpu") if fused.triton_interpreted() else ("cuda",),
         dtypes=fused.DTYPES,
+        limits=_triton_limits,
     ),
     "cuda": Backend(
         name="cuda",
         description="fused CUDA C++ kernels for CUDA tensors (one block per row)",
         unavailable=fused.cuda_unavailable,
-        ops=fused.OPS,
+        ops=dict(fused.OPS),
         devices=("cuda",),
         dtypes=fused.DTYPES,
+        limits=_cuda_limits,
     ),
 }
+
+
+def register(op: str, implementations: Mapping[str, Callable]) -> None:
+    """Add the implementations of ``op`` per backend name (an op family outside the losses,
+    e.g. ResKD's gate, registers itself when its module is imported)."""
+    for name, implementation in implementations.items():
+        _REGISTRY[name].ops[op] = implementation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,23 +240,43 @@ def requested_backend(backend: str | None) -> str:
     return backend
 
 
-def not_supported_reasons(backend: str, op: str, device: torch.device, dtypes: tuple[torch.dtype, ...] = ()) -> list[str]:
-    """Why ``backend`` cannot run ``op`` on tensors of ``dtypes`` on ``device`` (empty: it can)."""
-    return _REGISTRY[backend].not_supported_reasons(op, device, dtypes)
+def not_supported_reasons(backend: str, op: str, device: torch.device, dtypes: tuple[torch.dtype, ...] = (),
+                          shape: tuple[int, ...] = ()) -> list[str]:
+    """Why ``backend`` cannot run ``op`` on tensors of ``dtypes`` and ``shape`` on ``device`` (empty: it can)."""
+    return _REGISTRY[backend].not_supported_reasons(op, device, dtypes, shape)
 
 
-def resolve(op: str, backend: str | None, device: torch.device, dtypes: tuple[torch.dtype, ...] = ()) -> Callable:
-    """The implementation of ``op`` to run on tensors of ``dtypes`` on ``device``."""
+def choose(op: str, backend: str | None, device: torch.device, dtypes: tuple[torch.dtype, ...] = (),
+           shape: tuple[int, ...] = (), *, installed: Callable[[str], str | None] | None = None,
+           gpu_name: str | None = None) -> str:
+    """The name of the backend that runs ``op`` on such inputs, or BackendUnavailableError.
+
+    ``installed(name)`` says why a backend is not installed here (None: it is); by default
+    each backend's own check. Tests pass ``lambda name: None`` to decide for CUDA inputs on
+    a machine without a GPU.
+    """
+    installed = installed or (lambda name: _REGISTRY[name].unavailable())
+
+    def reasons(name):
+        why = installed(name)
+        return [why] if why is not None else _REGISTRY[name].limitations(op, device.type, dtypes, shape)
+
     name = requested_backend(backend)
     if name != "auto":
-        reasons = _REGISTRY[name].not_supported_reasons(op, device, dtypes)
-        if reasons:
-            raise BackendUnavailableError(f"backend '{name}' cannot run {op} here: " + "; ".join(reasons))
-        return _REGISTRY[name].ops[op]
+        why = reasons(name)
+        if why:
+            raise BackendUnavailableError(f"backend '{name}' cannot run {op} here: " + "; ".join(why))
+        return name
     all_reasons = []
-    for candidate in auto_preference(op, device):
-        reasons = _REGISTRY[candidate].not_supported_reasons(op, device, dtypes)
-        if not reasons:
-            return _REGISTRY[candidate].ops[op]
-        all_reasons.append(f"{candidate}: " + "; ".join(reasons))
+    for candidate in auto_preference(op, device, gpu_name):
+        why = reasons(candidate)
+        if not why:
+            return candidate
+        all_reasons.append(f"{candidate}: " + "; ".join(why))
     raise BackendUnavailableError(f"no backend can run {op} on {device} tensors: " + " | ".join(all_reasons))
+
+
+def resolve(op: str, backend: str | None, device: torch.device, dtypes: tuple[torch.dtype, ...] = (),
+            shape: tuple[int, ...] = ()) -> Callable:
+    """The implementation of ``op`` to run on tensors of ``dtypes`` and ``shape`` on ``device``."""
+    return _REGISTRY[choose(op, backend, device, dtypes, shape)].ops[op]

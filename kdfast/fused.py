@@ -15,11 +15,12 @@ CUDA dispatch key; its fake implementation lets ``torch.compile`` trace it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from kdfast import _ops
+from kdfast import _checks, _ops
 
 #: dtypes the fused kernels read (they accumulate in fp32); fp64 runs on the reference.
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -79,12 +80,8 @@ def _fused_kd_loss_cuda(student, teacher, target, difficulty, temperature, kl_co
     for name, x in (("student", student), ("teacher", teacher)):
         if x.dtype not in _DTYPE_CODES:
             raise TypeError(f"kdfast fused loss (cuda): {name} must be float32, float16 or bfloat16, got {x.dtype}")
-    for name, x in (("teacher", teacher), ("target", target), ("difficulty", difficulty)):
-        if x is not None and x.device != student.device:
-            raise ValueError(f"kdfast fused loss (cuda): {name} must be on {student.device}, got {x.device}")
-    if teacher.shape != student.shape or student.dim() != 2:
-        raise ValueError(f"kdfast fused loss (cuda): student and teacher must be [B, C] of one shape, got "
-                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+    _checks.check_fused_arguments("kdfast fused loss (cuda)", student, teacher, target, difficulty, temperature,
+                                  rank_strength, difficulty_mode, ce_coef, column_coef, rectify)
     student, teacher = student.contiguous(), teacher.contiguous()
     rows, cols = student.shape
     device = student.device
@@ -95,8 +92,9 @@ def _fused_kd_loss_cuda(student, teacher, target, difficulty, temperature, kl_co
     config.spearman_coef, config.column_coef, config.rank_strength = spearman_coef, column_coef, rank_strength
     config.difficulty_mode, config.difficulty_value, config.rectify = difficulty_mode, difficulty_value, rectify
     config.student_grad, config.teacher_grad = student_grad, teacher_grad
-    workspace = torch.empty(_C_cuda.fused_loss_workspace_bytes(rows, cols, config, index), dtype=torch.uint8,
-                            device=device)
+    with torch.cuda.device(device):
+        workspace_bytes = _C_cuda.fused_loss_workspace_bytes(rows, cols, config, index)
+    workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=device)
     loss = torch.empty((), dtype=torch.float32, device=device)
     grad_student = torch.empty_like(student) if student_grad else student.new_empty((0,))
     grad_teacher = torch.empty_like(teacher) if teacher_grad else teacher.new_empty((0,))
@@ -106,15 +104,48 @@ def _fused_kd_loss_cuda(student, teacher, target, difficulty, temperature, kl_co
     def pointer(x):
         return 0 if x is None or x.numel() == 0 else x.data_ptr()
 
-    _C_cuda.fused_loss(pointer(student), _DTYPE_CODES[student.dtype], pointer(teacher), _DTYPE_CODES[teacher.dtype],
-                       pointer(target), pointer(difficulty), rows, cols, config, pointer(loss),
-                       pointer(grad_student), pointer(grad_teacher), pointer(workspace), index,
-                       torch.cuda.current_stream(device).cuda_stream)
+    # The launcher selects the tensors' device in the CUDA runtime it links statically; that
+    # is the driver's current context, shared with PyTorch's runtime, so the guard also
+    # restores PyTorch's current device afterwards.
+    with torch.cuda.device(device):
+        _C_cuda.fused_loss(pointer(student), _DTYPE_CODES[student.dtype], pointer(teacher),
+                           _DTYPE_CODES[teacher.dtype], pointer(target), pointer(difficulty), rows, cols, config,
+                           pointer(loss), pointer(grad_student), pointer(grad_teacher), pointer(workspace), index,
+                           torch.cuda.current_stream(device).cuda_stream)
     return loss, grad_student, grad_teacher
 
 
 if _C_cuda is not None and _ops.EXTENSION_ERROR is None:
     torch.library.impl("kdfast::fused_kd_loss", "CUDA", _fused_kd_loss_cuda)
+
+
+#: The oldest Linux driver of each CUDA major version (CUDA's release notes, "CUDA Toolkit
+#: and Corresponding Driver Versions"); within a major version, minor version compatibility
+#: lets any of them run a statically linked runtime of that major version.
+MINIMUM_DRIVERS = {11: "450.80.02", 12: "525.60.13", 13: "580.65.06"}
+
+
+def driver_problem(runtime_version: int, driver_version: int) -> str | None:
+    """Why a runtime of CUDA ``runtime_version`` cannot run on a driver that supports CUDA
+    ``driver_version`` (both as 1000·major + 10·minor; 0: no driver), or None.
+
+    kdfast._C_cuda links the CUDA runtime statically, so it needs a driver of at least
+    the runtime's major version, whatever CUDA build of PyTorch is installed.
+    """
+    major, minor = divmod(runtime_version, 1000)
+    if driver_version // 1000 >= major:
+        return None
+    needed = MINIMUM_DRIVERS.get(major, f"one supporting CUDA {major}.0")
+    found = "no NVIDIA driver" if driver_version <= 0 else (
+        f"a driver that supports CUDA {driver_version // 1000}.{driver_version % 1000 // 10} at most")
+    return (f"the CUDA kernels were built with CUDA {major}.{minor // 10}, which needs an NVIDIA driver >= {needed}; "
+            f"this machine has {found}. KDFAST_BACKEND=triton (or torch) runs without them; or rebuild kdfast "
+            "with an older CUDA toolkit (nvcc) on PATH")
+
+
+@functools.lru_cache(maxsize=None)
+def _driver_problem_here() -> str | None:
+    return driver_problem(_C_cuda.cuda_runtime_version(), _C_cuda.cuda_driver_version())
 
 
 def cuda_unavailable() -> str | None:
@@ -125,7 +156,7 @@ def cuda_unavailable() -> str | None:
         return CUDA_BUILD_ERROR
     if not torch.cuda.is_available():
         return "no CUDA GPU: torch.cuda.is_available() is False"
-    return None
+    return _driver_problem_here()
 
 
 class _FusedLoss(torch.autograd.Function):

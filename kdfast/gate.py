@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from kdfast import dispatch
+
 __all__ = ["gate_compact", "max_probability"]
 
 
@@ -65,9 +67,7 @@ def gate_compact(logits: torch.Tensor, rows: torch.Tensor, threshold: float, *, 
         raise ValueError(f"rows must be on the device of logits ({logits.device}), got {rows.device}")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
-    from kdfast import dispatch
-
-    implementation = dispatch.resolve("gate_compact", backend, logits.device, (logits.dtype,))
+    implementation = dispatch.resolve("gate_compact", backend, logits.device, (logits.dtype,), tuple(logits.shape))
     return implementation(logits, rows, float(threshold))
 
 
@@ -79,5 +79,4 @@ def _triton(logits, rows, threshold):
     return torch.ops.kdfast.gate_compact_triton(logits, rows, threshold)
 
 
-#: The implementations each backend registers (see kdfast.dispatch).
-IMPLEMENTATIONS = {"torch": gate_compact_reference, "cpu": _cpu, "triton": _triton}
+dispatch.register("gate_compact", {"torch": gate_compact_reference, "cpu": _cpu, "triton": _triton})

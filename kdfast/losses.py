@@ -11,7 +11,9 @@ teacher logits, and accepts:
 * ``backend``: ``None`` (``$KDFAST_BACKEND``, else ``"auto"``), ``"auto"``, ``"torch"``,
   ``"cpu"``, ``"triton"`` or ``"cuda"``;
 * ``check_finite``: when True, raise ``ValueError`` if an input holds NaN/Inf instead of
-  returning NaN (off by default: the check costs a device sync).
+  returning NaN, and check the targets' range on the host (off by default: on a GPU these
+  checks cost a device sync; without them an out-of-range target on a GPU trips a
+  device-side assertion, as in ``torch.nn.functional.cross_entropy``).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def _prepare(student, teacher, target=None, check_finite=False, **positive):
     """Checks shared by all losses; returns the checked positive scalars in order."""
     _checks.check_pair(student, teacher)
     if target is not None:
-        _checks.check_targets(target, student.shape[0], student.shape[1], student.device)
+        _checks.check_targets(target, student.shape[0], student.shape[1], student.device, exact=check_finite)
     if check_finite:
         _checks.check_finite(student=student, teacher=teacher)
     return [_checks.check_positive(name, value) for name, value in positive.items()]
@@ -52,7 +54,7 @@ def _prepare(student, teacher, target=None, check_finite=False, **positive):
 
 def _run(op, backend, student, teacher, *args):
     """Runs ``op`` of the backend chosen for these logits' device and dtypes."""
-    implementation = resolve(op, backend, student.device, (student.dtype, teacher.dtype))
+    implementation = resolve(op, backend, student.device, (student.dtype, teacher.dtype), tuple(student.shape))
     return implementation(student, teacher, *args)
 
 
@@ -235,7 +237,7 @@ def rectify(teacher, target, *, check_finite=False):
         ``[B, C]`` tensor of ``teacher``'s dtype.
     """
     _checks.check_logits("teacher", teacher)
-    _checks.check_targets(target, teacher.shape[0], teacher.shape[1], teacher.device)
+    _checks.check_targets(target, teacher.shape[0], teacher.shape[1], teacher.device, exact=check_finite)
     if check_finite:
         _checks.check_finite(teacher=teacher)
     return reference.rectify(teacher, target)

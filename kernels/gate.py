@@ -19,10 +19,29 @@ import torch
 import triton
 import triton.language as tl
 
+from kdfast.kernels.launch import on_device_of
+
 
 @triton.jit
-def _gate_compact_kernel(logits_ptr, rows_ptr, next_rows_ptr, count_ptr, confidence_ptr, active, classes,
-                         stride_row, threshold_ptr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+def _gate_compact_kernel(
+    logits_ptr,  # [A, C] logits, rows stride_row apart, columns contiguous
+    rows_ptr,  # [A] int64 dataset rows of the active rows
+    next_rows_ptr,  # [A] int64 out: continuing rows first, then −1
+    count_ptr,  # [] int64 out: number of continuing rows
+    confidence_ptr,  # [A] fp64 out: max softmax probability per row
+    active,
+    classes,
+    stride_row,
+    threshold_ptr,  # [] fp64 θ
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+):
+    # Memory safety: a single program (grid (1,)), so the compaction's running offset is
+    # program-local and no other program writes next_rows. Logit offsets are row·stride_row
+    # in int64 (A·C passes 2³¹ at, e.g., 16384 × 131072); every other offset is < A. Every
+    # load and store is masked to rows < A and columns < C; positions of kept rows are
+    # < the number of rows seen, so < A. The only values shared between threads are
+    # Triton's reductions and scans.
     row_offsets = tl.arange(0, BLOCK_ROWS)
     col_offsets = tl.arange(0, BLOCK_COLS)
     threshold = tl.load(threshold_ptr)  # float64 (a float argument would be rounded to float32)
@@ -36,7 +55,7 @@ def _gate_compact_kernel(logits_ptr, rows_ptr, next_rows_ptr, count_ptr, confide
         for start in range(0, classes, BLOCK_COLS):
             cols = start + col_offsets
             mask = row_in[:, None] & (cols[None, :] < classes)
-            x = tl.load(logits_ptr + rows[:, None] * stride_row + cols[None, :], mask=mask,
+            x = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_row + cols[None, :], mask=mask,
                         other=float("-inf")).to(tl.float32)
             maximum = tl.maximum(maximum, tl.max(x, axis=1))
             has_nan = has_nan | tl.max((x != x).to(tl.int32), axis=1)
@@ -46,7 +65,7 @@ def _gate_compact_kernel(logits_ptr, rows_ptr, next_rows_ptr, count_ptr, confide
         for start in range(0, classes, BLOCK_COLS):
             cols = start + col_offsets
             mask = row_in[:, None] & (cols[None, :] < classes)
-            x = tl.load(logits_ptr + rows[:, None] * stride_row + cols[None, :], mask=mask, other=0.0)
+            x = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_row + cols[None, :], mask=mask, other=0.0)
             terms = tl.exp(x.to(tl.float32).to(tl.float64) - maximum64[:, None])
             total += tl.sum(tl.where(mask, terms, 0.0), axis=1)
         confidence = 1.0 / tl.where(row_in, total, 1.0)
@@ -83,9 +102,12 @@ def gate_compact_triton(logits: torch.Tensor, rows: torch.Tensor,
     if active == 0:
         return next_rows, count, confidence
     block_rows, block_cols = launch_config(classes)
-    threshold = torch.tensor(float(threshold), dtype=torch.float64, device=logits.device)
-    _gate_compact_kernel[(1,)](logits, rows, next_rows, count, confidence, active, classes, logits.stride(0),
-                               threshold, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=8)
+    # A device fill, not torch.tensor(): copying a Python float to the GPU would be a
+    # synchronizing host-to-device copy on every gate call.
+    threshold = torch.full((), float(threshold), dtype=torch.float64, device=logits.device)
+    with on_device_of(logits):
+        _gate_compact_kernel[(1,)](logits, rows, next_rows, count, confidence, active, classes, logits.stride(0),
+                                   threshold, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=8)
     return next_rows, count, confidence
 
 

@@ -34,10 +34,16 @@ import torch
 import triton
 import triton.language as tl
 
+from kdfast._checks import check_fused_arguments
+from kdfast.kernels.launch import on_device_of
+
 #: Longest row the Spearman kernel sorts (one program holds the row).
 MAX_SPEARMAN_CLASSES = 8192
 #: Widest chunk of a row the row kernel holds at once.
 MAX_ROW_BLOCK = 4096
+#: Most classes a row may have: column offsets within a row are 32-bit (row offsets are
+#: 64-bit), and a chunk's offsets reach C + MAX_ROW_BLOCK.
+MAX_CLASSES = 2**31 - 1 - MAX_ROW_BLOCK
 PEARSON_EPS = 1e-8
 DIFFICULTY_CONSTANT, DIFFICULTY_ENTROPY, DIFFICULTY_PER_SAMPLE = 0, 1, 2
 
@@ -54,6 +60,11 @@ def forced_block_size(block: int):
         yield
     finally:
         _forced_block = previous
+
+
+def spearman_warps(classes: int) -> int:
+    """Warps of the Spearman kernel for rows of ``classes`` logits (the whole row in one program)."""
+    return max(1, min(16, triton.next_power_of_2(classes) // 256))
 
 
 def launch_config(classes: int) -> tuple[int, int]:
@@ -74,11 +85,15 @@ def _min(a, b):
 
 
 @triton.jit
-def _ascending_key(x):
-    """An unsigned key whose integer order is the order of the floats; +0.0 is added so
-    that −0 and +0 (which compare equal) get one key."""
-    bits = (x + 0.0).to(tl.int32, bitcast=True)
-    return tl.where(bits < 0, ~bits, bits | (-2147483648)).to(tl.uint32)
+def _online_softmax_step(running_max, running_sum, x, inv_tau):
+    """Folds a chunk x into a running max and Σ exp((x − max)/τ). A chunk (or a row so far)
+    of only −inf contributes nothing, instead of exp(−inf − (−inf)) = NaN."""
+    new_max = tl.maximum(running_max, tl.max(x, 0))
+    finite = new_max > -float("inf")
+    safe_max = tl.where(finite, new_max, 0.0)
+    rescale = tl.where(running_max > -float("inf"), tl.exp((running_max - safe_max) * inv_tau), 0.0)
+    chunk_sum = tl.sum(tl.exp((x - safe_max) * inv_tau), 0)
+    return new_max, running_sum * rescale + chunk_sum
 
 
 @triton.jit
@@ -117,6 +132,7 @@ def _fused_row_kernel(
     difficulty_value,
     grad_scale,
     HAS_TARGET: tl.constexpr,
+    HAS_KL: tl.constexpr,
     HAS_CE: tl.constexpr,
     HAS_PEARSON: tl.constexpr,
     HAS_SPEARMAN: tl.constexpr,
@@ -127,13 +143,24 @@ def _fused_row_kernel(
     TEACHER_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    # Memory safety: one program per row; row offsets are row·C in int64, column offsets j
+    # within a row are int32 (C <= MAX_CLASSES) and every load/store of column j is masked
+    # by j < C. The rectification's two swapped columns are the target (used only when
+    # 0 <= target < C) and the teacher's first argmax, taken over NaN-free values where
+    # padding lanes hold −inf and lie right of every real column, so that with left
+    # tie-breaking it is always a real column (NaN would otherwise make the reduction
+    # return a padding lane and the swap read and write past the row). Column statistics are
+    # read at k·C + j in int64. No workspace is shared between threads: the only
+    # cross-thread values are reductions, which Triton synchronizes itself.
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * C
     t_row = t_ptr + row * C
     target = 0
+    valid = True
     if HAS_TARGET:
-        target = tl.load(target_ptr + row).to(tl.int32)
-    valid = (target >= 0) & (target < C)
+        target64 = tl.load(target_ptr + row)
+        valid = (target64 >= 0) & (target64 < C)  # in int64: 2^32 + 3 is not class 3
+        target = tl.where(valid, target64, 0).to(tl.int32)
 
     # Pass 1: online max and softmax normalizers (at τ, and at 1 for the CE term), and the
     # teacher's first argmax for the rectification.
@@ -143,23 +170,22 @@ def _fused_row_kernel(
     t_sum = 0.0
     s_sum1 = 0.0
     t_arg = 0
+    t_best = -float("inf")
     for start in range(0, C, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < C
         s = tl.load(s_row + offs, mask=mask, other=-float("inf")).to(tl.float32)
         t = tl.load(t_row + offs, mask=mask, other=-float("inf")).to(tl.float32)
-        new_s_max = tl.maximum(s_max, tl.max(s, 0))
-        s_sum = s_sum * tl.exp((s_max - new_s_max) * inv_tau) + tl.sum(tl.exp((s - new_s_max) * inv_tau), 0)
         if HAS_CE:
-            s_sum1 = s_sum1 * tl.exp(s_max - new_s_max) + tl.sum(tl.exp(s - new_s_max), 0)
-        s_max = new_s_max
-        chunk_t_max = tl.max(t, 0)
+            _, s_sum1 = _online_softmax_step(s_max, s_sum1, s, 1.0)
+        s_max, s_sum = _online_softmax_step(s_max, s_sum, s, inv_tau)
         if RECTIFY:
-            chunk_arg = tl.argmax(t, 0, tie_break_left=True).to(tl.int32)
-            t_arg = tl.where(chunk_t_max > t_max, start + chunk_arg, t_arg)
-        new_t_max = tl.maximum(t_max, chunk_t_max)
-        t_sum = t_sum * tl.exp((t_max - new_t_max) * inv_tau) + tl.sum(tl.exp((t - new_t_max) * inv_tau), 0)
-        t_max = new_t_max
+            t_ordered = tl.where(t == t, t, -float("inf"))  # NaN never wins the argmax
+            chunk_best = tl.max(t_ordered, 0)
+            chunk_arg = tl.argmax(t_ordered, 0, tie_break_left=True).to(tl.int32)
+            t_arg = tl.where(chunk_best > t_best, start + chunk_arg, t_arg)
+            t_best = tl.maximum(t_best, chunk_best)
+        t_max, t_sum = _online_softmax_step(t_max, t_sum, t, inv_tau)
     s_log_sum = tl.log(s_sum)
     t_log_sum = tl.log(t_sum)
     # Rectified teacher: column t_arg and the target trade places (no-op when equal).
@@ -186,15 +212,20 @@ def _fused_row_kernel(
         log_q = (t - t_max) * inv_tau - t_log_sum
         p = tl.where(mask, tl.exp((s - s_max) * inv_tau - s_log_sum), 0.0)
         q = tl.where(mask, tl.exp(log_q), 0.0)
-        ratio = ((t - t_max).to(tl.float64) - (s - s_max).to(tl.float64)) * inv_tau + log_sum_difference
-        kl += tl.sum(tl.where(mask, q.to(tl.float64) * ratio, 0.0), 0)
-        entropy -= tl.sum(tl.where(mask, q * log_q, 0.0), 0)
+        # q = 0 (a −inf teacher logit, or underflow) contributes 0, never 0·(±inf).
+        present = mask & (q > 0.0)
+        if HAS_KL:
+            ratio = ((t - t_max).to(tl.float64) - (s - s_max).to(tl.float64)) * inv_tau + log_sum_difference
+            kl += tl.sum(tl.where(present, q.to(tl.float64) * ratio, 0.0), 0)
+        entropy -= tl.sum(tl.where(present, q * log_q, 0.0), 0)
         p_shift += tl.sum(tl.where(mask, p - p0, 0.0), 0)
         q_shift += tl.sum(tl.where(mask, q - q0, 0.0), 0)
     p_mean = p0 + p_shift / C
     q_mean = q0 + q_shift / C
 
-    loss = kl_coef * kl
+    loss = tl.zeros((), dtype=tl.float64)
+    if HAS_KL:
+        loss += kl_coef * kl
     if HAS_CE:
         s_y = tl.load(s_row + target, mask=valid, other=0.0).to(tl.float32)
         loss += ce_coef * (tl.log(s_sum1) + s_max - s_y)
@@ -203,7 +234,9 @@ def _fused_row_kernel(
         d = tl.minimum(1.0, tl.maximum(0.0, entropy / tl.log(C * 1.0)))
     if DIFFICULTY_MODE == 2:
         d = tl.load(difficulty_ptr + row)
-    pearson_weight = pearson_coef * (1.0 - d)
+    pearson_weight = 0.0
+    if HAS_PEARSON:
+        pearson_weight = pearson_coef * (1.0 - d)
     rho = tl.zeros((), dtype=tl.float64)
     cross = 0.0
     self_p = 0.0
@@ -229,7 +262,9 @@ def _fused_row_kernel(
         self_p = self_p64.to(tl.float32)
         self_q = self_q64.to(tl.float32)
         loss += pearson_weight * (1.0 - rho)
-    spearman_weight = spearman_coef * d
+    spearman_weight = 0.0
+    if HAS_SPEARMAN:
+        spearman_weight = spearman_coef * d
     if HAS_SPEARMAN:
         loss += spearman_weight * (1.0 - tl.load(rho_s_ptr + row))
     if HAS_TARGET:
@@ -267,8 +302,10 @@ def _fused_row_kernel(
                     v = tl.where(valid, v, float("nan"))
                 tl.store(gs_ptr + row * C + offs, v.to(gs_ptr.dtype.element_ty), mask=mask)
             if TEACHER_GRAD:
-                ratio = ((t - t_max).to(tl.float64) - (s - s_max).to(tl.float64)) * inv_tau + log_sum_difference
-                v = kl_grad * q * (ratio - kl).to(tl.float32) + inv_tau * q * (g_t - q_dot)
+                v = inv_tau * q * (g_t - q_dot)
+                if HAS_KL:
+                    ratio = ((t - t_max).to(tl.float64) - (s - s_max).to(tl.float64)) * inv_tau + log_sum_difference
+                    v += tl.where(q > 0.0, kl_grad * q * (ratio - kl).to(tl.float32), 0.0)
                 if HAS_TARGET:
                     v = tl.where(valid, v, float("nan"))
                 # Back to the unrectified positions: rectified position j holds original `source`.
@@ -289,11 +326,12 @@ def _gradient_chunk(s_row, t_row, col_ptr, offs, C, swap_a, swap_b, s_max, s_log
     g_s = pearson_grad * (cross * (q - q_mean) - self_p * (p - p_mean))
     g_t = pearson_grad * (cross * (p - p_mean) - self_q * (q - q_mean))
     if HAS_COLUMN:
+        wide_c = C + tl.zeros((), tl.int64)  # k·C in int64
         mean_p = tl.load(col_ptr + offs, mask=mask, other=0.0)
-        mean_q = tl.load(col_ptr + C + offs, mask=mask, other=0.0)
-        c_cross = tl.load(col_ptr + 2 * C + offs, mask=mask, other=0.0)
-        c_self_p = tl.load(col_ptr + 3 * C + offs, mask=mask, other=0.0)
-        c_self_q = tl.load(col_ptr + 4 * C + offs, mask=mask, other=0.0)
+        mean_q = tl.load(col_ptr + wide_c + offs, mask=mask, other=0.0)
+        c_cross = tl.load(col_ptr + 2 * wide_c + offs, mask=mask, other=0.0)
+        c_self_p = tl.load(col_ptr + 3 * wide_c + offs, mask=mask, other=0.0)
+        c_self_q = tl.load(col_ptr + 4 * wide_c + offs, mask=mask, other=0.0)
         g_s += column_grad * (c_cross * (q - mean_q) - c_self_p * (p - mean_p))
         g_t += column_grad * (c_cross * (p - mean_p) - c_self_q * (q - mean_q))
     return mask, source, s, t, p, q, g_s, g_t
@@ -308,6 +346,8 @@ def _softmax_stats_kernel(
     inv_tau,
     BLOCK: tl.constexpr,
 ):
+    # One program per row: reads row·C + j (int64 row offset, j < C masked), writes its own
+    # four statistics; nothing is shared between threads but Triton's reductions.
     row = tl.program_id(0).to(tl.int64)
     s_max = -float("inf")
     t_max = -float("inf")
@@ -318,12 +358,8 @@ def _softmax_stats_kernel(
         mask = offs < C
         s = tl.load(s_ptr + row * C + offs, mask=mask, other=-float("inf")).to(tl.float32)
         t = tl.load(t_ptr + row * C + offs, mask=mask, other=-float("inf")).to(tl.float32)
-        new_s_max = tl.maximum(s_max, tl.max(s, 0))
-        new_t_max = tl.maximum(t_max, tl.max(t, 0))
-        s_sum = s_sum * tl.exp((s_max - new_s_max) * inv_tau) + tl.sum(tl.exp((s - new_s_max) * inv_tau), 0)
-        t_sum = t_sum * tl.exp((t_max - new_t_max) * inv_tau) + tl.sum(tl.exp((t - new_t_max) * inv_tau), 0)
-        s_max = new_s_max
-        t_max = new_t_max
+        s_max, s_sum = _online_softmax_step(s_max, s_sum, s, inv_tau)
+        t_max, t_sum = _online_softmax_step(t_max, t_sum, t, inv_tau)
     tl.store(stats_ptr + row * 4, s_max)
     tl.store(stats_ptr + row * 4 + 1, tl.log(s_sum))
     tl.store(stats_ptr + row * 4 + 2, t_max)
@@ -347,12 +383,16 @@ def _column_moments_kernel(
 ):
     # PASS 0: Σ (p − p_0), Σ (q − q_0) (shifted by row 0: a constant column is exactly
     # zero); PASS 1: centered Σ ab, Σ aa, Σ bb with the means PASS 0 gave.
+    # Program (column block, chunk of rows) writes only its own columns of its own chunk's
+    # partial sums; every thread owns its columns (no shared workspace). Offsets of rows,
+    # of statistics and of partials are int64; column offsets are < C (masked).
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < C
     chunk = tl.program_id(1)
-    first = chunk * rows_per_chunk
+    first = chunk.to(tl.int64) * rows_per_chunk
     last = tl.minimum(first + rows_per_chunk, B)
-    out = partial_ptr + chunk.to(tl.int64) * 3 * C
+    wide_c = C + tl.zeros((), tl.int64)
+    out = partial_ptr + chunk.to(tl.int64) * 3 * wide_c
     if PASS == 0:
         center_p = tl.exp((tl.load(s_ptr + cols, mask=mask, other=0.0).to(tl.float32) - tl.load(stats_ptr)) * inv_tau
                           - tl.load(stats_ptr + 1))
@@ -367,8 +407,8 @@ def _column_moments_kernel(
     first_sum = tl.zeros((BLOCK,), dtype=tl.float64)
     second_sum = tl.zeros((BLOCK,), dtype=tl.float64)
     third_sum = tl.zeros((BLOCK,), dtype=tl.float64)
-    s_rows = s_ptr + first.to(tl.int64) * C
-    t_rows = t_ptr + first.to(tl.int64) * C
+    s_rows = s_ptr + first * C
+    t_rows = t_ptr + first * C
     st = stats_ptr + first * 4
     for _ in range(first, last):
         s = tl.load(s_rows + cols, mask=mask, other=0.0).to(tl.float32)
@@ -386,22 +426,24 @@ def _column_moments_kernel(
         t_rows += C
         st += 4
     tl.store(out + cols, first_sum, mask=mask)
-    tl.store(out + C + cols, second_sum, mask=mask)
+    tl.store(out + wide_c + cols, second_sum, mask=mask)
     if PASS == 1:
-        tl.store(out + 2 * C + cols, third_sum, mask=mask)
+        tl.store(out + 2 * wide_c + cols, third_sum, mask=mask)
 
 
 @triton.jit
 def _spearman_kernel(
     s_ptr,  # [B, C] student logits
-    t_ptr,  # [B, C] teacher logits
+    s_sorted_ptr,  # [B, C] student logits sorted descending (stable), the student's dtype
+    s_order_ptr,  # [B, C] int64: their original columns
+    t_sorted_ptr,  # [B, C] teacher logits sorted ascending (stable), the teacher's dtype
+    t_order_ptr,  # [B, C] int64: their original columns
     theta_ptr,  # [B, C] fp64 workspace: θ = ẑ/ε in the student's descending order
     stack_start_ptr,  # [B, C] int32 workspace: PAV blocks' starts
     stack_a_ptr,  # [B, C] fp64 workspace: PAV blocks' sums, later prefix sums of g
     stack_b_ptr,  # [B, C] fp64 workspace: PAV blocks' counts
     flag_ptr,  # [B, C] int32 workspace
     rank_ptr,  # [B, C] fp32 workspace: teacher average ranks, original order
-    key_ptr,  # [B, C] int64 workspace: the teacher's sorted keys
     rho_ptr,  # [B] fp64 out: ρ_S
     grad_ptr,  # [B, C] fp32 out: dρ_S/ds, original order (WITH_GRAD)
     C,
@@ -409,6 +451,18 @@ def _spearman_kernel(
     WITH_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    # Memory safety (the interpreter cannot show a race or a stray write; the argument is here):
+    # * Every address is base + j with base = row·C in int64 and 0 <= j < C: lanes j >= C are
+    #   masked, the sort orders come from torch.sort of the whole row (a permutation of
+    #   0..C−1 whatever the values, NaN and ±inf included: no padding lane is ever sorted),
+    #   and the PAV block starts are positions k < C. So no program touches another row.
+    # * Workspace slots are shared by the threads of one program only. Each phase that writes
+    #   a slot that other threads read is followed by a barrier before the reads, and the
+    #   PAV loop also has a barrier *before* its stores: Triton executes a scalar store on
+    #   one thread, and without that barrier another warp still reading the stack top in the
+    #   same iteration's merge loop could see the slot overwritten (write after read).
+    # * All threads compute identical scalars from identical memory, so the data-dependent
+    #   `while` is uniform across the program.
     row = tl.program_id(0).to(tl.int64)
     base = row * C
     offs = tl.arange(0, BLOCK)
@@ -425,37 +479,30 @@ def _spearman_kernel(
     varying = variance > 0.0
     z_scale = tl.where(varying, 1.0 / tl.sqrt(tl.where(varying, variance, 1.0)), 0.0)
 
-    # The student's descending order: sort ascending by the key of −s (padding last).
-    key_s = _ascending_key(tl.where(mask, -s, float("inf")))
-    items = tl.sort((key_s.to(tl.uint64) << 32) | offs.to(tl.uint64))
-    order = (items & 0xFFFFFFFF).to(tl.int32)
-
-    # The teacher's average ranks: sort, tie groups from equal neighbouring keys (their
-    # first and last positions by max/min scans), scattered back to original positions.
-    t = tl.load(t_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    key_t = _ascending_key(tl.where(mask, t, float("inf")))
-    t_items = tl.sort((key_t.to(tl.uint64) << 32) | offs.to(tl.uint64))
-    t_keys = (t_items >> 32).to(tl.int64)
-    t_index = (t_items & 0xFFFFFFFF).to(tl.int32)
-    tl.store(key_ptr + base + offs, t_keys, mask=mask)
-    tl.debug_barrier()
-    previous = tl.load(key_ptr + base + offs - 1, mask=mask & (offs > 0), other=-1)
-    following = tl.load(key_ptr + base + offs + 1, mask=mask & (offs + 1 < C), other=-1)
-    starts = tl.associative_scan(tl.where(mask & (previous != t_keys), offs, 0), 0, _max)
-    ends = tl.associative_scan(tl.where(mask & (following != t_keys), offs, BLOCK), 0, _min, reverse=True)
+    # The teacher's average ranks: tie groups are runs of equal sorted values (NaN equals
+    # nothing, −0 equals +0), their first and last positions by max/min scans, scattered
+    # back to the original columns.
+    t_here = tl.load(t_sorted_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    t_before = tl.load(t_sorted_ptr + base + offs - 1, mask=mask & (offs > 0), other=0.0).to(tl.float32)
+    t_after = tl.load(t_sorted_ptr + base + offs + 1, mask=mask & (offs + 1 < C), other=0.0).to(tl.float32)
+    group_start = mask & ((offs == 0) | (t_before != t_here))
+    group_end = mask & ((offs == C - 1) | (t_after != t_here))
+    starts = tl.associative_scan(tl.where(group_start, offs, 0), 0, _max)
+    ends = tl.associative_scan(tl.where(group_end, offs, BLOCK), 0, _min, reverse=True)
     average = (starts + ends).to(tl.float32) * 0.5 + 1.0
+    t_index = tl.load(t_order_ptr + base + offs, mask=mask, other=0)
     tl.store(rank_ptr + base + t_index, average, mask=mask)
     tl.debug_barrier()
+    order = tl.load(s_order_ptr + base + offs, mask=mask, other=0)
     u = tl.load(rank_ptr + base + order, mask=mask, other=0.0).to(tl.float64)
-    s_sorted = tl.load(s_ptr + base + order, mask=mask, other=0.0).to(tl.float32)
+    s_sorted = tl.load(s_sorted_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     z = tl.where(mask, ((s_sorted - s0).to(tl.float64) - mean_shift) * z_scale, 0.0)
     theta = z / strength
     tl.store(theta_ptr + base + offs, theta, mask=mask)
     tl.debug_barrier()
 
     # Pool-adjacent-violators on θ − (n, n−1, ..., 1): sequential. The newest block stays in
-    # registers while it absorbs the violating blocks on the stack; a barrier after each
-    # push makes it visible to every thread of the program.
+    # registers while it absorbs the violating blocks on the stack.
     count = 0
     for k in range(0, C):
         a = tl.load(theta_ptr + base + k) - (C - k).to(tl.float64)
@@ -473,11 +520,12 @@ def _spearman_kernel(
                 merging = count > 0
             else:
                 merging = False
+        tl.debug_barrier()  # every thread is done reading the slots the push may overwrite
         tl.store(stack_start_ptr + base + count, start)
         tl.store(stack_a_ptr + base + count, a)
         tl.store(stack_b_ptr + base + count, b)
         count += 1
-        tl.debug_barrier()
+        tl.debug_barrier()  # the new top is visible to every thread
 
     # Each element's block (flags at block starts, then a running count), the soft ranks.
     tl.store(flag_ptr + base + offs, tl.zeros((BLOCK,), dtype=tl.int32), mask=mask)
@@ -550,22 +598,27 @@ def _column_statistics(student, teacher, inv_tau):
 
 
 def _spearman(student, teacher, strength, with_grad):
-    """ρ_S per row [B] fp64 and, when asked, dρ_S/ds [B, C] fp32."""
+    """ρ_S per row [B] fp64 and, when asked, dρ_S/ds [B, C] fp32.
+
+    The rows are sorted by ``torch.sort`` (stable, ties in column order, a segmented sort
+    on the GPU) rather than inside the kernel: a sort network unrolled in the kernel took
+    15–65 s to compile per width, and padding lanes could collide with NaN keys."""
     rows, classes = student.shape
     if classes > MAX_SPEARMAN_CLASSES:
         raise ValueError(f"the Triton backend computes the Spearman terms for at most {MAX_SPEARMAN_CLASSES} "
-                         f"classes (each row is sorted by one program), got C={classes}; use backend='cuda' or 'cpu'")
+                         f"classes (each row is held by one program), got C={classes}; use backend='cuda' or 'cpu'")
     block = triton.next_power_of_2(classes)
     device = student.device
+    s_sorted, s_order = torch.sort(student, dim=1, descending=True, stable=True)
+    t_sorted, t_order = torch.sort(teacher, dim=1, stable=True)
     work64 = torch.empty(3, rows, classes, dtype=torch.float64, device=device)
     work32 = torch.empty(2, rows, classes, dtype=torch.int32, device=device)
     ranks = torch.empty(rows, classes, dtype=torch.float32, device=device)
-    keys = torch.empty(rows, classes, dtype=torch.int64, device=device)
     rho = torch.empty(rows, dtype=torch.float64, device=device)
     grad = torch.empty(rows, classes, dtype=torch.float32, device=device) if with_grad else rho
-    _spearman_kernel[(rows,)](student, teacher, work64[0], work32[0], work64[1], work64[2], work32[1], ranks, keys,
-                              rho, grad, classes, strength, WITH_GRAD=with_grad, BLOCK=block,
-                              num_warps=max(1, min(16, block // 256)))
+    _spearman_kernel[(rows,)](student, s_sorted, s_order, t_sorted, t_order, work64[0], work32[0], work64[1],
+                              work64[2], work32[1], ranks, rho, grad, classes, strength, WITH_GRAD=with_grad,
+                              BLOCK=block, num_warps=spearman_warps(classes))
     return rho, (grad if with_grad else None)
 
 
@@ -589,17 +642,21 @@ def fused_kd_loss_triton(
     teacher_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The generic fused loss on Triton (same schema and results as kdfast::fused_kd_loss)."""
-    if student.dim() != 2 or teacher.shape != student.shape:
-        raise ValueError(f"kdfast fused loss (triton): student and teacher must be [B, C] of one shape, got "
-                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")
-    for name, x in (("teacher", teacher), ("target", target), ("difficulty", difficulty)):
-        if x is not None and x.device != student.device:
-            raise ValueError(f"kdfast fused loss (triton): {name} must be on {student.device}, got {x.device}")
-    if rectify and column_coef != 0:
-        raise ValueError("kdfast fused loss (triton): rectification does not combine with the column term")
-    if (ce_coef != 0 or rectify) and target is None:
-        raise ValueError("kdfast fused loss (triton): the CE term and rectification need a target")
-    student, teacher = student.contiguous(), teacher.contiguous()
+    check_fused_arguments("kdfast fused loss (triton)", student, teacher, target, difficulty, temperature,
+                          rank_strength, difficulty_mode, ce_coef, column_coef, rectify)
+    rows, classes = student.shape
+    if classes > MAX_CLASSES:
+        raise ValueError(f"kdfast fused loss (triton): at most {MAX_CLASSES} classes (32-bit column offsets), "
+                         f"got C={classes}")
+    with on_device_of(student):
+        return _fused_loss(student.contiguous(), teacher.contiguous(), target, difficulty, temperature, kl_coef,
+                           ce_coef, pearson_coef, spearman_coef, column_coef, rank_strength, difficulty_mode,
+                           difficulty_value, rectify, student_grad, teacher_grad)
+
+
+def _fused_loss(student, teacher, target, difficulty, temperature, kl_coef, ce_coef, pearson_coef, spearman_coef,
+                column_coef, rank_strength, difficulty_mode, difficulty_value, rectify, student_grad, teacher_grad):
+    """The launches of :func:`fused_kd_loss_triton`, on the inputs' device (checked inputs)."""
     rows, classes = student.shape
     inv_tau = 1.0 / temperature
     device = student.device
@@ -618,7 +675,7 @@ def fused_kd_loss_triton(
         grad_student if student_grad else row_loss, grad_teacher if teacher_grad else row_loss,
         classes, inv_tau, kl_coef, ce_coef, pearson_coef, spearman_coef, column_coef, difficulty_value,
         1.0 / rows,
-        HAS_TARGET=target is not row_loss, HAS_CE=ce_coef != 0, HAS_PEARSON=pearson_coef != 0,
+        HAS_TARGET=target is not row_loss, HAS_KL=kl_coef != 0, HAS_CE=ce_coef != 0, HAS_PEARSON=pearson_coef != 0,
         HAS_SPEARMAN=spearman_coef != 0, HAS_COLUMN=column_coef != 0, RECTIFY=rectify,
         DIFFICULTY_MODE=difficulty_mode, STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad,
         BLOCK=block, num_warps=warps,

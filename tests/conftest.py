@@ -14,6 +14,8 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped cleanly on CPU-only machines")
     config.addinivalue_line("markers", "interpreter: runs Triton through its CPU interpreter (no GPU)")
+    config.addinivalue_line("markers", "smoke: a GPU test of stage 1 of benchmarks/run_gpu.sh (few shapes per kernel, "
+                            "every known GPU defect); the other gpu tests run in stage 2")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,6 +11,7 @@ import torch
 from helpers import teacher_like
 
 import kdfast
+from kdfast.kernels.kd_losses import MAX_SPEARMAN_CLASSES
 
 # Each case: (loss of (student, teacher, target, weights, backend), needs B >= 2, needs C >= 2).
 CASES = {
@@ -73,6 +74,8 @@ def test_float32_matches_the_float64_reference(case, shape, fused_backend_device
     if not _applicable(case, shape):
         pytest.skip(f"{case} is not defined for shape {shape}")
     backend, device = fused_backend_device
+    if backend == "triton" and case.startswith(("spearman", "cmkd")) and shape[1] > MAX_SPEARMAN_CLASSES:
+        pytest.skip("beyond the Triton Spearman kernel's width (auto runs these on cuda: tests/test_gpu_path.py)")
     s, t, y, w = _inputs(shape)
     s, t = s.float(), t.float()  # the truth sees the same fp32 values, upcast
     truth = _loss_and_grads(case, s.double(), t.double(), y, w, "torch", "cpu")

@@ -70,8 +70,11 @@ def test_long_rows_through_the_online_softmax():
 @pytest.mark.interpreter
 def test_spearman_terms_beyond_the_supported_width_say_so():
     s, t = torch.randn(1, kd_losses.MAX_SPEARMAN_CLASSES + 1), torch.randn(1, kd_losses.MAX_SPEARMAN_CLASSES + 1)
-    with pytest.raises(ValueError, match="at most 8192 classes"):
+    with pytest.raises(kdfast.BackendUnavailableError, match="at most 8192 classes"):
         kdfast.spearman_loss(s, t, backend="triton")
+    with pytest.raises(ValueError, match="at most 8192 classes"):  # the operator itself, called directly
+        torch.ops.kdfast.fused_kd_loss_triton(s, t, None, None, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0, 1.0, False,
+                                              False, False)
     assert torch.isfinite(kdfast.kd_loss(s, t, backend="triton"))  # the other losses have no limit
 
 
@@ -85,14 +88,14 @@ def test_launch_configuration_heuristic():
 
 # Compilation for a Hopper GPU, in a process without TRITON_INTERPRET (under the
 # interpreter the kernels are not compilable objects): every kernel with the constexpr
-# combinations the launcher uses, the 8192-wide Spearman sort excluded for time (it
-# compiles in about two minutes).
+# combinations the launcher uses, at the widest rows included (compile times per kernel:
+# benchmarks/results/gpu_static.csv).
 HOPPER_COMPILE = r"""
 import inspect
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kdfast.kernels import kd_losses
+from kdfast.kernels import gate, kd_losses
 
 KERNELS = [
     ("_fused_row_kernel", dict(HAS_TARGET=True, HAS_CE=True, HAS_PEARSON=True, HAS_SPEARMAN=True, HAS_COLUMN=True,
@@ -103,12 +106,16 @@ KERNELS = [
     ("_column_moments_kernel", dict(PASS=0, BLOCK=256), 4),
     ("_column_moments_kernel", dict(PASS=1, BLOCK=256), 4),
     ("_spearman_kernel", dict(WITH_GRAD=True, BLOCK=1024), 4),
+    ("_spearman_kernel", dict(WITH_GRAD=True, BLOCK=8192), 16),
+    ("gate._gate_compact_kernel", dict(BLOCK_ROWS=4, BLOCK_COLS=1024), 8),
 ]
 POINTERS = {"s_ptr": "*bf16", "gs_ptr": "*bf16", "target_ptr": "*i64", "rho_s_ptr": "*fp64", "rho_ptr": "*fp64",
             "partial_ptr": "*fp64", "theta_ptr": "*fp64", "stack_a_ptr": "*fp64", "stack_b_ptr": "*fp64",
-            "stack_start_ptr": "*i32", "flag_ptr": "*i32", "key_ptr": "*i64"}
+            "stack_start_ptr": "*i32", "flag_ptr": "*i32", "s_order_ptr": "*i64", "t_order_ptr": "*i64",
+            "s_sorted_ptr": "*bf16", "t_sorted_ptr": "*bf16", "logits_ptr": "*bf16", "rows_ptr": "*i64",
+            "next_rows_ptr": "*i64", "count_ptr": "*i64", "confidence_ptr": "*fp64", "threshold_ptr": "*fp64"}
 for name, constexprs, warps in KERNELS:
-    kernel = getattr(kd_losses, name)
+    kernel = getattr(gate, name.split(".")[1]) if name.startswith("gate.") else getattr(kd_losses, name)
     signature = {}
     for arg in inspect.signature(kernel.fn).parameters:
         if arg in constexprs:
@@ -116,7 +123,8 @@ for name, constexprs, warps in KERNELS:
         elif arg.endswith("_ptr"):
             signature[arg] = POINTERS.get(arg, "*fp32")
         else:
-            signature[arg] = "i32" if arg in ("C", "B", "rows_per_chunk") else "fp32"
+            integers = ("C", "B", "rows_per_chunk", "active", "classes", "stride_row")
+            signature[arg] = "i32" if arg in integers else "fp32"
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     assert len(compiled.asm["cubin"]) > 0, name
@@ -133,4 +141,4 @@ def test_kernels_compile_for_hopper():
     result = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("compiled") == 6
+    assert result.stdout.count("compiled") == 8

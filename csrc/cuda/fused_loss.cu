@@ -11,6 +11,28 @@
 //   3. the row kernel: KL, CE, Pearson, difficulty, the Spearman and column shares, and
 //      the gradients, rounded once to the logits' dtype;
 //   4. the loss: a fixed-order sum of the per-row losses (and of the column correlations).
+//
+// Audit (what the interpreter-free reading checked; tests/test_gpu_path.py has a GPU test
+// per past defect):
+// * Barriers: block_sum / block_argmax start with __syncthreads() before writing their
+//   scratch, so back-to-back reductions never overwrite what a lagging warp still reads;
+//   every thread sums the warp partials in the same order (bit-identical totals). Every
+//   branch or return that skips a barrier depends only on block-uniform values (the
+//   config, the row's target, reduced totals, block_count read after a barrier), and the
+//   Spearman kernel's returns come back to its row loop's __syncthreads().
+// * Rows: one block per row, row offsets row·cols in int64, element loops in int64; the
+//   scatters through the sort orders and the rectification's swap are permutations of
+//   0..cols−1 whatever the values (CUB sorts every bit pattern, NaN included), so no block
+//   writes outside its row. Grids: 1-D x ≤ 2^31 − 1 (checked), the column kernels' y is
+//   at most 64 chunks.
+// * Terms are switched on by their coefficients, never by the value of a weight (a NaN
+//   difficulty times 0 would otherwise read unallocated Spearman buffers).
+// * Workspace: 256-byte aligned regions, rank rows a multiple of 16 bytes; every region is
+//   written before it is read. Shared memory: the rank rows go to dynamic shared memory
+//   only when they fit with the kernel's static shared memory under the device's opt-in
+//   limit (plan_rank_rows).
+// * Streams: every launch and both CUB sorts run on the caller's stream; no atomics, so
+//   results repeat bit for bit.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -242,7 +264,6 @@ struct RankRow {
   float* t_rank;       // teacher average ranks in original order
   int32_t* group;      // start of each sorted teacher element's tie group
 };
-constexpr size_t kRankRowBytes = 3 * sizeof(double) + sizeof(int64_t) + 2 * sizeof(float) + sizeof(int32_t);
 // Bytes between two rows' arrays in the workspace, a multiple of 16 so that every row's
 // doubles stay aligned.
 __host__ __device__ inline size_t rank_row_stride(int64_t cols) { return (cols * kRankRowBytes + 15) / 16 * 16; }
@@ -494,10 +515,11 @@ __global__ void __launch_bounds__(kThreads) fused_row_kernel(const s_t* student,
 
   const float p0 = p_at(0), q0 = q_at(0);
   double acc[4] = {0.0, 0.0, 0.0, 0.0};  // KL, entropy, Σ (p − p_0), Σ (q − q_0)
+  const bool kl_term = cfg.kl_coef != 0.0f;
   for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
     const float p = p_at(j), q = q_at(j);
-    acc[0] += q * log_ratio(j);
-    acc[1] -= q * ((teacher_at(j) - t_max) * it - t_log_sum);
+    if (kl_term && q > 0.0f) acc[0] += q * log_ratio(j);  // q = 0: no term (0·−inf would be NaN)
+    if (q > 0.0f) acc[1] -= q * ((teacher_at(j) - t_max) * it - t_log_sum);
     acc[2] += p - p0;
     acc[3] += q - q0;
   }
@@ -514,7 +536,9 @@ __global__ void __launch_bounds__(kThreads) fused_row_kernel(const s_t* student,
   } else if (cfg.difficulty_mode == kDifficultyPerSample) {
     d = in.difficulty[row];
   }
-  const float pearson_weight = cfg.pearson_coef * (1.0f - d);
+  // The terms are on by their coefficient, not by the value of their weight: a NaN or inf
+  // difficulty times a zero coefficient must not read buffers that were never allocated.
+  const float pearson_weight = cfg.pearson_coef != 0.0f ? cfg.pearson_coef * (1.0f - d) : 0.0f;
   Correlation row_corr{0.0, 0.0f, 0.0f, 0.0f};
   if (pearson_weight != 0.0f) {
     double m[3] = {0.0, 0.0, 0.0};
@@ -528,7 +552,7 @@ __global__ void __launch_bounds__(kThreads) fused_row_kernel(const s_t* student,
     row_corr = correlation(m[0], m[1], m[2]);
     loss += pearson_weight * (1.0 - row_corr.rho);
   }
-  const float spearman_weight = cfg.spearman_coef * d;
+  const float spearman_weight = cfg.spearman_coef != 0.0f ? cfg.spearman_coef * d : 0.0f;
   if (spearman_weight != 0.0f) loss += spearman_weight * (1.0 - in.spearman_rho[row]);
   if (threadIdx.x == 0) in.row_loss[row] = static_cast<float>(loss);
   if (!cfg.student_grad && !cfg.teacher_grad) return;
@@ -573,7 +597,7 @@ __global__ void __launch_bounds__(kThreads) fused_row_kernel(const s_t* student,
       grad_student[row * cols + j] = from_float<s_t>(v);
     }
     if (cfg.teacher_grad) {
-      float v = kl_grad * q * static_cast<float>(log_ratio(j) - kl);
+      float v = kl_term && q > 0.0f ? kl_grad * q * static_cast<float>(log_ratio(j) - kl) : 0.0f;
       if (correlations) v += it * q * (g_teacher(j, p, q) - dots[1]);
       // Back to the unrectified positions: rectified position j holds original position σ(j).
       const int64_t source = !swapped ? j : (j == t_arg ? target : (j == target ? t_arg : j));
@@ -605,17 +629,34 @@ __global__ void __launch_bounds__(kThreads) finalize_loss_kernel(const float* ro
 
 size_t align_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
-// Maximum dynamic shared memory for a row's rank arrays; longer rows use the workspace.
-constexpr size_t kMaxSharedRankBytes = 96 * 1024;
-
 struct Layout {
   size_t row_loss = 0, stats = 0, partial = 0, column_floats = 0, column_rho = 0;
   size_t s_keys = 0, t_keys = 0, s_sorted = 0, t_sorted = 0, iota = 0, s_order = 0, t_order = 0, offsets = 0;
   size_t sort_temp = 0, sort_temp_bytes = 0, rank_rows = 0, rho = 0, grad_rho = 0;
   size_t total = 0;
   int64_t chunk = 0, chunks = 0, spearman_grid = 0;
-  bool rank_rows_in_shared = false;
+  RankRowsPlan rank_rows_plan{false, 0, false};
+  size_t shared_optin = 0;  // the device's opt-in shared memory per block
 };
+
+// The Spearman kernel's static shared memory (its block-reduction scratch and CUB scan
+// storage), the largest of its instantiations, as the compiled kernel reports it (read
+// once per process: it is a property of the binary).
+size_t spearman_static_shared_bytes() {
+  static const size_t bytes = [] {
+    size_t largest = 0;
+    cudaFuncAttributes attributes;
+    const void* kernels[] = {reinterpret_cast<const void*>(spearman_kernel<float>),
+                             reinterpret_cast<const void*>(spearman_kernel<__half>),
+                             reinterpret_cast<const void*>(spearman_kernel<__nv_bfloat16>)};
+    for (const void* kernel : kernels) {
+      check(cudaFuncGetAttributes(&attributes, kernel), "reading the Spearman kernel's attributes");
+      largest = std::max(largest, attributes.sharedSizeBytes);
+    }
+    return largest;
+  }();
+  return bytes;
+}
 
 Layout layout(int64_t rows, int64_t cols, const LossConfig& cfg, int device) {
   Layout l;
@@ -655,9 +696,12 @@ Layout layout(int64_t rows, int64_t cols, const LossConfig& cfg, int device) {
           "sizing the segmented sort");
     l.sort_temp_bytes = temp;
     l.sort_temp = take(temp);
-    l.rank_rows_in_shared = cols * kRankRowBytes <= kMaxSharedRankBytes;
-    l.spearman_grid = l.rank_rows_in_shared ? rows : std::min<int64_t>(rows, 2 * multiprocessors);
-    if (!l.rank_rows_in_shared) l.rank_rows = take(l.spearman_grid * rank_row_stride(cols));
+    int optin = 0;
+    check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "reading the device");
+    l.shared_optin = static_cast<size_t>(optin);
+    l.rank_rows_plan = plan_rank_rows(cols, spearman_static_shared_bytes(), l.shared_optin);
+    l.spearman_grid = l.rank_rows_plan.in_shared ? rows : std::min<int64_t>(rows, 2 * multiprocessors);
+    if (!l.rank_rows_plan.in_shared) l.rank_rows = take(l.spearman_grid * rank_row_stride(cols));
     l.rho = take(rows * sizeof(double));
     if (cfg.student_grad) l.grad_rho = take(elements * sizeof(float));
   }
@@ -720,14 +764,16 @@ void launch(const FusedLossArgs& a, const Layout& l) {
     }
     double* rho = reinterpret_cast<double*>(ws + l.rho);
     float* grad_rho = cfg.student_grad ? reinterpret_cast<float*>(ws + l.grad_rho) : nullptr;
-    const size_t shared = l.rank_rows_in_shared ? cols * kRankRowBytes : 0;
-    if (shared > 48 * 1024) {
+    const RankRowsPlan& plan = l.rank_rows_plan;
+    if (plan.opt_in) {
+      // The largest value the device allows, always the same: two host threads launching
+      // different widths cannot lower the limit under each other's launch.
       check(cudaFuncSetAttribute(spearman_kernel<s_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(shared)),
+                                 static_cast<int>(l.shared_optin - spearman_static_shared_bytes())),
             "raising the Spearman kernel's shared memory");
     }
-    spearman_kernel<s_t><<<static_cast<unsigned>(l.spearman_grid), kThreads, shared, stream>>>(
-        student, rows, cols, cfg.rank_strength, t_sorted, t_order, s_order, ws + l.rank_rows, l.rank_rows_in_shared,
+    spearman_kernel<s_t><<<static_cast<unsigned>(l.spearman_grid), kThreads, plan.dynamic_bytes, stream>>>(
+        student, rows, cols, cfg.rank_strength, t_sorted, t_order, s_order, ws + l.rank_rows, plan.in_shared,
         rho, grad_rho);
     check(cudaGetLastError(), "the Spearman kernel");
     in.spearman_rho = rho;
@@ -753,19 +799,39 @@ void dispatch(LogitType type, F&& f) {
 
 }  // namespace
 
+int cuda_runtime_version() { return CUDART_VERSION; }
+
+int cuda_driver_version() {
+  int version = 0;
+  if (cudaDriverGetVersion(&version) != cudaSuccess) return 0;
+  return version;
+}
+
+namespace {
+// The sizes every entry point accepts: one block per row (a 1-D grid of at most 2^31 − 1),
+// and CUB's segmented sort counts items and offsets in int.
+void check_sizes(int64_t rows, int64_t cols, const LossConfig& config) {
+  if (rows <= 0 || cols <= 0) throw std::runtime_error("kdfast CUDA fused loss: empty logits");
+  if (rows > 2147483647 || cols > 2147483647) {
+    throw std::runtime_error("kdfast CUDA fused loss: at most 2^31 - 1 rows and 2^31 - 1 classes");
+  }
+  if (config.spearman_coef != 0.0f && rows * cols > 2147483647) {
+    throw std::runtime_error("kdfast CUDA fused loss: the Spearman terms sort at most 2^31 - 1 logits per call");
+  }
+}
+}  // namespace
+
 size_t fused_loss_workspace_bytes(int64_t rows, int64_t cols, const LossConfig& config, int device) {
+  check_sizes(rows, cols, config);
   check(cudaSetDevice(device), "selecting the tensors' device");
   return layout(rows, cols, config, device).total;
 }
 
 void fused_loss(const FusedLossArgs& args) {
-  if (args.rows <= 0 || args.cols <= 0) throw std::runtime_error("kdfast CUDA fused loss: empty logits");
-  if (args.rows > 2147483647 || args.cols > 2147483647 ||
-      (args.config.spearman_coef != 0.0f && args.rows * args.cols > 2147483647)) {
-    throw std::runtime_error("kdfast CUDA fused loss: the Spearman terms sort at most 2^31 - 1 logits per call");
-  }
-  // This module links the CUDA runtime statically: its current device is its own, set
-  // here from the tensors' device (PyTorch's current device is not visible to it).
+  check_sizes(args.rows, args.cols, args.config);
+  // This module links the CUDA runtime statically; selecting the device makes that
+  // device's primary context (PyTorch's too) current. The Python caller runs this inside
+  // torch.cuda.device(...), which restores PyTorch's current device afterwards.
   check(cudaSetDevice(args.device), "selecting the tensors' device");
   const Layout l = layout(args.rows, args.cols, args.config, args.device);
   dispatch(args.student_type, [&](auto s_tag) {

@@ -27,6 +27,15 @@ PYBIND11_MODULE(_C_cuda, m) {
       .def_readwrite("rectify", &LossConfig::rectify)
       .def_readwrite("student_grad", &LossConfig::student_grad)
       .def_readwrite("teacher_grad", &LossConfig::teacher_grad);
+  py::class_<kdfast::cuda::RankRowsPlan>(m, "RankRowsPlan")
+      .def_readonly("in_shared", &kdfast::cuda::RankRowsPlan::in_shared)
+      .def_readonly("dynamic_bytes", &kdfast::cuda::RankRowsPlan::dynamic_bytes)
+      .def_readonly("opt_in", &kdfast::cuda::RankRowsPlan::opt_in);
+  m.def("plan_rank_rows", &kdfast::cuda::plan_rank_rows, py::arg("cols"), py::arg("static_bytes"),
+        py::arg("optin_bytes"));
+  m.attr("RANK_ROW_BYTES") = kdfast::cuda::kRankRowBytes;
+  m.def("cuda_runtime_version", &kdfast::cuda::cuda_runtime_version);
+  m.def("cuda_driver_version", &kdfast::cuda::cuda_driver_version);
   m.def("fused_loss_workspace_bytes", &kdfast::cuda::fused_loss_workspace_bytes, py::arg("rows"), py::arg("cols"),
         py::arg("config"), py::arg("device"));
   m.def(

@@ -1,0 +1,476 @@
+"""The GPU path's known defects, one test each where a CPU machine can reach it (Triton's
+interpreter, pure-Python dispatch, host-side C++ through kdfast._C_cuda), and a `gpu` test
+that would expose it on a GPU. The `gpu` tests here are all `smoke`: stage 1 of
+benchmarks/run_gpu.sh runs them first, with a few shapes per kernel."""
+
+import re
+
+import pytest
+import torch
+from test_fused import CASES, _applicable, _inputs, _loss_and_grads, _relative_errors
+
+import kdfast
+from kdfast import dispatch, fused
+from kdfast.gate import gate_compact, gate_compact_reference
+from kdfast.kernels import gate as triton_gate
+from kdfast.kernels import kd_losses, launch
+
+gpu_smoke = [pytest.mark.gpu, pytest.mark.smoke]
+ALL_INSTALLED = {"installed": lambda name: None, "gpu_name": "a GPU with no measured choice"}
+CUDA = torch.device("cuda")
+
+
+def _cuda_module():
+    if fused._C_cuda is None:
+        pytest.skip("kdfast._C_cuda is not built here (no nvcc)")
+    return fused._C_cuda
+
+
+# ----------------------------------------------------------- 1. the Triton PAV loop's race
+
+@pytest.mark.interpreter
+def test_triton_spearman_with_long_merges_matches_the_cpu_kernel():
+    # C > 256: several warps on a GPU. A student ranking the classes almost in reverse of the
+    # teacher makes pool-adjacent-violators merge long runs of blocks.
+    generator = torch.Generator().manual_seed(3)
+    teacher = torch.randn(2, 600, generator=generator)
+    student = (-teacher + 0.05 * torch.randn(2, 600, generator=generator)).requires_grad_()
+    ours = kdfast.spearman_loss(student, teacher, backend="triton")
+    (ours_grad,) = torch.autograd.grad(ours, student)
+    expected = kdfast.spearman_loss(student, teacher, backend="cpu")
+    (expected_grad,) = torch.autograd.grad(expected, student)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours_grad, expected_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_pav_loop_has_a_barrier_between_its_reads_and_its_stores():
+    """In the kernel's intermediate representation, the merge loop (scf.while) is followed by
+    a barrier before the stack stores, and the stores by another barrier."""
+    import os
+    import subprocess
+    import sys
+
+    script = r"""
+import inspect, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kdfast.kernels import kd_losses
+kernel = kd_losses._spearman_kernel
+types = {"s_ptr": "*bf16", "s_sorted_ptr": "*bf16", "t_sorted_ptr": "*bf16", "s_order_ptr": "*i64",
+         "t_order_ptr": "*i64", "theta_ptr": "*fp64", "stack_start_ptr": "*i32", "stack_a_ptr": "*fp64",
+         "stack_b_ptr": "*fp64", "flag_ptr": "*i32", "rank_ptr": "*fp32", "rho_ptr": "*fp64", "grad_ptr": "*fp32",
+         "C": "i32", "strength": "fp32"}
+constexprs = {"WITH_GRAD": True, "BLOCK": 1024}
+signature = {a: ("constexpr" if a in constexprs else types[a]) for a in inspect.signature(kernel.fn).parameters}
+compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+print(compiled.asm["ttgir"])
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ir = result.stdout
+    after_merge = ir[ir.index("scf.while"):]
+    after_merge = after_merge[after_merge.index("scf.yield", after_merge.index("} do {")):]
+    barrier = re.compile(r"(gpu|ttg)\.barrier")
+    first_store = after_merge.index("tt.store")
+    assert barrier.search(after_merge[:first_store]), "no barrier between the merge loop's reads and the push"
+    last_store = after_merge.index("tt.store", after_merge.index("tt.store", first_store + 1) + 1)
+    assert barrier.search(after_merge[last_store:after_merge.index("scf.yield", last_store)]), \
+        "no barrier after the push"
+
+
+@pytest.mark.parametrize("classes", [1000, 8192])
+@pytest.mark.gpu
+@pytest.mark.smoke
+def test_triton_spearman_is_deterministic_and_agrees_on_a_gpu(classes):
+    generator = torch.Generator(device="cuda").manual_seed(classes)
+    teacher = torch.randn(4096, classes, device="cuda", generator=generator)
+    student = (-teacher + torch.randn(4096, classes, device="cuda", generator=generator)).requires_grad_()
+    runs = []
+    for _ in range(20):
+        loss = kdfast.spearman_loss(student, teacher, backend="triton")
+        runs.append((loss.detach(), torch.autograd.grad(loss, student)[0]))
+    for loss, grad in runs[1:]:
+        assert torch.equal(loss, runs[0][0]) and torch.equal(grad, runs[0][1])
+    s_cpu = student.detach().cpu().requires_grad_()
+    expected = kdfast.spearman_loss(s_cpu, teacher.cpu(), backend="cpu")
+    (expected_grad,) = torch.autograd.grad(expected, s_cpu)
+    torch.testing.assert_close(runs[0][0].cpu(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(runs[0][1].cpu(), expected_grad, rtol=1e-4, atol=1e-9)
+
+
+# ------------------------------------------- 2. the CUDA Spearman kernel's shared memory
+
+def test_spearman_rank_rows_opt_in_counts_the_static_shared_memory():
+    module = _cuda_module()
+    static, hopper_optin, turing_optin = 1600, 227 * 1024, 64 * 1024
+    for cols in range(2, 2300):
+        plan = module.plan_rank_rows(cols, static, hopper_optin)
+        total = static + plan.dynamic_bytes
+        assert plan.in_shared == (cols * module.RANK_ROW_BYTES <= 96 * 1024)
+        assert plan.opt_in == (total > 48 * 1024), cols  # C ≈ 1081..1117 failed with the old rule
+        assert total <= hopper_optin
+    assert module.plan_rank_rows(1100, static, hopper_optin).opt_in
+    # A device with less shared memory per block keeps long rows in the global workspace.
+    assert not module.plan_rank_rows(1500, static, turing_optin).in_shared
+    assert module.plan_rank_rows(1400, static, turing_optin).in_shared
+
+
+@pytest.mark.parametrize("classes", [1080, 1081, 1100, 1117, 1118, 2234, 2235])
+@pytest.mark.gpu
+@pytest.mark.smoke
+def test_cuda_spearman_launches_around_the_shared_memory_boundaries(classes):
+    s, t, y, w = _inputs((3, classes))
+    truth = _loss_and_grads("cmkd", s.float().double(), t.float().double(), y, w, "torch", "cpu")
+    got = _loss_and_grads("cmkd", s.float(), t.float(), y, w, "cuda", "cuda")
+    for error in _relative_errors(got, truth):
+        assert error <= 1e-5
+
+
+# --------------------------------------------------------------- 3. shape-aware dispatch
+
+def test_auto_skips_backends_whose_shape_limits_the_inputs_pass():
+    f32 = (torch.float32, torch.float32)
+    for op in ("spearman_loss", "cmkd_loss"):
+        assert dispatch.choose(op, "auto", CUDA, f32, (64, 1000), **ALL_INSTALLED) == "triton"
+        assert dispatch.choose(op, "auto", CUDA, f32, (64, 8192), **ALL_INSTALLED) == "triton"
+        assert dispatch.choose(op, "auto", CUDA, f32, (64, 32000), **ALL_INSTALLED) == "cuda"
+        with pytest.raises(kdfast.BackendUnavailableError, match="at most 8192 classes.*not C=32000"):
+            dispatch.choose(op, "triton", CUDA, f32, (64, 32000), **ALL_INSTALLED)
+        # CUB's 32-bit offsets: B·C >= 2^31 has no fused GPU backend; the reference remains.
+        assert dispatch.choose(op, "auto", CUDA, f32, (2**16, 2**15), **ALL_INSTALLED) == "torch"
+        with pytest.raises(kdfast.BackendUnavailableError, match="2\\^31 - 1 logits"):
+            dispatch.choose(op, "cuda", CUDA, f32, (2**16, 2**15), **ALL_INSTALLED)
+    assert dispatch.choose("kd_loss", "auto", CUDA, f32, (64, 32000), **ALL_INSTALLED) == "triton"
+    assert dispatch.choose("kd_loss", "auto", CUDA, f32, (2**16, 2**15), **ALL_INSTALLED) == "triton"
+    assert dispatch.choose("gate_compact", "auto", CUDA, (torch.float32,), (8, 10), **ALL_INSTALLED) == "triton"
+
+
+def test_a_measured_choice_still_yields_to_the_shape_limits(monkeypatch):
+    monkeypatch.setattr(dispatch, "measured_choices", lambda: {"Test GPU": {"spearman_loss": "triton"}})
+    choice = dispatch.choose("spearman_loss", "auto", CUDA, (torch.bfloat16,) * 2, (8, 50000),
+                             installed=lambda name: None, gpu_name="Test GPU")
+    assert choice == "cuda"
+
+
+def test_the_public_losses_pass_the_shape_to_dispatch():
+    s = torch.randn(1, kd_losses.MAX_SPEARMAN_CLASSES + 1)
+    with pytest.raises(kdfast.BackendUnavailableError, match="backend 'triton' cannot run spearman_loss here: "
+                       "it computes the Spearman terms for at most 8192 classes"):
+        kdfast.spearman_loss(s, s, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.smoke
+def test_spearman_terms_beyond_the_triton_width_run_on_a_gpu():
+    s, t, y, _ = _inputs((2, 32000))
+    for loss in (lambda a, b: kdfast.spearman_loss(a, b), lambda a, b: kdfast.cmkd_loss(a, b, y.to(a.device))):
+        got = loss(s.float().cuda(), t.float().cuda())
+        torch.testing.assert_close(got.cpu(), loss(s.float(), t.float()), rtol=1e-5, atol=1e-6)
+
+
+# -------------------------------------------------------- 4. Triton launches' device
+
+def test_every_triton_launch_runs_inside_the_inputs_device_guard(monkeypatch):
+    guard_devices = []
+    depth = [0]
+
+    class Recording:
+        def __init__(self, tensor):
+            guard_devices.append(tensor.device)
+
+        def __enter__(self):
+            depth[0] += 1
+
+        def __exit__(self, *exc):
+            depth[0] -= 1
+
+    launched = []
+    for module in (kd_losses, triton_gate):
+        monkeypatch.setattr(module, "on_device_of", Recording)
+        for name in dir(module):
+            kernel = getattr(module, name)
+            if name.startswith("_") and name.endswith("_kernel"):
+                class Guarded:
+                    def __init__(self, kernel, name):
+                        self.kernel, self.name = kernel, name
+
+                    def __getitem__(self, grid):
+                        assert depth[0] == 1, f"{self.name} launched outside the device guard"
+                        launched.append(self.name)
+                        return self.kernel[grid]
+                monkeypatch.setattr(module, name, Guarded(kernel, name))
+    s, t, y, _ = _inputs((3, 7))
+    s, t = s.float(), t.float()
+    kdfast.cmkd_loss(s, t, y, backend="triton")
+    kdfast.dist_loss(s, t, backend="triton")
+    gate_compact(s, torch.arange(3), 0.5, backend="triton")
+    assert set(launched) == {"_fused_row_kernel", "_spearman_kernel", "_softmax_stats_kernel",
+                             "_column_moments_kernel", "_gate_compact_kernel"}
+    assert guard_devices == [s.device] * 3
+
+
+@pytest.mark.gpu
+@pytest.mark.smoke
+def test_triton_runs_on_the_tensors_gpu_not_the_current_one():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    s, t, y, _ = _inputs((5, 300))
+    torch.cuda.set_device(0)
+    for name in ("kd", "dist", "cmkd", "drkd", "spearman"):
+        expected = _loss_and_grads(name, s.float(), t.float(), y, torch.zeros(5), "triton", "cuda:0")
+        got = _loss_and_grads(name, s.float(), t.float(), y, torch.zeros(5), "triton", "cuda:1")
+        for a, b in zip(got, expected):
+            assert torch.equal(a, b), name
+    logits = torch.randn(9, 300, device="cuda:1")
+    got = gate_compact(logits, torch.arange(9, device="cuda:1"), 0.5, backend="triton")
+    expected = gate_compact_reference(logits, torch.arange(9, device="cuda:1"), 0.5)
+    assert torch.equal(got[0], expected[0])
+
+
+# ----------------------------------------------------- 5. 64-bit offsets in the Triton gate
+
+@pytest.mark.interpreter
+def test_gate_reads_rows_past_two_to_the_31_elements():
+    # Rows 2**30 elements apart: row 2 starts at element 2**31, where int32 offsets wrap.
+    stride, classes = 2**30, 8
+    storage = torch.empty(2 * stride + classes, dtype=torch.float16)  # 4 GiB, only three rows touched
+    logits = storage.as_strided((3, classes), (stride, 1))
+    logits.copy_(torch.tensor([[4.0, 0, 0, 0, 0, 0, 0, 0], [0.0] * 8, [0.0, 0, 9.0, 0, 0, 0, 0, 0]]))
+    rows = torch.tensor([5, 6, 7])
+    got = gate_compact(logits, rows, 0.5, backend="triton")
+    expected = gate_compact_reference(logits, rows, 0.5)
+    assert torch.equal(got[0], expected[0]) and int(got[1]) == 1
+    torch.testing.assert_close(got[2], expected[2], rtol=1e-13, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.smoke
+def test_gate_on_more_than_two_to_the_31_logits():
+    active, classes = 16384, 131072
+    logits = torch.zeros(active, classes, dtype=torch.bfloat16, device="cuda")
+    logits[::2, 0] = 30.0  # even rows are confident and stop
+    rows = torch.arange(active, device="cuda")
+    next_rows, count, confidence = gate_compact(logits, rows, 0.5, backend="triton")
+    assert int(count) == active // 2
+    assert torch.equal(next_rows[: active // 2], rows[1::2])
+    torch.testing.assert_close(confidence, gate_compact_reference(logits, rows, 0.5)[2], rtol=1e-12, atol=0)
+
+
+# ----------------------------------------- 6. NaN/±inf never reach outside their row
+
+NAN_CASES = ("kd", "pearson_rows", "spearman", "cmkd", "drkd")
+
+
+def _with_guards(monkeypatch, guards):
+    """torch.empty_like returns views into buffers with guard regions on both sides."""
+    real = torch.empty_like
+
+    def guarded(x, *args, **kwargs):
+        out = real(x, *args, **kwargs)
+        if out.numel() == 0 or out.dim() != 2:
+            return out
+        buffer = torch.full((out.numel() + 64,), 1234.5, dtype=out.dtype, device=out.device)
+        guards.append(buffer)
+        return buffer[32:32 + out.numel()].view(out.shape)
+
+    monkeypatch.setattr(torch, "empty_like", guarded)
+
+
+def _nan_rows_check(device, rows, classes, bad_rows, monkeypatch):
+    s, t, y, w = _inputs((rows, classes))
+    s, t = s.float(), t.float()
+    s_bad, t_bad = s.clone(), t.clone()
+    for row in bad_rows:
+        s_bad[row, 1::7] = float("nan")
+        s_bad[row, 3::11] = float("inf")
+        t_bad[row, ::5] = float("nan")
+        t_bad[row, 2::13] = -float("inf")
+        t_bad[row, 4::17] = float("inf")
+    good = [r for r in range(rows) if r not in bad_rows]
+    for case in NAN_CASES:
+        clean = _loss_and_grads(case, s, t, y, w, "triton", device)
+        guards = []
+        _with_guards(monkeypatch, guards)
+        try:
+            dirty = _loss_and_grads(case, s_bad, t_bad, y, w, "triton", device)
+        finally:
+            monkeypatch.undo()
+        for buffer in guards:
+            assert (buffer[:32] == 1234.5).all() and (buffer[-32:] == 1234.5).all(), case
+        for a, b in zip(clean[1:], dirty[1:]):
+            assert torch.equal(a[good], b[good]), case
+
+
+@pytest.mark.interpreter
+def test_nan_and_inf_rows_leave_the_other_rows_untouched(monkeypatch):
+    _nan_rows_check("cpu", 3, 1000, [1], monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.smoke
+def test_nan_and_inf_rows_leave_the_other_rows_untouched_on_a_gpu(monkeypatch):
+    _nan_rows_check("cuda", 64, 1000, [1, 63], monkeypatch)
+    _nan_rows_check("cuda", 8, 5000, [7], monkeypatch)
+
+
+# ----------------------------------------------------------------- 7. host synchronizations
+
+def test_target_range_check_raises_on_the_cpu_and_asserts_on_the_device(monkeypatch):
+    s = torch.randn(3, 5)
+    with pytest.raises(ValueError, match=r"target values must lie in \[0, 4\], got values in \[0, 5\]"):
+        kdfast.cmkd_loss(s, s, torch.tensor([0, 5, 1]))
+    # On a GPU the same check becomes one device-side assertion and no read-back.
+    asserted = []
+    monkeypatch.setattr(torch, "_assert_async", lambda condition, message: asserted.append((condition, message)))
+    target = torch.tensor([0, 5, 1])
+    monkeypatch.setattr(type(target), "device", property(lambda self: torch.device("cuda", 0)))
+    from kdfast import _checks
+
+    _checks.check_targets(target, 3, 5, torch.device("cuda", 0))
+    assert len(asserted) == 1 and not bool(asserted[0][0]) and "[0, 4]" in asserted[0][1]
+
+
+@pytest.mark.gpu
+@pytest.mark.smoke
+def test_losses_and_gate_do_not_synchronize():
+    s, t, y, w = _inputs((64, 1000))
+    s, t, y, w = s.float().cuda().requires_grad_(), t.float().cuda(), y.cuda(), w.float().cuda()
+    calls = [lambda b: kdfast.cmkd_loss(s, t, y, backend=b), lambda b: kdfast.drkd_loss(s, t, y, backend=b),
+             lambda b: kdfast.dist_loss(s, t, backend=b), lambda b: kdfast.spearman_loss(s, t, backend=b),
+             lambda b: kdfast.kd_loss(s, t, backend=b)]
+    for backend in ("triton", "cuda"):
+        for call in calls:
+            call(backend).backward()  # warm-up: compilation, allocations
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for call in calls:
+                call(backend).backward()
+            gate_compact(s.detach(), torch.arange(64, device="cuda"), 0.5, backend="triton")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+# ------------------------------------------------------------------- 8. the driver
+
+def test_an_old_driver_is_named_with_a_way_out():
+    message = fused.driver_problem(13000, 12080)
+    assert "CUDA 13.0" in message and ">= 580.65.06" in message and "CUDA 12.8" in message
+    assert "KDFAST_BACKEND=triton" in message
+    assert "no NVIDIA driver" in fused.driver_problem(13000, 0)
+    assert fused.driver_problem(13000, 13000) is None and fused.driver_problem(13000, 13020) is None
+    assert fused.driver_problem(12040, 13000) is None
+
+
+def test_the_cuda_backend_reports_the_driver_problem(monkeypatch):
+    module = _cuda_module()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(module, "cuda_driver_version", lambda: 12040)
+    fused._driver_problem_here.cache_clear()
+    try:
+        assert module.cuda_runtime_version() >= 12000
+        reason = kdfast.backends()["cuda"].reason
+        assert re.search(r"needs an NVIDIA driver >= [0-9.]+; this machine has a driver that supports CUDA 12\.4",
+                         reason)
+    finally:
+        fused._driver_problem_here.cache_clear()
+
+
+# ----------------------------------------------------- every kernel at a few shapes, first
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(3, 7), (16, 1000), (5, 1001)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.gpu
+@pytest.mark.smoke
+def test_every_loss_agrees_at_a_few_shapes(backend, dtype, shape):
+    for case in CASES:
+        if not _applicable(case, shape):
+            continue
+        s, t, y, w = _inputs(shape)
+        s, t = s.to(dtype), t.to(dtype)
+        truth = _loss_and_grads(case, s.double(), t.double(), y, w, "torch", "cpu")
+        got = _loss_and_grads(case, s, t, y, w, backend, "cuda")
+        if dtype == torch.float32:
+            bounds = [1e-5] * 3
+        else:
+            reference = _loss_and_grads(case, s, t, y, w, "torch", "cuda")
+            bounds = [2 * e + torch.finfo(dtype).eps / 4 for e in _relative_errors(reference, truth)]
+        for name, error, bound in zip(("loss", "grad_student", "grad_teacher"), _relative_errors(got, truth), bounds):
+            assert error <= bound, f"{case} {name}: {error:.2e} > {bound:.2e}"
+
+
+# --------------------------------------------- further defects found by reading the code
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_difficulty_with_a_zero_coefficient_switches_nothing_on(backend, bad):
+    # The kernels switched a term on by the value of its weight, coefficient × d: with
+    # corr_weight = 0 and d = NaN that is NaN != 0, and the C++ kernels then ran the Spearman
+    # term on buffers never prepared for it (a crash on the CPU, a null read on CUDA).
+    s, t, y, _ = _inputs((4, 10))
+    weights = torch.tensor([0.3, bad, 0.5, bad], dtype=torch.float64)
+    got = kdfast.cmkd_loss(s.float(), t.float(), y, corr_weight=0.0, weighting=weights, backend=backend)
+    expected = kdfast.cmkd_loss(s.float(), t.float(), y, corr_weight=0.0, backend="torch")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("block", [None, 4], ids=["whole-row", "chunked"])
+def test_masked_classes_at_minus_infinity_stay_finite(backend, block):
+    # −inf logits (masked classes): a loss without a KL term must not be poisoned by one, a
+    # chunk of only −inf must not make the online softmax NaN, and q = 0 columns have a zero
+    # teacher gradient.
+    import contextlib
+
+    s, t, _, _ = _inputs((3, 8))
+    s, t = s.float(), t.float()
+    s[0, :4] = -float("inf")
+    t[1, :4] = -float("inf")
+    context = kd_losses.forced_block_size(block) if block and backend == "triton" else contextlib.nullcontext()
+    with context:
+        for loss in (lambda a, b, k: kdfast.pearson_loss(a, b, backend=k),
+                     lambda a, b, k: kdfast.dist_loss(a, b, 1.0, 1.0, 0.0, backend=k)):
+            got = _grads(loss, s, t, backend)
+            expected = _grads(loss, s, t, "torch")
+            for a, b in zip(got, expected):
+                assert torch.isfinite(a).all()
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        grad_teacher = _grads(lambda a, b, k: kdfast.kd_loss(a, b, backend=k), s, t, backend)[2]
+        assert torch.isfinite(grad_teacher[1]).all() and (grad_teacher[1, :4] == 0).all()
+
+
+def _grads(loss, s, t, backend):
+    s = s.detach().clone().requires_grad_()
+    t = t.detach().clone().requires_grad_()
+    value = loss(s, t, backend)
+    return [value.detach(), *torch.autograd.grad(value, (s, t))]
+
+
+@pytest.mark.interpreter
+def test_the_triton_operator_checks_its_arguments_like_the_cpu_one():
+    op = torch.ops.kdfast.fused_kd_loss_triton
+    s, t = torch.randn(3, 5), torch.randn(3, 5)
+    defaults = dict(temperature=1.0, kl_coef=1.0, ce_coef=0.0, pearson_coef=0.0, spearman_coef=0.0, column_coef=0.0,
+                    rank_strength=1.0, difficulty_mode=0, difficulty_value=0.0, rectify=False, student_grad=True,
+                    teacher_grad=False)
+
+    def call(target=None, difficulty=None, **changes):
+        arguments = {**defaults, **changes}
+        return op(s, t, target, difficulty, *arguments.values())
+
+    with pytest.raises(ValueError, match="target must have shape \\(3,\\)"):
+        call(target=torch.tensor([0, 1]), ce_coef=1.0)
+    with pytest.raises(ValueError, match="difficulty_mode=2\\) needs the difficulty tensor"):
+        call(difficulty_mode=2, pearson_coef=1.0)
+    with pytest.raises(ValueError, match="rectification does not combine with the column term"):
+        call(target=torch.tensor([0, 1, 2]), rectify=True, column_coef=1.0)
+    with pytest.raises(ValueError, match="temperature and rank_strength must be > 0"):
+        call(temperature=0.0)
+    with pytest.raises(ValueError, match="at least one row"):
+        op(s[:0], t[:0], None, None, *defaults.values())
+    # A target of 2^32 + 3 is out of range (not class 3 after a 32-bit truncation): its row is NaN.
+    loss, grad, _ = call(target=torch.tensor([0, 2**32 + 3, 1]), ce_coef=1.0)
+    assert torch.isnan(loss) and torch.isnan(grad[1]).all() and torch.isfinite(grad[[0, 2]]).all()
