@@ -205,21 +205,35 @@ NEVER = -(2**62)  # the bank's epoch of a sample not seen yet (never "the previo
 class LogitBank:
     """DR-KD's per-sample memory: each training sample's student logits and the epoch they are from.
 
-    Kept in host memory (ImageNet: 1.28 M × 1000 logits), in fp32 up to 64 M entries and
-    bf16 beyond. Under DDP every process holds the whole bank: each step's logits are
-    gathered from all ranks, because the next epoch's shuffle sends a sample to any rank.
+    Kept on the training device, so that a step reads it (a gather) and writes it (an
+    ``index_copy_``) with device indices on the current stream and never waits for the GPU.
+    Under DDP every process holds the whole bank: each step's logits are gathered from all
+    ranks, because the next epoch's shuffle sends a sample to any rank. It takes
+    ``num_samples × num_classes`` entries, in fp32 up to 64 M entries (256 MB) and bf16
+    beyond, plus 8 bytes per sample for the epochs: ImageNet's 1.28 M × 1000 logits are
+    about 2.6 GB of bf16 on every GPU. :meth:`state_dict` holds CPU copies, so that a
+    checkpoint written on a GPU loads anywhere; :meth:`load_state_dict` copies into the
+    bank's device tensors.
     """
 
-    def __init__(self, num_samples: int, num_classes: int):
+    def __init__(self, num_samples: int, num_classes: int, device: torch.device | str = "cpu"):
         dtype = torch.float32 if num_samples * num_classes <= 64 * 2**20 else torch.bfloat16
-        self.logits = torch.zeros(num_samples, num_classes, dtype=dtype)
-        self.epoch = torch.full((num_samples,), NEVER, dtype=torch.int64)  # epoch of each row's logits
+        self.logits = torch.zeros(num_samples, num_classes, dtype=dtype, device=device)
+        # epoch of each row's logits
+        self.epoch = torch.full((num_samples,), NEVER, dtype=torch.int64, device=device)
 
-    def read(self, indices: torch.Tensor, epoch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits from ``epoch - 1``, mask of the rows that have them) on ``device``."""
-        cpu = indices.cpu()
-        valid = self.epoch[cpu] == epoch - 1
-        return self.logits[cpu].to(device, torch.float32, non_blocking=True), valid.to(device, non_blocking=True)
+    @property
+    def device(self) -> torch.device:
+        return self.logits.device
+
+    def read(self, indices: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float32 logits from ``epoch - 1`` [B, C], mask [B] of the rows that have them), on the bank's device.
+
+        Rows without logits from ``epoch - 1`` hold whatever the bank has (zeros or older logits).
+        """
+        indices = indices.to(self.device)  # a no-op: the loaders deliver the indices on the training device
+        valid = self.epoch.index_select(0, indices) == epoch - 1
+        return self.logits.index_select(0, indices).float(), valid
 
     def write(self, indices: torch.Tensor, logits: torch.Tensor, epoch: int, runtime: Runtime) -> None:
         logits = logits.detach().float()
@@ -229,27 +243,55 @@ class LogitBank:
             dist.all_gather(gathered_indices, indices)
             dist.all_gather(gathered_logits, logits)
             indices, logits = torch.cat(gathered_indices), torch.cat(gathered_logits)
-        indices = indices.cpu()
-        self.logits[indices] = logits.cpu().to(self.logits.dtype)
-        self.epoch[indices] = epoch
+        # A step's indices are distinct (the loaders drop the last incomplete global batch
+        # instead of padding it with repeats), so the copy's order does not matter.
+        indices = indices.to(self.device)
+        self.logits.index_copy_(0, indices, logits.to(self.device, self.logits.dtype))
+        self.epoch.index_fill_(0, indices, epoch)
 
     def state_dict(self) -> dict:
-        return {"logits": self.logits, "epoch": self.epoch}
+        """CPU tensors (copies of a GPU bank; on the CPU the bank's own tensors, like a module's state dict)."""
+        return {"logits": self.logits.cpu(), "epoch": self.epoch.cpu()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.logits.copy_(state["logits"])
-        self.epoch.copy_(state["epoch"])
+        for name in ("logits", "epoch"):
+            mine, theirs = getattr(self, name), state[name]
+            if tuple(theirs.shape) != tuple(mine.shape):
+                raise ValueError(f"the checkpoint's DR-KD bank {name} has shape {tuple(theirs.shape)}, this run's "
+                                 f"{tuple(mine.shape)} (a different dataset or number of classes?)")
+            mine.copy_(theirs)
+
+
+def drkd_bank_loss(student: torch.Tensor, previous: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor,
+                   temperature: float, backend: str | None = None) -> torch.Tensor:
+    """DR-KD against the bank, over the rows with a previous-epoch logit, with no data-dependent shape.
+
+    Equals ``(n_valid / B) · drkd_loss(student[valid], previous[valid], labels[valid])`` (0
+    when no row is valid), in value and in the student's gradient, without selecting rows
+    (``nonzero``, whose size the host would have to wait for): a row without a previous
+    logit gets the student's own detached logits as its teacher and their argmax as its
+    target, so rectification leaves it as is (a tie swaps equal values) and its
+    ``KL(p ‖ p)`` is 0; the loss's mean over all B rows is then the sum over the valid rows
+    divided by B. Those rows also enter the loss detached, so that their gradient is
+    exactly zero whatever the backend's rounding (autograd through the reference's
+    log-softmax leaves ``p·Σq − q``, about 1e-9, where a fused kernel's ``p − q`` is 0).
+    """
+    own = student.detach()
+    rows = valid[:, None]
+    teacher = torch.where(rows, previous.float(), own.float())
+    target = torch.where(valid, labels, teacher.argmax(dim=1))
+    return kdfast.drkd_loss(torch.where(rows, student, own), teacher, target, temperature, backend=backend)
 
 
 class MethodLoss:
     """The loss terms of a method for one batch: a dict of named scalars whose sum is optimized."""
 
-    def __init__(self, config: TrainConfig, num_classes: int, num_samples: int):
+    def __init__(self, config: TrainConfig, num_classes: int, num_samples: int, device: torch.device | str = "cpu"):
         self.config = config
         self.method = config.method
         self.temperature = config.resolved_temperature()
         self.backend = None if config.backend == "auto" else config.backend
-        self.bank = LogitBank(num_samples, num_classes) if config.method == "drkd" else None
+        self.bank = LogitBank(num_samples, num_classes, device) if config.method == "drkd" else None
 
     def __call__(self, student_logits, teacher_logits, adapted, adapter, labels, indices, epoch, runtime):
         c, tau, backend = self.config, self.temperature, self.backend
@@ -265,14 +307,12 @@ class MethodLoss:
                 s, teacher_logits, None, tau, c.cmkd_kl_weight, c.cmkd_corr_weight, 0.0, c.cmkd_weighting,
                 c.spearman_strength, backend=backend)
         elif self.method == "drkd":
-            previous, valid = self.bank.read(indices, epoch, s.device)
-            rows = valid.nonzero().squeeze(1)
-            if len(rows):  # rows without a previous-epoch logit (epoch 0) get CE only
-                share = len(rows) / len(s)
-                terms["drkd"] = c.kd_weight * share * kdfast.drkd_loss(s[rows], previous[rows], labels[rows], tau,
-                                                                       backend=backend)
-            else:
+            # Rows without a previous-epoch logit get CE only (all of them in the first epoch).
+            if epoch == 0:  # nothing in the bank is from epoch -1
                 terms["drkd"] = s.new_zeros((), dtype=torch.float32)
+            else:
+                previous, valid = self.bank.read(indices, epoch)
+                terms["drkd"] = c.kd_weight * drkd_bank_loss(s, previous, valid, labels, tau, backend)
             self.bank.write(indices, s, epoch, runtime)
         elif self.method == "pesf":
             targets = adapter.student_targets(adapted, labels)
@@ -315,6 +355,15 @@ class KDStep:
     forward, loss, backward, optimizer and schedule on one batch and returns the loss
     terms. ``mark(part)``, when given, is called after each part (the training benchmark
     times them).
+
+    On CUDA a step of every method queues its work without waiting for the GPU (the GPU
+    test in tests/test_train_sync.py runs one under ``torch.cuda.set_sync_debug_mode("error")``):
+    the returned terms stay device tensors, DR-KD's bank lives on the device, and no row
+    selection depends on the data. Exceptions are PyTorch's own: fp16's ``GradScaler`` reads its inf/NaN flag on the
+    host in ``step`` (bf16 and fp32 need no scaler), and a step's first call may wait while
+    kernels are compiled, autotuned or first allocated. (The test runs without
+    ``--deterministic``, under which PyTorch swaps in its deterministic kernels, e.g. a
+    sorting index-put for the bank's ``index_copy_``.)
     """
 
     def __init__(self, config: TrainConfig, runtime: Runtime, train_loader, load_weights: bool = True):
@@ -339,7 +388,7 @@ class KDStep:
         self.optimizer = make_optimizer(config, self.model.student, self.model.adapter)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, Schedule(config, len(train_loader)))
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.amp == "fp16")
-        self.loss_fn = MethodLoss(config, train_loader.num_classes, train_loader.num_samples)
+        self.loss_fn = MethodLoss(config, train_loader.num_classes, train_loader.num_samples, runtime.device)
         self.step_model, self.teacher_forward = self.model, None
         if self.teacher is not None:
             self.teacher_forward = self.teacher.forward_features
@@ -467,7 +516,8 @@ def evaluate(model: nn.Module, loader, runtime: Runtime, config: TrainConfig) ->
         top = logits.topk(k, dim=1).indices
         hits = top == labels[:, None]
         totals += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), F.cross_entropy(logits, labels, reduction="sum"),
-                               torch.tensor(len(labels), device=logits.device)]).to(totals)
+                               torch.full((), len(labels), dtype=totals.dtype, device=logits.device)]
+                              ).to(totals)  # a device fill, not a host-to-device copy
     model.train(was_training)
     correct1, correct5, loss, count = _all_reduce_sum(runtime, totals).tolist()
     return {"top1": 100 * correct1 / count, "top5": 100 * correct5 / count, "loss": loss / count,
