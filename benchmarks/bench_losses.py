@@ -12,12 +12,17 @@ gradient here), backward (autograd.grad of a built graph), forward+backward. Tim
 medians with 20/80% quantiles; GB/s counts the bytes a loss must move (read student and
 teacher, write the gradient) over the forward+backward time, next to the memory floor
 (those bytes at the measured copy bandwidth). Peak memory is what forward+backward adds.
-Rows are appended to benchmarks/results/losses.csv.
+Inputs are random normal logits drawn on the device itself (a CUDA generator on a GPU).
+Rows are appended to benchmarks/results/losses.csv (--output: another name there, or an
+absolute path) as each loss is measured, so a run stopped part-way keeps what it
+measured; a provider that fails on one loss is reported and the run goes on (exit
+status 1 at the end).
 
 Examples:
   python benchmarks/bench_losses.py                          # B=256, C=1000, fp32, CPU
   python benchmarks/bench_losses.py --preset cpu-sweep --plot benchmarks/results/losses_cpu.png
-  python benchmarks/bench_losses.py --preset gpu             # B=4096, C=1000, bf16, CUDA
+  python benchmarks/bench_losses.py --preset gpu             # B=4096, C=1000, bf16, CUDA, every provider
+  python benchmarks/bench_losses.py --preset gpu-headline    # the same shape: eager, kdfast-triton, kdfast-cuda
   python benchmarks/bench_losses.py --preset gpu-large-c     # kd_loss, C = 32k ... 256k, bf16, CUDA
 """
 
@@ -27,6 +32,7 @@ import argparse
 import contextlib
 import os
 import sys
+import traceback
 
 # numpy's bundled OpenBLAS starts a thread pool whose idle threads spin; on a small CPU
 # they steal cycles from the code being timed (kdfast never calls BLAS).
@@ -55,6 +61,10 @@ PRESETS = {
                       shapes=["256x100", "256x300", "256x1000", "256x3000", "256x10000", "64x1000", "1024x1000"],
                       providers=["eager", "torchsort", "kdfast-cpu"]),
     "gpu": dict(device="cuda", dtype="bfloat16", shapes=["4096x1000"], providers=list(PROVIDERS)),
+    # Stage 1 of benchmarks/run_gpu.sh: what choose_backends.py needs (kdfast-triton vs
+    # kdfast-cuda) next to the eager reference; torch.compile is stage 2's.
+    "gpu-headline": dict(device="cuda", dtype="bfloat16", shapes=["4096x1000"],
+                         providers=["eager", "kdfast-triton", "kdfast-cuda"]),
     "gpu-large-c": dict(device="cuda", dtype="bfloat16", losses=["kd_loss"],
                         shapes=["8192x32768", "8192x65536", "8192x131072", "4096x262144"],
                         providers=["eager", "kdfast-cuda", "kdfast-triton", "liger"]),
@@ -116,17 +126,34 @@ def loss_function(provider: str, loss: str, device: torch.device, dtype: torch.d
     return (lambda s, t, y: fn(s, t, y, backend)), contextlib.nullcontext
 
 
-def run(shapes, providers, losses, device, dtype, reps, memory=True):
-    rows = []
+def draw_inputs(batch, classes, device, dtype):
+    """(student, teacher, target) for one shape, drawn on ``device`` from a generator seeded 0.
+
+    On a GPU a CUDA generator draws them in place: the large-C shapes hold up to 10^9
+    logits per tensor, which the CPU would take long to draw and copy over. On the CPU
+    the values are the ones this benchmark always used (the same generator calls).
+    """
+    generator = torch.Generator(device=device).manual_seed(0)
+    teacher = (torch.randn(batch, classes, generator=generator, device=device) * 2.0).to(dtype)
+    student = (teacher.float() + torch.randn(batch, classes, generator=generator, device=device)).to(dtype)
+    target = torch.randint(0, classes, (batch,), generator=generator, device=device)
+    return student, teacher, target
+
+
+def run(shapes, providers, losses, device, dtype, reps, memory=True, on_rows=None):
+    """Measure every (provider, shape, loss); returns (rows, failures).
+
+    ``on_rows(rows)`` receives each loss's rows as soon as they are measured. A provider
+    that raises on one loss is printed and listed in the failures; the run goes on.
+    """
+    rows, failures = [], []
     copy_gbps = copy_bandwidth_gbps(device)
     print(f"device: {device_name(device)}; measured copy bandwidth {copy_gbps:.1f} GB/s")
     inputs = {}
     for batch, classes in shapes:
-        generator = torch.Generator().manual_seed(0)
-        teacher = (torch.randn(batch, classes, generator=generator) * 2.0).to(device, dtype)
-        student = (teacher.float() + torch.randn(batch, classes, generator=generator).to(device)).to(dtype)
-        target = torch.randint(0, classes, (batch,), generator=generator).to(device)
-        inputs[batch, classes] = student, teacher, target
+        inputs[batch, classes] = draw_inputs(batch, classes, device, dtype)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the float32 intermediates of the draws
     # Providers outermost, torch.compile last: the kernels Inductor generates bring an
     # OpenMP runtime of their own whose spinning threads would slow what runs after them.
     for provider in sorted(providers, key=lambda p: p == "compiled"):
@@ -137,22 +164,36 @@ def run(shapes, providers, losses, device, dtype, reps, memory=True):
                 made = loss_function(provider, loss, device, student.dtype)
                 if isinstance(made, str):
                     continue
-                fn, context = made
-                s = student.detach().clone().requires_grad_()
-                with context():
-                    forward = lambda: fn(s, teacher, target)  # noqa: E731
-                    built = forward()
-                    timings = {
-                        "forward": measure_ms(forward, device, reps=reps),
-                        "backward": measure_ms(lambda: torch.autograd.grad(built, s, retain_graph=True), device,
-                                               reps=reps),
-                        "forward+backward": measure_ms(lambda: torch.autograd.grad(forward(), s), device, reps=reps),
-                    }
-                    del built
-                    peak = peak_memory_mb(lambda: torch.autograd.grad(forward(), s), device) if memory else None
+                failed = None
+                try:
+                    fn, context = made
+                    s = student.detach().clone().requires_grad_()
+                    with context():
+                        forward = lambda: fn(s, teacher, target)  # noqa: E731
+                        built = forward()
+                        timings = {
+                            "forward": measure_ms(forward, device, reps=reps),
+                            "backward": measure_ms(lambda: torch.autograd.grad(built, s, retain_graph=True), device,
+                                                   reps=reps),
+                            "forward+backward": measure_ms(lambda: torch.autograd.grad(forward(), s), device,
+                                                           reps=reps),
+                        }
+                        del built
+                        peak = peak_memory_mb(lambda: torch.autograd.grad(forward(), s), device) if memory else None
+                except Exception as error:  # noqa: BLE001 - reported, and the other measurements go on
+                    failed = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+                    print(f"{loss:14s} {provider:13s} B={batch:5d} C={classes:6d}  FAILED: {failed}")
+                    print("".join(traceback.format_exc().splitlines(keepends=True)[-12:]), end="")
+                if failed is not None:  # past the except block, whose traceback held the failed call's tensors
+                    failures.append(f"{loss} {provider} B={batch} C={classes}: {failed}")
+                    s = built = forward = None
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                measured = []
                 for mode, timing in timings.items():
                     full = mode == "forward+backward"
-                    rows.append({
+                    measured.append({
                         "loss": loss, "provider": provider, "mode": mode, "B": batch, "C": classes,
                         "dtype": str(dtype).replace("torch.", ""), **{k: round(v, 5) for k, v in timing.items()},
                         "gbps": round(moved / (timing["median_ms"] * 1e-3) / 1e9, 3) if full else "",
@@ -160,11 +201,14 @@ def run(shapes, providers, losses, device, dtype, reps, memory=True):
                         "peak_mb": round(peak, 3) if full and peak is not None else "",
                         "device": device_name(device),
                     })
+                rows.extend(measured)
+                if on_rows is not None:
+                    on_rows(measured)
                 full = timings["forward+backward"]
                 print(f"{loss:14s} {provider:13s} B={batch:5d} C={classes:6d}  fwd+bwd {full['median_ms']:9.3f} ms "
                       f"[{full['q20_ms']:.3f}, {full['q80_ms']:.3f}]  fwd {timings['forward']['median_ms']:8.3f}  "
                       f"bwd {timings['backward']['median_ms']:8.3f}" + (f"  peak {peak:7.2f} MB" if memory else ""))
-    return rows
+    return rows, failures
 
 
 def plot(rows, path):
@@ -208,7 +252,8 @@ def plot(rows, path):
 
 
 def latest_rows(csv_name):
-    """The rows of the last run recorded in benchmarks/results/csv_name (same commit, date, device, dtype)."""
+    """The rows of the last run recorded in benchmarks/results/csv_name, or at that absolute
+    path (same commit, date, device, dtype)."""
     import csv
 
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", csv_name)) as handle:
@@ -228,7 +273,8 @@ def main(argv=None):
     parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES))
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    parser.add_argument("--output", default="losses.csv", help="file name under benchmarks/results/")
+    parser.add_argument("--output", default="losses.csv",
+                        help="file name under benchmarks/results/, or an absolute path (rows are appended)")
     parser.add_argument("--plot", help="also draw the sweep as a PNG at this path")
     parser.add_argument("--replot", action="store_true",
                         help="measure nothing: draw --plot from the last run recorded in --output")
@@ -247,11 +293,15 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA GPU is available")
     shapes = [tuple(int(v) for v in shape.lower().split("x")) for shape in args.shapes]
-    rows = run(shapes, args.providers, args.losses, device, getattr(torch, args.dtype), args.reps,
-               memory=not args.no_memory)
-    print("appended to", append_rows(args.output, rows))
-    if args.plot:
+    written = []
+    rows, failures = run(shapes, args.providers, args.losses, device, getattr(torch, args.dtype), args.reps,
+                         memory=not args.no_memory, on_rows=lambda new: written.append(append_rows(args.output, new)))
+    if written:
+        print("appended to", written[-1])
+    if args.plot and rows:
         plot(rows, args.plot)
+    if failures:
+        sys.exit(f"{len(failures)} measurement(s) failed:\n  " + "\n  ".join(failures))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Timing, memory and result-file helpers shared by the benchmark scripts.
 
 Times are medians with 20%/80% quantiles over repeated runs after a warm-up; on a GPU
-each run is bracketed by CUDA events on the current stream, on the CPU by
+each run is bracketed by CUDA events on the current stream, after reading a 256 MiB
+buffer (untimed) so that no run finds its inputs left in the L2 cache by the previous
+one (an H200's L2 is 60 MB: B = 4096, C = 1000 in bf16 would fit), on the CPU by
 ``time.perf_counter``. Peak memory is what a call allocates at its peak, from PyTorch's
 allocators (see peak_memory_mb). Every result row carries the device, the commit and
 the date.
@@ -26,13 +28,28 @@ import torch
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+_L2_FLUSH: dict[str, torch.Tensor] = {}
+
+
+def flush_l2(device: torch.device) -> None:
+    """Read 256 MiB on ``device`` (more than any GPU's L2 cache, the size triton.testing.do_bench
+    flushes), so that the next kernel reads its inputs from device memory. A read leaves clean
+    lines in the cache; a write would leave dirty ones, written back during the timed run."""
+    buffer = _L2_FLUSH.get(str(device))
+    if buffer is None:
+        buffer = _L2_FLUSH[str(device)] = torch.zeros(256 * 2**20 // 4, dtype=torch.int32, device=device)
+    buffer.sum()
+
+
 def measure_ms(fn: Callable[[], object], device: torch.device, warmup: int = 5, reps: int = 30) -> dict:
-    """Median and 20%/80% quantiles of ``fn``'s run time in milliseconds."""
+    """Median and 20%/80% quantiles of ``fn``'s run time in milliseconds (on a GPU each run
+    starts from a flushed L2 cache, outside the timed region)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
         if device.type == "cuda":
+            flush_l2(device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -100,6 +117,11 @@ def device_name(device: torch.device) -> str:
 
 
 def commit() -> str:
+    """The short commit of the checkout, "-dirty" when code differs from it. KDFAST_COMMIT,
+    when set, is taken as is: for a copy of the tree without its .git folder (a lent GPU
+    machine), e.g. ``KDFAST_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/run_gpu.sh smoke``."""
+    if os.environ.get("KDFAST_COMMIT"):
+        return os.environ["KDFAST_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
                              cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -114,7 +136,9 @@ def commit() -> str:
 
 def append_rows(filename: str, rows: list[dict]) -> str:
     """Append ``rows`` to ``benchmarks/results/filename`` (CSV with a header), adding
-    device-independent provenance: commit and date. Returns the file's path."""
+    device-independent provenance: commit and date. Returns the file's path. An absolute
+    ``filename`` is used as it is (benchmarks/run_gpu.sh writes straight into its output
+    folder that way)."""
     os.makedirs(RESULTS_DIR, exist_ok=True)
     path = os.path.join(RESULTS_DIR, filename)
     stamp = {"commit": commit(), "date": datetime.date.today().isoformat()}
