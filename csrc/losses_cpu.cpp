@@ -144,11 +144,6 @@ const uint64_t* radix_sort(const float* x, int64_t n, RowScratch& w) {
 inline int32_t item_index(uint64_t item) { return static_cast<int32_t>(item & 0xffffffffu); }
 inline uint32_t item_key(uint64_t item) { return static_cast<uint32_t>(item >> 32); }
 
-// Softmax statistics of one row at temperature τ: p_j = exp((x_j − max)/τ − log_sum).
-struct SoftmaxStats {
-  float max, log_sum;
-};
-
 // The intra-class term's per-column correlations (as gradient coefficients, see
 // Correlation), with the centered means they use; one entry per class.
 struct ColumnStats {
@@ -156,22 +151,40 @@ struct ColumnStats {
   float loss = 0.0f;  // column_coef · (1 − mean ρ)
 };
 
+// Upcasts a row of logits into `x` (an aligned buffer) and returns its max.
 template <typename in_t>
-SoftmaxStats row_softmax_stats(const in_t* x, int64_t n, float inv_temperature, float* exps) {
+float upcast_row(const in_t* in, int64_t n, float* x) {
   float max = -kInf;
 #pragma omp simd reduction(max : max)
   for (int64_t j = 0; j < n; ++j) {
-    const float v = static_cast<float>(x[j]);
-    max = v > max ? v : max;
+    x[j] = static_cast<float>(in[j]);
+    max = x[j] > max ? x[j] : max;
   }
+  return max;
+}
+
+// exp((x_j − max)·it) into `out` and their sum, for an upcast row x in an aligned buffer.
+// The row kernel and the column statistics both compute a row's probabilities with it
+// (then scaled by 1/sum), so the same logits give bit-identical probabilities in both,
+// wherever the row lies in memory: a constant column then centers to exactly zero, and
+// its correlation's 1/1e-8 gradient factor multiplies an exact 0 rather than rounding.
+inline float exp_row(const float* x, int64_t n, float max, float it, float* out) {
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n; ++j) {
-    const float e = vexp((static_cast<float>(x[j]) - max) * inv_temperature);
-    exps[j] = e;
-    sum += e;
+    out[j] = vexp((x[j] - max) * it);
+    sum += out[j];
   }
-  return {max, std::log(sum)};
+  return sum;
+}
+
+// A row's probabilities softmax(x·it) into `out`, through the same two steps as the row kernel.
+template <typename in_t>
+void row_probabilities(const in_t* in, int64_t n, float it, float* upcast, float* out) {
+  const float max = upcast_row(in, n, upcast);
+  const float inv_sum = 1.0f / exp_row(upcast, n, max, it, out);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] *= inv_sum;
 }
 
 // Rows per chunk of the column statistics: a fixed function of B, so the summation order
@@ -189,18 +202,14 @@ ColumnStats column_stats(const s_t* student, const t_t* teacher, int64_t rows, i
   const float it = cfg.inv_temperature;
   const int64_t chunk = column_chunk_rows(rows);
   const int64_t chunks = (rows + chunk - 1) / chunk;
-  Buffer<float> p0(n), q0(n);
-  const SoftmaxStats s0 = row_softmax_stats(student, n, it, p0.data());
-  const SoftmaxStats t0 = row_softmax_stats(teacher, n, it, q0.data());
-  for (int64_t j = 0; j < n; ++j) {
-    p0[j] *= std::exp(-s0.log_sum);
-    q0[j] *= std::exp(-t0.log_sum);
-  }
+  Buffer<float> p0(n), q0(n), upcast0(n);
+  row_probabilities(student, n, it, upcast0.data(), p0.data());
+  row_probabilities(teacher, n, it, upcast0.data(), q0.data());
   // Per chunk: mean_a, mean_b, Σ (a−ā)(b−b̄), Σ (a−ā)², Σ (b−b̄)², each over its rows.
   Buffer<double> moments;
   moments.assign(chunks * 5 * n, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
-    Buffer<float> pe(n), qe(n);
+    Buffer<float> pe(n), qe(n), upcast(n);
     for (int64_t c = first; c < last; ++c) {
       double* mean_a = moments.data() + c * 5 * n;
       double* mean_b = mean_a + n;
@@ -209,13 +218,12 @@ ColumnStats column_stats(const s_t* student, const t_t* teacher, int64_t rows, i
       double* bb = aa + n;
       int64_t count = 0;
       for (int64_t i = c * chunk; i < std::min(rows, (c + 1) * chunk); ++i) {
-        const SoftmaxStats ss = row_softmax_stats(student + i * n, n, it, pe.data());
-        const SoftmaxStats ts = row_softmax_stats(teacher + i * n, n, it, qe.data());
-        const float rs = std::exp(-ss.log_sum), rt = std::exp(-ts.log_sum);
+        row_probabilities(student + i * n, n, it, upcast.data(), pe.data());
+        row_probabilities(teacher + i * n, n, it, upcast.data(), qe.data());
         const double inv_count = 1.0 / static_cast<double>(++count);
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) {
-          const double a = pe[j] * rs - p0[j], b = qe[j] * rt - q0[j];
+          const double a = pe[j] - p0[j], b = qe[j] - q0[j];
           const double da = a - mean_a[j], db = b - mean_b[j];
           mean_a[j] += da * inv_count;
           mean_b[j] += db * inv_count;
@@ -393,14 +401,7 @@ float fused_row(const s_t* s_in, const t_t* t_in, int64_t n, int64_t target, flo
     return nan;
   }
 
-  float s_max = -kInf, t_max = -kInf;
-#pragma omp simd reduction(max : s_max, t_max)
-  for (int64_t j = 0; j < n; ++j) {
-    s[j] = static_cast<float>(s_in[j]);
-    t[j] = static_cast<float>(t_in[j]);
-    s_max = s[j] > s_max ? s[j] : s_max;
-    t_max = t[j] > t_max ? t[j] : t_max;
-  }
+  const float s_max = upcast_row(s_in, n, s), t_max = upcast_row(t_in, n, t);
   // DR-KD rectification: the teacher's (first) max logit and the target's logit trade
   // places; the max, the softmax normalizer and everything else of the row are unchanged.
   int64_t t_argmax = 0;
@@ -410,14 +411,7 @@ float fused_row(const s_t* s_in, const t_t* t_in, int64_t n, int64_t target, flo
   const bool swapped = cfg.rectify && t_argmax != target;
   if (swapped) std::swap(t[t_argmax], t[target]);
 
-  float s_sum = 0.0f, t_sum = 0.0f;
-#pragma omp simd reduction(+ : s_sum, t_sum)
-  for (int64_t j = 0; j < n; ++j) {
-    p[j] = vexp((s[j] - s_max) * it);
-    q[j] = vexp((t[j] - t_max) * it);
-    s_sum += p[j];
-    t_sum += q[j];
-  }
+  const float s_sum = exp_row(s, n, s_max, it, p), t_sum = exp_row(t, n, t_max, it, q);
   const float s_log_sum = std::log(s_sum), t_log_sum = std::log(t_sum);
   const float s_inv_sum = 1.0f / s_sum, t_inv_sum = 1.0f / t_sum;
   // log q_j − log p_j, from the logits: finite whenever the logits are, even where the

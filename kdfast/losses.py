@@ -52,6 +52,11 @@ def _prepare(student, teacher, target=None, check_finite=False, **positive):
     return [_checks.check_positive(name, value) for name, value in positive.items()]
 
 
+def _class_indices(target):
+    """Targets of any integer dtype as the int64 indices every backend indexes with."""
+    return None if target is None else target.long()
+
+
 def _run(op, backend, student, teacher, *args):
     """Runs ``op`` of the backend chosen for these logits' device and dtypes."""
     implementation = resolve(op, backend, student.device, (student.dtype, teacher.dtype), tuple(student.shape))
@@ -203,6 +208,9 @@ def cmkd_loss(
                (("kl_weight", kl_weight), ("corr_weight", corr_weight), ("ce_weight", ce_weight))]
     _checks.check_correlation_length("cmkd_loss", student.shape[1], "classes")
     difficulty = _difficulty(weighting, student)
+    if check_finite and isinstance(difficulty, torch.Tensor):
+        _checks.check_finite(weighting=difficulty)
+    target = _class_indices(target)
     strength = _spearman_strength(regularization_strength, student.shape[1])
     return _run("cmkd_loss", backend, student, teacher, target, temperature, *weights, difficulty, strength)
 
@@ -263,4 +271,4 @@ def drkd_loss(student, teacher, target, temperature=4.0, ce_weight=0.0, *, backe
         raise ValueError("target is required by drkd_loss: it decides which rows are rectified")
     (temperature,) = _prepare(student, teacher, target, check_finite, temperature=temperature)
     ce_weight = _checks.check_nonnegative("ce_weight", ce_weight)
-    return _run("drkd_loss", backend, student, teacher, target, temperature, ce_weight)
+    return _run("drkd_loss", backend, student, teacher, _class_indices(target), temperature, ce_weight)

@@ -158,7 +158,7 @@ class TeacherAdapter(nn.Module):
         """``CE(t', y) + τ² · KL(softmax(t'/τ) ‖ stopgrad(softmax(s/τ)))``: trains the adapter only."""
         kd = losses.kd_loss(student_logits.detach(), adapted_logits, self.temperature, backend=self.backend)
         _checks.check_targets(target, adapted_logits.shape[0], adapted_logits.shape[1], adapted_logits.device)
-        return F.cross_entropy(adapted_logits.to(kd.dtype), target) + kd
+        return F.cross_entropy(adapted_logits.to(kd.dtype), target.long()) + kd
 
     def student_targets(self, adapted_logits: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
         """The teacher logits the student learns from: ``stopgrad(t')``, rectified if enabled."""

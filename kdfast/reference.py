@@ -54,7 +54,12 @@ def standardize_rows(x: torch.Tensor) -> torch.Tensor:
     The zero-variance case is masked before the square root so that its gradient is 0,
     not NaN.
     """
-    x_c = center(x, dim=1)
+    # Divided first by the row's largest |x − x_0| (a constant the result does not depend
+    # on, so it carries no gradient): squaring logits of 1e20 would overflow float32 and
+    # standardize a varying row to zeros.
+    shifted = x - x[:, :1]
+    scale = shifted.detach().abs().amax(dim=1, keepdim=True)
+    x_c = center(shifted / torch.where(scale > 0, scale, torch.ones_like(scale)), dim=1)
     variance = (x_c * x_c).mean(dim=1, keepdim=True)
     varying = variance > 0
     std = torch.where(varying, variance, torch.ones_like(variance)).sqrt()
@@ -75,8 +80,19 @@ def _log_probs(student, teacher, temperature):
 
 def _kl_rows(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
     # KL(q ‖ p) per row from log-probabilities: an underflowed q_c = 0 contributes
-    # 0 · finite = 0 (log_softmax stays finite), never 0 · (−inf).
-    return (log_q.exp() * (log_q - log_p)).sum(dim=1)
+    # 0 · finite = 0 (log_softmax stays finite), and a class the teacher masks out (a −inf
+    # logit, probability exactly 0) contributes 0, never 0 · (−inf) = NaN; where q_c > 0 and
+    # the student's p_c = 0 the loss is +inf, as KL is.
+    return _xlogy_terms(log_q, log_q - log_p).sum(dim=1)
+
+
+def _xlogy_terms(log_q: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """q · factor, 0 where q = 0 exactly (log q = −inf), with a gradient that stays finite
+    there (the unselected branch is evaluated at log q = 0, not at −inf)."""
+    present = log_q > -math.inf
+    safe_log_q = torch.where(present, log_q, torch.zeros_like(log_q))
+    safe_factor = torch.where(present, factor, torch.zeros_like(factor))
+    return torch.where(present, safe_log_q.exp() * safe_factor, torch.zeros_like(log_q))
 
 
 def kd_loss(student, teacher, temperature):
@@ -115,7 +131,7 @@ def entropy_difficulty(teacher, temperature):
     """d_i = H(softmax(t_i/τ)) / log C in [0, 1], without gradient."""
     with torch.no_grad():
         log_q = F.log_softmax(teacher / temperature, dim=1)
-        entropy = -(log_q.exp() * log_q).sum(dim=1)
+        entropy = -_xlogy_terms(log_q, log_q).sum(dim=1)
         return (entropy / math.log(teacher.shape[1])).clamp(0.0, 1.0)
 
 

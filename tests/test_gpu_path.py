@@ -227,6 +227,14 @@ def test_triton_runs_on_the_tensors_gpu_not_the_current_one():
     got = gate_compact(logits, torch.arange(9, device="cuda:1"), 0.5, backend="triton")
     expected = gate_compact_reference(logits, torch.arange(9, device="cuda:1"), 0.5)
     assert torch.equal(got[0], expected[0])
+    # The CUDA backend selects the tensors' device in its own (static) runtime: PyTorch's
+    # current device must be what it was.
+    for name in ("kd", "cmkd"):
+        expected = _loss_and_grads(name, s.float(), t.float(), y, torch.zeros(5), "cuda", "cuda:0")
+        got = _loss_and_grads(name, s.float(), t.float(), y, torch.zeros(5), "cuda", "cuda:1")
+        assert torch.cuda.current_device() == 0
+        for a, b in zip(got, expected):
+            assert torch.equal(a, b), name
 
 
 # ----------------------------------------------------- 5. 64-bit offsets in the Triton gate
@@ -364,6 +372,16 @@ def test_an_old_driver_is_named_with_a_way_out():
     assert fused.driver_problem(12040, 13000) is None
 
 
+@pytest.mark.gpu
+@pytest.mark.smoke
+def test_the_cuda_backend_runs_on_this_driver():
+    module = _cuda_module()
+    runtime, driver = module.cuda_runtime_version(), module.cuda_driver_version()
+    assert driver > 0
+    problem = fused.driver_problem(runtime, driver)
+    assert (problem is None) == kdfast.backends()["cuda"].available, problem
+
+
 def test_the_cuda_backend_reports_the_driver_problem(monkeypatch):
     module = _cuda_module()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -474,3 +492,81 @@ def test_the_triton_operator_checks_its_arguments_like_the_cpu_one():
     # A target of 2^32 + 3 is out of range (not class 3 after a 32-bit truncation): its row is NaN.
     loss, grad, _ = call(target=torch.tensor([0, 2**32 + 3, 1]), ce_coef=1.0)
     assert torch.isnan(loss) and torch.isnan(grad[1]).all() and torch.isfinite(grad[[0, 2]]).all()
+
+
+# ----------------------------------------- the hardening issue's loss cases (issue 12)
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8, torch.int64])
+@pytest.mark.parametrize("backend", ["torch", "cpu", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_targets_of_every_integer_dtype(dtype, backend):
+    s, t, y, _ = _inputs((4, 10))
+    for loss in (lambda a, b, k, target: kdfast.cmkd_loss(a, b, target, backend=k),
+                 lambda a, b, k, target: kdfast.drkd_loss(a, b, target, ce_weight=0.5, backend=k)):
+        expected = loss(s.float(), t.float(), "torch", y)
+        torch.testing.assert_close(loss(s.float(), t.float(), backend, y.to(dtype)), expected, rtol=1e-5, atol=1e-6)
+    # fp64 logits go to the reference under auto.
+    kdfast.cmkd_loss(s, t, y.int())
+    adapter = kdfast.nn.TeacherAdapter(4, 10)
+    adapter.adapter_loss(adapter(t.float(), torch.randn(4, 4)), s.float(), y.int())
+
+
+def test_check_finite_covers_the_weighting_tensor():
+    s, t, y, _ = _inputs((4, 10))
+    weights = torch.tensor([0.1, float("nan"), 0.3, 0.4])
+    with pytest.raises(ValueError, match="weighting contains NaN or Inf"):
+        kdfast.cmkd_loss(s.float(), t.float(), y, weighting=weights, check_finite=True)
+
+
+def test_reference_standardization_of_huge_logits():
+    # Squaring logits of 1e20 overflowed float32: the reference's Spearman term gave 1.0
+    # where the fused kernels and float64 give 1.522.
+    generator = torch.Generator().manual_seed(5)
+    s = torch.randn(3, 50, generator=generator, dtype=torch.float64)
+    t = torch.randn(3, 50, generator=generator, dtype=torch.float64)
+    s[:, 7] = 1e20
+    exact = kdfast.spearman_loss(s, t, backend="torch")
+    for backend in ("torch", "cpu"):
+        torch.testing.assert_close(kdfast.spearman_loss(s.float(), t.float(), backend=backend).double(), exact,
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_masked_teacher_classes_have_probability_zero_on_every_backend(backend):
+    # A −inf teacher logit is a class the teacher rules out: its KL term is 0. KD, DR-KD and
+    # CMKD (entropy weighting included) are finite and agree across backends.
+    s, t, y, _ = _inputs((4, 12))
+    s, t = s.float(), t.float()
+    t[:, 5:9] = -float("inf")
+    y = torch.tensor([0, 1, 2, 3])
+    exact = {name: _grads(loss, s.double(), t.double(), "torch") for name, loss in MASKED_LOSSES.items()}
+    for name, loss in MASKED_LOSSES.items():
+        got = _grads(loss, s, t, backend)
+        for a, b in zip(got[:2], exact[name][:2]):
+            assert torch.isfinite(a).all(), name
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+    # A −inf student logit where the teacher's probability is positive: an infinite loss.
+    s[0, 0] = -float("inf")
+    assert kdfast.kd_loss(s, t, backend=backend) == float("inf")
+
+
+MASKED_LOSSES = {
+    "kd": lambda a, b, k: kdfast.kd_loss(a, b, 2.0, backend=k),
+    "drkd": lambda a, b, k: kdfast.drkd_loss(a, b, torch.tensor([0, 1, 2, 3]), 2.0, backend=k),
+    "cmkd": lambda a, b, k: kdfast.cmkd_loss(a, b, None, 2.0, backend=k),
+}
+
+
+@pytest.mark.parametrize("rows", [65, 150, 200])
+def test_a_constant_teacher_column_has_no_intra_class_gradient(rows):
+    # Identical teacher rows (with ties) make every teacher column constant: ρ of each column
+    # is 0 and its gradient exactly 0. The CPU column statistics computed the row's
+    # probabilities differently from the row kernel, so (q − mean_q) was rounding, times
+    # the 1/1e-8 floor of the correlation: ‖g‖₁ = 3.36 at B = 65.
+    generator = torch.Generator().manual_seed(rows)
+    s = torch.randn(rows, 10, generator=generator) * 3
+    t = (torch.randn(1, 10, generator=generator) * 3).round().repeat(rows, 1)
+    for backend in ("cpu", "torch"):
+        student = s.clone().requires_grad_()
+        loss = kdfast.dist_loss(student, t, 1.0, 0.0, 1.0, backend=backend)
+        (grad,) = torch.autograd.grad(loss, student)
+        assert loss.item() == 1.0 and torch.equal(grad, torch.zeros_like(grad)), backend
