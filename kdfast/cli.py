@@ -149,6 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, ValueError, FloatingPointError) as error:
         print(f"kdfast: error: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:
+        from kdfast.train import DistributedError
+
+        if not isinstance(error, DistributedError):
+            raise
+        print(f"kdfast: error: {error}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

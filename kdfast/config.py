@@ -3,6 +3,15 @@
 Precedence: the defaults below < the config file (``--config``; on ``--resume`` without
 ``--config``, the run folder's saved ``config.yaml``) < options given on the command line.
 The resolved configuration is saved into the run folder as ``config.yaml``.
+
+Every option has one specification (:data:`OPTIONS`, built from the fields of
+:class:`TrainConfig`): its type, its choices or its range. The same specification types
+the command-line flags and checks every value from any source (flags, a YAML/JSON file,
+the run folder's ``config.yaml`` on ``--resume``, keyword arguments of
+:func:`resolve_config`, a :class:`TrainConfig` given to :func:`kdfast.train.train`): a
+value of the wrong type (``lr: "0.1"``, ``nesterov: "no"``, ``checkpoint_every: 0.5``),
+outside its choices (``optimizer: lbfgs``) or out of range (``momentum: 5``,
+``threads: 0``) is a ValueError naming the option, the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -10,7 +19,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,10 +30,30 @@ TEACHER_METHODS = ("kd", "dist", "cmkd", "pesf", "reskd")  # drkd's teacher is t
 #: The temperature each method uses when --temperature is not given (the papers' defaults;
 #: DIST uses τ = 1 on ImageNet).
 DEFAULT_TEMPERATURE = {"ce": 1.0, "kd": 4.0, "dist": 1.0, "cmkd": 4.0, "drkd": 4.0, "pesf": 4.0, "reskd": 4.0}
+#: The default of --dist-timeout in seconds: how long a collective (DDP's gradient all-reduce,
+#: the metrics' reduction …) waits for the other processes before the run fails.
+DEFAULT_DIST_TIMEOUT = 600.0
+
+#: The options that may differ between a run and its ``--resume``: they change how long it
+#: runs, what it logs and how it executes, not what it computes. Any other change is refused
+#: (see :func:`resume_changes`). ``exclude`` may change except for DR-KD, whose per-sample
+#: bank is indexed by the positions of the file list; ``data`` (the path) may change when the
+#: dataset at the new path has the checkpoint's classes and number of training images.
+RESUME_MAY_CHANGE = ("epochs", "log_every", "eval_every", "progress", "tensorboard", "checkpoint_every",
+                     "keep_checkpoints", "workers", "threads", "device", "backend", "compile", "channels_last",
+                     "deterministic", "loader", "data", "exclude", "dist_timeout", "allow_restart")
+#: Not part of a run's identity at all (the folder itself, the request to resume, eval's weights).
+_NOT_COMPARED = ("output", "resume", "checkpoint")
 
 
-def _option(default, help: str, **extra):
-    return field(default=default, metadata={"help": help, **extra})
+def _option(default, help: str, *, choices=None, low=None, high=None, low_open=False, high_open=False,
+            kind=None):
+    """A field of :class:`TrainConfig` with its specification (see :class:`Option`)."""
+    metadata = {"help": help, "choices": choices, "low": low, "high": high, "low_open": low_open,
+                "high_open": high_open, "kind": kind}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -30,66 +61,80 @@ class TrainConfig:
     """Everything ``kdfast train`` / ``kdfast eval`` take (see ``kdfast train --help``)."""
 
     # data
-    data: str = _option("digits", "dataset root (root/train/<class>/*.jpg, root/val/...) or 'digits' (embedded)")
+    data: str = _option("digits", "dataset root (root/train/<class>/*.jpg, root/val/...) or 'digits' (embedded)",
+                        kind="path")
     loader: str = _option("auto", "input pipeline for folders", choices=("auto", "dali", "torch"))
-    image_size: int | None = _option(None, "training/eval crop size (default: 224; digits: 8)")
-    workers: int | None = _option(None, "DALI threads or DataLoader workers per process (default: cores, at most 8)")
+    image_size: int | None = _option(None, "training/eval crop size (default: 224; digits: 8)", low=1)
+    workers: int | None = _option(None, "DALI threads or DataLoader workers per process (default: cores, at most 8)",
+                                  low=0)
+    exclude: str | None = _option(None, "a file listing images to leave out, one path per line (what `kdfast data "
+                                        "verify --output` writes)", kind="path")
     # models
     student: str = _option("resnet8", "student architecture (kdfast.models)")
     teacher: str | None = _option(None, "teacher architecture (kd, dist, cmkd, pesf, reskd; ignored by ce, drkd)")
     teacher_checkpoint: str | None = _option(None, "teacher weights: a kdfast model.pt/checkpoint or a "
-                                                   "torchvision state dict")
-    init_checkpoint: str | None = _option(None, "initial student weights (default: fresh initialization)")
+                                                   "torchvision state dict", kind="path")
+    init_checkpoint: str | None = _option(None, "initial student weights: a kdfast model.pt/checkpoint or a state "
+                                                "dict (default: fresh initialization)", kind="path")
     sync_bn: bool = _option(False, "convert the student's BatchNorm to SyncBatchNorm under DDP (GPUs only)")
     # method and loss
     method: str = _option("ce", "training method", choices=METHODS)
-    temperature: float | None = _option(None, "τ (default per method: kd/cmkd/drkd/pesf/reskd 4, dist 1)")
-    ce_weight: float = _option(1.0, "weight of the cross-entropy term")
-    kd_weight: float = _option(1.0, "weight of the distillation term")
-    dist_beta: float = _option(1.0, "DIST inter-class (row) weight β")
-    dist_gamma: float = _option(1.0, "DIST intra-class (column) weight γ")
-    cmkd_kl_weight: float = _option(1.0, "CMKD weight of its KL term")
-    cmkd_corr_weight: float = _option(1.0, "CMKD weight of its correlation terms")
+    temperature: float | None = _option(None, "τ (default per method: kd/cmkd/drkd/pesf/reskd 4, dist 1)", low=0,
+                                        low_open=True)
+    ce_weight: float = _option(1.0, "weight of the cross-entropy term", low=0)
+    kd_weight: float = _option(1.0, "weight of the distillation term", low=0)
+    dist_beta: float = _option(1.0, "DIST inter-class (row) weight β", low=0)
+    dist_gamma: float = _option(1.0, "DIST intra-class (column) weight γ", low=0)
+    cmkd_kl_weight: float = _option(1.0, "CMKD weight of its KL term", low=0)
+    cmkd_corr_weight: float = _option(1.0, "CMKD weight of its correlation terms", low=0)
     cmkd_weighting: str = _option("entropy", "CMKD per-sample difficulty", choices=("entropy", "fixed"))
-    spearman_strength: float | None = _option(None, "ε of the soft ranks (default 2/C)")
-    adapter_hidden: int | None = _option(None, "PESF adapter hidden width (default: the teacher's feature size)")
-    adapter_lr: float | None = _option(None, "PESF adapter learning rate (default: --lr)")
+    spearman_strength: float | None = _option(None, "ε of the soft ranks (default 2/C)", low=0, low_open=True)
+    adapter_hidden: int | None = _option(None, "PESF adapter hidden width (default: the teacher's feature size)",
+                                         low=1)
+    adapter_lr: float | None = _option(None, "PESF adapter learning rate (default: --lr)", low=0, low_open=True)
     rectify: bool = _option(False, "PESF: rectify the adapted teacher logits (DR-KD) for the student")
     reskd_chain: str | None = _option(None, "ResKD: the chain trained so far (chain.pt of the previous stage's run); "
-                                            "--student is the new res-student (without it: the base)")
+                                            "--student is the new res-student (without it: the base)", kind="path")
     # optimization
     optimizer: str = _option("sgd", "optimizer", choices=("sgd", "adamw"))
-    lr: float = _option(0.1, "peak learning rate")
-    momentum: float = _option(0.9, "SGD momentum")
+    lr: float = _option(0.1, "peak learning rate", low=0, low_open=True)
+    momentum: float = _option(0.9, "SGD momentum", low=0, high=1, high_open=True)
     nesterov: bool = _option(False, "SGD Nesterov momentum")
-    weight_decay: float = _option(5e-4, "weight decay (not applied to BatchNorm and bias parameters)")
+    weight_decay: float = _option(5e-4, "weight decay (not applied to BatchNorm and bias parameters)", low=0)
     schedule: str = _option("cosine", "learning-rate schedule (per step)", choices=("cosine", "step", "constant"))
-    warmup_epochs: float = _option(0.0, "linear warm-up from 0, in epochs")
-    milestones: list[int] = field(default_factory=list, metadata={
-        "help": "step schedule: epochs at which the lr is multiplied by --lr-decay", "nargs": "+", "type": int})
-    lr_decay: float = _option(0.1, "step schedule factor")
-    epochs: int = _option(30, "training epochs")
-    batch_size: int = _option(64, "images per process and step (the global batch is this × world size)")
+    warmup_epochs: float = _option(0.0, "linear warm-up from 0, in epochs", low=0)
+    milestones: list[int] = _option([], "step schedule: epochs at which the lr is multiplied by --lr-decay", low=1)
+    lr_decay: float = _option(0.1, "step schedule factor", low=0, low_open=True)
+    epochs: int = _option(30, "training epochs", low=1)
+    batch_size: int = _option(64, "images per process and step (the global batch is this × world size)", low=1)
     # execution
-    device: str = _option("auto", "cpu, cuda or auto (cuda:LOCAL_RANK when a GPU is present)")
+    device: str = _option("auto", "cpu, cuda or auto (cuda:LOCAL_RANK when a GPU is present)",
+                          choices=("auto", "cpu", "cuda"))
     amp: str = _option("none", "autocast precision", choices=("none", "bf16", "fp16"))
     channels_last: bool = _option(False, "NHWC memory format for images and models")
     compile: bool = _option(False, "torch.compile the student (and teacher)")
-    backend: str = _option("auto", "kdfast loss backend (auto, cpu, cuda, triton, torch)")
-    seed: int = _option(0, "seed of initialization, data order and augmentation")
+    backend: str = _option("auto", "kdfast loss backend", choices=("auto", "cpu", "cuda", "triton", "torch"))
+    seed: int = _option(0, "seed of initialization, data order and augmentation", low=0, high=2**32 - 1)
     deterministic: bool = _option(False, "deterministic algorithms (bitwise-reproducible runs and resumes)")
-    threads: int | None = _option(None, "CPU threads of this process (default: PyTorch's)")
+    threads: int | None = _option(None, "CPU threads of this process (default: PyTorch's)", low=1)
+    dist_timeout: float = _option(DEFAULT_DIST_TIMEOUT, "seconds a collective (DDP's gradient all-reduce, the "
+                                                        "metrics' reduction …) waits for the other processes before "
+                                                        "the run fails with an error naming it", low=0, low_open=True)
     # output
-    output: str = _option("runs/train", "run folder (config, metrics, checkpoints, model)")
-    resume: bool = _option(False, "continue from the run folder's newest valid checkpoint")
-    checkpoint_every: int = _option(0, "also checkpoint every N steps (0: only at epoch ends)")
-    keep_checkpoints: int = _option(2, "checkpoints kept (older ones are deleted)")
-    log_every: int = _option(20, "steps between metrics.jsonl records")
-    eval_every: int = _option(1, "epochs between evaluations (0: only at the end)")
+    output: str = _option("runs/train", "run folder (config, metrics, checkpoints, model)", kind="path")
+    resume: bool = _option(False, "continue from the run folder's newest usable checkpoint")
+    allow_restart: bool = _option(False, "with --resume: when the run folder has checkpoints but none is usable, set "
+                                         "them aside (renamed *.unusable) and start from the beginning instead of "
+                                         "stopping with an error")
+    checkpoint_every: int = _option(0, "also checkpoint every N steps (0: only at epoch ends)", low=0)
+    keep_checkpoints: int = _option(2, "checkpoints kept (older ones are deleted)", low=1)
+    log_every: int = _option(20, "steps between metrics.jsonl records", low=1)
+    eval_every: int = _option(1, "epochs between evaluations (0: only at the end)", low=0)
     progress: str = _option("auto", "progress bar on stderr", choices=("auto", "bar", "lines", "none"))
     tensorboard: bool = _option(True, "write TensorBoard events when tensorboard is installed")
     # eval
-    checkpoint: str | None = _option(None, "kdfast eval: weights of --student to evaluate")
+    checkpoint: str | None = _option(None, "kdfast eval: weights of --student to evaluate (a model.pt, a kdfast "
+                                           "checkpoint or a state dict)", kind="path")
 
     def resolved_temperature(self) -> float:
         return DEFAULT_TEMPERATURE[self.method] if self.temperature is None else self.temperature
@@ -98,70 +143,203 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _field_type(item: dataclasses.Field):
-    text = str(item.type)
-    if "bool" in text:
-        return bool
-    if "int" in text and "list" not in text:
-        return int
-    if "float" in text:
-        return float
-    return str
+# --------------------------------------------------------------------------- the option table
+
+def _number(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+@dataclass(frozen=True)
+class Option:
+    """The specification of one option: its type, whether it may be null, its choices or range."""
+
+    name: str
+    kind: str  # "bool", "int", "float", "str", "path" (a str or os.PathLike) or "int_list"
+    nullable: bool
+    default: object
+    help: str
+    choices: tuple | None = None
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def allowed(self) -> str:
+        """What the option accepts, in words ("a positive integer", "one of 'sgd', 'adamw'" …)."""
+        if self.kind == "bool":
+            text = "true or false"
+        elif self.choices is not None:
+            text = "one of " + ", ".join(repr(choice) for choice in self.choices)
+        elif self.kind in ("int", "float", "int_list"):
+            integer = self.kind != "float"
+            noun = "integer" if integer else "number"
+            if self.low == 0 and self.low_open and self.high is None:
+                text = f"a positive {noun}"
+            elif integer and self.low == 1 and self.high is None:
+                text = "a positive integer"
+            elif self.low is not None and self.high is not None:
+                text = (f"a{'n' if integer else ''} {noun} in {'(' if self.low_open else '['}{_number(self.low)}, "
+                        f"{_number(self.high)}{')' if self.high_open else ']'}")
+            elif self.low is not None:
+                text = f"a{'n' if integer else ''} {noun} {'>' if self.low_open else '>='} {_number(self.low)}"
+            else:
+                text = f"a{'n' if integer else ''} {noun}"
+            if self.kind == "int_list":
+                text = "a list of " + text.removeprefix("a ").removeprefix("an ").replace("integer", "integers", 1)
+        else:
+            text = "a path" if self.kind == "path" else "a string"
+        return text + (" or null (the default)" if self.nullable else "")
+
+    def _fail(self, value, where: str, hint: str = ""):
+        raise ValueError(f"{self.name} must be {self.allowed()}, got {value!r}{hint}{where}")
+
+    def check(self, value, where: str = ""):
+        """``value`` as this option holds it (ints as floats for a float option, a tuple as a
+        list, a path as str); ValueError naming the option, the value and what is allowed.
+        ``where`` is appended to the message (e.g. " (in config file run.yaml)")."""
+        if value is None:
+            if self.nullable:
+                return None
+            self._fail(value, where)
+        if isinstance(value, str) and self.kind in ("bool", "int", "float", "int_list"):
+            hint = " (a string: write it without quotes)"
+            if self.kind == "float" and re.fullmatch(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+", value.strip()):
+                hint = f" (a string: YAML reads a number like {value} as text; write it with a decimal point, " \
+                       f"e.g. {float(value):.1e})"
+            self._fail(value, where, hint)
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                self._fail(value, where)
+            return value
+        if self.kind == "int_list":
+            if not isinstance(value, (list, tuple)):
+                self._fail(value, where)
+            return [self._check_number(item, where, whole=value) for item in value]
+        if self.kind in ("int", "float"):
+            return self._check_number(value, where)
+        if self.kind == "path" and isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str) or not value:
+            self._fail(value, where, " (an empty string)" if value == "" else "")
+        if self.choices is not None and value not in self.choices:
+            self._fail(value, where)
+        return value
+
+    def _check_number(self, value, where: str, whole=None):
+        shown = value if whole is None else whole
+        integer = self.kind in ("int", "int_list")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self._fail(shown, where)
+        if integer and not isinstance(value, int):
+            self._fail(shown, where, " (not an integer)")
+        if not integer:
+            value = float(value)
+            if not math.isfinite(value):
+                self._fail(shown, where)
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            self._fail(shown, where)
+        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+            self._fail(shown, where)
+        return value
+
+
+def _build_options() -> dict[str, Option]:
+    options = {}
+    for item in dataclasses.fields(TrainConfig):
+        text, meta = str(item.type), item.metadata
+        if meta.get("kind"):
+            kind = meta["kind"]
+        elif text.startswith("list"):
+            kind = "int_list"
+        elif "bool" in text:
+            kind = "bool"
+        elif "int" in text:
+            kind = "int"
+        elif "float" in text:
+            kind = "float"
+        else:
+            kind = "str"
+        default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
+        options[item.name] = Option(item.name, kind, "None" in text, default, meta["help"], meta.get("choices"),
+                                    meta.get("low"), meta.get("high"), meta.get("low_open", False),
+                                    meta.get("high_open", False))
+    return options
+
+
+#: The specification of every option of :class:`TrainConfig`, by name.
+OPTIONS: dict[str, Option] = _build_options()
+
+
+def check_option(name: str, value, where: str = ""):
+    """``value`` checked against option ``name``'s specification (see :meth:`Option.check`)."""
+    if name not in OPTIONS:
+        raise ValueError(f"unknown option {name!r}{where}; known: {sorted(OPTIONS)}")
+    return OPTIONS[name].check(value, where)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, *, exclude: tuple[str, ...] = ()) -> None:
-    """One ``--option`` per field of :class:`TrainConfig` (default ``None`` = not given)."""
+    """One ``--option`` per field of :class:`TrainConfig` (default ``None`` = not given), typed by :data:`OPTIONS`."""
     parser.add_argument("--config", default=None, help="YAML or JSON file of options (keys as below, with _)")
-    for item in dataclasses.fields(TrainConfig):
-        if item.name in exclude:
+    for option in OPTIONS.values():
+        if option.name in exclude:
             continue
-        flag = "--" + item.name.replace("_", "-")
-        kind = _field_type(item)
-        default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
-        help_text = f"{item.metadata['help']} (default: {default})"
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif item.metadata.get("nargs"):
-            parser.add_argument(flag, nargs=item.metadata["nargs"], type=item.metadata["type"], default=None,
-                                help=help_text)
+        help_text = f"{option.help} (default: {option.default})"
+        if option.kind == "bool":
+            parser.add_argument(option.flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif option.kind == "int_list":
+            parser.add_argument(option.flag, nargs="+", type=int, default=None, help=help_text)
         else:
-            parser.add_argument(flag, type=kind, default=None, choices=item.metadata.get("choices"), help=help_text)
+            kind = {"int": int, "float": float}.get(option.kind, str)
+            parser.add_argument(option.flag, type=kind, default=None, choices=option.choices, help=help_text)
 
 
-def read_config_file(path: str | os.PathLike) -> dict:
-    """Options from a YAML (``.yaml``/``.yml``) or JSON file; unknown keys are an error."""
+def read_config_file(path: str | os.PathLike, *, what: str = "config file") -> dict:
+    """Options from a YAML (``.yaml``/``.yml``) or JSON file, each checked against :data:`OPTIONS`;
+    unknown keys and bad values are a ValueError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"config file {path} does not exist")
+        raise ValueError(f"{what} {path} does not exist")
     text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
 
-        values = yaml.safe_load(text) or {}
-    else:
-        values = json.loads(text)
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+    except Exception as error:  # yaml.YAMLError, json.JSONDecodeError
+        raise ValueError(f"{what} {path} cannot be parsed: {error}") from None
     if not isinstance(values, dict):
-        raise ValueError(f"config file {path} must hold a mapping of options, got {type(values).__name__}")
-    known = {item.name for item in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(k.replace("-", "_") for k in values) - known)
+        raise ValueError(f"{what} {path} must hold a mapping of options, got {type(values).__name__}")
+    values = {str(key).replace("-", "_"): value for key, value in values.items()}
+    unknown = sorted(set(values) - set(OPTIONS))
     if unknown:
-        raise ValueError(f"config file {path} has unknown option(s) {unknown}; known: {sorted(known)}")
-    return {key.replace("-", "_"): value for key, value in values.items()}
+        raise ValueError(f"{what} {path} has unknown option(s) {unknown}; known: {sorted(OPTIONS)}")
+    return {key: check_option(key, value, f" (in {what} {path})") for key, value in values.items()}
 
 
 def resolve_config(args: argparse.Namespace | None = None, **overrides) -> TrainConfig:
-    """Defaults < config file < command-line options (< keyword overrides); validated."""
-    values: dict = {}
-    given = {} if args is None else {k: v for k, v in vars(args).items()
-                                     if v is not None and k in {f.name for f in dataclasses.fields(TrainConfig)}}
-    given.update(overrides)
+    """Defaults < config file < command-line options (< keyword overrides); every value checked."""
+    given = {}
+    if args is not None:
+        for key, value in vars(args).items():
+            if value is not None and key in OPTIONS:
+                given[key] = check_option(key, value, f" ({OPTIONS[key].flag} on the command line)")
+    for key, value in overrides.items():
+        given[key] = check_option(key, value)
     config_path = None if args is None else getattr(args, "config", None)
+    values: dict = {}
+    what = "config file"
     if config_path is None and given.get("resume"):
         saved = Path(given.get("output", TrainConfig.output)) / "config.yaml"
         if saved.is_file():
-            config_path = saved
+            config_path, what = saved, "the run folder's config file"
     if config_path is not None:
-        values.update(read_config_file(config_path))
+        values.update(read_config_file(config_path, what=what))
     values.update(given)
     config = TrainConfig(**values)
     validate(config)
@@ -169,23 +347,9 @@ def resolve_config(args: argparse.Namespace | None = None, **overrides) -> Train
 
 
 def validate(config: TrainConfig) -> None:
-    """Raise ValueError naming the first option with a bad value."""
-    def positive(name, integer=False):
-        value = getattr(config, name)
-        if (integer and (isinstance(value, bool) or not isinstance(value, int))) or value <= 0:
-            raise ValueError(f"{name} must be a positive {'integer' if integer else 'number'}, got {value!r}")
-
-    if config.method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {config.method!r}")
-    for name in ("epochs", "batch_size", "keep_checkpoints", "log_every"):
-        positive(name, integer=True)
-    positive("lr")
-    if config.temperature is not None:
-        positive("temperature")
-    for name in ("ce_weight", "kd_weight", "dist_beta", "dist_gamma", "cmkd_kl_weight", "cmkd_corr_weight",
-                 "weight_decay", "momentum", "warmup_epochs", "checkpoint_every", "eval_every"):
-        if getattr(config, name) < 0:
-            raise ValueError(f"{name} must be >= 0, got {getattr(config, name)!r}")
+    """Check every option against :data:`OPTIONS` and the rules between options; ValueError naming the first bad one."""
+    for name, option in OPTIONS.items():
+        setattr(config, name, option.check(getattr(config, name)))
     if config.method in TEACHER_METHODS and not config.teacher:
         raise ValueError(f"method {config.method!r} needs a teacher: pass --teacher ARCH --teacher-checkpoint FILE")
     if config.method in TEACHER_METHODS and not config.teacher_checkpoint:
@@ -195,8 +359,43 @@ def validate(config: TrainConfig) -> None:
         raise ValueError(f"reskd_chain is only read by method 'reskd', got method {config.method!r}")
     if config.schedule == "step" and not config.milestones:
         raise ValueError("the step schedule needs --milestones (epochs at which the lr decays)")
-    if config.device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {config.device!r}")
+    if config.milestones and config.schedule != "step":
+        raise ValueError(f"milestones {config.milestones} are only read by the step schedule, got schedule "
+                         f"{config.schedule!r}")
+    if config.nesterov and config.optimizer != "sgd":
+        raise ValueError(f"nesterov is an SGD option, got optimizer {config.optimizer!r}")
+    if config.nesterov and config.momentum == 0:
+        raise ValueError("nesterov needs a momentum > 0, got momentum 0")
+
+
+def resume_changes(saved: dict, config: TrainConfig) -> list[tuple[str, object, object]]:
+    """The options of ``config`` that differ from a run's saved options ``saved`` (its
+    ``config.yaml`` or a checkpoint's ``config``) and may not change on resume, as
+    ``(name, saved value, requested value)``. Options missing from ``saved`` (written by an
+    older kdfast) count as their defaults."""
+    changes = []
+    requested = config.to_dict()
+    for name, option in OPTIONS.items():
+        if name in _NOT_COMPARED:
+            continue
+        if name in RESUME_MAY_CHANGE and not (name == "exclude" and config.method == "drkd"):
+            continue
+        old = saved.get(name, option.default)
+        try:
+            old = option.check(old)
+        except ValueError:
+            pass  # a value this version rejects differs from any valid request
+        if old != requested[name]:
+            changes.append((name, old, requested[name]))
+    return changes
+
+
+def describe_changes(changes: list[tuple[str, object, object]]) -> str:
+    """``--student resnet8 → resnet20, --method ce → drkd`` for :func:`resume_changes`'s list."""
+    def show(value):
+        return "unset" if value is None else " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    return ", ".join(f"{OPTIONS[name].flag} {show(old)} → {show(new)}" for name, old, new in changes)
 
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> None:

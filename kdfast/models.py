@@ -275,25 +275,64 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: 
     raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")
 
 
+def _weights_of(state, path, what: str) -> tuple[dict, str]:
+    """The model weights in what a kdfast file holds, and where they came from (for messages).
+
+    A training checkpoint holds the trainer's wrapper (``student.`` and, for PESF-KD,
+    ``adapter.``; for ResKD ``student.`` is the stage: ``student.chain.`` the frozen chain,
+    ``student.student.`` the new res-student, which is what the run's ``model.pt`` holds); a
+    ResKD chain file holds one state dict per stage. Prefixes that DDP or ``torch.compile``
+    add (``module.``, ``_orig_mod.``) are removed.
+    """
+    source = ""
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a kdfast training checkpoint
+        identity = state.get("identity") if isinstance(state.get("identity"), dict) else {}
+        config = state.get("config") if isinstance(state.get("config"), dict) else {}
+        student = identity.get("student", config.get("student"))
+        classes = identity.get("num_classes")
+        if student:
+            source = f" (a training checkpoint of a {student} student" + (f", {classes} classes)" if classes else ")")
+        state = state["model"]
+    elif isinstance(state, dict) and "architectures" in state and "state_dicts" in state:  # a ResKD chain file
+        architectures, states = state["architectures"], state["state_dicts"]
+        if not isinstance(states, list) or len(states) != 1:
+            raise ValueError(f"{what} {path} is a ResKD chain of {len(states) if isinstance(states, list) else '?'} "
+                             f"stages ({' + '.join(map(str, architectures))}), whose logits are the sum of its stages, "
+                             f"not one model's weights: pass it as --reskd-chain (the next stage) or to `kdfast reskd "
+                             f"curve --chain`; a stage's own res-student is that stage's model.pt")
+        source = f" (a one-stage ResKD chain: {architectures[0]})"
+        state = states[0]
+    if not isinstance(state, dict) or not state or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise ValueError(f"{what} {path} is not a state dict of tensors")
+
+    def clean(key: str) -> str:
+        changed = True
+        while changed:
+            stripped = key.removeprefix("module.").removeprefix("_orig_mod.")
+            changed, key = stripped != key, stripped
+        return key
+
+    state = {clean(key): value for key, value in state.items()}
+    # The trainer's wrapper and ResKD's stage: keep the student (the run's model.pt).
+    while (all(key.startswith(("student.", "adapter.", "chain.")) for key in state)
+           and any(key.startswith("student.") for key in state)):
+        state = {clean(key.removeprefix("student.")): value for key, value in state.items()
+                 if key.startswith("student.")}
+    return state, source
+
+
 def load_weights(model: nn.Module, path, *, what: str = "teacher checkpoint") -> None:
     """Load weights into ``model`` from a file: a plain state dict (e.g. torchvision's
-    ``resnet34-*.pth``), a kdfast run's ``model.pt``, or a kdfast training checkpoint.
+    ``resnet34-*.pth``), a kdfast run's ``model.pt``, a kdfast training checkpoint
+    (``checkpoint-<step>.pt``: its student) or a one-stage ResKD chain file (its base).
 
-    Prefixes that DDP or ``torch.compile`` add (``module.``, ``_orig_mod.``) are removed.
-    Raises ValueError naming the missing, unexpected or mis-shaped keys.
+    Prefixes that DDP or ``torch.compile`` add (``module.``, ``_orig_mod.``) and the
+    trainer's own (``student.``) are removed. Raises ValueError naming the missing,
+    unexpected or mis-shaped keys.
     """
     from kdfast.checkpoint import read_checkpoint_file
 
-    state = read_checkpoint_file(path, what=what)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
-        raise ValueError(f"{what} {path} is not a state dict of tensors")
-    cleaned = {}
-    for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            key = key.removeprefix(prefix)
-        cleaned[key] = value
+    cleaned, source = _weights_of(read_checkpoint_file(path, what=what), path, what)
     expected = model.state_dict()
     # Checkpoints older than PyTorch 0.4 (torchvision's own ResNet files among them) have no
     # BatchNorm step counters; they are not weights, so they may be missing.
@@ -302,7 +341,7 @@ def load_weights(model: nn.Module, path, *, what: str = "teacher checkpoint") ->
     mis_shaped = [f"{key} {tuple(cleaned[key].shape)} (expected {tuple(expected[key].shape)})"
                   for key in expected if key in cleaned and cleaned[key].shape != expected[key].shape]
     if missing or unexpected or mis_shaped:
-        raise ValueError(f"{what} {path} does not match the model: {len(missing)} missing keys {missing[:5]}, "
-                         f"{len(unexpected)} unexpected keys {unexpected[:5]}, {len(mis_shaped)} mis-shaped "
-                         f"{mis_shaped[:5]}")
+        raise ValueError(f"{what} {path}{source} does not match the model: {len(missing)} missing keys "
+                         f"{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}, {len(mis_shaped)} "
+                         f"mis-shaped {mis_shaped[:5]}")
     model.load_state_dict(cleaned, strict=False)

@@ -5,7 +5,16 @@ Each step: the frozen teacher's forward (no grad, autocast), the student's forwa
 method's loss terms (kdfast's fused losses), backward, optimizer and schedule. The run
 folder holds ``config.yaml``, ``metrics.jsonl``, ``checkpoint-<step>.pt`` (atomic, with a
 checksum; see :mod:`kdfast.checkpoint`), ``model.pt`` and ``summary.json``; only rank 0
-writes them.
+writes them, under the folder's lock (:class:`kdfast.checkpoint.RunLock`: one run per folder).
+
+Before a run writes anything, rank 0 decides and tells the other ranks: the lock, on
+``--resume`` the comparison of the requested options with the folder's ``config.yaml``
+(:data:`kdfast.config.RESUME_MAY_CHANGE` lists the options that may change), and the
+newest checkpoint that can continue the run (it verifies, is a training checkpoint of this
+model, options, dataset size and world size); when there are checkpoints but none usable,
+the run stops (``--allow-restart`` sets them aside and starts over). Every collective runs
+under ``--dist-timeout``, and a timed-out or broken one is a :class:`DistributedError`
+naming it.
 
 Methods (``--method``), each with a cross-entropy term of weight ``--ce-weight``:
 
@@ -24,11 +33,13 @@ Methods (``--method``), each with a cross-entropy term of weight ``--ce-weight``
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -41,14 +52,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import kdfast
-from kdfast.checkpoint import latest_checkpoint, save_state_dict, write_checkpoint
-from kdfast.config import TEACHER_METHODS, TrainConfig, save_config, validate
+from kdfast.checkpoint import (CheckpointError, RunLock, atomic_write_bytes, latest_checkpoint, list_checkpoints,
+                               read_checkpoint_file, remove_orphaned_temporaries, save_state_dict, write_checkpoint)
+from kdfast.config import (RESUME_MAY_CHANGE, TEACHER_METHODS, TrainConfig, describe_changes, read_config_file,
+                           resume_changes, save_config, validate)
 from kdfast.models import create_model, load_weights
 from kdfast.nn import TeacherAdapter
 
 LOGGER = logging.getLogger("kdfast.train")
 
-__all__ = ["Runtime", "evaluate", "run_eval", "train"]
+__all__ = ["DistributedError", "Runtime", "evaluate", "run_eval", "train"]
 
 
 # --------------------------------------------------------------------------- processes
@@ -62,6 +75,7 @@ class Runtime:
     local_rank: int
     device: torch.device
     owns_process_group: bool = False
+    timeout: float | None = None  # --dist-timeout, seconds (for messages)
 
     @property
     def distributed(self) -> bool:
@@ -72,8 +86,12 @@ class Runtime:
         return self.rank == 0
 
 
-def init_runtime(device: str = "auto") -> Runtime:
-    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), pick the device, join the group."""
+def init_runtime(device: str = "auto", timeout: float | None = None) -> Runtime:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), pick the device, join the group.
+
+    ``timeout`` (seconds, ``--dist-timeout``) is the process group's: how long a collective
+    waits for the other processes before it fails (gloo raises in the waiting process; NCCL's
+    watchdog aborts it, logging the collective that timed out)."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
@@ -84,17 +102,76 @@ def init_runtime(device: str = "auto") -> Runtime:
         target = torch.device("cuda", torch.cuda.current_device())
     else:
         target = torch.device("cpu")
-    owns = False
+    runtime = Runtime(rank, world_size, local_rank, target, timeout=timeout)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=target if use_cuda else None)
-        owns = True
-    return Runtime(rank, world_size, local_rank, target, owns)
+        options = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
+        with _collective(runtime, "joining the process group (rendezvous of all processes)"):
+            dist.init_process_group("nccl" if use_cuda else "gloo", device_id=target if use_cuda else None,
+                                    **options)
+        runtime.owns_process_group = True
+    return runtime
 
 
-def _all_reduce_sum(runtime: Runtime, values: torch.Tensor) -> torch.Tensor:
+class DistributedError(RuntimeError):
+    """A collective of a multi-process run timed out or lost a peer; the message names the collective."""
+
+
+_COLLECTIVE_FAILURE = re.compile(r"timed? ?out|timeout|connection (closed|reset|refused)|closed by peer|pair closure|"
+                                 r"gloo|nccl|process ?group|broken pipe|socket", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def _collective(runtime: Runtime, what: str):
+    """Turn a failure of the collective(s) inside into a :class:`DistributedError` naming ``what``."""
+    try:
+        yield
+    except RuntimeError as error:
+        text = str(error)
+        if (not runtime.distributed or isinstance(error, DistributedError)
+                or not (isinstance(error, getattr(dist, "DistError", ())) or _COLLECTIVE_FAILURE.search(text))):
+            raise
+        detail = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+        where = f"rank {runtime.rank} of {runtime.world_size}"
+        if re.search(r"timed? ?out|timeout", text, re.IGNORECASE):
+            limit = f" within --dist-timeout {runtime.timeout:g} s" if runtime.timeout else ""
+            message = (f"{where}: the collective '{what}' did not complete{limit}: another process stopped, hung, "
+                       f"died or is far behind (check the other ranks' logs; raise --dist-timeout if a rank is "
+                       f"legitimately slow)")
+        else:
+            message = (f"{where}: the collective '{what}' failed: another process crashed, was killed or left "
+                       f"(check the other ranks' logs)")
+        raise DistributedError(f"{message}. PyTorch: {detail}") from error
+
+
+def _all_reduce_sum(runtime: Runtime, values: torch.Tensor, what: str = "all-reduce") -> torch.Tensor:
     if runtime.distributed:
-        dist.all_reduce(values)
+        with _collective(runtime, what):
+            dist.all_reduce(values)
     return values
+
+
+def _from_rank0(runtime: Runtime, action, what: str):
+    """Run ``action()`` on rank 0 only and give every rank its result, or the same error.
+
+    The run folder's decisions (its lock, the resume check, the checkpoint to resume from)
+    are rank 0's; the other ranks then fail with rank 0's message instead of waiting in the
+    next collective."""
+    result = failure = None
+    if runtime.main:
+        try:
+            result = action()
+        except Exception as error:  # noqa: BLE001 - shared with the other ranks, then re-raised
+            failure = error
+    if runtime.distributed:
+        box = [None if failure is None else str(failure), result]
+        with _collective(runtime, f"broadcast of rank 0's {what}"):
+            dist.broadcast_object_list(box, src=0)
+        if not runtime.main and box[0] is not None:
+            raise ValueError(f"rank 0: {box[0]}")
+        result = box[1]
+    if failure is not None:
+        raise failure
+    return result
 
 
 @contextlib.contextmanager
@@ -122,7 +199,7 @@ _IMAGE_DTYPES = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.fl
 
 
 def make_loaders(config: TrainConfig, runtime: Runtime):
-    """(train loader, val loader) of this process's shard."""
+    """(train loader, val loader) of this process's shard (without the images listed in ``--exclude``)."""
     from kdfast.data import make_loader
 
     options = dict(batch_size=config.batch_size, device=runtime.device, image_size=config.image_size,
@@ -130,6 +207,8 @@ def make_loaders(config: TrainConfig, runtime: Runtime):
                    world_size=runtime.world_size, num_workers=config.workers, seed=config.seed)
     if config.data != "digits":
         options["loader"] = config.loader
+    if config.exclude is not None:
+        options["exclude"] = config.exclude
     return make_loader(config.data, "train", **options), make_loader(config.data, "val", **options)
 
 
@@ -240,8 +319,9 @@ class LogitBank:
         if runtime.distributed:
             gathered_indices = [torch.empty_like(indices) for _ in range(runtime.world_size)]
             gathered_logits = [torch.empty_like(logits) for _ in range(runtime.world_size)]
-            dist.all_gather(gathered_indices, indices)
-            dist.all_gather(gathered_logits, logits)
+            with _collective(runtime, "all-gather of the DR-KD bank's logits"):
+                dist.all_gather(gathered_indices, indices)
+                dist.all_gather(gathered_logits, logits)
             indices, logits = torch.cat(gathered_indices), torch.cat(gathered_logits)
         # A step's indices are distinct (the loaders drop the last incomplete global batch
         # instead of padding it with repeats), so the copy's order does not matter.
@@ -398,7 +478,8 @@ class KDStep:
         model = self.model
         if self.runtime.distributed:
             device_ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+            with _collective(self.runtime, "DDP's start-up broadcast of the parameters"):
+                model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         self.step_model = torch.compile(model) if self.config.compile else model
         if self.teacher is not None and self.config.compile:
             self.teacher_forward = torch.compile(self.teacher.forward_features)
@@ -412,14 +493,16 @@ class KDStep:
                     teacher_features = self.teacher_forward(images)
                     teacher_logits = self.teacher.fc(teacher_features)
                 mark("teacher forward")
-            student_logits, adapted = self.step_model(images, teacher_logits, teacher_features)
+            with _collective(self.runtime, "DDP's broadcast of the BatchNorm buffers (forward)"):
+                student_logits, adapted = self.step_model(images, teacher_logits, teacher_features)
         mark("student forward")
         terms = self.loss_fn(student_logits, teacher_logits, adapted, self.model.adapter, labels, indices, epoch,
                              self.runtime)
         loss = sum(terms.values())
         mark("loss")
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        with _collective(self.runtime, "DDP's gradient all-reduce (backward)"):
+            self.scaler.scale(loss).backward()
         mark("backward")
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -519,7 +602,8 @@ def evaluate(model: nn.Module, loader, runtime: Runtime, config: TrainConfig) ->
                                torch.full((), len(labels), dtype=totals.dtype, device=logits.device)]
                               ).to(totals)  # a device fill, not a host-to-device copy
     model.train(was_training)
-    correct1, correct5, loss, count = _all_reduce_sum(runtime, totals).tolist()
+    correct1, correct5, loss, count = _all_reduce_sum(runtime, totals, "all-reduce of the evaluation's "
+                                                      "counts").tolist()
     return {"top1": 100 * correct1 / count, "top5": 100 * correct5 / count, "loss": loss / count,
             "images": int(count)}
 
@@ -554,7 +638,8 @@ def _unwrap(module: nn.Module) -> nn.Module:
 def train(config: TrainConfig, print_fn=print) -> dict:
     """Run ``kdfast train`` with a resolved configuration; returns the summary (on every rank)."""
     validate(config)
-    runtime = init_runtime(config.device)
+    _check_files(config)
+    runtime = init_runtime(config.device, config.dist_timeout)
     try:
         with _execution_settings(config):
             return _train(config, runtime, print_fn)
@@ -563,13 +648,156 @@ def train(config: TrainConfig, print_fn=print) -> dict:
             dist.destroy_process_group()
 
 
+def _check_files(config: TrainConfig) -> None:
+    if config.exclude is not None and not Path(config.exclude).is_file():
+        raise ValueError(f"exclude file {config.exclude} does not exist (it lists images to leave out, one path per "
+                         f"line: what `kdfast data verify DIR --output FILE` writes)")
+
+
+# The files of a run (besides its checkpoints) that describe its progress.
+_RUN_RECORDS = ("metrics.jsonl", "summary.json")
+
+
+def _identity(config: TrainConfig, loader) -> dict:
+    """What a checkpoint's model is: architecture and the images and classes it was built for."""
+    channels, height, _ = loader.image_shape
+    return {"student": config.student, "num_classes": loader.num_classes, "in_channels": channels,
+            "image_size": height, "method": config.method}
+
+
+def _checkpoint_checker(config: TrainConfig, runtime: Runtime, kd_step: "KDStep", train_loader):
+    """``check(path, state)`` for :func:`latest_checkpoint`: CheckpointError unless the checkpoint
+    can continue this run (a training checkpoint, of this model, options, dataset and world size)."""
+    identity = _identity(config, train_loader)
+    expected = kd_step.model.state_dict()
+    groups = [len(group["params"]) for group in kd_step.optimizer.param_groups]
+
+    def check(path: Path, state) -> None:
+        needed = ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "batch", "step")
+        if not isinstance(state, dict) or not all(key in state for key in needed):
+            if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+                kind = f"a plain state dict of {len(state)} tensors (weights such as a model.pt, not a run's state)"
+            elif isinstance(state, dict):
+                kind = f"a dict without {', '.join(key for key in needed if key not in state)}"
+            else:
+                kind = f"a {type(state).__name__}"
+            raise CheckpointError(f"checkpoint {path} is not a kdfast training checkpoint: {kind}")
+        theirs = state.get("identity")
+        if isinstance(theirs, dict):
+            differ = [key for key in ("student", "num_classes", "in_channels", "image_size")
+                      if key in theirs and theirs[key] != identity[key]]
+            if differ:
+                raise CheckpointError(
+                    f"checkpoint {path} is of another model: " + ", ".join(
+                        f"{key} {theirs[key]} (this run: {identity[key]})" for key in differ))
+        saved = state.get("config")
+        if isinstance(saved, dict):
+            changes = resume_changes(saved, config)
+            if changes:
+                raise CheckpointError(f"checkpoint {path} is of a run with other options: "
+                                      f"{describe_changes(changes)} (checkpoint → this run)")
+        model_state = state["model"]
+        if not isinstance(model_state, dict):
+            raise CheckpointError(f"checkpoint {path} is not a kdfast training checkpoint: its model is a "
+                                  f"{type(model_state).__name__}")
+        missing = sorted(set(expected) - set(model_state))
+        unexpected = sorted(set(model_state) - set(expected))
+        mis_shaped = [key for key in expected if key in model_state and getattr(model_state[key], "shape", None)
+                      != expected[key].shape]
+        if missing or unexpected or mis_shaped:
+            raise CheckpointError(f"checkpoint {path} does not fit this run's model ({config.student}, "
+                                  f"{identity['num_classes']} classes): {len(missing)} missing keys {missing[:3]}, "
+                                  f"{len(unexpected)} unexpected {unexpected[:3]}, {len(mis_shaped)} mis-shaped "
+                                  f"{mis_shaped[:3]}")
+        saved_groups = [len(group.get("params", ())) for group in state["optimizer"].get("param_groups", ())] \
+            if isinstance(state["optimizer"], dict) else None
+        if saved_groups != groups:
+            raise CheckpointError(f"checkpoint {path}: its optimizer state has parameter groups of {saved_groups} "
+                                  f"parameters, this run's optimizer {groups}")
+        if kd_step.loss_fn.bank is not None:
+            bank = state.get("bank")
+            mine = kd_step.loss_fn.bank.logits.shape
+            theirs_shape = getattr(bank.get("logits"), "shape", None) if isinstance(bank, dict) else None
+            if theirs_shape != mine:
+                raise CheckpointError(f"checkpoint {path}: its DR-KD bank is "
+                                      f"{'missing' if theirs_shape is None else tuple(theirs_shape)}, this run's "
+                                      f"{tuple(mine)} (samples × classes)")
+        world_size = state.get("world_size")
+        if world_size is not None and world_size != runtime.world_size:
+            raise CheckpointError(f"checkpoint {path} was written by a run of {world_size} process(es) (global batch "
+                                  f"{world_size * config.batch_size}); this one has {runtime.world_size}: the global "
+                                  f"batch and the loader position would change")
+        dataset = state.get("dataset")
+        same_exclude = not isinstance(saved, dict) or saved.get("exclude") == config.exclude
+        if isinstance(dataset, dict) and same_exclude and dataset.get("train_samples") not in (
+                None, train_loader.num_samples):
+            raise CheckpointError(f"checkpoint {path} was written on a dataset of {dataset['train_samples']} "
+                                  f"training images; {config.data} has {train_loader.num_samples}")
+
+    return check
+
+
+def _set_aside(paths, suffix: str) -> list[str]:
+    """Rename files to ``<name><suffix>`` (out of the checkpoints' name pattern); returns the new names."""
+    moved = []
+    for path in paths:
+        target = path.with_name(path.name + suffix)
+        os.replace(path, target)
+        moved.append(target.name)
+    return moved
+
+
+def _trim_metrics(folder: Path, step: int) -> int:
+    """Drop the ``metrics.jsonl`` records after ``step`` (and a line cut by a kill); returns how many went."""
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            keep = isinstance(record, dict) and int(record.get("step", 0)) <= step
+        except (ValueError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+    return dropped
+
+
 def _train(config: TrainConfig, runtime: Runtime, print_fn) -> dict:
     folder = Path(config.output)
-    if runtime.main:
-        folder.mkdir(parents=True, exist_ok=True)
-        save_config(config, folder / "config.yaml")
     say = print_fn if runtime.main else (lambda *_: None)
+    lock = RunLock(folder)
 
+    def take_folder() -> None:
+        """Rank 0: lock the folder, delete orphaned temporary files, and on resume refuse changed options."""
+        lock.acquire(command=" ".join(sys.argv))
+        for orphan in remove_orphaned_temporaries(folder):
+            LOGGER.info("removed %s (the temporary file of a write that was killed)", orphan)
+        saved_path = folder / "config.yaml"
+        if config.resume and saved_path.is_file():
+            saved = read_config_file(saved_path, what="the run folder's config file")
+            changes = resume_changes(saved, config)
+            if changes:
+                raise ValueError(
+                    f"--resume would change the run in {folder}: {describe_changes(changes)} (its config.yaml → this "
+                    f"request). Refused, nothing was written: these options define what the run computes. On resume "
+                    f"only these may change: {', '.join('--' + n.replace('_', '-') for n in RESUME_MAY_CHANGE)} "
+                    f"(--exclude not for drkd). Resume with the folder's options (a plain --resume), or start a new "
+                    f"run with another --output.")
+
+    try:
+        _from_rank0(runtime, take_folder, "run folder check (lock, resume options)")
+        return _train_locked(config, runtime, folder, say)
+    finally:
+        lock.release()
+
+
+def _train_locked(config: TrainConfig, runtime: Runtime, folder: Path, say) -> dict:
     train_loader, val_loader = make_loaders(config, runtime)
     steps_per_epoch, total_steps = len(train_loader), len(train_loader) * config.epochs
     kd_step = KDStep(config, runtime, train_loader)
@@ -577,24 +805,78 @@ def _train(config: TrainConfig, runtime: Runtime, print_fn) -> dict:
                                                     kd_step.scaler, kd_step.loss_fn)
     student = model.student
 
+    chosen: dict = {}
+
+    def select() -> tuple[str | None, list[str]]:
+        """Rank 0: the checkpoint to resume from (None: start from the beginning), and notes to print."""
+        notes: list[str] = []
+        if config.resume:
+            problems: list = []
+            found = latest_checkpoint(folder, _checkpoint_checker(config, runtime, kd_step, train_loader), problems)
+            if found is not None:
+                chosen["state"] = found[1]
+                return str(found[0]), notes
+            if problems:
+                listing = "".join(f"\n  - {reason}" for _, reason in problems)  # each names its file
+                if not config.allow_restart:
+                    raise ValueError(f"--resume: none of the {len(problems)} checkpoint(s) in {folder} can continue "
+                                     f"this run (nothing was written):{listing}\nFix or remove them, or pass "
+                                     f"--allow-restart to set them aside and start from the beginning")
+                moved = _set_aside([path for path, _ in problems], ".unusable")
+                notes.append(f"resume: no usable checkpoint in {folder}:{listing}\n--allow-restart: set them aside as "
+                             f"{', '.join(moved)}; starting from the beginning")
+            else:
+                notes.append(f"resume: no checkpoint in {folder} yet; starting from the beginning")
+        earlier = list_checkpoints(folder)
+        if earlier:  # a new run replaces the folder's earlier one; its checkpoints are kept aside
+            moved = _set_aside(earlier, ".old")
+            notes.append(f"new run in {folder}: the earlier run's checkpoints were set aside as {', '.join(moved)} "
+                         f"(pass --resume to continue a run)")
+        return None, notes
+
+    path, notes = _from_rank0(runtime, select, "choice of the checkpoint to resume from")
+    for note in notes:
+        say(note)
+
     start_epoch = start_batch = global_step = 0
     best_top1, elapsed_before = None, 0.0
-    if config.resume:
-        found = latest_checkpoint(folder)
-        if found is None:
-            say(f"resume: no valid checkpoint in {folder}; starting from the beginning")
+    if path is not None:
+        state = chosen.pop("state", None) or read_checkpoint_file(path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if loss_fn.bank is not None:
+            loss_fn.bank.load_state_dict(state["bank"])
+        _set_rng_state(state["rng"])
+        start_epoch, start_batch, global_step = state["epoch"], state["batch"], state["step"]
+        best_top1, elapsed_before = state.get("best_top1"), state.get("elapsed_s", 0.0)
+        # The schedule follows this run's options (--epochs may change on resume); unchanged, it is the saved one.
+        schedule, fresh = scheduler.lr_lambdas[0], Schedule(config, steps_per_epoch)
+        if vars(schedule) != vars(fresh):
+            for item in scheduler.lr_lambdas:
+                vars(item).update(vars(fresh))
+            for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base * fresh(scheduler.last_epoch)
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        del state
+        say(f"resumed from {path} (epoch {start_epoch + 1}, batch {start_batch}, step {global_step})")
+        if start_epoch >= config.epochs:
+            say(f"resume: the checkpoint is at the end of epoch {start_epoch} (--epochs {config.epochs}): nothing left "
+                f"to train; evaluating")
+
+    if runtime.main:
+        folder.mkdir(parents=True, exist_ok=True)
+        if path is None:
+            for name in _RUN_RECORDS:  # the records of a run that this one replaces (or redoes from the start)
+                (folder / name).unlink(missing_ok=True)
         else:
-            path, state = found
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            if loss_fn.bank is not None:
-                loss_fn.bank.load_state_dict(state["bank"])
-            _set_rng_state(state["rng"])
-            start_epoch, start_batch, global_step = state["epoch"], state["batch"], state["step"]
-            best_top1, elapsed_before = state.get("best_top1"), state.get("elapsed_s", 0.0)
-            say(f"resumed from {path} (epoch {start_epoch + 1}, batch {start_batch}, step {global_step})")
+            dropped = _trim_metrics(folder, global_step)
+            if dropped:
+                LOGGER.info("metrics.jsonl: dropped %d record(s) after step %d (logged before the interruption, "
+                            "logged again now)", dropped, global_step)
+            (folder / "summary.json").unlink(missing_ok=True)
+        save_config(config, folder / "config.yaml")
 
     kd_step.wrap()
     metrics = MetricsWriter(folder if runtime.main else None, config.tensorboard)
@@ -605,20 +887,24 @@ def _train(config: TrainConfig, runtime: Runtime, print_fn) -> dict:
         + f" | {train_loader.num_samples} train / {val_loader.num_samples} val images, {train_loader.num_classes} "
         f"classes | {runtime.world_size} process(es) on {runtime.device.type} | {steps_per_epoch} steps/epoch")
 
+    identity = _identity(config, train_loader)
+    dataset = {"train_samples": train_loader.num_samples, "val_samples": val_loader.num_samples,
+               "num_classes": train_loader.num_classes, "image_shape": list(train_loader.image_shape)}
+
     def checkpoint(epoch: int, batch: int) -> None:
         if not runtime.main:
             return
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
                  "epoch": epoch, "batch": batch, "step": global_step, "best_top1": best_top1,
-                 "elapsed_s": elapsed_before + time.perf_counter() - started, "config": config.to_dict()}
+                 "elapsed_s": elapsed_before + time.perf_counter() - started, "config": config.to_dict(),
+                 "identity": identity, "dataset": dataset, "world_size": runtime.world_size}
         if loss_fn.bank is not None:
             state["bank"] = loss_fn.bank.state_dict()
         write_checkpoint(folder, state, global_step, keep=config.keep_checkpoints)
 
     started = time.perf_counter()
     last_eval: dict | None = None
-    images_seen = 0
     for epoch in range(start_epoch, config.epochs):
         model.train()
         sums: dict[str, torch.Tensor] = {}
@@ -629,10 +915,12 @@ def _train(config: TrainConfig, runtime: Runtime, print_fn) -> dict:
             images, labels, indices = next(batches)
             data_wait += time.perf_counter() - wait_start
 
-            terms = kd_step(images, labels, indices, epoch)
+            try:
+                terms = kd_step(images, labels, indices, epoch)
+            except DistributedError as error:
+                raise DistributedError(f"{error} [in step {global_step + 1}, epoch {epoch + 1}]") from error.__cause__
             global_step += 1
             interval_steps += 1
-            images_seen += len(labels) * runtime.world_size
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value.detach()
 
@@ -640,7 +928,9 @@ def _train(config: TrainConfig, runtime: Runtime, print_fn) -> dict:
             if global_step % config.log_every == 0 or last_of_epoch:
                 names = list(sums)
                 reduced = _all_reduce_sum(runtime, torch.stack([sums[n].float() for n in names])
-                                          / (interval_steps * runtime.world_size)).tolist()
+                                          / (interval_steps * runtime.world_size),
+                                          f"all-reduce of the loss terms for metrics.jsonl (step {global_step})"
+                                          ).tolist()
                 if not all(math.isfinite(value) for value in reduced):
                     # Checked per log interval (where the terms reach the host anyway), not per step.
                     raise FloatingPointError(
@@ -670,14 +960,17 @@ def _train(config: TrainConfig, runtime: Runtime, print_fn) -> dict:
                              f"top-5 {last_eval['top5']:.2f}% loss {last_eval['loss']:.4f}")
         checkpoint(epoch + 1, 0)
 
-    if last_eval is None:  # resumed after the last epoch had finished
+    if last_eval is None:  # resumed at (or, with a smaller --epochs, after) the end: evaluate what there is
         last_eval = evaluate(student, val_loader, runtime, config)
+        best_top1 = last_eval["top1"] if best_top1 is None else max(best_top1, last_eval["top1"])
     seconds = elapsed_before + time.perf_counter() - started
+    # images/s of the whole run (every step's global batch over its training time, interruptions excluded)
+    images = global_step * config.batch_size * runtime.world_size
     summary = {"method": config.method, "student": config.student, "teacher": config.teacher,
                "epochs": config.epochs, "steps": global_step, "top1": last_eval["top1"], "top5": last_eval["top5"],
-               "best_top1": best_top1 if best_top1 is not None else last_eval["top1"], "val_loss": last_eval["loss"],
+               "best_top1": best_top1, "val_loss": last_eval["loss"],
                "train_seconds": seconds, "world_size": runtime.world_size, "device": runtime.device.type,
-               "images_per_s": images_seen / max(1e-9, time.perf_counter() - started)}
+               "images_per_s": images / max(1e-9, seconds)}
     if runtime.main:
         if config.method == "reskd":
             save_state_dict(folder / "model.pt", student.student.state_dict())
@@ -686,7 +979,7 @@ def _train(config: TrainConfig, runtime: Runtime, print_fn) -> dict:
             save_state_dict(folder / "model.pt", student.state_dict())
         if model.adapter is not None:
             save_state_dict(folder / "adapter.pt", model.adapter.state_dict())
-        (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_bytes(folder / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     metrics.close()
     say(f"done: val top-1 {summary['top1']:.2f}% (best {summary['best_top1']:.2f}%), top-5 {summary['top5']:.2f}%, "
         f"{seconds:.1f} s; weights in {folder / 'model.pt'}")
@@ -697,7 +990,9 @@ def run_eval(config: TrainConfig, print_fn=print) -> dict:
     """``kdfast eval``: top-1/top-5 of ``config.student`` with weights ``config.checkpoint`` on the val split."""
     if not config.checkpoint:
         raise ValueError("checkpoint is required by kdfast eval: the weights of --student to evaluate")
-    runtime = init_runtime(config.device)
+    validate(config)
+    _check_files(config)
+    runtime = init_runtime(config.device, config.dist_timeout)
     try:
         with _execution_settings(config):
             _, val_loader = make_loaders(config, runtime)

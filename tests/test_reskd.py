@@ -256,3 +256,254 @@ def test_curve_command(trained_chain, tmp_path):
     assert gated[1.0]["flops"] == pytest.approx(sum(curve["stage_flops"]))
     assert "teacher" in curve["references"]
     assert (tmp_path / "curve" / "curve.png").stat().st_size > 10_000
+
+
+# ----------------------------------------------------------------------------- argument checks and bounded cost
+# (issue 12, item 16: clear errors before anything runs; the curve's cost does not grow with its points)
+
+def old_gated_evaluation(chain, loader, thresholds, flops):
+    """The curve's gated points before the curve was simulated (commit 079049d), verbatim:
+    real gated inference over the loader at one threshold."""
+    correct = total = 0
+    reached = torch.zeros(chain.num_stages, dtype=torch.float64)
+    for images, labels, _ in loader:
+        logits, stages = chain.infer(images, thresholds)
+        correct += (logits.argmax(1) == labels).sum().item()
+        total += len(labels)
+        for k in range(chain.num_stages):
+            reached[k] += (stages > k).sum().item()
+    share = (reached / total).tolist()
+    return {"top1": 100 * correct / total, "flops": float(sum(s * f for s, f in zip(share, flops))),
+            "stage_fractions": share}
+
+
+@pytest.mark.parametrize("batch_size", [128, 256])
+def test_curve_equals_real_gated_inference(trained_chain, batch_size):
+    """Counted from one pass, every gated point equals what real gated inference gives (the old
+    curve) at the same thresholds, exactly; with measure=0 nothing is measured."""
+    from kdfast.data import make_loader
+    from kdfast.reskd import accuracy_cost_curve
+
+    chain, _ = load_chain(trained_chain / "stage2" / "chain.pt")
+    val = make_loader("digits", "val", batch_size=batch_size)
+    simulated = accuracy_cost_curve(chain, val, points=25, measure=0)
+    assert simulated["gated_check"]["measured_thresholds"] == []
+    assert len(simulated["gated"]) > 20
+    for point in simulated["gated"]:
+        assert point == {"threshold": point["threshold"],
+                         **old_gated_evaluation(chain, val, point["threshold"], simulated["stage_flops"])}
+    measured = accuracy_cost_curve(chain, val, points=25)  # the default: 5 thresholds measured for real
+    check = measured.pop("gated_check")
+    assert check["max_top1_difference"] == 0.0 and check["max_flops_difference"] == 0.0
+    assert len(check["measured_thresholds"]) == 5 and {0.0, 1.0} <= set(check["measured_thresholds"])
+    simulated.pop("gated_check")
+    assert measured == simulated
+
+
+def test_curve_cost_does_not_grow_with_points(trained_chain, monkeypatch):
+    """2000 points: one pass of every stage plus `measure` passes of gated inference, not 2000."""
+    from kdfast.data import make_loader
+    from kdfast.reskd import accuracy_cost_curve
+
+    chain, _ = load_chain(trained_chain / "stage2" / "chain.pt")
+    val = make_loader("digits", "val", batch_size=256)
+    batches = len(list(val))
+    calls = {"infer": 0, "base": 0}
+    real_infer = ResidualChain.infer
+    monkeypatch.setattr(ResidualChain, "infer", lambda self, *a, **k: (calls.__setitem__("infer", calls["infer"] + 1),
+                                                                       real_infer(self, *a, **k))[1])
+    chain.base.register_forward_hook(lambda *_: calls.__setitem__("base", calls["base"] + 1))
+    curve = accuracy_cost_curve(chain, val, points=2000, measure=3)
+    assert len(curve["gated"]) > 1000
+    assert calls["infer"] == 3 * batches  # the 3 measured thresholds, each one pass
+    assert calls["base"] <= 1 + 4 * batches  # FLOP counting once, the collecting pass and the 3 measured
+    calls.update(infer=0)
+    accuracy_cost_curve(chain, val, points=2000, measure=0)
+    assert calls["infer"] == 0
+
+
+def test_curve_command_rejects_bad_points(trained_chain, tmp_path, capsys):
+    from kdfast import cli
+
+    chain_file = str(trained_chain / "stage2" / "chain.pt")
+    for points, message in (("-3", "points must be between 1 and"), ("0", "points must be between 1 and"),
+                            ("10001", "points must be between 1 and 10000")):
+        status = cli.main(["reskd", "curve", "--chain", chain_file, "--points", points, "--output", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert status == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "curve.json").exists()
+
+
+def test_curve_command_rejects_images_that_do_not_fit_the_chain(trained_chain, tmp_path, capsys):
+    """A chain trained on the 1-channel digits, run on a 3-channel JPEG folder: a clear error."""
+    from kdfast import cli
+    from kdfast.data import write_digits_folder
+
+    write_digits_folder(tmp_path / "rgb", size=8)
+    status = cli.main(["reskd", "curve", "--chain", str(trained_chain / "stage2" / "chain.pt"), "--data",
+                       str(tmp_path / "rgb"), "--output", str(tmp_path / "curve")])
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err, err
+    assert "(3, 8, 8)" in err and "3 channel(s), but the chain takes 1" in err, err
+
+
+def conv_chain(tmp_path, in_channels=1, image_size=8):
+    """An untrained 2-stage ResNet-8/w4 chain written and read back as a chain file."""
+    from kdfast.models import create_model
+    from kdfast.reskd import save_chain
+
+    torch.manual_seed(0)
+    modules = [create_model("resnet8_w4", 10, in_channels, image_size) for _ in range(2)]
+    save_chain(tmp_path / "chain.pt", ["resnet8_w4"] * 2, modules, num_classes=10, in_channels=in_channels,
+               image_size=image_size)
+    chain, spec = load_chain(tmp_path / "chain.pt")
+    assert (chain.in_channels, chain.image_size) == (in_channels, image_size) == (spec["in_channels"],
+                                                                                  spec["image_size"])
+    return chain
+
+
+class ListLoader:
+    def __init__(self, batches, image_shape):
+        self.batches, self.image_shape = batches, image_shape
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def test_chain_rejects_images_that_do_not_fit_before_any_layer(tmp_path):
+    from kdfast.reskd import accuracy_cost_curve, gated_evaluation
+
+    chain = conv_chain(tmp_path)
+    ran = []  # the input shape of every call of a stage
+    for module in (chain.base, *chain.res_students):
+        module.register_forward_pre_hook(lambda module, inputs: ran.append(tuple(inputs[0].shape[1:])))
+    rgb = torch.randn(4, 3, 8, 8)
+    for call in (lambda: chain.infer(rgb, 0.5), lambda: chain(rgb), lambda: chain.stage_logits(rgb),
+                 lambda: chain.prefix_logits(rgb, 1)):
+        with pytest.raises(ValueError, match=r"x has 3 channel\(s\) \(shape \[4, 3, 8, 8\]\), but the chain takes 1"):
+            call()
+    with pytest.raises(ValueError, match=r"x is 16×16 pixels .* takes 8×8: expected images of shape \[B, 1, 8, 8\]"):
+        chain.infer(torch.randn(2, 1, 16, 16), 0.5)
+    with pytest.raises(ValueError, match=r"x must be images of shape \[B, 1, 8, 8\] .*got shape \[2, 64\]"):
+        chain.infer(torch.randn(2, 64), 0.5)
+    labels, indices = torch.zeros(4, dtype=torch.int64), torch.arange(4)
+    rgb_loader = ListLoader([(rgb, labels, indices)], (3, 8, 8))
+    for call in (lambda: accuracy_cost_curve(chain, rgb_loader), lambda: calibrate(chain, rgb_loader, target_flops=1e9),
+                 lambda: gated_evaluation(chain, rgb_loader, 0.5, [1.0, 1.0])):
+        with pytest.raises(ValueError, match=r"loader's image_shape is \(3, 8, 8\) \(C, H, W\): 3 channel\(s\), "
+                                             r"but the chain takes 1"):
+            call()
+    lying = ListLoader([(rgb, labels, indices)], (1, 8, 8))  # says 1 channel, yields 3
+    with pytest.raises(ValueError, match=r"a batch of the loader has 3 channel\(s\) \(shape \[4, 3, 8, 8\]\), but "
+                                         r"the chain takes 1"):
+        accuracy_cost_curve(chain, lying)
+    assert ran == [(1, 8, 8)] * 2  # only the FLOP counting of the 2 stages ran (on zeros of the chain's shape)
+    with pytest.raises(TypeError, match="loader has no image_shape"):
+        accuracy_cost_curve(chain, [(torch.randn(4, 1, 8, 8), labels, indices)])
+    with pytest.raises(ValueError, match="the loader yielded no images"):
+        accuracy_cost_curve(chain, ListLoader([], (1, 8, 8)))
+    with pytest.raises(ValueError, match=r"must hold images \[B, C, H, W\] and labels \[B\]"):
+        accuracy_cost_curve(chain, ListLoader([(torch.randn(4, 1, 8, 8), labels[:3], indices)], (1, 8, 8)))
+    fits = chain.infer(torch.randn(3, 1, 8, 8), 0.5)[0]
+    assert fits.shape == (3, 10)
+
+
+def test_infer_rejects_bad_thresholds_and_inputs():
+    np = pytest.importorskip("numpy")
+    chain = small_chain()
+    x = torch.randn(9, 3, 2, 2) * 3
+    for thresholds in (None, "0.5", b"0.5", True, {0: 0.5}, object(), torch.tensor([[0.5, 0.5]])):
+        with pytest.raises(TypeError, match=r"thresholds must be a number in \[0, 1\] or a sequence of 2 number"):
+            chain.infer(x, thresholds)
+    with pytest.raises(TypeError, match=r"thresholds\[1\] must be a number in \[0, 1\], got '0.5'"):
+        chain.infer(x, [0.5, "0.5"])
+    with pytest.raises(TypeError, match=r"thresholds\[0\] must be a number in \[0, 1\], got None"):
+        chain.infer(x, [None, 0.5])
+    for thresholds, message in ((1.5, r"thresholds must be in \[0, 1\], got 1.5"),
+                                (float("nan"), r"thresholds must be in \[0, 1\], got nan"),
+                                ([0.5, -0.1], r"thresholds\[1\] must be in \[0, 1\], got -0.1"),
+                                ([0.5, 0.5, 0.5], "one entry per res-student \\(2\\), got 3")):
+        with pytest.raises(ValueError, match=message):
+            chain.infer(x, thresholds)
+    with pytest.raises(TypeError, match=r"thresholds must be a number .* got a bool ndarray of shape \[2\]"):
+        chain.infer(x, np.array([True, False]))
+    expected = chain.infer(x, [0.5, 0.7])
+    for same in ((0.5, 0.7), torch.tensor([0.5, 0.7]), np.array([0.5, 0.7]), [np.float64(0.5), torch.tensor(0.7)]):
+        got = chain.infer(x, same)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert torch.equal(chain.infer(x, torch.tensor(0.6))[1], chain.infer(x, 0.6)[1])
+    assert torch.equal(chain.infer(x, np.array(0.6))[1], chain.infer(x, 0.6)[1])
+    with pytest.raises(TypeError, match="x must be a tensor of images"):
+        chain.infer(x.tolist(), 0.5)
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        chain.infer(x.long(), 0.5)
+    with pytest.raises(TypeError, match=r"stages must be an int in \[1, 3\]"):
+        chain.prefix_logits(x, "2")
+
+
+def test_curve_and_calibration_reject_bad_arguments(tmp_path):
+    from kdfast.reskd import accuracy_cost_curve
+
+    chain = conv_chain(tmp_path)
+    loader = ListLoader([(torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.int64), torch.arange(4))], (1, 8, 8))
+    for points, error, message in ((-3, ValueError, "points must be between 1 and 10000"),
+                                   (0, ValueError, "points must be between 1"),
+                                   (10_001, ValueError, "points must be between 1 and 10000"),
+                                   (2.5, TypeError, "points must be an int"),
+                                   ("25", TypeError, "points must be an int"),
+                                   (True, TypeError, "points must be an int")):
+        with pytest.raises(error, match=message):
+            accuracy_cost_curve(chain, loader, points=points)
+    with pytest.raises(ValueError, match="measure must be >= 0"):
+        accuracy_cost_curve(chain, loader, measure=-1)
+    with pytest.raises(TypeError, match="references must be a dict of name"):
+        accuracy_cost_curve(chain, loader, references={"teacher": "resnet20"})
+    from kdfast.models import create_model
+
+    with pytest.raises(ValueError, match=r"reference 'teacher' cannot run on the loader's images \(1, 8, 8\)"):
+        accuracy_cost_curve(chain, loader, references={"teacher": create_model("resnet8_w4", 10, 3, 8)})
+    with pytest.raises(TypeError, match="chain must be a ResidualChain"):
+        accuracy_cost_curve(chain.base, loader)
+    with pytest.raises(TypeError, match="target_flops must be a number or None, got '1e6'"):
+        calibrate(chain, loader, target_flops="1e6")
+    with pytest.raises(ValueError, match=r"image_shape is \(3, 8, 8\)"):
+        calibrate(chain, loader, target_flops=1e9, image_shape=(3, 8, 8))
+    with pytest.raises(ValueError, match="image_shape must be a sequence of positive ints"):
+        count_flops(chain.base, (1, 0, 8))
+    assert len(accuracy_cost_curve(chain, loader, points=1, measure=1)["gated"]) >= 2  # 0, 1 and the quantile
+
+
+def test_load_chain_rejects_damaged_files(tmp_path):
+    from kdfast.checkpoint import save_state_dict
+    from kdfast.models import create_model
+    from kdfast.reskd import save_chain
+
+    save_state_dict(tmp_path / "missing.pt", {"architectures": ["mlp-8"]})
+    with pytest.raises(ValueError, match="lacks state_dicts, num_classes, in_channels, image_size"):
+        load_chain(tmp_path / "missing.pt")
+    save_chain(tmp_path / "wrong.pt", ["mlp-16"], [create_model("mlp-8", 10, 1, 8)], num_classes=10, in_channels=1,
+               image_size=8)
+    with pytest.raises(ValueError, match=r"the weights of stage 1 \(mlp-16\) do not fit the model"):
+        load_chain(tmp_path / "wrong.pt")
+    with pytest.raises(ValueError, match="in_channels must be a positive int"):
+        save_chain(tmp_path / "bad.pt", ["mlp-8"], [create_model("mlp-8", 10, 1, 8)], num_classes=10, in_channels=0,
+                   image_size=8)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_shared_simulation_equals_the_general_one(seed):
+    """simulate_shared (O(S·N + T·S) memory) gives simulate's numbers bit for bit, also with
+    thresholds exactly on observed confidences and NaN confidences."""
+    from kdfast.reskd import simulate_shared
+
+    generator = torch.Generator().manual_seed(seed)
+    stages, images = 1 + seed % 3 + 1, 37 + 50 * seed
+    confidences = torch.rand(stages - 1, images, generator=generator, dtype=torch.float64).round(decimals=2)
+    confidences[:, ::11] = float("nan")
+    correct = torch.rand(stages, images, generator=generator) < 0.6
+    thresholds = torch.cat([torch.tensor([0.0, 1.0], dtype=torch.float64), confidences[0, :20].nan_to_num(0.3),
+                            torch.rand(30, generator=generator, dtype=torch.float64)])
+    flops = [float(f) for f in range(3, 3 + stages)]
+    general = simulate(confidences, correct, flops, thresholds[:, None].expand(-1, stages - 1))
+    for a, b in zip(general, simulate_shared(confidences, correct, flops, thresholds)):
+        assert torch.equal(a, b)

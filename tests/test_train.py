@@ -171,7 +171,7 @@ def test_config_file_and_command_line(tmp_path):
     (dict(schedule="step"), "needs --milestones"),
     (dict(lr=0.0), "lr must be a positive number"),
     (dict(batch_size=0), "batch_size must be a positive integer"),
-    (dict(kd_weight=-1.0), "kd_weight must be >= 0"),
+    (dict(kd_weight=-1.0), "kd_weight must be a number >= 0"),
     (dict(method="fitnet"), "method must be one of"),
 ])
 def test_config_errors(values, message):
