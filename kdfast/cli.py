@@ -29,21 +29,11 @@ def _data_verify(args) -> int:
     from kdfast.data import verify_dataset
 
     report = verify_dataset(args.directory, workers=args.workers)
-    checked = ", ".join(f"{split}: {count}" for split, count in report.checked.items())
-    print(f"decoded {sum(report.checked.values())} images ({checked}), {report.classes} classes")
-    if report.skipped:
-        print(f"{len(report.skipped)} non-JPEG file(s) are not read by the loaders, e.g. {report.skipped[0]}")
-    for path, reason in report.corrupt:
-        print(f"CORRUPT {path}: {reason}")
     if args.output:
         with open(args.output, "w") as handle:
             handle.writelines(f"{path}\n" for path, _ in report.corrupt)
-        print(f"wrote the {len(report.corrupt)} unreadable path(s) to {args.output} (pass it as --exclude)")
-    if report.ok:
-        print("all images decode")
-        return 0
-    print(f"{len(report.corrupt)} image(s) cannot be decoded; the loaders stop with an error on each of them")
-    return 1
+    print(*report.lines(args.output), sep="\n")
+    return 0 if report.ok else 1
 
 
 def _train(args) -> int:

@@ -68,8 +68,14 @@ def make_loader(data: str | os.PathLike, split: str = "train", *, batch_size: in
         seed: the shuffling and augmentation seed (the same on every rank).
         file_list: a DALI-style list (``relative/path.jpg <class index>`` per line) to read
             instead of the ``data/<split>`` folder.
-        exclude: paths to leave out, or a file listing them (what ``kdfast data verify
-            --output`` writes).
+        exclude: paths to leave out, or a file listing them, one per line (what ``kdfast
+            data verify --output`` writes; ``kdfast train --exclude FILE``, config key
+            ``exclude``). Paths are absolute, or relative to ``data`` (or to the current
+            directory). Every loader reads the same remaining files, renumbered.
+
+    Indexing checks every file (:mod:`kdfast.data.check`; cached per file): a truncated,
+    empty, unreadable or non-image file raises :class:`DatasetError` naming each such file
+    before any batch is read. PNG content under a JPEG name is decoded as PNG.
 
     Images are normalized with ImageNet's mean and std (the digits with their own).
     ``sample_indices`` are stable positions in the split's sorted file list (for the
@@ -88,6 +94,8 @@ def make_loader(data: str | os.PathLike, split: str = "train", *, batch_size: in
     if str(data) == DIGITS_NAME:
         from kdfast.data.digits import DigitsLoader, digits_split
 
+        if exclude:
+            raise ValueError("exclude names files of an image folder; data='digits' is held in memory and has none")
         if loader != "auto":
             raise ValueError(
                 f"data='digits' is held in memory and read without DALI or a DataLoader (loader must be 'auto', got "

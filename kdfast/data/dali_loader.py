@@ -18,8 +18,14 @@ An external source hands the pipeline this rank's batches of sample indices in t
 so the DALI loader reads exactly the batches of the PyTorch loader; the last validation
 batch is simply smaller (no padding to remove).
 
-A corrupt or truncated JPEG stops the pipeline (DALI cannot skip a sample): the loader
-raises :class:`~kdfast.data.folder.DatasetError` naming the file and how to exclude it.
+DALI's decoder reads the format from the bytes: PNG content under a JPEG name is decoded
+as PNG. Truncated, empty, unreadable and non-image files never reach DALI — indexing the
+folder finds them first (:mod:`kdfast.data.check`), because DALI's native parser can crash
+the process on them. A file that passes that check and still fails to decode stops the
+pipeline (DALI cannot skip a sample): whatever DALI's message (``Failed to decode sample
+#k``, ``nvImageCodec failure: '#3'``, …), the loader raises
+:class:`~kdfast.data.folder.DatasetError` naming the file — the files of the batches DALI
+was reading are checked again, and decoded with Pillow, to find it — and how to exclude it.
 Random augmentation is reproducible for a given seed and rank, from the epoch and batch a
 run starts at (a resumed run draws other crops than the uninterrupted one would have).
 """
@@ -33,9 +39,12 @@ import numpy as np
 import torch
 
 from kdfast.data.common import IMAGENET_MEAN, IMAGENET_STD, Batch, Loader, SampleOrder, epoch_seed
-from kdfast.data.folder import DatasetError, SplitIndex
+from kdfast.data.check import check_file
+from kdfast.data.folder import EXCLUDE_HINT, DatasetError, SplitIndex
 
 _DECODE_FAILURE = re.compile(r"Failed to decode sample #(\d+)")
+# What DALI's errors about reading or decoding a file look like, when no file is named.
+_READ_FAILURE = re.compile(r"decod|nvImageCodec|nvjpeg|jpeg|png|image|File mapping|file", re.IGNORECASE)
 
 # nvJPEG's buffer sizes for ImageNet-sized images (DALI's ResNet-50 example): allocated
 # once up front instead of grown while the first batches are decoded.
@@ -172,19 +181,62 @@ class DaliLoader(Loader):
             self._reading = False
         except RuntimeError as error:
             self._iterator = None  # DALI invalidates a pipeline that failed
-            failed = _DECODE_FAILURE.search(str(error))
-            if failed is None:
+            self._reading = False
+            mapped = self._decode_error(error, delivered)
+            if mapped is None:
                 raise
-            raise DatasetError(
-                f"DALI cannot decode {self._failed_path(failed, delivered)} (corrupt or truncated image); the "
-                f"pipeline stops at the first such file. List them all with `kdfast data verify <dataset root> "
-                f"--output bad.txt` and leave them out with exclude='bad.txt' (CLI: --exclude bad.txt)."
-            ) from error
+            raise mapped from error
 
-    def _failed_path(self, failed: re.Match, delivered: int) -> str:
-        """The file behind "Failed to decode sample #k": DALI reports the k-th sample of the
-        batch it was producing, which is the next one the consumer would have received."""
-        number = int(failed.group(1))
-        if delivered < len(self._feed.fed) and number < len(self._feed.fed[delivered]):
-            return self.index.files[self._feed.fed[delivered][number]]
-        return f"sample #{number} of batch {delivered}"
+    def _decode_error(self, error: RuntimeError, delivered: int) -> DatasetError | None:
+        """The DatasetError naming the file behind a DALI failure, or None when the failure
+        is not about a file (then the original error propagates).
+
+        "Failed to decode sample #k" names the k-th sample of the batch DALI was producing,
+        the next one the consumer would have received. Other messages (DALI 2.4's
+        ``nvImageCodec failure: '#3'``, a read error) name no sample: then every file of the
+        batches handed to DALI and not delivered is checked again (structure, then a
+        Pillow decode) to find the culprits."""
+        message = str(error)
+        summary = _summary(message)
+        failed = _DECODE_FAILURE.search(message)
+        pending = self._feed.fed[delivered:]
+        files = [self.index.files[i] for batch in pending for i in batch]
+        if failed is not None and pending and int(failed.group(1)) < len(pending[0]):
+            path = self.index.files[pending[0][int(failed.group(1))]]
+            culprits = [(path, _unreadable(path))]
+        else:
+            culprits = [(path, reason) for path in dict.fromkeys(files) if (reason := _unreadable(path))]
+        if culprits:
+            named = "; ".join(f"{path} ({reason + '; ' if reason else ''}DALI: {summary})"
+                              for path, reason in culprits[:10])
+            more = f" and {len(culprits) - 10} more" if len(culprits) > 10 else ""
+            return DatasetError(f"DALI cannot decode {named}{more}; the pipeline stops at the first such file. "
+                                f"{EXCLUDE_HINT}")
+        if not files or (failed is None and _READ_FAILURE.search(message) is None):
+            return None
+        shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+        return DatasetError(f"DALI failed reading a batch of {shown} (DALI: {summary}), yet kdfast's checks and "
+                            f"Pillow find nothing wrong with these files; read them with loader='torch' (CLI: "
+                            f"--loader torch), or list the culprit in a file and leave it out with `kdfast train ... "
+                            f"--exclude FILE` (config key `exclude`).")
+
+
+def _summary(message: str) -> str:
+    """DALI's error without the pipeline's traceback: what it says it "encountered"."""
+    message = re.sub(r"\x1b\[[0-9;]*m", "", message)
+    if "encountered:" in message:
+        message = message.split("encountered:", 1)[1]
+    lines = []
+    for line in message.splitlines():
+        line = line.split(" C++ context")[0].strip().rstrip(":").strip()
+        if line and not line.startswith(("Critical error in pipeline", "Current pipeline object is no longer valid",
+                                         "Stacktrace", "[/", "File \"")):
+            lines.append(line)
+    return " ".join(lines[:2])[:300] or "no message"
+
+
+def _unreadable(path: str) -> str | None:
+    """Why ``path`` fails the structural check or does not decode with Pillow, or None."""
+    from kdfast.data.verify import decode_error
+
+    return check_file(path)[1] or decode_error(path)

@@ -16,12 +16,16 @@ workers, the batch or the rank, and a resumed run sees the same images.
 Workers return uint8 HWC images. For a CUDA device the uint8 batch is copied (pinned,
 asynchronously) and normalized on the GPU; for the CPU the workers normalize it.
 
-A corrupt or truncated JPEG raises :class:`~kdfast.data.folder.DatasetError` naming the
-file (the run stops; nothing is skipped silently).
+Pillow reads the format from the bytes, so PNG content under a JPEG name (which indexing
+lets through, see :mod:`kdfast.data.check`) is decoded as PNG, 16-bit PNGs scaled to 8
+bits as DALI scales them. A file that does not decode raises
+:class:`~kdfast.data.folder.DatasetError` naming the file (the run stops; nothing is
+skipped silently).
 """
 
 from __future__ import annotations
 
+import gc
 import math
 from typing import Iterator
 
@@ -30,7 +34,7 @@ import torch
 from PIL import Image
 
 from kdfast.data.common import IMAGENET_MEAN, IMAGENET_STD, Batch, Loader, SampleOrder
-from kdfast.data.folder import DatasetError, SplitIndex
+from kdfast.data.folder import EXCLUDE_HINT, DatasetError, SplitIndex
 
 
 def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, area=(0.08, 1.0),
@@ -66,6 +70,15 @@ def center_crop_box(width: int, height: int, image_size: int, resize_size: int) 
     return left, top, left + side, top + side
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of a decoded image. Pillow's own conversion clips 16-bit and 32-bit
+    grayscale (PNG) to 255; these are scaled by 255/65535 instead, as DALI does."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        wide = np.asarray(image, dtype=np.int64).clip(0, 65535)
+        image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
 def normalize(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """uint8 [B, H, W, 3] → ``dtype`` [B, 3, H, W] (channels_last memory), ImageNet-normalized."""
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).mul_(255).view(1, 3, 1, 1)
@@ -88,12 +101,9 @@ class _FolderImages(torch.utils.data.Dataset):
         path = self.files[index]
         try:
             with Image.open(path) as image:
-                image = image.convert("RGB")  # decodes the whole file: a truncated one raises here
-        except (OSError, SyntaxError, ValueError) as error:
-            raise DatasetError(
-                f"cannot decode {path} ({error}). List every unreadable file with `kdfast data verify <dataset "
-                f"root> --output bad.txt` and leave them out with exclude='bad.txt' (CLI: --exclude bad.txt)."
-            ) from error
+                image = to_rgb(image)  # decodes the whole file: a truncated one raises here
+        except Exception as error:  # noqa: BLE001 - whatever Pillow raises, the file is what to report
+            raise DatasetError(f"cannot decode {path} ({type(error).__name__}: {error}). {EXCLUDE_HINT}") from error
         size = (self.image_size, self.image_size)
         if self.train:
             rng = np.random.default_rng([self.seed, epoch, index])
@@ -156,7 +166,22 @@ class TorchLoader(Loader):
     def _read(self, indices: np.ndarray, epoch: int, start_batch: int) -> Iterator[Batch]:
         size = self.batch_size
         self._batches.batches = [[(int(i), epoch) for i in indices[b:b + size]] for b in range(0, len(indices), size)]
-        for images, sample_indices in self._loader:
+        for images, sample_indices in self._epoch_iterator():
             if self._on_gpu:  # uint8 over the bus (4× fewer bytes), normalized on the GPU
                 images = normalize(images.to(self.device, non_blocking=True), torch.float32)
             yield self._finish(images, sample_indices)
+
+    def _epoch_iterator(self):
+        """The DataLoader's iterator for the epoch set up in ``self._batches``.
+
+        Its first call forks the worker processes. The garbage collector is frozen across
+        the fork: a worker inherits the parent's heap, and collecting a garbage object there
+        whose destructor waits for the parent's threads — a DALI pipeline of an earlier
+        loader, whose threads do not exist in the child — would hang the worker forever."""
+        if self._loader.num_workers == 0:
+            return iter(self._loader)
+        gc.freeze()  # the workers never collect what they inherit
+        try:
+            return iter(self._loader)
+        finally:
+            gc.unfreeze()
