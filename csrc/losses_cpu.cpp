@@ -163,28 +163,41 @@ float upcast_row(const in_t* in, int64_t n, float* x) {
   return max;
 }
 
-// exp((x_j − max)·it) into `out` and their sum, for an upcast row x in an aligned buffer.
-// The row kernel and the column statistics both compute a row's probabilities with it
-// (then scaled by 1/sum), so the same logits give bit-identical probabilities in both,
-// wherever the row lies in memory: a constant column then centers to exactly zero, and
-// its correlation's 1/1e-8 gradient factor multiplies an exact 0 rather than rounding.
-inline float exp_row(const float* x, int64_t n, float max, float it, float* out) {
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
+// exp((x_j − max)·it) of an upcast student row s and teacher row t (aligned buffers) into
+// p and q, and their sums, in one loop (the two exps interleave). The row kernel and the
+// column statistics both compute a row pair's probabilities with it (then scaled by
+// 1/sum), so the same logits give bit-identical probabilities in both, wherever the rows
+// lie in memory: a constant column then centers to exactly zero, and its correlation's
+// 1/1e-8 gradient factor multiplies an exact 0 rather than rounding.
+struct RowSums {
+  float s, t;
+};
+inline RowSums exp_rows(const float* s, const float* t, int64_t n, float s_max, float t_max, float it, float* p,
+                        float* q) {
+  float s_sum = 0.0f, t_sum = 0.0f;
+#pragma omp simd reduction(+ : s_sum, t_sum)
   for (int64_t j = 0; j < n; ++j) {
-    out[j] = vexp((x[j] - max) * it);
-    sum += out[j];
+    p[j] = vexp((s[j] - s_max) * it);
+    q[j] = vexp((t[j] - t_max) * it);
+    s_sum += p[j];
+    t_sum += q[j];
   }
-  return sum;
+  return {s_sum, t_sum};
 }
 
-// A row's probabilities softmax(x·it) into `out`, through the same two steps as the row kernel.
-template <typename in_t>
-void row_probabilities(const in_t* in, int64_t n, float it, float* upcast, float* out) {
-  const float max = upcast_row(in, n, upcast);
-  const float inv_sum = 1.0f / exp_row(upcast, n, max, it, out);
+// A student and teacher row's probabilities softmax(x·it) into p and q, through the same
+// steps as the row kernel (s, t: upcast scratch).
+template <typename s_t, typename t_t>
+void row_probabilities(const s_t* s_in, const t_t* t_in, int64_t n, float it, float* s, float* t, float* p,
+                       float* q) {
+  const float s_max = upcast_row(s_in, n, s), t_max = upcast_row(t_in, n, t);
+  const RowSums sums = exp_rows(s, t, n, s_max, t_max, it, p, q);
+  const float s_inv_sum = 1.0f / sums.s, t_inv_sum = 1.0f / sums.t;
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) out[j] *= inv_sum;
+  for (int64_t j = 0; j < n; ++j) {
+    p[j] *= s_inv_sum;
+    q[j] *= t_inv_sum;
+  }
 }
 
 // Rows per chunk of the column statistics: a fixed function of B, so the summation order
@@ -202,14 +215,13 @@ ColumnStats column_stats(const s_t* student, const t_t* teacher, int64_t rows, i
   const float it = cfg.inv_temperature;
   const int64_t chunk = column_chunk_rows(rows);
   const int64_t chunks = (rows + chunk - 1) / chunk;
-  Buffer<float> p0(n), q0(n), upcast0(n);
-  row_probabilities(student, n, it, upcast0.data(), p0.data());
-  row_probabilities(teacher, n, it, upcast0.data(), q0.data());
+  Buffer<float> p0(n), q0(n), s0(n), t0(n);
+  row_probabilities(student, teacher, n, it, s0.data(), t0.data(), p0.data(), q0.data());
   // Per chunk: mean_a, mean_b, Σ (a−ā)(b−b̄), Σ (a−ā)², Σ (b−b̄)², each over its rows.
   Buffer<double> moments;
   moments.assign(chunks * 5 * n, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
-    Buffer<float> pe(n), qe(n), upcast(n);
+    Buffer<float> pe(n), qe(n), se(n), te(n);
     for (int64_t c = first; c < last; ++c) {
       double* mean_a = moments.data() + c * 5 * n;
       double* mean_b = mean_a + n;
@@ -218,8 +230,7 @@ ColumnStats column_stats(const s_t* student, const t_t* teacher, int64_t rows, i
       double* bb = aa + n;
       int64_t count = 0;
       for (int64_t i = c * chunk; i < std::min(rows, (c + 1) * chunk); ++i) {
-        row_probabilities(student + i * n, n, it, upcast.data(), pe.data());
-        row_probabilities(teacher + i * n, n, it, upcast.data(), qe.data());
+        row_probabilities(student + i * n, teacher + i * n, n, it, se.data(), te.data(), pe.data(), qe.data());
         const double inv_count = 1.0 / static_cast<double>(++count);
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) {
@@ -411,7 +422,8 @@ float fused_row(const s_t* s_in, const t_t* t_in, int64_t n, int64_t target, flo
   const bool swapped = cfg.rectify && t_argmax != target;
   if (swapped) std::swap(t[t_argmax], t[target]);
 
-  const float s_sum = exp_row(s, n, s_max, it, p), t_sum = exp_row(t, n, t_max, it, q);
+  const RowSums sums = exp_rows(s, t, n, s_max, t_max, it, p, q);
+  const float s_sum = sums.s, t_sum = sums.t;
   const float s_log_sum = std::log(s_sum), t_log_sum = std::log(t_sum);
   const float s_inv_sum = 1.0f / s_sum, t_inv_sum = 1.0f / t_sum;
   // log q_j − log p_j, from the logits: finite whenever the logits are, even where the
@@ -433,8 +445,8 @@ float fused_row(const s_t* s_in, const t_t* t_in, int64_t n, int64_t target, flo
   }
   double kl = 0.0, entropy = 0.0;
   if (cfg.kl_coef != 0.0f) {
-#pragma omp simd reduction(+ : kl)
     // q_j = 0 (a −inf teacher logit, or underflow) adds nothing, never 0·(−inf).
+#pragma omp simd reduction(+ : kl)
     for (int64_t j = 0; j < n; ++j) kl += q[j] > 0.0f ? q[j] * log_ratio(j) : 0.0;
   }
   if (cfg.difficulty_mode == kDifficultyEntropy) {
@@ -531,9 +543,9 @@ float fused_row(const s_t* s_in, const t_t* t_in, int64_t n, int64_t target, flo
     // log q − log p needs both rows of logits: this side goes first, then their buffers
     // are reused for the outputs.
     float* out = w.t.data();
-#pragma omp simd
     // Without a KL term, or where q_j = 0 (a −inf teacher logit), the KL part is zero: computed,
     // it would be 0·(±inf) = NaN for −inf logits.
+#pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       g[j] = kl_grad != 0.0f && q[j] > 0.0f ? kl_grad * q[j] * static_cast<float>(log_ratio(j) - kl) : 0.0f;
     }

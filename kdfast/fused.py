@@ -92,9 +92,6 @@ def _fused_kd_loss_cuda(student, teacher, target, difficulty, temperature, kl_co
     config.spearman_coef, config.column_coef, config.rank_strength = spearman_coef, column_coef, rank_strength
     config.difficulty_mode, config.difficulty_value, config.rectify = difficulty_mode, difficulty_value, rectify
     config.student_grad, config.teacher_grad = student_grad, teacher_grad
-    with torch.cuda.device(device):
-        workspace_bytes = _C_cuda.fused_loss_workspace_bytes(rows, cols, config, index)
-    workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=device)
     loss = torch.empty((), dtype=torch.float32, device=device)
     grad_student = torch.empty_like(student) if student_grad else student.new_empty((0,))
     grad_teacher = torch.empty_like(teacher) if teacher_grad else teacher.new_empty((0,))
@@ -108,6 +105,8 @@ def _fused_kd_loss_cuda(student, teacher, target, difficulty, temperature, kl_co
     # is the driver's current context, shared with PyTorch's runtime, so the guard also
     # restores PyTorch's current device afterwards.
     with torch.cuda.device(device):
+        workspace = torch.empty(_C_cuda.fused_loss_workspace_bytes(rows, cols, config, index), dtype=torch.uint8,
+                                device=device)
         _C_cuda.fused_loss(pointer(student), _DTYPE_CODES[student.dtype], pointer(teacher),
                            _DTYPE_CODES[teacher.dtype], pointer(target), pointer(difficulty), rows, cols, config,
                            pointer(loss), pointer(grad_student), pointer(grad_teacher), pointer(workspace), index,

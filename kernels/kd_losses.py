@@ -86,14 +86,18 @@ def _min(a, b):
 
 @triton.jit
 def _online_softmax_step(running_max, running_sum, x, inv_tau):
-    """Folds a chunk x into a running max and Σ exp((x − max)/τ). A chunk (or a row so far)
-    of only −inf contributes nothing, instead of exp(−inf − (−inf)) = NaN."""
+    """Folds a chunk x into a running max and Σ exp((x − max)/τ)."""
     new_max = tl.maximum(running_max, tl.max(x, 0))
-    finite = new_max > -float("inf")
-    safe_max = tl.where(finite, new_max, 0.0)
-    rescale = tl.where(running_max > -float("inf"), tl.exp((running_max - safe_max) * inv_tau), 0.0)
-    chunk_sum = tl.sum(tl.exp((x - safe_max) * inv_tau), 0)
-    return new_max, running_sum * rescale + chunk_sum
+    return new_max, _rescaled_sum(running_max, new_max, running_sum, x, inv_tau)
+
+
+@triton.jit
+def _rescaled_sum(old_max, new_max, running_sum, x, inv_tau):
+    """running_sum (taken at old_max) moved to new_max, plus Σ exp((x − new_max)/τ). A chunk
+    (or a row so far) of only −inf contributes nothing, instead of exp(−inf − (−inf)) = NaN."""
+    safe_max = tl.where(new_max > -float("inf"), new_max, 0.0)
+    rescale = tl.where(old_max > -float("inf"), tl.exp((old_max - safe_max) * inv_tau), 0.0)
+    return running_sum * rescale + tl.sum(tl.exp((x - safe_max) * inv_tau), 0)
 
 
 @triton.jit
@@ -176,9 +180,11 @@ def _fused_row_kernel(
         mask = offs < C
         s = tl.load(s_row + offs, mask=mask, other=-float("inf")).to(tl.float32)
         t = tl.load(t_row + offs, mask=mask, other=-float("inf")).to(tl.float32)
-        if HAS_CE:
-            _, s_sum1 = _online_softmax_step(s_max, s_sum1, s, 1.0)
-        s_max, s_sum = _online_softmax_step(s_max, s_sum, s, inv_tau)
+        new_s_max = tl.maximum(s_max, tl.max(s, 0))
+        if HAS_CE:  # the same running max, at temperature 1
+            s_sum1 = _rescaled_sum(s_max, new_s_max, s_sum1, s, 1.0)
+        s_sum = _rescaled_sum(s_max, new_s_max, s_sum, s, inv_tau)
+        s_max = new_s_max
         if RECTIFY:
             t_ordered = tl.where(t == t, t, -float("inf"))  # NaN never wins the argmax
             chunk_best = tl.max(t_ordered, 0)
