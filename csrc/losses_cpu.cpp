@@ -430,7 +430,9 @@ float fused_row(const s_t* s_in, const t_t* t_in, int64_t n, int64_t target, flo
   // probabilities underflow (so q_j = 0 contributes 0 · finite to the KL).
   // In double: the teacher's KL gradient q_j·(log q_j − log p_j − KL) cancels where q
   // concentrates, so both terms need more than float precision.
-  const double log_sum_difference = static_cast<double>(s_log_sum) - static_cast<double>(t_log_sum);
+  // The logs too: at τ = 100 a float log's rounding alone, times τ², moved the loss of two
+  // nearly equal rows by 6e-4.
+  const double log_sum_difference = std::log(static_cast<double>(s_sum)) - std::log(static_cast<double>(t_sum));
   auto log_ratio = [&](int64_t j) {
     return (static_cast<double>(t[j] - t_max) - static_cast<double>(s[j] - s_max)) * it + log_sum_difference;
   };
@@ -455,7 +457,9 @@ float fused_row(const s_t* s_in, const t_t* t_in, int64_t n, int64_t target, flo
   }
 
   float loss = 0.0f;
-  if (cfg.kl_coef != 0.0f) loss += cfg.kl_coef * static_cast<float>(kl);
+  // KL ≥ 0; rounding can take a near-zero row below it at a large τ (the gradient below
+  // keeps the unclamped kl, as every backend does).
+  if (cfg.kl_coef != 0.0f) loss += cfg.kl_coef * static_cast<float>(kl < 0.0 ? 0.0 : kl);  // NaN stays NaN
   float* softmax1 = w.softmax1.data();  // softmax(s) at temperature 1, for the CE term
   if (cfg.ce_coef != 0.0f) {
     float sum1 = 0.0f;
@@ -605,7 +609,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_kd_loss_cpu(
   check_logits("teacher", teacher_in);
   TORCH_CHECK(student_in.sizes() == teacher_in.sizes(), "kdfast fused loss: teacher must have shape ",
               student_in.sizes(), ", got ", teacher_in.sizes());
-  TORCH_CHECK(temperature > 0 && rank_strength > 0, "kdfast fused loss: temperature and rank_strength must be > 0");
+  // 100 is kdfast._checks.MAX_TEMPERATURE: beyond it fp32 loses the KD loss to cancellation.
+  TORCH_CHECK(temperature > 0 && temperature <= 100 && rank_strength > 0,
+              "kdfast fused loss: temperature must be in (0, 100] and rank_strength > 0, got ", temperature, " and ",
+              rank_strength);
   TORCH_CHECK(!(rectify && column_coef != 0), "kdfast fused loss: rectification does not combine with the column term");
   const int64_t rows = student_in.size(0), n = student_in.size(1);
   TORCH_CHECK(rows > 0 && n > 0, "kdfast fused loss: empty logits");

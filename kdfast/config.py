@@ -25,6 +25,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kdfast._checks import MAX_TEMPERATURE
+
 METHODS = ("ce", "kd", "dist", "cmkd", "drkd", "pesf", "reskd")
 TEACHER_METHODS = ("kd", "dist", "cmkd", "pesf", "reskd")  # drkd's teacher is the student's own past logits
 #: The temperature each method uses when --temperature is not given (the papers' defaults;
@@ -80,7 +82,7 @@ class TrainConfig:
     # method and loss
     method: str = _option("ce", "training method", choices=METHODS)
     temperature: float | None = _option(None, "τ (default per method: kd/cmkd/drkd/pesf/reskd 4, dist 1)", low=0,
-                                        low_open=True)
+                                        low_open=True, high=MAX_TEMPERATURE)
     ce_weight: float = _option(1.0, "weight of the cross-entropy term", low=0)
     kd_weight: float = _option(1.0, "weight of the distillation term", low=0)
     dist_beta: float = _option(1.0, "DIST inter-class (row) weight β", low=0)

@@ -42,14 +42,17 @@ def default_spearman_strength(num_classes: int) -> float:
 WEIGHTINGS = ("entropy", "fixed")
 
 
-def _prepare(student, teacher, target=None, check_finite=False, **positive):
-    """Checks shared by all losses; returns the checked positive scalars in order."""
+_NO_TEMPERATURE = object()  # the losses without one (a None temperature is a user's mistake)
+
+
+def _prepare(student, teacher, target=None, check_finite=False, *, temperature=_NO_TEMPERATURE):
+    """Checks shared by all losses; returns the checked temperature (None when the loss has none)."""
     _checks.check_pair(student, teacher)
     if target is not None:
         _checks.check_targets(target, student.shape[0], student.shape[1], student.device, exact=check_finite)
     if check_finite:
         _checks.check_finite(student=student, teacher=teacher)
-    return [_checks.check_positive(name, value) for name, value in positive.items()]
+    return None if temperature is _NO_TEMPERATURE else _checks.check_temperature("temperature", temperature)
 
 
 def _class_indices(target):
@@ -75,13 +78,13 @@ def kd_loss(student, teacher, temperature=4.0, *, backend=None, check_finite=Fal
     Args:
         student: ``[B, C]`` student logits (fp16, bf16, fp32 or fp64).
         teacher: ``[B, C]`` teacher logits, same shape and device.
-        temperature: τ > 0 (default 4.0).
+        temperature: τ in (0, 100] (default 4.0).
 
     Returns:
         Scalar loss. (Hinton, Vinyals, Dean: "Distilling the Knowledge in a Neural
         Network", 2015.)
     """
-    (temperature,) = _prepare(student, teacher, check_finite=check_finite, temperature=temperature)
+    temperature = _prepare(student, teacher, check_finite=check_finite, temperature=temperature)
     return _run("kd_loss", backend, student, teacher, temperature)
 
 
@@ -90,7 +93,7 @@ def pearson_loss(student, teacher, temperature=1.0, dim=1, *, backend=None, chec
 
     Args:
         student, teacher: ``[B, C]`` logits.
-        temperature: τ > 0 (default 1.0).
+        temperature: τ in (0, 100] (default 1.0).
         dim: 1 correlates each row (over classes, needs C ≥ 2); 0 correlates each
             column (over the batch, needs B ≥ 2). The softmax is always over classes.
 
@@ -98,7 +101,7 @@ def pearson_loss(student, teacher, temperature=1.0, dim=1, *, backend=None, chec
         Scalar loss; with ``dim=1`` it is DIST's inter-class term, with ``dim=0`` its
         intra-class term.
     """
-    (temperature,) = _prepare(student, teacher, check_finite=check_finite, temperature=temperature)
+    temperature = _prepare(student, teacher, check_finite=check_finite, temperature=temperature)
     if isinstance(dim, bool) or dim not in (0, 1, -1, -2):
         raise ValueError(f"dim must be 1 (per row) or 0 (per column), got {dim!r}")
     dim = dim % 2
@@ -118,13 +121,13 @@ def dist_loss(student, teacher, temperature=1.0, beta=1.0, gamma=1.0, *, backend
     Args:
         student, teacher: ``[B, C]`` logits; C ≥ 2 when β ≠ 0, B ≥ 2 when γ ≠ 0
             (for B = 1 pass ``gamma=0``).
-        temperature: τ > 0 (default 1.0).
+        temperature: τ in (0, 100] (default 1.0).
         beta, gamma: weights ≥ 0 of the inter- and intra-class terms, not both 0.
 
     Returns:
         Scalar loss.
     """
-    (temperature,) = _prepare(student, teacher, check_finite=check_finite, temperature=temperature)
+    temperature = _prepare(student, teacher, check_finite=check_finite, temperature=temperature)
     beta = _checks.check_nonnegative("beta", beta)
     gamma = _checks.check_nonnegative("gamma", gamma)
     if beta == 0 and gamma == 0:
@@ -191,7 +194,7 @@ def cmkd_loss(
     Args:
         student, teacher: ``[B, C]`` logits, C ≥ 2.
         target: optional ``[B]`` integer class indices in [0, C).
-        temperature: τ > 0 (default 4.0).
+        temperature: τ in (0, 100] (default 4.0).
         kl_weight, corr_weight, ce_weight: weights ≥ 0 of the three terms.
         weighting: ``"entropy"`` (default): ``d_i = H(q_i)/log C``, the teacher's
             normalized entropy, so confident samples lean on Pearson and uncertain ones
@@ -203,7 +206,7 @@ def cmkd_loss(
     Returns:
         Scalar loss.
     """
-    (temperature,) = _prepare(student, teacher, target, check_finite, temperature=temperature)
+    temperature = _prepare(student, teacher, target, check_finite, temperature=temperature)
     weights = [_checks.check_nonnegative(name, value) for name, value in
                (("kl_weight", kl_weight), ("corr_weight", corr_weight), ("ce_weight", ce_weight))]
     _checks.check_correlation_length("cmkd_loss", student.shape[1], "classes")
@@ -261,7 +264,7 @@ def drkd_loss(student, teacher, target, temperature=4.0, ce_weight=0.0, *, backe
     Args:
         student, teacher: ``[B, C]`` logits.
         target: ``[B]`` integer class indices in [0, C) (required: it drives rectification).
-        temperature: τ > 0 (default 4.0).
+        temperature: τ in (0, 100] (default 4.0).
         ce_weight: weight ≥ 0 of the cross-entropy term (default 0).
 
     Returns:
@@ -269,6 +272,6 @@ def drkd_loss(student, teacher, target, temperature=4.0, ce_weight=0.0, *, backe
     """
     if target is None:
         raise ValueError("target is required by drkd_loss: it decides which rows are rectified")
-    (temperature,) = _prepare(student, teacher, target, check_finite, temperature=temperature)
+    temperature = _prepare(student, teacher, target, check_finite, temperature=temperature)
     ce_weight = _checks.check_nonnegative("ce_weight", ce_weight)
     return _run("drkd_loss", backend, student, teacher, _class_indices(target), temperature, ce_weight)

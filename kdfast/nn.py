@@ -18,7 +18,7 @@ class KDLoss(nn.Module):
 
     def __init__(self, temperature: float = 4.0, *, backend: str | None = None, check_finite: bool = False):
         super().__init__()
-        self.temperature = _checks.check_positive("temperature", temperature)
+        self.temperature = _checks.check_temperature("temperature", temperature)
         self.backend = backend
         self.check_finite = check_finite
 
@@ -36,7 +36,7 @@ class DISTLoss(nn.Module):
     def __init__(self, temperature: float = 1.0, beta: float = 1.0, gamma: float = 1.0, *,
                  backend: str | None = None, check_finite: bool = False):
         super().__init__()
-        self.temperature = _checks.check_positive("temperature", temperature)
+        self.temperature = _checks.check_temperature("temperature", temperature)
         self.beta = _checks.check_nonnegative("beta", beta)
         self.gamma = _checks.check_nonnegative("gamma", gamma)
         self.backend = backend
@@ -61,7 +61,7 @@ class CMKDLoss(nn.Module):
                  ce_weight: float = 1.0, weighting: str = "entropy", regularization_strength: float | None = None,
                  *, backend: str | None = None, check_finite: bool = False):
         super().__init__()
-        self.temperature = _checks.check_positive("temperature", temperature)
+        self.temperature = _checks.check_temperature("temperature", temperature)
         self.kl_weight = _checks.check_nonnegative("kl_weight", kl_weight)
         self.corr_weight = _checks.check_nonnegative("corr_weight", corr_weight)
         self.ce_weight = _checks.check_nonnegative("ce_weight", ce_weight)
@@ -93,7 +93,7 @@ class DRKDLoss(nn.Module):
     def __init__(self, temperature: float = 4.0, ce_weight: float = 0.0, *, backend: str | None = None,
                  check_finite: bool = False):
         super().__init__()
-        self.temperature = _checks.check_positive("temperature", temperature)
+        self.temperature = _checks.check_temperature("temperature", temperature)
         self.ce_weight = _checks.check_nonnegative("ce_weight", ce_weight)
         self.backend = backend
         self.check_finite = check_finite
@@ -130,7 +130,7 @@ class TeacherAdapter(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         hidden_dim = feature_dim if hidden_dim is None else hidden_dim
-        self.temperature = _checks.check_positive("temperature", temperature)
+        self.temperature = _checks.check_temperature("temperature", temperature)
         self.rectify = bool(rectify)
         self.backend = backend
         self.mlp = nn.Sequential(nn.Linear(feature_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, num_classes))

@@ -82,8 +82,11 @@ def _kl_rows(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
     # KL(q ‖ p) per row from log-probabilities: an underflowed q_c = 0 contributes
     # 0 · finite = 0 (log_softmax stays finite), and a class the teacher masks out (a −inf
     # logit, probability exactly 0) contributes 0, never 0 · (−inf) = NaN; where q_c > 0 and
-    # the student's p_c = 0 the loss is +inf, as KL is.
-    return _xlogy_terms(log_q, log_q - log_p).sum(dim=1)
+    # the student's p_c = 0 the loss is +inf, as KL is. KL ≥ 0, but at a large temperature
+    # rounding can take a near-zero row below it: the value is clamped at 0 (every backend
+    # does), the gradient stays the unclamped one's.
+    kl = _xlogy_terms(log_q, log_q - log_p).sum(dim=1)
+    return kl + (kl.clamp_min(0.0) - kl).detach()
 
 
 def _xlogy_terms(log_q: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:

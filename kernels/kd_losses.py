@@ -86,18 +86,14 @@ def _min(a, b):
 
 @triton.jit
 def _online_softmax_step(running_max, running_sum, x, inv_tau):
-    """Folds a chunk x into a running max and Σ exp((x − max)/τ)."""
+    """Folds a chunk x into a running max and Σ exp((x − max)/τ). A chunk (or a row so far)
+    of only −inf contributes nothing, instead of exp(−inf − (−inf)) = NaN."""
     new_max = tl.maximum(running_max, tl.max(x, 0))
-    return new_max, _rescaled_sum(running_max, new_max, running_sum, x, inv_tau)
-
-
-@triton.jit
-def _rescaled_sum(old_max, new_max, running_sum, x, inv_tau):
-    """running_sum (taken at old_max) moved to new_max, plus Σ exp((x − new_max)/τ). A chunk
-    (or a row so far) of only −inf contributes nothing, instead of exp(−inf − (−inf)) = NaN."""
-    safe_max = tl.where(new_max > -float("inf"), new_max, 0.0)
-    rescale = tl.where(old_max > -float("inf"), tl.exp((old_max - safe_max) * inv_tau), 0.0)
-    return running_sum * rescale + tl.sum(tl.exp((x - safe_max) * inv_tau), 0)
+    finite = new_max > -float("inf")
+    safe_max = tl.where(finite, new_max, 0.0)
+    rescale = tl.where(running_max > -float("inf"), tl.exp((running_max - safe_max) * inv_tau), 0.0)
+    chunk_sum = tl.sum(tl.exp((x - safe_max) * inv_tau), 0)
+    return new_max, running_sum * rescale + chunk_sum
 
 
 @triton.jit
@@ -180,11 +176,9 @@ def _fused_row_kernel(
         mask = offs < C
         s = tl.load(s_row + offs, mask=mask, other=-float("inf")).to(tl.float32)
         t = tl.load(t_row + offs, mask=mask, other=-float("inf")).to(tl.float32)
-        new_s_max = tl.maximum(s_max, tl.max(s, 0))
-        if HAS_CE:  # the same running max, at temperature 1
-            s_sum1 = _rescaled_sum(s_max, new_s_max, s_sum1, s, 1.0)
-        s_sum = _rescaled_sum(s_max, new_s_max, s_sum, s, inv_tau)
-        s_max = new_s_max
+        if HAS_CE:
+            _, s_sum1 = _online_softmax_step(s_max, s_sum1, s, 1.0)
+        s_max, s_sum = _online_softmax_step(s_max, s_sum, s, inv_tau)
         if RECTIFY:
             t_ordered = tl.where(t == t, t, -float("inf"))  # NaN never wins the argmax
             chunk_best = tl.max(t_ordered, 0)
@@ -204,7 +198,9 @@ def _fused_row_kernel(
     t0 = tl.load(t_row + tl.where(swap_a == 0, swap_b, tl.where(swap_b == 0, swap_a, 0))).to(tl.float32)
     p0 = tl.exp((s0 - s_max) * inv_tau - s_log_sum)
     q0 = tl.exp((t0 - t_max) * inv_tau - t_log_sum)
-    log_sum_difference = s_log_sum.to(tl.float64) - t_log_sum.to(tl.float64)
+    # The logs in fp64: at τ = 100 an fp32 log's rounding alone, times τ², moves the loss of
+    # two nearly equal rows by ~6e-4 (two scalar fp64 logs per row: no cost).
+    log_sum_difference = tl.log(s_sum.to(tl.float64)) - tl.log(t_sum.to(tl.float64))
     kl = tl.zeros((), dtype=tl.float64)
     entropy = 0.0
     p_shift = 0.0
@@ -230,8 +226,8 @@ def _fused_row_kernel(
     q_mean = q0 + q_shift / C
 
     loss = tl.zeros((), dtype=tl.float64)
-    if HAS_KL:
-        loss += kl_coef * kl
+    if HAS_KL:  # KL ≥ 0 despite rounding at a large τ (the gradient keeps the unclamped kl)
+        loss += kl_coef * tl.where(kl < 0.0, 0.0, kl)  # NaN stays NaN
     if HAS_CE:
         s_y = tl.load(s_row + target, mask=valid, other=0.0).to(tl.float32)
         loss += ce_coef * (tl.log(s_sum1) + s_max - s_y)

@@ -30,10 +30,10 @@ def _on(backend_device, *tensors):
     return [None if x is None else x.to(device) for x in tensors]
 
 
-def _loss_and_grads(name, s, t, y, backend, grad_output=None):
+def _loss_and_grads(name, s, t, y, backend, grad_output=None, **kw):
     s = s.detach().clone().requires_grad_()
     t = t.detach().clone().requires_grad_()
-    loss = LOSSES[name](s, t, y, backend=backend)
+    loss = LOSSES[name](s, t, y, backend=backend, **kw)
     grad_s, grad_t = torch.autograd.grad(loss, (s, t), grad_outputs=grad_output, allow_unused=True)
     return loss, grad_s, grad_t
 
@@ -222,3 +222,48 @@ def test_non_finite_inputs_never_crash_and_check_finite_names_them(name, bad, ba
         LOSSES[name](s_bad, t, y, backend=backend, check_finite=True)
     with pytest.raises(ValueError, match="teacher contains NaN or Inf"):
         LOSSES[name](s, t_bad, y, backend=backend, check_finite=True)
+
+
+# Large temperatures (issue 12, case 12). The KD term is τ²·KL and KL shrinks like 1/τ², so
+# fp32 loses bits to cancellation as τ grows: losses accept τ ∈ (0, MAX_TEMPERATURE = 100]
+# and, within it, every backend stays within fp32 tolerance of the fp64 computation.
+TEMPERATURE_LOSSES = [name for name in NAMES if name != "spearman"]  # Spearman has no temperature
+
+
+@pytest.mark.parametrize("name", TEMPERATURE_LOSSES)
+@pytest.mark.parametrize("temperature", [1.0, 4.0, 20.0, 100.0])
+def test_every_accepted_temperature_matches_fp64(name, temperature, backend_device):
+    s, t = logits(8, 300, torch.float32), logits(8, 300, torch.float32)
+    y = torch.randint(0, 300, (8,))
+    loss64, grad_s64, grad_t64 = _loss_and_grads(name, s.double(), t.double(), y, "torch", temperature=temperature)
+    s, t, y = _on(backend_device, s, t, y)
+    loss, grad_s, grad_t = _loss_and_grads(name, s, t, y, backend_device[0], temperature=temperature)
+    torch.testing.assert_close(loss.double().cpu(), loss64, rtol=2e-4, atol=1e-6)
+    scale = grad_s64.abs().max().item()
+    torch.testing.assert_close(grad_s.double().cpu(), grad_s64, rtol=0, atol=2e-4 * scale)
+    if grad_t is not None:
+        torch.testing.assert_close(grad_t.double().cpu(), grad_t64, rtol=0, atol=2e-4 * grad_t64.abs().max().item())
+
+
+@pytest.mark.parametrize("name", ["kd", "cmkd", "drkd"])
+@pytest.mark.parametrize("temperature", [20.0, 100.0])
+def test_nearly_equal_distributions_never_give_a_negative_loss(name, temperature, backend_device):
+    # The true KL of these rows is ~1e-9; fp32 rounding at τ = 100 used to make it −2.5e-4.
+    t = logits(16, 1000, torch.float32)
+    s = t + logits(16, 1000, torch.float32, scale=1e-4)
+    y = t.argmax(1)
+    kw = {"temperature": temperature}
+    if name == "cmkd":
+        kw.update(corr_weight=0.0, ce_weight=0.0)
+    truth = LOSSES[name](s.double(), t.double(), y, backend="torch", **kw).item()
+    s, t, y = _on(backend_device, s, t, y)
+    loss = LOSSES[name](s, t, y, backend=backend_device[0], **kw).item()
+    assert 0.0 <= loss and loss == pytest.approx(truth, abs=1e-3)
+
+
+@pytest.mark.parametrize("name", TEMPERATURE_LOSSES)
+@pytest.mark.parametrize("temperature", [100.5, 1e4, 1e10, 1e30])
+def test_temperatures_beyond_the_range_are_refused_naming_it(name, temperature, backend_device):
+    s, t, y = _on(backend_device, logits(4, 10, torch.float32), logits(4, 10, torch.float32), torch.arange(4))
+    with pytest.raises(ValueError, match=r"temperature must be in \(0, 100\]"):
+        LOSSES[name](s, t, y, backend=backend_device[0], temperature=temperature)

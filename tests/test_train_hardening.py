@@ -136,6 +136,7 @@ def test_exclude_is_passed_to_every_loader(tmp_path, monkeypatch):
     ("weight_decay: 1e-4", r"weight_decay must be a number >= 0, got '1e-4' \(a string: YAML reads"),
     ("epochs: true", r"epochs must be a positive integer, got True"),
     ("dist_timeout: 0", r"dist_timeout must be a positive number, got 0"),
+    ("temperature: 1000", r"temperature must be a number in \(0, 100\] or null \(the default\), got 1000"),
 ])
 def test_config_file_values_are_validated(tmp_path, text, message):
     """Every value of a --config file is checked (type, choices, range), naming option, value and file."""

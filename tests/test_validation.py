@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import kdfast
+import kdfast.kernels.kd_losses  # noqa: F401  (registers torch.ops.kdfast.fused_kd_loss_triton)
 
 S = torch.randn(4, 6)
 T = torch.randn(4, 6)
@@ -82,6 +83,26 @@ def test_rectify_and_drkd_require_a_target():
 def test_temperature_must_be_positive_and_finite(name, bad):
     with pytest.raises(ValueError, match="temperature must be"):
         CALLS[name](temperature=bad)
+
+
+@pytest.mark.parametrize("name", WITH_TEMPERATURE)
+def test_temperature_range_ends_at_max_temperature(name):
+    assert kdfast._checks.MAX_TEMPERATURE == 100.0  # the README and the C++ operator say 100
+    assert torch.isfinite(CALLS[name](temperature=100.0))
+    with pytest.raises(ValueError, match=r"temperature must be in \(0, 100\] \(fp32 loses the KD loss to "
+                                         r"cancellation beyond it\), got 100.001"):
+        CALLS[name](temperature=100.001)
+
+
+def test_modules_and_operators_refuse_temperatures_beyond_the_range():
+    for module in (kdfast.nn.KDLoss, kdfast.nn.DISTLoss, kdfast.nn.CMKDLoss, kdfast.nn.DRKDLoss):
+        with pytest.raises(ValueError, match=r"temperature must be in \(0, 100\]"):
+            module(temperature=1e4)
+    arguments = (None, None, 1e4, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0, 1.0, False, True, False)
+    with pytest.raises(RuntimeError, match=r"temperature must be in \(0, 100\]"):  # the CPU operator itself
+        torch.ops.kdfast.fused_kd_loss(S, T, *arguments)
+    with pytest.raises(ValueError, match=r"temperature must be in \(0, 100\]"):
+        torch.ops.kdfast.fused_kd_loss_triton(S, T, *arguments)
 
 
 @pytest.mark.parametrize("name", WITH_TEMPERATURE)
