@@ -506,8 +506,13 @@ __global__ void __launch_bounds__(kThreads) fused_row_kernel(const s_t* student,
   block_sum(sums, scratch.f);
   const float s_log_sum = logf(sums[0]), t_log_sum = logf(sums[1]);
   // The logs in double: at τ = 100 a float log's rounding alone, times τ², moves the loss
-  // of two nearly equal rows by ~6e-4 (one double log per row and block: no cost).
-  const double log_sum_difference = log(static_cast<double>(sums[0])) - log(static_cast<double>(sums[1]));
+  // of two nearly equal rows by ~6e-4. One thread takes them and shares the difference (in
+  // every thread the double log's registers made the kernel spill); its own shared slot,
+  // written once before the barrier and only read after it, so nothing races on it.
+  __shared__ double shared_log_sum_difference;
+  if (threadIdx.x == 0) shared_log_sum_difference = log(static_cast<double>(sums[0])) - log(static_cast<double>(sums[1]));
+  __syncthreads();
+  const double log_sum_difference = shared_log_sum_difference;
   auto p_at = [&](int64_t j) { return expf((student_at(j) - s_max) * it - s_log_sum); };
   auto q_at = [&](int64_t j) { return expf((teacher_at(j) - t_max) * it - t_log_sum); };
   auto log_ratio = [&](int64_t j) {  // log q_j − log p_j, from the logits
