@@ -84,9 +84,10 @@ def _kl_rows(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
     # logit, probability exactly 0) contributes 0, never 0 · (−inf) = NaN; where q_c > 0 and
     # the student's p_c = 0 the loss is +inf, as KL is. KL ≥ 0, but at a large temperature
     # rounding can take a near-zero row below it: the value is clamped at 0 (every backend
-    # does), the gradient stays the unclamped one's.
+    # does), the gradient stays the unclamped one's (kl − kl.detach() is 0 in value; an
+    # infinite or NaN row is left as it is, where the same trick would give inf − inf = NaN).
     kl = _xlogy_terms(log_q, log_q - log_p).sum(dim=1)
-    return kl + (kl.clamp_min(0.0) - kl).detach()
+    return torch.where(kl < 0, kl - kl.detach(), kl)
 
 
 def _xlogy_terms(log_q: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
