@@ -29,6 +29,7 @@ which also holds under Triton's interpreter (TRITON_INTERPRET=1), where the test
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 import triton
@@ -39,7 +40,16 @@ from kdfast.kernels.launch import on_device_of
 
 #: Longest row the Spearman kernel sorts (one program holds the row).
 MAX_SPEARMAN_CLASSES = 8192
-#: Widest chunk of a row the row kernel holds at once.
+#: Longest row the row kernel holds in registers (the resident layout, one read of each
+#: input); longer rows go through the chunked layout. Up to 4096 for every loss; up to 8192
+#: for a loss with at most one correlation term (at 8192 × 16 elements per thread, CMKD's
+#: and DIST's two terms spill 24–444 B on sm_90: benchmarks/results/gpu_static.csv).
+MAX_RESIDENT_CLASSES = 4096
+MAX_RESIDENT_CLASSES_ONE_TERM = 8192
+#: Elements of a resident program's [ROWS, BLOCK] tile: short rows are packed ROWS to a
+#: program until it holds about this many (8 per thread at 8 warps).
+RESIDENT_TILE = 2048
+#: Widest chunk of a row the chunked layout holds at once.
 MAX_ROW_BLOCK = 4096
 #: Most classes a row may have: column offsets within a row are 32-bit (row offsets are
 #: 64-bit), and a chunk's offsets reach C + MAX_ROW_BLOCK.
@@ -67,9 +77,37 @@ def spearman_warps(classes: int) -> int:
     return max(1, min(16, triton.next_power_of_2(classes) // 256))
 
 
-def launch_config(classes: int) -> tuple[int, int]:
-    """(BLOCK, num_warps) for a row of ``classes`` logits: the whole row up to 4096, else
-    chunks of 4096; enough warps that each thread holds a few elements."""
+@dataclasses.dataclass(frozen=True)
+class RowLayout:
+    """How the row kernel covers a [B, C] batch: programs of ``rows`` rows and ``block``
+    columns, ``warps`` warps each; ``resident`` when a program holds its whole rows."""
+
+    block: int
+    rows: int
+    warps: int
+    resident: bool
+
+
+def launch_config(classes: int, correlation_terms: int = 0) -> RowLayout:
+    """The row kernel's layout for rows of ``classes`` logits, for a loss with
+    ``correlation_terms`` of the Pearson, column and Spearman terms: up to
+    MAX_RESIDENT_CLASSES (MAX_RESIDENT_CLASSES_ONE_TERM with at most one such term) the
+    whole row in registers, short rows packed several to a program (about RESIDENT_TILE
+    elements); longer rows in chunks of MAX_ROW_BLOCK, one row per program. Warps so that
+    each thread holds about 8 elements of a tile (16 at C = 8192)."""
+    widest = MAX_RESIDENT_CLASSES_ONE_TERM if correlation_terms <= 1 else MAX_RESIDENT_CLASSES
+    if _forced_block:
+        block, rows = _forced_block, 1
+    elif classes <= widest:
+        block = triton.next_power_of_2(classes)
+        rows = max(1, min(16, RESIDENT_TILE // block))
+    else:
+        block, rows = MAX_ROW_BLOCK, 1
+    return RowLayout(block, rows, max(1, min(16, rows * block // 256)), classes <= block)
+
+
+def chunk_config(classes: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) of the one-row-per-program softmax statistics kernel."""
     block = _forced_block or min(triton.next_power_of_2(classes), MAX_ROW_BLOCK)
     return block, max(1, min(16, block // 256))
 
@@ -82,18 +120,6 @@ def _max(a, b):
 @triton.jit
 def _min(a, b):
     return tl.minimum(a, b)
-
-
-@triton.jit
-def _online_softmax_step(running_max, running_sum, x, inv_tau):
-    """Folds a chunk x into a running max and Σ exp((x − max)/τ). A chunk (or a row so far)
-    of only −inf contributes nothing, instead of exp(−inf − (−inf)) = NaN."""
-    new_max = tl.maximum(running_max, tl.max(x, 0))
-    finite = new_max > -float("inf")
-    safe_max = tl.where(finite, new_max, 0.0)
-    rescale = tl.where(running_max > -float("inf"), tl.exp((running_max - safe_max) * inv_tau), 0.0)
-    chunk_sum = tl.sum(tl.exp((x - safe_max) * inv_tau), 0)
-    return new_max, running_sum * rescale + chunk_sum
 
 
 @triton.jit
@@ -111,6 +137,126 @@ def _correlation(ab, aa, bb):
 
 
 @triton.jit
+def _softmax_step(running_max, running_sum, x, inv_tau):
+    """Folds a [ROWS, BLOCK] tile x into per-row running maxima and Σ exp((x − max)/τ);
+    returns them and the tile's exp((x − max)/τ) (the resident path reuses it). A tile (or a
+    row so far) of only −inf contributes nothing, instead of exp(−inf − (−inf)) = NaN."""
+    new_max = tl.maximum(running_max, tl.max(x, 1))
+    finite = new_max > -float("inf")
+    safe_max = tl.where(finite, new_max, 0.0)
+    rescale = tl.where(running_max > -float("inf"), tl.exp((running_max - safe_max) * inv_tau), 0.0)
+    e = tl.exp((x - safe_max[:, None]) * inv_tau)
+    return new_max, running_sum * rescale + tl.sum(e, 1), e
+
+
+@triton.jit
+def _column_value(x, cols, column):
+    """x[i, column[i]] for each row i of a tile (a masked sum: NaN or ±inf elsewhere in the
+    row does not leak in)."""
+    return tl.sum(tl.where(cols[None, :] == column[:, None], x, 0.0), 1)
+
+
+@triton.jit
+def _swap_columns(x, cols, a, b):
+    """x with columns a[i] and b[i] of each row i exchanged (nothing where a = b = −1)."""
+    at_a = _column_value(x, cols, a)
+    at_b = _column_value(x, cols, b)
+    return tl.where(cols[None, :] == a[:, None], at_b[:, None], tl.where(cols[None, :] == b[:, None], at_a[:, None], x))
+
+
+@triton.jit
+def _kl_and_moments(s, t, q, mask, s_max, t_max, t_log_sum, log_sum_difference, inv_tau, p, p0, q0,
+                    HAS_KL: tl.constexpr):
+    """A tile's share of KL(q‖p) in fp64, of the teacher's entropy, and of Σ(p − p0), Σ(q − q0)."""
+    log_q = (t - t_max[:, None]) * inv_tau - t_log_sum[:, None]
+    # q = 0 (a −inf teacher logit, or underflow) contributes 0, never 0·(±inf).
+    present = mask & (q > 0.0)
+    kl = tl.zeros_like(s_max).to(tl.float64)
+    if HAS_KL:
+        ratio = ((t - t_max[:, None]).to(tl.float64) - (s - s_max[:, None]).to(tl.float64)) * inv_tau \
+            + log_sum_difference[:, None]
+        kl = tl.sum(tl.where(present, q.to(tl.float64) * ratio, 0.0), 1)
+    entropy = -tl.sum(tl.where(present, q * log_q, 0.0), 1)
+    p_shift = tl.sum(tl.where(mask, p - p0[:, None], 0.0), 1)
+    q_shift = tl.sum(tl.where(mask, q - q0[:, None], 0.0), 1)
+    return kl, entropy, p_shift, q_shift
+
+
+@triton.jit
+def _pearson_moments(p, q, mask, p_mean, q_mean):
+    """A tile's share of the centered moments Σab, Σa², Σb² (a = p − p̄, b = q − q̄) in fp64:
+    near ρ = 1 the term 1 − ρ is ill-conditioned."""
+    a = tl.where(mask, p - p_mean[:, None], 0.0).to(tl.float64)
+    b = tl.where(mask, q - q_mean[:, None], 0.0).to(tl.float64)
+    return tl.sum(a * b, 1), tl.sum(a * a, 1), tl.sum(b * b, 1)
+
+
+@triton.jit
+def _correlation_gradients(p, q, cols, col_mask, col_ptr, C, p_mean, q_mean, cross, self_p, self_q, pearson_grad,
+                           column_grad, HAS_COLUMN: tl.constexpr):
+    """g = dℓ/dp and dℓ/dq of a tile from the row correlation (per-row coefficients) and the
+    column correlations (per-column statistics, read once per tile and shared by its rows)."""
+    g_s = pearson_grad[:, None] * (cross[:, None] * (q - q_mean[:, None]) - self_p[:, None] * (p - p_mean[:, None]))
+    g_t = pearson_grad[:, None] * (cross[:, None] * (p - p_mean[:, None]) - self_q[:, None] * (q - q_mean[:, None]))
+    if HAS_COLUMN:
+        wide_c = C + tl.zeros((), tl.int64)  # k·C in int64
+        mean_p = tl.load(col_ptr + cols, mask=col_mask, other=0.0)[None, :]
+        mean_q = tl.load(col_ptr + wide_c + cols, mask=col_mask, other=0.0)[None, :]
+        c_cross = tl.load(col_ptr + 2 * wide_c + cols, mask=col_mask, other=0.0)[None, :]
+        c_self_p = tl.load(col_ptr + 3 * wide_c + cols, mask=col_mask, other=0.0)[None, :]
+        c_self_q = tl.load(col_ptr + 4 * wide_c + cols, mask=col_mask, other=0.0)[None, :]
+        g_s += column_grad * (c_cross * (q - mean_q) - c_self_p * (p - mean_p))
+        g_t += column_grad * (c_cross * (p - mean_p) - c_self_q * (q - mean_q))
+    return g_s, g_t
+
+
+@triton.jit
+def _gradient_values(s, t, p, q, ce_prob, g_s, g_t, cols, offsets, mask, grad_rho_ptr, s_max, t_max, kl, p_dot, q_dot,
+                     log_sum_difference, target, valid, inv_tau, kl_grad, ce_grad, spearman_grad,
+                     HAS_KL: tl.constexpr, HAS_CE: tl.constexpr, HAS_SPEARMAN: tl.constexpr,
+                     HAS_TARGET: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr):
+    """dL/ds and dL/dt of a tile: (p/τ)(g − <p, g>) for g = dℓ/dp from the correlations, the
+    KL part in closed form, (p − q)/τ for the student and (q/τ)(log q − log p − KL) for the
+    teacher, CE's softmax at τ = 1 (``ce_prob``) − one-hot, and the Spearman kernel's dρ_S/ds."""
+    v_s = p  # placeholders of the right shape where a gradient is not asked for
+    v_t = q
+    if STUDENT_GRAD:
+        v_s = kl_grad * (p - q) + inv_tau * p * (g_s - p_dot[:, None])
+        if HAS_CE:
+            v_s += ce_grad * (ce_prob - tl.where(cols[None, :] == target[:, None], 1.0, 0.0))
+        if HAS_SPEARMAN:
+            v_s -= spearman_grad[:, None] * tl.load(grad_rho_ptr + offsets, mask=mask, other=0.0)
+        if HAS_TARGET:
+            v_s = tl.where(valid[:, None], v_s, float("nan"))
+    if TEACHER_GRAD:
+        v_t = inv_tau * q * (g_t - q_dot[:, None])
+        if HAS_KL:
+            ratio = ((t - t_max[:, None]).to(tl.float64) - (s - s_max[:, None]).to(tl.float64)) * inv_tau \
+                + log_sum_difference[:, None]
+            v_t += tl.where(q > 0.0, kl_grad * q * (ratio - kl[:, None]).to(tl.float32), 0.0)
+        if HAS_TARGET:
+            v_t = tl.where(valid[:, None], v_t, float("nan"))
+    return v_s, v_t
+
+
+@triton.jit
+def _chunk(s_ptr, t_ptr, row_base, row_mask, start, cols, C, swap_a, swap_b, s_max, s_log_sum, t_max, t_log_sum,
+           inv_tau):
+    """Columns [start, start + BLOCK) of a program's rows for the chunked path's later passes:
+    the logits (the teacher's read through the rectification's swap) and p, q."""
+    offs = start + cols
+    col_mask = offs < C
+    mask = row_mask[:, None] & col_mask[None, :]
+    source = tl.where(offs[None, :] == swap_a[:, None], swap_b[:, None],
+                      tl.where(offs[None, :] == swap_b[:, None], swap_a[:, None], offs[None, :]))
+    s = tl.load(s_ptr + row_base[:, None] + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    t = tl.load(t_ptr + row_base[:, None] + source, mask=mask, other=0.0).to(tl.float32)
+    p = tl.where(mask, tl.exp((s - s_max[:, None]) * inv_tau - s_log_sum[:, None]), 0.0)
+    q = tl.where(mask, tl.exp((t - t_max[:, None]) * inv_tau - t_log_sum[:, None]), 0.0)
+    return offs, col_mask, mask, source, s, t, p, q
+
+
+@triton.jit
 def _fused_row_kernel(
     s_ptr,  # [B, C] student logits
     t_ptr,  # [B, C] teacher logits
@@ -122,7 +268,7 @@ def _fused_row_kernel(
     row_loss_ptr,  # [B] fp32 out: ℓ_i
     gs_ptr,  # [B, C] out: dL/ds, in the student's dtype (STUDENT_GRAD)
     gt_ptr,  # [B, C] out: dL/dt, in the teacher's dtype (TEACHER_GRAD)
-    C,
+    B,
     inv_tau,
     kl_coef,
     ce_coef,
@@ -131,6 +277,7 @@ def _fused_row_kernel(
     column_coef,
     difficulty_value,
     grad_scale,
+    C: tl.constexpr,
     HAS_TARGET: tl.constexpr,
     HAS_KL: tl.constexpr,
     HAS_CE: tl.constexpr,
@@ -141,202 +288,222 @@ def _fused_row_kernel(
     DIFFICULTY_MODE: tl.constexpr,
     STUDENT_GRAD: tl.constexpr,
     TEACHER_GRAD: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
+    RESIDENT: tl.constexpr,
 ):
-    # Memory safety: one program per row; row offsets are row·C in int64, column offsets j
-    # within a row are int32 (C <= MAX_CLASSES) and every load/store of column j is masked
-    # by j < C. The rectification's two swapped columns are the target (used only when
-    # 0 <= target < C) and the teacher's first argmax, taken over NaN-free values where
-    # padding lanes hold −inf and lie right of every real column, so that with left
-    # tie-breaking it is always a real column (NaN would otherwise make the reduction
-    # return a padding lane and the swap read and write past the row). Column statistics are
-    # read at k·C + j in int64. No workspace is shared between threads: the only
-    # cross-thread values are reductions, which Triton synchronizes itself.
-    row = tl.program_id(0).to(tl.int64)
-    s_row = s_ptr + row * C
-    t_row = t_ptr + row * C
-    target = 0
-    valid = True
+    # Two layouts of one computation. RESIDENT (C <= BLOCK): ROWS rows per program, each
+    # [ROWS, BLOCK] input tile read from global memory once (C is a constexpr, so for C a
+    # multiple of 8 the compiler knows every row starts 16-byte aligned and emits 128-bit
+    # loads and stores), the exponentials computed once and kept in registers for every
+    # later pass, the gradient written once. Chunked (C > BLOCK, ROWS = 1): an online
+    # softmax over chunks of BLOCK columns, then each later pass re-reads its chunks (from
+    # L2 for rows of a few MB).
+    #
+    # Memory safety: rows i = program·ROWS + r are masked by i < B (the last program's
+    # surplus rows load nothing and store nothing); row offsets i·C are int64, column offsets
+    # within a row int32 (C <= MAX_CLASSES) masked by j < C. The rectification's two swapped
+    # columns are the target (used only when 0 <= target < C) and the teacher's first
+    # argmax, taken over NaN-free values where padding lanes hold −inf and lie right of every
+    # real column, so that with left tie-breaking it is always a real column (NaN would
+    # otherwise make the reduction return a padding lane and the swap read and write past
+    # the row). Column statistics are read at k·C + j in int64. Each program writes only
+    # its own rows; no workspace is shared between threads: the only cross-thread values
+    # are reductions (along a row), which Triton synchronizes itself.
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < B
+    row_base = rows * C
+    cols = tl.arange(0, BLOCK)
+    zeros = tl.zeros((ROWS,), tl.float32)
+    target = tl.zeros((ROWS,), tl.int32)
+    valid = row_mask
     if HAS_TARGET:
-        target64 = tl.load(target_ptr + row)
-        valid = (target64 >= 0) & (target64 < C)  # in int64: 2^32 + 3 is not class 3
+        target64 = tl.load(target_ptr + rows, mask=row_mask, other=0)
+        valid = row_mask & (target64 >= 0) & (target64 < C)  # in int64: 2^32 + 3 is not class 3
         target = tl.where(valid, target64, 0).to(tl.int32)
 
-    # Pass 1: online max and softmax normalizers (at τ, and at 1 for the CE term), and the
+    # Pass 1: per-row max and softmax normalizers (at τ, and at 1 for the CE term), and the
     # teacher's first argmax for the rectification.
-    s_max = -float("inf")
-    t_max = -float("inf")
-    s_sum = 0.0
-    t_sum = 0.0
-    s_sum1 = 0.0
-    t_arg = 0
-    t_best = -float("inf")
-    for start in range(0, C, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < C
-        s = tl.load(s_row + offs, mask=mask, other=-float("inf")).to(tl.float32)
-        t = tl.load(t_row + offs, mask=mask, other=-float("inf")).to(tl.float32)
+    s_max = zeros - float("inf")
+    t_max = zeros - float("inf")
+    s_sum = zeros
+    t_sum = zeros
+    s_sum1 = zeros
+    t_arg = tl.zeros((ROWS,), tl.int32)
+    t_best = zeros - float("inf")
+    if RESIDENT:
+        col_mask = cols < C
+        mask = row_mask[:, None] & col_mask[None, :]
+        offsets = row_base[:, None] + cols[None, :]
+        s = tl.load(s_ptr + offsets, mask=mask, other=-float("inf")).to(tl.float32)
+        t = tl.load(t_ptr + offsets, mask=mask, other=-float("inf")).to(tl.float32)
+        e_s1 = s
         if HAS_CE:
-            _, s_sum1 = _online_softmax_step(s_max, s_sum1, s, 1.0)
-        s_max, s_sum = _online_softmax_step(s_max, s_sum, s, inv_tau)
+            _, s_sum1, e_s1 = _softmax_step(s_max, s_sum1, s, 1.0)
+        s_max, s_sum, e_s = _softmax_step(s_max, s_sum, s, inv_tau)
+        t_max, t_sum, e_t = _softmax_step(t_max, t_sum, t, inv_tau)
         if RECTIFY:
-            t_ordered = tl.where(t == t, t, -float("inf"))  # NaN never wins the argmax
-            chunk_best = tl.max(t_ordered, 0)
-            chunk_arg = tl.argmax(t_ordered, 0, tie_break_left=True).to(tl.int32)
-            t_arg = tl.where(chunk_best > t_best, start + chunk_arg, t_arg)
-            t_best = tl.maximum(t_best, chunk_best)
-        t_max, t_sum = _online_softmax_step(t_max, t_sum, t, inv_tau)
+            t_arg = tl.argmax(tl.where(t == t, t, -float("inf")), 1, tie_break_left=True).to(tl.int32)
+    else:
+        for start in range(0, C, BLOCK):
+            offs = start + cols
+            mask = row_mask[:, None] & (offs < C)[None, :]
+            s = tl.load(s_ptr + row_base[:, None] + offs[None, :], mask=mask, other=-float("inf")).to(tl.float32)
+            t = tl.load(t_ptr + row_base[:, None] + offs[None, :], mask=mask, other=-float("inf")).to(tl.float32)
+            if HAS_CE:
+                _, s_sum1, _ = _softmax_step(s_max, s_sum1, s, 1.0)
+            s_max, s_sum, _ = _softmax_step(s_max, s_sum, s, inv_tau)
+            if RECTIFY:
+                t_ordered = tl.where(t == t, t, -float("inf"))  # NaN never wins the argmax
+                chunk_best = tl.max(t_ordered, 1)
+                chunk_arg = tl.argmax(t_ordered, 1, tie_break_left=True).to(tl.int32)
+                t_arg = tl.where(chunk_best > t_best, start + chunk_arg, t_arg)
+                t_best = tl.maximum(t_best, chunk_best)
+            t_max, t_sum, _ = _softmax_step(t_max, t_sum, t, inv_tau)
     s_log_sum = tl.log(s_sum)
     t_log_sum = tl.log(t_sum)
+    # The logs in fp64: at τ = 100 an fp32 log's rounding alone, times τ², moves the loss of
+    # two nearly equal rows by ~6e-4 (two scalar fp64 logs per row: no cost).
+    log_sum_difference = tl.log(s_sum.to(tl.float64)) - tl.log(t_sum.to(tl.float64))
     # Rectified teacher: column t_arg and the target trade places (no-op when equal).
     swap_a = tl.where(RECTIFY & valid, t_arg, -1)
     swap_b = tl.where(RECTIFY & valid, target, -1)
 
-    # Pass 2: KL (and the log-ratio) in fp64, entropy, and the means of p and q shifted by
-    # their first element (so that a constant row centers to exactly zero).
-    s0 = tl.load(s_row).to(tl.float32)
-    t0 = tl.load(t_row + tl.where(swap_a == 0, swap_b, tl.where(swap_b == 0, swap_a, 0))).to(tl.float32)
-    p0 = tl.exp((s0 - s_max) * inv_tau - s_log_sum)
-    q0 = tl.exp((t0 - t_max) * inv_tau - t_log_sum)
-    # The logs in fp64: at τ = 100 an fp32 log's rounding alone, times τ², moves the loss of
-    # two nearly equal rows by ~6e-4 (two scalar fp64 logs per row: no cost).
-    log_sum_difference = tl.log(s_sum.to(tl.float64)) - tl.log(t_sum.to(tl.float64))
-    kl = tl.zeros((), dtype=tl.float64)
-    entropy = 0.0
-    p_shift = 0.0
-    q_shift = 0.0
-    for start in range(0, C, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < C
-        source = tl.where(offs == swap_a, swap_b, tl.where(offs == swap_b, swap_a, offs))
-        s = tl.load(s_row + offs, mask=mask, other=0.0).to(tl.float32)
-        t = tl.load(t_row + source, mask=mask, other=0.0).to(tl.float32)
-        log_q = (t - t_max) * inv_tau - t_log_sum
-        p = tl.where(mask, tl.exp((s - s_max) * inv_tau - s_log_sum), 0.0)
-        q = tl.where(mask, tl.exp(log_q), 0.0)
-        # q = 0 (a −inf teacher logit, or underflow) contributes 0, never 0·(±inf).
-        present = mask & (q > 0.0)
-        if HAS_KL:
-            ratio = ((t - t_max).to(tl.float64) - (s - s_max).to(tl.float64)) * inv_tau + log_sum_difference
-            kl += tl.sum(tl.where(present, q.to(tl.float64) * ratio, 0.0), 0)
-        entropy -= tl.sum(tl.where(present, q * log_q, 0.0), 0)
-        p_shift += tl.sum(tl.where(mask, p - p0, 0.0), 0)
-        q_shift += tl.sum(tl.where(mask, q - q0, 0.0), 0)
+    # Pass 2: KL, entropy, and the means of p and q shifted by their first element (so that
+    # a constant row centers to exactly zero).
+    if RESIDENT:
+        if RECTIFY:
+            t = _swap_columns(t, cols, swap_a, swap_b)
+            e_t = _swap_columns(e_t, cols, swap_a, swap_b)
+        p = e_s * (1.0 / s_sum)[:, None]
+        q = e_t * (1.0 / t_sum)[:, None]
+        p0 = _column_value(p, cols, target * 0)
+        q0 = _column_value(q, cols, target * 0)
+        kl, entropy, p_shift, q_shift = _kl_and_moments(s, t, q, mask, s_max, t_max, t_log_sum, log_sum_difference,
+                                                        inv_tau, p, p0, q0, HAS_KL)
+    else:
+        first = tl.where(swap_a == 0, swap_b, tl.where(swap_b == 0, swap_a, 0))
+        s0 = tl.load(s_ptr + row_base, mask=row_mask, other=0.0).to(tl.float32)
+        t0 = tl.load(t_ptr + row_base + first, mask=row_mask, other=0.0).to(tl.float32)
+        p0 = tl.exp((s0 - s_max) * inv_tau - s_log_sum)
+        q0 = tl.exp((t0 - t_max) * inv_tau - t_log_sum)
+        kl = zeros.to(tl.float64)
+        entropy = zeros
+        p_shift = zeros
+        q_shift = zeros
+        for start in range(0, C, BLOCK):
+            offs, col_mask, mask, source, s, t, p, q = _chunk(s_ptr, t_ptr, row_base, row_mask, start, cols, C,
+                                                              swap_a, swap_b, s_max, s_log_sum, t_max, t_log_sum,
+                                                              inv_tau)
+            kl_part, entropy_part, p_part, q_part = _kl_and_moments(s, t, q, mask, s_max, t_max, t_log_sum,
+                                                                    log_sum_difference, inv_tau, p, p0, q0, HAS_KL)
+            kl += kl_part
+            entropy += entropy_part
+            p_shift += p_part
+            q_shift += q_part
     p_mean = p0 + p_shift / C
     q_mean = q0 + q_shift / C
 
-    loss = tl.zeros((), dtype=tl.float64)
+    loss = zeros.to(tl.float64)
     if HAS_KL:  # KL ≥ 0 despite rounding at a large τ (the gradient keeps the unclamped kl)
         loss += kl_coef * tl.where(kl < 0.0, 0.0, kl)  # NaN stays NaN
     if HAS_CE:
-        s_y = tl.load(s_row + target, mask=valid, other=0.0).to(tl.float32)
+        s_y = tl.load(s_ptr + row_base + target, mask=valid, other=0.0).to(tl.float32)
         loss += ce_coef * (tl.log(s_sum1) + s_max - s_y)
-    d = difficulty_value
+    d = zeros + difficulty_value
     if DIFFICULTY_MODE == 1:
-        d = tl.minimum(1.0, tl.maximum(0.0, entropy / tl.log(C * 1.0)))
+        d = tl.minimum(1.0, tl.maximum(0.0, entropy / tl.log(zeros + C)))
     if DIFFICULTY_MODE == 2:
-        d = tl.load(difficulty_ptr + row)
-    pearson_weight = 0.0
+        d = tl.load(difficulty_ptr + rows, mask=row_mask, other=0.0)
+    pearson_weight = zeros
+    cross = zeros
+    self_p = zeros
+    self_q = zeros
     if HAS_PEARSON:
         pearson_weight = pearson_coef * (1.0 - d)
-    rho = tl.zeros((), dtype=tl.float64)
-    cross = 0.0
-    self_p = 0.0
-    self_q = 0.0
-    if HAS_PEARSON:
-        # Moments in fp64: near ρ = 1 the term 1 − ρ is ill-conditioned.
-        ab = tl.zeros((), dtype=tl.float64)
-        aa = tl.zeros((), dtype=tl.float64)
-        bb = tl.zeros((), dtype=tl.float64)
-        for start in range(0, C, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            mask = offs < C
-            source = tl.where(offs == swap_a, swap_b, tl.where(offs == swap_b, swap_a, offs))
-            s = tl.load(s_row + offs, mask=mask, other=0.0).to(tl.float32)
-            t = tl.load(t_row + source, mask=mask, other=0.0).to(tl.float32)
-            a = tl.where(mask, tl.exp((s - s_max) * inv_tau - s_log_sum) - p_mean, 0.0).to(tl.float64)
-            b = tl.where(mask, tl.exp((t - t_max) * inv_tau - t_log_sum) - q_mean, 0.0).to(tl.float64)
-            ab += tl.sum(a * b, 0)
-            aa += tl.sum(a * a, 0)
-            bb += tl.sum(b * b, 0)
+        if RESIDENT:
+            ab, aa, bb = _pearson_moments(p, q, mask, p_mean, q_mean)
+        else:
+            ab = zeros.to(tl.float64)
+            aa = zeros.to(tl.float64)
+            bb = zeros.to(tl.float64)
+            for start in range(0, C, BLOCK):
+                offs, col_mask, mask, source, s, t, p, q = _chunk(s_ptr, t_ptr, row_base, row_mask, start, cols, C,
+                                                                  swap_a, swap_b, s_max, s_log_sum, t_max, t_log_sum,
+                                                                  inv_tau)
+                ab_part, aa_part, bb_part = _pearson_moments(p, q, mask, p_mean, q_mean)
+                ab += ab_part
+                aa += aa_part
+                bb += bb_part
         rho, cross64, self_p64, self_q64 = _correlation(ab, aa, bb)
         cross = cross64.to(tl.float32)
         self_p = self_p64.to(tl.float32)
         self_q = self_q64.to(tl.float32)
         loss += pearson_weight * (1.0 - rho)
-    spearman_weight = 0.0
+    spearman_weight = zeros
     if HAS_SPEARMAN:
         spearman_weight = spearman_coef * d
-    if HAS_SPEARMAN:
-        loss += spearman_weight * (1.0 - tl.load(rho_s_ptr + row))
+        loss += spearman_weight * (1.0 - tl.load(rho_s_ptr + rows, mask=row_mask, other=0.0))
     if HAS_TARGET:
         loss = tl.where(valid, loss, float("nan"))
-    tl.store(row_loss_ptr + row, loss.to(tl.float32))
+    tl.store(row_loss_ptr + rows, loss.to(tl.float32), mask=row_mask)
 
     if STUDENT_GRAD or TEACHER_GRAD:
-        # Gradients: (p/τ)(g − <p, g>) for g = dℓ/dp from the correlations, and the KL part
-        # in closed form, (p − q)/τ for the student, (q/τ)(log q − log p − KL) for the teacher.
         pearson_grad = -pearson_weight * grad_scale
         column_grad = -column_coef / C
         kl_grad = kl_coef * grad_scale * inv_tau
-        p_dot = 0.0
-        q_dot = 0.0
-        if HAS_PEARSON or HAS_COLUMN:
-            for start in range(0, C, BLOCK):
-                offs = start + tl.arange(0, BLOCK)
-                mask, source, s, t, p, q, g_s, g_t = _gradient_chunk(
-                    s_row, t_row, col_ptr, offs, C, swap_a, swap_b, s_max, s_log_sum, t_max, t_log_sum, inv_tau,
-                    p_mean, q_mean, cross, self_p, self_q, pearson_grad, column_grad, HAS_COLUMN)
-                p_dot += tl.sum(tl.where(mask, p * g_s, 0.0), 0)
-                q_dot += tl.sum(tl.where(mask, q * g_t, 0.0), 0)
-        for start in range(0, C, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            mask, source, s, t, p, q, g_s, g_t = _gradient_chunk(
-                s_row, t_row, col_ptr, offs, C, swap_a, swap_b, s_max, s_log_sum, t_max, t_log_sum, inv_tau,
-                p_mean, q_mean, cross, self_p, self_q, pearson_grad, column_grad, HAS_COLUMN)
+        ce_grad = ce_coef * grad_scale
+        spearman_grad = spearman_weight * grad_scale
+        if RESIDENT:
+            g_s, g_t = _correlation_gradients(p, q, cols, col_mask, col_ptr, C, p_mean, q_mean, cross, self_p,
+                                              self_q, pearson_grad, column_grad, HAS_COLUMN)
+            p_dot = zeros
+            q_dot = zeros
+            if HAS_PEARSON or HAS_COLUMN:
+                p_dot = tl.sum(tl.where(mask, p * g_s, 0.0), 1)
+                q_dot = tl.sum(tl.where(mask, q * g_t, 0.0), 1)
+            ce_prob = e_s1 * (1.0 / s_sum1)[:, None]
+            v_s, v_t = _gradient_values(s, t, p, q, ce_prob, g_s, g_t, cols, offsets, mask, grad_rho_ptr, s_max,
+                                        t_max, kl, p_dot, q_dot, log_sum_difference, target, valid, inv_tau, kl_grad,
+                                        ce_grad, spearman_grad, HAS_KL, HAS_CE, HAS_SPEARMAN, HAS_TARGET,
+                                        STUDENT_GRAD, TEACHER_GRAD)
             if STUDENT_GRAD:
-                v = kl_grad * (p - q) + inv_tau * p * (g_s - p_dot)
-                if HAS_CE:
-                    v += ce_coef * grad_scale * (tl.exp(s - s_max) / s_sum1 - tl.where(offs == target, 1.0, 0.0))
-                if HAS_SPEARMAN:
-                    v -= spearman_weight * grad_scale * tl.load(grad_rho_ptr + row * C + offs, mask=mask, other=0.0)
-                if HAS_TARGET:
-                    v = tl.where(valid, v, float("nan"))
-                tl.store(gs_ptr + row * C + offs, v.to(gs_ptr.dtype.element_ty), mask=mask)
+                tl.store(gs_ptr + offsets, v_s.to(gs_ptr.dtype.element_ty), mask=mask)
             if TEACHER_GRAD:
-                v = inv_tau * q * (g_t - q_dot)
-                if HAS_KL:
-                    ratio = ((t - t_max).to(tl.float64) - (s - s_max).to(tl.float64)) * inv_tau + log_sum_difference
-                    v += tl.where(q > 0.0, kl_grad * q * (ratio - kl).to(tl.float32), 0.0)
-                if HAS_TARGET:
-                    v = tl.where(valid, v, float("nan"))
-                # Back to the unrectified positions: rectified position j holds original `source`.
-                tl.store(gt_ptr + row * C + source, v.to(gt_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _gradient_chunk(s_row, t_row, col_ptr, offs, C, swap_a, swap_b, s_max, s_log_sum, t_max, t_log_sum, inv_tau,
-                    p_mean, q_mean, cross, self_p, self_q, pearson_grad, column_grad, HAS_COLUMN: tl.constexpr):
-    """One chunk of a row for the gradient passes: p, q, and g = dℓ/dp, dℓ/dq from the row
-    and column correlations (the teacher read through the rectification's swap)."""
-    mask = offs < C
-    source = tl.where(offs == swap_a, swap_b, tl.where(offs == swap_b, swap_a, offs))
-    s = tl.load(s_row + offs, mask=mask, other=0.0).to(tl.float32)
-    t = tl.load(t_row + source, mask=mask, other=0.0).to(tl.float32)
-    p = tl.exp((s - s_max) * inv_tau - s_log_sum)
-    q = tl.exp((t - t_max) * inv_tau - t_log_sum)
-    g_s = pearson_grad * (cross * (q - q_mean) - self_p * (p - p_mean))
-    g_t = pearson_grad * (cross * (p - p_mean) - self_q * (q - q_mean))
-    if HAS_COLUMN:
-        wide_c = C + tl.zeros((), tl.int64)  # k·C in int64
-        mean_p = tl.load(col_ptr + offs, mask=mask, other=0.0)
-        mean_q = tl.load(col_ptr + wide_c + offs, mask=mask, other=0.0)
-        c_cross = tl.load(col_ptr + 2 * wide_c + offs, mask=mask, other=0.0)
-        c_self_p = tl.load(col_ptr + 3 * wide_c + offs, mask=mask, other=0.0)
-        c_self_q = tl.load(col_ptr + 4 * wide_c + offs, mask=mask, other=0.0)
-        g_s += column_grad * (c_cross * (q - mean_q) - c_self_p * (p - mean_p))
-        g_t += column_grad * (c_cross * (p - mean_p) - c_self_q * (q - mean_q))
-    return mask, source, s, t, p, q, g_s, g_t
+                if RECTIFY:  # back to the unrectified positions (the swap is its own inverse)
+                    v_t = _swap_columns(v_t, cols, swap_a, swap_b)
+                tl.store(gt_ptr + offsets, v_t.to(gt_ptr.dtype.element_ty), mask=mask)
+        else:
+            p_dot = zeros
+            q_dot = zeros
+            if HAS_PEARSON or HAS_COLUMN:
+                for start in range(0, C, BLOCK):
+                    offs, col_mask, mask, source, s, t, p, q = _chunk(s_ptr, t_ptr, row_base, row_mask, start, cols,
+                                                                      C, swap_a, swap_b, s_max, s_log_sum, t_max,
+                                                                      t_log_sum, inv_tau)
+                    g_s, g_t = _correlation_gradients(p, q, offs, col_mask, col_ptr, C, p_mean, q_mean, cross,
+                                                      self_p, self_q, pearson_grad, column_grad, HAS_COLUMN)
+                    p_dot += tl.sum(tl.where(mask, p * g_s, 0.0), 1)
+                    q_dot += tl.sum(tl.where(mask, q * g_t, 0.0), 1)
+            for start in range(0, C, BLOCK):
+                offs, col_mask, mask, source, s, t, p, q = _chunk(s_ptr, t_ptr, row_base, row_mask, start, cols, C,
+                                                                  swap_a, swap_b, s_max, s_log_sum, t_max, t_log_sum,
+                                                                  inv_tau)
+                g_s, g_t = _correlation_gradients(p, q, offs, col_mask, col_ptr, C, p_mean, q_mean, cross, self_p,
+                                                  self_q, pearson_grad, column_grad, HAS_COLUMN)
+                offsets = row_base[:, None] + offs[None, :]
+                ce_prob = p
+                if HAS_CE:
+                    ce_prob = tl.exp(s - s_max[:, None]) / s_sum1[:, None]
+                v_s, v_t = _gradient_values(s, t, p, q, ce_prob, g_s, g_t, offs, offsets, mask, grad_rho_ptr, s_max,
+                                            t_max, kl, p_dot, q_dot, log_sum_difference, target, valid, inv_tau,
+                                            kl_grad, ce_grad, spearman_grad, HAS_KL, HAS_CE, HAS_SPEARMAN,
+                                            HAS_TARGET, STUDENT_GRAD, TEACHER_GRAD)
+                if STUDENT_GRAD:
+                    tl.store(gs_ptr + offsets, v_s.to(gs_ptr.dtype.element_ty), mask=mask)
+                if TEACHER_GRAD:
+                    # Back to the unrectified positions: rectified position j holds original `source`.
+                    tl.store(gt_ptr + row_base[:, None] + source, v_t.to(gt_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -350,22 +517,23 @@ def _softmax_stats_kernel(
 ):
     # One program per row: reads row·C + j (int64 row offset, j < C masked), writes its own
     # four statistics; nothing is shared between threads but Triton's reductions.
-    row = tl.program_id(0).to(tl.int64)
-    s_max = -float("inf")
-    t_max = -float("inf")
-    s_sum = 0.0
-    t_sum = 0.0
+    rows = tl.program_id(0).to(tl.int64) + tl.zeros((1,), tl.int64)  # a [1, BLOCK] tile per chunk
+    s_max = tl.full((1,), -float("inf"), tl.float32)
+    t_max = tl.full((1,), -float("inf"), tl.float32)
+    s_sum = tl.zeros((1,), tl.float32)
+    t_sum = tl.zeros((1,), tl.float32)
     for start in range(0, C, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        mask = offs < C
-        s = tl.load(s_ptr + row * C + offs, mask=mask, other=-float("inf")).to(tl.float32)
-        t = tl.load(t_ptr + row * C + offs, mask=mask, other=-float("inf")).to(tl.float32)
-        s_max, s_sum = _online_softmax_step(s_max, s_sum, s, inv_tau)
-        t_max, t_sum = _online_softmax_step(t_max, t_sum, t, inv_tau)
-    tl.store(stats_ptr + row * 4, s_max)
-    tl.store(stats_ptr + row * 4 + 1, tl.log(s_sum))
-    tl.store(stats_ptr + row * 4 + 2, t_max)
-    tl.store(stats_ptr + row * 4 + 3, tl.log(t_sum))
+        mask = (offs < C)[None, :]
+        offsets = rows[:, None] * C + offs[None, :]
+        s = tl.load(s_ptr + offsets, mask=mask, other=-float("inf")).to(tl.float32)
+        t = tl.load(t_ptr + offsets, mask=mask, other=-float("inf")).to(tl.float32)
+        s_max, s_sum, _ = _softmax_step(s_max, s_sum, s, inv_tau)
+        t_max, t_sum, _ = _softmax_step(t_max, t_sum, t, inv_tau)
+    tl.store(stats_ptr + rows * 4, s_max)
+    tl.store(stats_ptr + rows * 4 + 1, tl.log(s_sum))
+    tl.store(stats_ptr + rows * 4 + 2, t_max)
+    tl.store(stats_ptr + rows * 4 + 3, tl.log(t_sum))
 
 
 @triton.jit
@@ -574,7 +742,7 @@ def _spearman_kernel(
 def _column_statistics(student, teacher, inv_tau):
     """[5, C] fp32 (mean_p, mean_q, cross, self_p, self_q) and the [C] column correlations."""
     rows, classes = student.shape
-    block, warps = launch_config(classes)
+    block, warps = chunk_config(classes)
     stats = torch.empty(rows, 4, dtype=torch.float32, device=student.device)
     _softmax_stats_kernel[(rows,)](student, teacher, stats, classes, inv_tau, BLOCK=block, num_warps=warps)
     rows_per_chunk = max(16, triton.cdiv(rows, 64))  # a fixed function of B: deterministic
@@ -670,17 +838,16 @@ def _fused_loss(student, teacher, target, difficulty, temperature, kl_coef, ce_c
                                    else (row_loss, None))
     target = target.long().contiguous() if target is not None else row_loss
     difficulty = difficulty.float().contiguous() if difficulty is not None else row_loss
-    block, warps = launch_config(classes)
-    _fused_row_kernel[(rows,)](
+    layout = launch_config(classes, (pearson_coef != 0) + (column_coef != 0) + (spearman_coef != 0))
+    _fused_row_kernel[(triton.cdiv(rows, layout.rows),)](
         student, teacher, target, difficulty, spearman_rho,
         spearman_grad if spearman_grad is not None else row_loss, columns, row_loss,
         grad_student if student_grad else row_loss, grad_teacher if teacher_grad else row_loss,
-        classes, inv_tau, kl_coef, ce_coef, pearson_coef, spearman_coef, column_coef, difficulty_value,
-        1.0 / rows,
-        HAS_TARGET=target is not row_loss, HAS_KL=kl_coef != 0, HAS_CE=ce_coef != 0, HAS_PEARSON=pearson_coef != 0,
+        rows, inv_tau, kl_coef, ce_coef, pearson_coef, spearman_coef, column_coef, difficulty_value, 1.0 / rows,
+        C=classes, HAS_TARGET=target is not row_loss, HAS_KL=kl_coef != 0, HAS_CE=ce_coef != 0, HAS_PEARSON=pearson_coef != 0,
         HAS_SPEARMAN=spearman_coef != 0, HAS_COLUMN=column_coef != 0, RECTIFY=rectify,
         DIFFICULTY_MODE=difficulty_mode, STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad,
-        BLOCK=block, num_warps=warps,
+        ROWS=layout.rows, BLOCK=layout.block, RESIDENT=layout.resident, num_warps=layout.warps,
     )
     loss = row_loss.sum() / rows
     if column_rho is not None:
