@@ -150,6 +150,26 @@ def _softmax_step(running_max, running_sum, x, inv_tau):
 
 
 @triton.jit
+def _online_kl_step(running_max, running_sum, new_max, e, weighted, centered, s, t, inv_tau):
+    """The chunked layout's KL and entropy in its first pass, before the max and the sum are
+    known. With e_j = exp((t_j − m)/τ) over the running max m and T = Σ e_j, it folds a tile
+    into W = Σ e_j (t_j − s_j)/τ (fp64) and V = Σ e_j (t_j − m)/τ; at the end
+    KL = W/T + (s_max − t_max)/τ + log S − log T and H = log T − V/T. It takes the running
+    max and sum from before ``_softmax_step`` folded in the tile, and that step's new max
+    and exponentials e. Where e_j = 0 (a −inf
+    teacher logit, or underflow) the term is 0, never 0·(±inf)."""
+    safe_max = tl.where(new_max > -float("inf"), new_max, 0.0)
+    seen = running_max > -float("inf")
+    rescale = tl.where(seen, tl.exp((running_max - safe_max) * inv_tau), 0.0)
+    present = e > 0.0
+    gap = (t.to(tl.float64) - s.to(tl.float64)) * inv_tau
+    weighted = weighted * rescale + tl.sum(tl.where(present, e.to(tl.float64) * gap, 0.0), 1)
+    shifted = tl.where(seen, rescale * (centered + running_sum * (running_max - safe_max) * inv_tau), 0.0)
+    centered = shifted + tl.sum(tl.where(present, e * (t - safe_max[:, None]) * inv_tau, 0.0), 1)
+    return weighted, centered
+
+
+@triton.jit
 def _column_value(x, cols, column):
     """x[i, column[i]] for each row i of a tile (a masked sum: NaN or ±inf elsewhere in the
     row does not leak in)."""
@@ -240,20 +260,23 @@ def _gradient_values(s, t, p, q, ce_prob, g_s, g_t, cols, offsets, mask, grad_rh
 
 
 @triton.jit
-def _chunk(s_ptr, t_ptr, row_base, row_mask, start, cols, C, swap_a, swap_b, s_max, s_log_sum, t_max, t_log_sum,
-           inv_tau):
+def _chunk(s_ptr, t_ptr, row_base, row_mask, start, cols, C, swap_a, swap_b, t_at_a, t_at_b, s_max, s_log_sum, t_max,
+           t_log_sum, inv_tau, RECTIFY: tl.constexpr):
     """Columns [start, start + BLOCK) of a program's rows for the chunked path's later passes:
-    the logits (the teacher's read through the rectification's swap) and p, q."""
+    the logits and p, q. Both rows are read contiguously (vector loads); the rectified
+    teacher's two exchanged columns are put in place from their values t_at_a, t_at_b."""
     offs = start + cols
     col_mask = offs < C
     mask = row_mask[:, None] & col_mask[None, :]
-    source = tl.where(offs[None, :] == swap_a[:, None], swap_b[:, None],
-                      tl.where(offs[None, :] == swap_b[:, None], swap_a[:, None], offs[None, :]))
-    s = tl.load(s_ptr + row_base[:, None] + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-    t = tl.load(t_ptr + row_base[:, None] + source, mask=mask, other=0.0).to(tl.float32)
+    offsets = row_base[:, None] + offs[None, :]
+    s = tl.load(s_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    t = tl.load(t_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if RECTIFY:
+        t = tl.where(offs[None, :] == swap_a[:, None], t_at_b[:, None],
+                     tl.where(offs[None, :] == swap_b[:, None], t_at_a[:, None], t))
     p = tl.where(mask, tl.exp((s - s_max[:, None]) * inv_tau - s_log_sum[:, None]), 0.0)
     q = tl.where(mask, tl.exp((t - t_max[:, None]) * inv_tau - t_log_sum[:, None]), 0.0)
-    return offs, col_mask, mask, source, s, t, p, q
+    return offs, col_mask, mask, offsets, s, t, p, q
 
 
 @triton.jit
@@ -331,6 +354,8 @@ def _fused_row_kernel(
     s_sum1 = zeros
     t_arg = tl.zeros((ROWS,), tl.int32)
     t_best = zeros - float("inf")
+    weighted = zeros.to(tl.float64)  # the chunked layout's online KL and entropy
+    centered = zeros
     if RESIDENT:
         col_mask = cols < C
         mask = row_mask[:, None] & col_mask[None, :]
@@ -359,7 +384,11 @@ def _fused_row_kernel(
                 chunk_arg = tl.argmax(t_ordered, 1, tie_break_left=True).to(tl.int32)
                 t_arg = tl.where(chunk_best > t_best, start + chunk_arg, t_arg)
                 t_best = tl.maximum(t_best, chunk_best)
-            t_max, t_sum, _ = _softmax_step(t_max, t_sum, t, inv_tau)
+            new_max, new_sum, e_t = _softmax_step(t_max, t_sum, t, inv_tau)
+            if HAS_KL or DIFFICULTY_MODE == 1:
+                weighted, centered = _online_kl_step(t_max, t_sum, new_max, e_t, weighted, centered, s, t, inv_tau)
+            t_max = new_max
+            t_sum = new_sum
     s_log_sum = tl.log(s_sum)
     t_log_sum = tl.log(t_sum)
     # The logs in fp64: at τ = 100 an fp32 log's rounding alone, times τ², moves the loss of
@@ -368,6 +397,11 @@ def _fused_row_kernel(
     # Rectified teacher: column t_arg and the target trade places (no-op when equal).
     swap_a = tl.where(RECTIFY & valid, t_arg, -1)
     swap_b = tl.where(RECTIFY & valid, target, -1)
+    t_at_a = zeros  # the chunked layout's rectification: the teacher at the two columns
+    t_at_b = zeros
+    if RECTIFY and not RESIDENT:
+        t_at_a = tl.load(t_ptr + row_base + swap_a, mask=swap_a >= 0, other=0.0).to(tl.float32)
+        t_at_b = tl.load(t_ptr + row_base + swap_b, mask=swap_b >= 0, other=0.0).to(tl.float32)
 
     # Pass 2: KL, entropy, and the means of p and q shifted by their first element (so that
     # a constant row centers to exactly zero).
@@ -382,25 +416,37 @@ def _fused_row_kernel(
         kl, entropy, p_shift, q_shift = _kl_and_moments(s, t, q, mask, s_max, t_max, t_log_sum, log_sum_difference,
                                                         inv_tau, p, p0, q0, HAS_KL)
     else:
-        first = tl.where(swap_a == 0, swap_b, tl.where(swap_b == 0, swap_a, 0))
-        s0 = tl.load(s_ptr + row_base, mask=row_mask, other=0.0).to(tl.float32)
-        t0 = tl.load(t_ptr + row_base + first, mask=row_mask, other=0.0).to(tl.float32)
-        p0 = tl.exp((s0 - s_max) * inv_tau - s_log_sum)
-        q0 = tl.exp((t0 - t_max) * inv_tau - t_log_sum)
-        kl = zeros.to(tl.float64)
-        entropy = zeros
+        # KL and entropy came from the first pass (the rectification moves q between columns
+        # a and b only: KL gains (q_a − q_b)(s_a − s_b)/τ; the entropy does not change). The
+        # means are needed by the Pearson term alone: only it makes this layout read the
+        # row a second time before the gradient pass.
+        kl = weighted / t_sum.to(tl.float64) + (s_max - t_max).to(tl.float64) * inv_tau + log_sum_difference
+        if RECTIFY:
+            swapped = swap_a != swap_b
+            s_a = tl.load(s_ptr + row_base + swap_a, mask=swapped, other=0.0).to(tl.float32)
+            s_b = tl.load(s_ptr + row_base + swap_b, mask=swapped, other=0.0).to(tl.float32)
+            q_a = tl.exp((t_at_a - t_max) * inv_tau - t_log_sum)
+            q_b = tl.exp((t_at_b - t_max) * inv_tau - t_log_sum)
+            kl += tl.where(swapped, ((q_a - q_b) * (s_a - s_b)).to(tl.float64) * inv_tau, 0.0)
+        entropy = t_log_sum - centered / t_sum
+        p0 = zeros
+        q0 = zeros
         p_shift = zeros
         q_shift = zeros
-        for start in range(0, C, BLOCK):
-            offs, col_mask, mask, source, s, t, p, q = _chunk(s_ptr, t_ptr, row_base, row_mask, start, cols, C,
-                                                              swap_a, swap_b, s_max, s_log_sum, t_max, t_log_sum,
-                                                              inv_tau)
-            kl_part, entropy_part, p_part, q_part = _kl_and_moments(s, t, q, mask, s_max, t_max, t_log_sum,
-                                                                    log_sum_difference, inv_tau, p, p0, q0, HAS_KL)
-            kl += kl_part
-            entropy += entropy_part
-            p_shift += p_part
-            q_shift += q_part
+        if HAS_PEARSON:
+            first = tl.where(swap_a == 0, swap_b, tl.where(swap_b == 0, swap_a, 0))
+            s0 = tl.load(s_ptr + row_base, mask=row_mask, other=0.0).to(tl.float32)
+            t0 = tl.load(t_ptr + row_base + first, mask=row_mask, other=0.0).to(tl.float32)
+            p0 = tl.exp((s0 - s_max) * inv_tau - s_log_sum)
+            q0 = tl.exp((t0 - t_max) * inv_tau - t_log_sum)
+            for start in range(0, C, BLOCK):
+                offs, col_mask, mask, offsets, s, t, p, q = _chunk(
+                    s_ptr, t_ptr, row_base, row_mask, start, cols, C, swap_a, swap_b, t_at_a, t_at_b, s_max, s_log_sum,
+                    t_max, t_log_sum, inv_tau, RECTIFY)
+                _, _, p_part, q_part = _kl_and_moments(s, t, q, mask, s_max, t_max, t_log_sum, log_sum_difference,
+                                                       inv_tau, p, p0, q0, False)
+                p_shift += p_part
+                q_shift += q_part
     p_mean = p0 + p_shift / C
     q_mean = q0 + q_shift / C
 
@@ -428,9 +474,9 @@ def _fused_row_kernel(
             aa = zeros.to(tl.float64)
             bb = zeros.to(tl.float64)
             for start in range(0, C, BLOCK):
-                offs, col_mask, mask, source, s, t, p, q = _chunk(s_ptr, t_ptr, row_base, row_mask, start, cols, C,
-                                                                  swap_a, swap_b, s_max, s_log_sum, t_max, t_log_sum,
-                                                                  inv_tau)
+                offs, col_mask, mask, offsets, s, t, p, q = _chunk(
+                    s_ptr, t_ptr, row_base, row_mask, start, cols, C, swap_a, swap_b, t_at_a, t_at_b, s_max, s_log_sum,
+                    t_max, t_log_sum, inv_tau, RECTIFY)
                 ab_part, aa_part, bb_part = _pearson_moments(p, q, mask, p_mean, q_mean)
                 ab += ab_part
                 aa += aa_part
@@ -478,20 +524,19 @@ def _fused_row_kernel(
             q_dot = zeros
             if HAS_PEARSON or HAS_COLUMN:
                 for start in range(0, C, BLOCK):
-                    offs, col_mask, mask, source, s, t, p, q = _chunk(s_ptr, t_ptr, row_base, row_mask, start, cols,
-                                                                      C, swap_a, swap_b, s_max, s_log_sum, t_max,
-                                                                      t_log_sum, inv_tau)
+                    offs, col_mask, mask, offsets, s, t, p, q = _chunk(
+                        s_ptr, t_ptr, row_base, row_mask, start, cols, C, swap_a, swap_b, t_at_a, t_at_b, s_max, s_log_sum,
+                        t_max, t_log_sum, inv_tau, RECTIFY)
                     g_s, g_t = _correlation_gradients(p, q, offs, col_mask, col_ptr, C, p_mean, q_mean, cross,
                                                       self_p, self_q, pearson_grad, column_grad, HAS_COLUMN)
                     p_dot += tl.sum(tl.where(mask, p * g_s, 0.0), 1)
                     q_dot += tl.sum(tl.where(mask, q * g_t, 0.0), 1)
             for start in range(0, C, BLOCK):
-                offs, col_mask, mask, source, s, t, p, q = _chunk(s_ptr, t_ptr, row_base, row_mask, start, cols, C,
-                                                                  swap_a, swap_b, s_max, s_log_sum, t_max, t_log_sum,
-                                                                  inv_tau)
+                offs, col_mask, mask, offsets, s, t, p, q = _chunk(
+                    s_ptr, t_ptr, row_base, row_mask, start, cols, C, swap_a, swap_b, t_at_a, t_at_b, s_max, s_log_sum,
+                    t_max, t_log_sum, inv_tau, RECTIFY)
                 g_s, g_t = _correlation_gradients(p, q, offs, col_mask, col_ptr, C, p_mean, q_mean, cross, self_p,
                                                   self_q, pearson_grad, column_grad, HAS_COLUMN)
-                offsets = row_base[:, None] + offs[None, :]
                 ce_prob = p
                 if HAS_CE:
                     ce_prob = tl.exp(s - s_max[:, None]) / s_sum1[:, None]
@@ -502,8 +547,19 @@ def _fused_row_kernel(
                 if STUDENT_GRAD:
                     tl.store(gs_ptr + offsets, v_s.to(gs_ptr.dtype.element_ty), mask=mask)
                 if TEACHER_GRAD:
-                    # Back to the unrectified positions: rectified position j holds original `source`.
-                    tl.store(gt_ptr + row_base[:, None] + source, v_t.to(gt_ptr.dtype.element_ty), mask=mask)
+                    v_t = v_t.to(gt_ptr.dtype.element_ty)
+                    if RECTIFY:
+                        # Back to the unrectified positions: rectified columns a and b hold the
+                        # teacher's b and a. Every other column is stored in place (a vector
+                        # store), those two to each other's place: the two stores' addresses are
+                        # disjoint, so no ordering between the threads that issue them matters.
+                        at_a = offs[None, :] == swap_a[:, None]
+                        moved = at_a | (offs[None, :] == swap_b[:, None])
+                        tl.store(gt_ptr + offsets, v_t, mask=mask & ~moved)
+                        source = tl.where(at_a, swap_b[:, None], swap_a[:, None])
+                        tl.store(gt_ptr + row_base[:, None] + source, v_t, mask=mask & moved)
+                    else:
+                        tl.store(gt_ptr + offsets, v_t, mask=mask)
 
 
 @triton.jit
