@@ -6,7 +6,8 @@ All kdfast losses are settings of one generic loss (csrc/losses.h)::
     ℓ_i = kl·KL(q_i‖p_i) + ce·CE(s_i, y_i) + pearson·(1−d_i)(1−ρ(p_i,q_i)) + spearman·d_i·(1−ρ_S,i)
 
 The operator computes L and, in the same pass over each row, dL/ds (and dL/dt when the
-teacher requires grad); backward only scales those saved gradients by ``grad_output``.
+teacher requires grad); backward only scales those saved gradients by ``grad_output``,
+in place unless the graph is retained for another backward.
 The operator has a CPU kernel (csrc/losses_cpu.cpp) and, when kdfast was built with
 nvcc, CUDA kernels (csrc/cuda/, module ``kdfast._C_cuda``), registered below for the
 CUDA dispatch key; its fake implementation lets ``torch.compile`` trace it.
@@ -176,9 +177,10 @@ class _FusedLoss(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_student, grad_teacher = ctx.saved_tensors
         student_grad, teacher_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        in_place = not _graph_is_kept()
         return (
-            _scaled(grad_student, grad_output) if student_grad else None,
-            _scaled(grad_teacher, grad_output) if teacher_grad else None,
+            _scaled(grad_student, grad_output, in_place) if student_grad else None,
+            _scaled(grad_teacher, grad_output, in_place) if teacher_grad else None,
             None,
             None,
             None,
@@ -186,13 +188,25 @@ class _FusedLoss(torch.autograd.Function):
         )
 
 
-def _scaled(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
-    """The saved gradient times ``grad_output``; on the CPU, the saved tensor itself when
-    ``grad_output`` is 1 (autograd copies it before accumulating into a leaf's .grad).
-    On a GPU the multiply always runs: checking its value would cost a device sync."""
+def _graph_is_kept() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph=True``): then a later
+    backward reads the saved gradients again and they must stay as forward left them. Under
+    torch.compile, or outside a graph task, assume it does."""
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        return torch._C._autograd._get_current_graph_task_keep_graph()
+    except (AttributeError, RuntimeError):
+        return True
+
+
+def _scaled(grad: torch.Tensor, grad_output: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """The saved gradient times ``grad_output``: scaled in place (no second B×C tensor, no
+    host sync) unless the graph is kept for another backward; on the CPU, the saved tensor
+    itself when ``grad_output`` is 1 (reading a CPU scalar costs no device sync)."""
     if grad_output.device.type == "cpu" and not torch.compiler.is_compiling() and grad_output.item() == 1.0:
         return grad
-    return grad * grad_output
+    return grad.mul_(grad_output) if in_place else grad * grad_output
 
 
 def losses_for(op) -> dict:

@@ -184,6 +184,26 @@ def test_backward_twice_with_retained_graph(backend_device):
     torch.testing.assert_close(s.grad, 2 * first)
 
 
+def test_backward_scales_the_saved_gradient_in_place(backend_device):
+    # Without retain_graph the saved gradient is scaled where it lies: the gradient reaching
+    # the student is that very buffer (no second B×C tensor), and its values are right.
+    if backend_device[0] == "torch":
+        pytest.skip("the reference runs PyTorch's own autograd")
+    s, t = _on(backend_device, logits(4, 12, torch.float32), logits(4, 12, torch.float32))
+    s.requires_grad_()
+    loss = kdfast.kd_loss(s, t, backend=backend_device[0])
+    node = loss.grad_fn
+    while type(node).__name__ != "_FusedLossBackward":
+        (node, _), *_ = [edge for edge in node.next_functions if edge[0] is not None]
+    saved = node.saved_tensors[0]
+    unscaled = saved.clone()
+    seen = []
+    s.register_hook(lambda grad: seen.append(grad.data_ptr()))
+    (0.25 * loss).backward()
+    assert seen == [saved.data_ptr()]
+    torch.testing.assert_close(s.grad, 0.25 * unscaled)
+
+
 def test_teacher_gradient_matches_an_independent_formulation(backend_device):
     # PESF-KD trains a teacher adapter through KL(softmax(t'/τ) ‖ stopgrad(p)).
     s, t = logits(6, 10, torch.float32), logits(6, 10, torch.float32)
