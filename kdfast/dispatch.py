@@ -34,8 +34,16 @@ BACKEND_NAMES = ("torch", "cpu", "triton", "cuda")
 ENV_VAR = "KDFAST_BACKEND"
 
 #: Fastest first, per device type; ``torch`` is always last. On CUDA tensors the measured
-#: choice of backend_choice.json comes first when the GPU and the loss are in it.
+#: choice of backend_choice.json comes first when the GPU and the loss are in it; where
+#: nothing was measured, DESIGN_PREFERENCE orders the fused backends per loss.
 AUTO_PREFERENCE = {"cpu": ("cpu", "torch"), "cuda": ("triton", "cuda", "torch")}
+#: The order the kernels' designs predict on a GPU, until measured (static evidence in
+#: benchmarks/results/gpu_static.csv): Triton's row kernel packs short rows several to a
+#: program, holds them in registers and reads them with 128-bit vectors where CUDA's runs
+#: one 256-thread block per row with scalar loads, so it leads for the losses without a
+#: Spearman term; with one, CUDA leads: its pool-adjacent-violators runs in shared memory,
+#: Triton's is a sequential loop with a barrier per element.
+DESIGN_PREFERENCE = {"spearman_loss": ("cuda", "triton", "torch"), "cmkd_loss": ("cuda", "triton", "torch")}
 CHOICE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "backend_choice.json")
 
 
@@ -52,10 +60,12 @@ def _gpu_name(index: int) -> str:
 
 
 def auto_preference(op: str, device: torch.device, gpu_name: str | None = None) -> tuple[str, ...]:
-    """The backends ``auto`` tries for ``op`` on ``device``, in order (on a GPU named in
-    backend_choice.json, its measured choice first; ``gpu_name`` defaults to the device's)."""
+    """The backends ``auto`` tries for ``op`` on ``device``, in order: on a GPU named in
+    backend_choice.json, its measured choice first, then the order of DESIGN_PREFERENCE
+    (``gpu_name`` defaults to the device's)."""
     order = AUTO_PREFERENCE.get(device.type, ("torch",))
     if device.type == "cuda":
+        order = DESIGN_PREFERENCE.get(op, order)
         if gpu_name is None:
             index = device.index if device.index is not None else torch.cuda.current_device()
             gpu_name = _gpu_name(index)

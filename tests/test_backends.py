@@ -112,6 +112,10 @@ def test_measured_choice_leads_auto_on_that_gpu(monkeypatch):
     assert dispatch.auto_preference("kd_loss", gpu) == ("cuda", "triton", "torch")
     assert dispatch.auto_preference("dist_loss", gpu) == ("triton", "cuda", "torch")  # not measured: default
     assert dispatch.auto_preference("kd_loss", torch.device("cpu")) == ("cpu", "torch")
+    # Unmeasured losses with a Spearman term: CUDA first (its PAV runs in shared memory).
+    assert dispatch.auto_preference("cmkd_loss", gpu) == ("cuda", "triton", "torch")
+    monkeypatch.setattr(dispatch, "measured_choices", lambda: {"Test GPU": {"cmkd_loss": "triton"}})
+    assert dispatch.auto_preference("cmkd_loss", gpu) == ("triton", "cuda", "torch")  # measured: overrides
 
 
 def test_choice_file_is_valid():
