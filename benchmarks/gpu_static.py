@@ -634,6 +634,7 @@ def compile_for_sm90(launch: dict) -> dict:
             if m := re.search(r"REG:(\d+).*?SHARED:(\d+)", usage.stdout):
                 result["cuobjdump_registers"], result["cuobjdump_shared"] = int(m.group(1)), int(m.group(2))
         loads, stores = ptx_global_accesses(ptx)
+        result["bytes_model"] = _bytes_model(kernel, signature, constexprs, compiled, ptx)
         target = re.search(r"\.target\s+(\S+)", ptx)
         result.update(
             name=name, method=method, registers=resources.get("registers"),
@@ -647,6 +648,24 @@ def compile_for_sm90(launch: dict) -> dict:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return result
+
+
+def _bytes_model(kernel, signature, constexprs, compiled, ptx) -> dict:
+    """bytes_model.py's reading of a compiled kernel: for the row kernel its passes, bytes
+    per row against the floor and the PTX check; for the others the static tile loads per
+    pointer argument (their loops run over rows or sorted rows, not a model of one row)."""
+    import bytes_model
+
+    ttgir = compiled.asm.get("ttgir", "")
+    names = list(signature)
+    named = {names[path[0]]: value for path, value in constexprs.items() if len(path) == 1}
+    if kernel.fn.__name__ == "_fused_row_kernel":
+        element = bytes_model._ELEMENT_BYTES.get(signature["s_ptr"].lstrip("*").replace("fp", "f"), 0)
+        return bytes_model.row_kernel_model(named, element, compiled.metadata.num_warps * WARP_SIZE, ttgir, ptx)
+    accesses = bytes_model.ttgir_accesses(ttgir)
+    sites = [f"{name[:-4] if name.endswith('_ptr') else name} {entry['tile_loads'] + entry['row_loads']}"
+             for name, entry in accesses.items() if entry["tile_loads"] + entry["row_loads"]]
+    return {"input_passes": "load sites: " + ", ".join(sites) if sites else ""}
 
 
 _MAGIC = "@@kdfast-gpu-static@@"
@@ -943,7 +962,12 @@ def cuda_rows(classes: list[int], timeout: float) -> tuple[list[dict], list[str]
 
 COLUMNS = ["backend", "kernel", "launcher", "classes", "dtype", "config", "specialization", "num_warps", "threads",
            "registers", "spill_bytes", "shared_bytes", "blocks_per_sm", "warps_per_sm", "occupancy_limit",
-           "global_loads", "global_stores", "compile_s", "ptxas_s", "stages_s", "status", "note", "commit", "date"]
+           "global_loads", "global_stores", "input_passes", "vector_bytes", "bytes_per_row", "floor_bytes_per_row",
+           "floor_ratio", "ptx_check", "compile_s", "ptxas_s", "stages_s", "status", "note", "commit", "date"]
+
+
+BYTES_MODEL_COLUMNS = ("input_passes", "vector_bytes", "bytes_per_row", "floor_bytes_per_row", "floor_ratio",
+                       "ptx_check")
 
 
 def _config_text(constexprs: dict) -> str:
@@ -1001,6 +1025,7 @@ def triton_rows(captured: dict, specs: list[dict], results: dict[str, dict]) -> 
             "threads": threads or "", "registers": result.get("registers"), "spill_bytes": spills,
             "shared_bytes": shared, "global_loads": result.get("global_loads", ""),
             "global_stores": result.get("global_stores", ""),
+            **{key: result.get("bytes_model", {}).get(key, "") for key in BYTES_MODEL_COLUMNS},
             "compile_s": round(result["compile_s"], 2) if result.get("compile_s") is not None else "",
             "ptxas_s": round(result["ptxas_s"], 3) if result.get("ptxas_s") is not None else "",
             "stages_s": " ".join(f"{k}={v:.2f}" for k, v in result.get("stages", {}).items()),

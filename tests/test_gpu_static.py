@@ -73,3 +73,91 @@ def test_capture_finds_every_kernel_with_typed_signatures(gpu_static):
     # Launches of one configuration merge: kd_loss's row kernel is one compile per (C, dtype).
     keys = {spec["key"] for spec in specs}
     assert len(keys) < len(launches)
+
+
+# ------------------------------------------------- the bytes-moved model (bytes_model.py)
+
+BYTES_MODEL = r"""
+import inspect, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+sys.path.insert(0, "benchmarks")
+import bytes_model
+from kdfast.kernels import kd_losses
+
+kernel = kd_losses._fused_row_kernel
+results = {}
+for classes, teacher_grad in ((1000, False), (1000, True), (131072, False)):
+    layout = kd_losses.launch_config(classes)
+    flags = dict(C=classes, HAS_TARGET=False, HAS_KL=True, HAS_CE=False, HAS_PEARSON=False, HAS_SPEARMAN=False,
+                 HAS_COLUMN=False, RECTIFY=False, DIFFICULTY_MODE=0, STUDENT_GRAD=True, TEACHER_GRAD=teacher_grad,
+                 ROWS=layout.rows, BLOCK=layout.block, RESIDENT=layout.resident)
+    names = list(inspect.signature(kernel.fn).parameters)
+    signature = {n: "constexpr" if n in flags else ("*bf16" if n in ("s_ptr", "t_ptr", "gs_ptr", "gt_ptr") else
+                 "*i64" if n == "target_ptr" else "*fp64" if n == "rho_s_ptr" else "*fp32" if n.endswith("_ptr")
+                 else "i32" if n == "B" else "fp32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr")}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=flags, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": layout.warps})
+    results[f"{classes}-{teacher_grad}"] = bytes_model.row_kernel_model(
+        flags, 2, layout.warps * 32, compiled.asm["ttgir"], compiled.asm["ptx"])
+print(json.dumps(results))
+"""
+
+
+def test_bytes_model_of_the_row_kernel_reads_the_compiled_kernel():
+    # kd_loss in bf16: at C = 1000 (resident) each input is read once with 16-byte vectors;
+    # at C = 131072 (chunked) twice; the PTX's bytes per thread agree with the structure.
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(PATH))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", BYTES_MODEL], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    resident, teacher, chunked = results["1000-False"], results["1000-True"], results["131072-False"]
+    assert resident["input_passes"] == "s 1, t 1" and resident["floor_ratio"] == 1.0
+    assert resident["vector_bytes"] == "s 16 B, t 16 B, gs 16 B" and resident["ptx_check"] == "agrees"
+    assert teacher["gradient_writes"] == 2 and teacher["floor_ratio"] == 1.0 and teacher["ptx_check"] == "agrees"
+    assert chunked["input_passes"] == "s 2, t 2" and chunked["ptx_check"] == "agrees"
+    assert chunked["floor_ratio"] == round(5 / 3, 2)
+
+
+def test_bytes_model_traces_pointers_through_the_ir():
+    import sys
+
+    sys.path.insert(0, os.path.dirname(PATH))
+    import bytes_model
+
+    ttgir = """
+  tt.func public @k(%s_ptr: !tt.ptr<bf16> loc("s_ptr"(#loc)), %g_ptr: !tt.ptr<bf16> loc("g_ptr"(#loc))) attributes {noinline = false} {
+    %a = tt.splat %s_ptr : !tt.ptr<bf16> -> tensor<2x64x!tt.ptr<bf16>, #blocked> loc(#loc1)
+    %b = tt.addptr %a, %off : tensor<2x64x!tt.ptr<bf16>, #blocked>, tensor<2x64xi64, #blocked> loc(#loc2)
+    %x = tt.load %b, %mask : tensor<2x64x!tt.ptr<bf16>, #blocked> loc(#loc3)
+    scf.for %i = %c0 to %c4 step %c1 {
+      %a = tt.splat %g_ptr : !tt.ptr<bf16> -> tensor<2x64x!tt.ptr<bf16>, #blocked> loc(#loc4)
+      %y = tt.load %a, %mask : tensor<2x64x!tt.ptr<bf16>, #blocked> loc(#loc5)
+      %r = tt.splat %s_ptr : !tt.ptr<bf16> -> tensor<2x!tt.ptr<bf16>, #slice> loc(#loc6)
+      %z = tt.load %r, %row_mask : tensor<2x!tt.ptr<bf16>, #slice> loc(#loc7)
+    }
+"""
+    accesses = bytes_model.ttgir_accesses(ttgir)
+    assert accesses["s_ptr"]["tile_loads"] == 1 and accesses["s_ptr"]["row_loads"] == 1
+    assert accesses["g_ptr"]["tile_loads"] == 1 and accesses["s_ptr"]["tile"] == [2, 64]
+    ptx = """
+	ld.param.b64 	%rd1, [k_param_0];
+	ld.param.b64 	%rd2, [k_param_1];
+	mad.wide.s32 	%rd3, %r1, 2, %rd1;
+	add.s64 	%rd4, %rd3, 16;
+	@%p1 ld.global.v4.b32 { %r2, %r3, %r4, %r5 }, [ %rd4 + 0 ];
+	ld.global.b16 { %rs1 }, [ %rd1 + 0 ];
+	add.s64 	%rd5, %rd2, %rd6;
+	@%p1 st.global.v2.b32 [ %rd5 + 0 ], { %r6, %r7 };
+"""
+    by_param = bytes_model.ptx_param_bytes(ptx)
+    assert by_param[0] == {"load_bytes": 18, "store_bytes": 0, "widest_load": 16, "widest_store": 0}
+    assert by_param[1]["store_bytes"] == 8
