@@ -38,8 +38,10 @@ def check_gate(logits, rows, threshold, backend_device):
 # ----------------------------------------------------------------------------- the kernel
 
 @pytest.mark.parametrize("backend", GATE_BACKENDS)
-@pytest.mark.parametrize("active, classes", [(0, 5), (1, 1), (1, 2), (3, 7), (37, 10), (129, 3), (64, 1000),
-                                             (5, 1025), (2, 5000)])
+# Several blocks per launch (the last one partial): (64, 1000), (300, 100), (5, 1025), and
+# the two-pass path past 4096 classes: (2, 5000), (9, 8193).
+@pytest.mark.parametrize("active, classes", [(0, 5), (1, 1), (1, 2), (3, 7), (37, 10), (129, 3), (64, 1000), (300, 100),
+                                             (5, 1025), (2, 5000), (9, 8193)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_gate_agrees_with_reference(backend, active, classes, dtype):
     torch.manual_seed(active * 31 + classes)
