@@ -128,7 +128,7 @@ def launch_config(classes: int) -> tuple[int, int, bool, int]:
     of 4096 beyond."""
     block_cols = min(MAX_RESIDENT_CLASSES, triton.next_power_of_2(max(classes, 1)))
     block_rows = max(1, 4096 // block_cols)
-    return block_rows, block_cols, classes <= block_cols, max(1, min(8, block_rows * block_cols // 512))
+    return block_rows, block_cols, classes <= block_cols, max(1, min(16, block_rows * block_cols // 256))
 
 
 @torch.library.custom_op("kdfast::gate_compact_triton", mutates_args=())

@@ -9,21 +9,28 @@ computed with its gradients in one pass per row: every public loss is a setting 
 (kdfast.fused.losses_for maps them; its autograd Function saves the gradients and only
 scales them in backward). The pieces:
 
-* ``_fused_row_kernel``: one program per row, columns in chunks of BLOCK with an online
-  softmax, so any C works (the chunks are re-read from cache by the later passes); KL, CE,
-  Pearson, the per-sample difficulty, DR-KD's rectification (a swap of two columns), the
-  shares of the Spearman and column terms, and the gradients, each rounded once.
+* ``_fused_row_kernel``: KL, CE, Pearson, the per-sample difficulty, DR-KD's rectification
+  (a swap of two columns), the shares of the Spearman and column terms, and the gradients,
+  each rounded once, in one of two layouts (``launch_config``): *resident* (C ≤ 8192, or
+  ≤ 4096 with two correlation terms), up to 16 rows per program held in registers, each
+  input read once, with 128-bit vector loads when C is a multiple of 8 (C is a constexpr);
+  *chunked* (longer rows), one row per program, an online softmax over chunks of 4096
+  columns that also takes KL and the entropy, so KL-only losses read a row twice.
 * ``_softmax_stats_kernel`` and ``_column_moments_kernel``: the intra-class term's column
   statistics, over fixed chunks of rows (deterministic), finished with a few [C]-sized
   PyTorch operations.
-* ``_spearman_kernel``: one program per row for C ≤ 8192: both rows sorted by ``tl.sort``
-  on packed (key, index) words, the teacher's tie groups by scans, pool-adjacent-violators
-  as a sequential loop over a per-row workspace, and the backward through the soft ranks
-  and the standardization with prefix sums; writes ρ_S and dρ_S/ds for the row kernel.
+* The Spearman terms (C ≤ 8192), after ``torch.sort`` of both rows:
+  ``_spearman_prepare_kernel`` (one program per row: the standardized student, the
+  teacher's average ranks by scans over its tie groups, θ = ẑ/ε column-major),
+  ``_pav_kernel`` (pool-adjacent-violators, 32 rows per one-warp program, a row per
+  thread, no barrier), ``_spearman_finish_kernel`` (one program per row: the soft ranks,
+  ρ_S, and the backward through the soft ranks and the standardization with prefix sums),
+  writing ρ_S and dρ_S/ds for the row kernel.
 
-Floats are runtime arguments (no recompilation per temperature); only flags and block
-sizes are constexpr. Block sizes and warps come from a heuristic on C (``launch_config``),
-which also holds under Triton's interpreter (TRITON_INTERPRET=1), where the tests run.
+Floats are runtime arguments (no recompilation per temperature); flags, block sizes and
+the row kernel's C are constexpr (one compile per C). Layouts and warps come from
+heuristics on C, which also hold under Triton's interpreter (TRITON_INTERPRET=1), where
+the tests run.
 """
 
 from __future__ import annotations
@@ -38,8 +45,10 @@ import triton.language as tl
 from kdfast._checks import check_fused_arguments
 from kdfast.kernels.launch import on_device_of
 
-#: Longest row the Spearman kernel sorts (one program holds the row).
+#: Longest row the Spearman kernels take (one program holds the row).
 MAX_SPEARMAN_CLASSES = 8192
+#: Rows per program of the pool-adjacent-violators kernel: one warp, a row per thread.
+PAV_ROWS = 32
 #: Longest row the row kernel holds in registers (the resident layout, one read of each
 #: input); longer rows go through the chunked layout. Up to 4096 for every loss; up to 8192
 #: for a loss with at most one correlation term (at 8192 × 16 elements per thread, CMKD's
@@ -658,44 +667,9 @@ def _column_moments_kernel(
 
 
 @triton.jit
-def _spearman_kernel(
-    s_ptr,  # [B, C] student logits
-    s_sorted_ptr,  # [B, C] student logits sorted descending (stable), the student's dtype
-    s_order_ptr,  # [B, C] int64: their original columns
-    t_sorted_ptr,  # [B, C] teacher logits sorted ascending (stable), the teacher's dtype
-    t_order_ptr,  # [B, C] int64: their original columns
-    theta_ptr,  # [B, C] fp64 workspace: θ = ẑ/ε in the student's descending order
-    stack_start_ptr,  # [B, C] int32 workspace: PAV blocks' starts
-    stack_a_ptr,  # [B, C] fp64 workspace: PAV blocks' sums, later prefix sums of g
-    stack_b_ptr,  # [B, C] fp64 workspace: PAV blocks' counts
-    flag_ptr,  # [B, C] int32 workspace
-    rank_ptr,  # [B, C] fp32 workspace: teacher average ranks, original order
-    rho_ptr,  # [B] fp64 out: ρ_S
-    grad_ptr,  # [B, C] fp32 out: dρ_S/ds, original order (WITH_GRAD)
-    C,
-    strength,
-    WITH_GRAD: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    # Memory safety (the interpreter cannot show a race or a stray write; the argument is here):
-    # * Every address is base + j with base = row·C in int64 and 0 <= j < C: lanes j >= C are
-    #   masked, the sort orders come from torch.sort of the whole row (a permutation of
-    #   0..C−1 whatever the values, NaN and ±inf included: no padding lane is ever sorted),
-    #   and the PAV block starts are positions k < C. So no program touches another row.
-    # * Workspace slots are shared by the threads of one program only. Each phase that writes
-    #   a slot that other threads read is followed by a barrier before the reads, and the
-    #   PAV loop also has a barrier *before* its stores: Triton executes a scalar store on
-    #   one thread, and without that barrier another warp still reading the stack top in the
-    #   same iteration's merge loop could see the slot overwritten (write after read).
-    # * All threads compute identical scalars from identical memory, so the data-dependent
-    #   `while` is uniform across the program.
-    row = tl.program_id(0).to(tl.int64)
-    base = row * C
-    offs = tl.arange(0, BLOCK)
-    mask = offs < C
-    n = C * 1.0
-
-    # Standardize (fp64), centering on the first element: a constant row is exactly zero.
+def _standardization(s_ptr, base, offs, mask, n):
+    """The row's first logit s0, the mean of s − s0 and 1/σ (0 for a constant row), in fp64:
+    centering on the first element makes a constant row exactly zero."""
     s0 = tl.load(s_ptr + base).to(tl.float32)
     s = tl.load(s_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     shifted = tl.where(mask, (s - s0).to(tl.float64), 0.0)
@@ -704,7 +678,31 @@ def _spearman_kernel(
     variance = tl.sum(centered * centered, 0) / n
     varying = variance > 0.0
     z_scale = tl.where(varying, 1.0 / tl.sqrt(tl.where(varying, variance, 1.0)), 0.0)
+    return s0, mean_shift, z_scale
 
+
+@triton.jit
+def _spearman_prepare_kernel(
+    s_ptr,  # [B, C] student logits
+    s_sorted_ptr,  # [B, C] student logits sorted descending (stable), the student's dtype
+    t_sorted_ptr,  # [B, C] teacher logits sorted ascending (stable), the teacher's dtype
+    t_order_ptr,  # [B, C] int64: their original columns
+    theta_ptr,  # [C, B] fp64 out, column-major: θ = ẑ/ε in the student's descending order
+    rank_ptr,  # [B, C] fp32 out: teacher average ranks, original order
+    B,
+    C,
+    strength,
+    BLOCK: tl.constexpr,
+):
+    # Memory safety: one program per row. Row-major addresses are row·C + j (int64, j < C
+    # masked), column-major ones j·B + row; the teacher's sort order is a permutation of
+    # 0..C−1 (torch.sort of the whole row, NaN and ±inf included). The program writes only
+    # its own row's ranks and θ column; nothing it writes is read again in this launch.
+    row = tl.program_id(0).to(tl.int64)
+    base = row * C
+    offs = tl.arange(0, BLOCK)
+    mask = offs < C
+    s0, mean_shift, z_scale = _standardization(s_ptr, base, offs, mask, C * 1.0)
     # The teacher's average ranks: tie groups are runs of equal sorted values (NaN equals
     # nothing, −0 equals +0), their first and last positions by max/min scans, scattered
     # back to the original columns.
@@ -718,50 +716,111 @@ def _spearman_kernel(
     average = (starts + ends).to(tl.float32) * 0.5 + 1.0
     t_index = tl.load(t_order_ptr + base + offs, mask=mask, other=0)
     tl.store(rank_ptr + base + t_index, average, mask=mask)
-    tl.debug_barrier()
-    order = tl.load(s_order_ptr + base + offs, mask=mask, other=0)
-    u = tl.load(rank_ptr + base + order, mask=mask, other=0.0).to(tl.float64)
     s_sorted = tl.load(s_sorted_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     z = tl.where(mask, ((s_sorted - s0).to(tl.float64) - mean_shift) * z_scale, 0.0)
-    theta = z / strength
-    tl.store(theta_ptr + base + offs, theta, mask=mask)
-    tl.debug_barrier()
+    tl.store(theta_ptr + offs.to(tl.int64) * B + row, z / strength, mask=mask)
 
-    # Pool-adjacent-violators on θ − (n, n−1, ..., 1): sequential. The newest block stays in
-    # registers while it absorbs the violating blocks on the stack.
-    count = 0
+
+@triton.jit
+def _pav_kernel(
+    theta_ptr,  # [C, B] fp64, column-major: θ per row in the student's descending order
+    stack_start_ptr,  # [C, B] int32 out, column-major: PAV blocks' starts
+    stack_a_ptr,  # [C, B] fp64 out, column-major: PAV blocks' sums
+    stack_b_ptr,  # [C, B] fp64 out, column-major: PAV blocks' counts
+    block_count_ptr,  # [B] int32 out: each row's number of blocks
+    B,
+    C,
+    ROWS: tl.constexpr,
+):
+    # Pool-adjacent-violators on θ − (n, n−1, ..., 1), ROWS rows at once: lane r runs its
+    # row's sequential PAV, the rows advancing in lockstep over k (the merge loop runs while
+    # any lane still merges, the others masked). Column-major workspace: at step k the
+    # lanes read θ[k] of consecutive rows, one coalesced load.
+    #
+    # Memory safety: launched with one warp and ROWS = 32 lanes, so every [ROWS] vector of
+    # the kernel has the one layout in which thread r holds lane r (no layout conversion,
+    # no shared memory: tests/test_gpu_path.py checks the IR): every workspace slot of a
+    # row is read and written by the same thread, in program order, so no barrier is
+    # needed and no thread can see another's slot. Slots are j·B + row (int64) with
+    # j < count <= k + 1 <= C and row < B (rows past B are masked).
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_in = rows < B
+    count = tl.zeros((ROWS,), tl.int32)
+    # θ[k + 1] is loaded while step k merges: its latency hides behind the merge loop.
+    wide_b = B + tl.zeros((), tl.int64)  # slots k·B + row in int64: k·B may pass 2^31
+    theta_next = tl.load(theta_ptr + rows, mask=row_in, other=0.0)
     for k in range(0, C):
-        a = tl.load(theta_ptr + base + k) - (C - k).to(tl.float64)
-        b = tl.full((), 1.0, tl.float64)
-        start = k
-        merging = count > 0
-        while merging:
-            top_a = tl.load(stack_a_ptr + base + count - 1)
-            top_b = tl.load(stack_b_ptr + base + count - 1)
-            if top_a * b <= a * top_b:
-                a += top_a
-                b += top_b
-                count -= 1
-                start = tl.load(stack_start_ptr + base + count)
-                merging = count > 0
-            else:
-                merging = False
-        tl.debug_barrier()  # every thread is done reading the slots the push may overwrite
-        tl.store(stack_start_ptr + base + count, start)
-        tl.store(stack_a_ptr + base + count, a)
-        tl.store(stack_b_ptr + base + count, b)
+        a = theta_next - (C - k).to(tl.float64)
+        theta_next = tl.load(theta_ptr + (k + 1) * wide_b + rows, mask=row_in & (k + 1 < C), other=0.0)
+        b = tl.full((ROWS,), 1.0, tl.float64)
+        start = tl.zeros((ROWS,), tl.int32) + k
+        merging = row_in & (count > 0)
+        while tl.max(merging.to(tl.int32), 0) > 0:
+            top = (count - 1) * wide_b + rows
+            top_a = tl.load(stack_a_ptr + top, mask=merging, other=0.0)
+            top_b = tl.load(stack_b_ptr + top, mask=merging, other=1.0)
+            violates = merging & (top_a * b <= a * top_b)
+            a = tl.where(violates, a + top_a, a)
+            b = tl.where(violates, b + top_b, b)
+            start = tl.where(violates, tl.load(stack_start_ptr + top, mask=violates, other=0), start)
+            count = tl.where(violates, count - 1, count)
+            merging = violates & (count > 0)
+        push = count * wide_b + rows
+        tl.store(stack_start_ptr + push, start, mask=row_in)
+        tl.store(stack_a_ptr + push, a, mask=row_in)
+        tl.store(stack_b_ptr + push, b, mask=row_in)
         count += 1
-        tl.debug_barrier()  # the new top is visible to every thread
+    tl.store(block_count_ptr + rows, count, mask=row_in)
+
+
+@triton.jit
+def _spearman_finish_kernel(
+    s_ptr,  # [B, C] student logits
+    s_sorted_ptr,  # [B, C] student logits sorted descending (stable), the student's dtype
+    s_order_ptr,  # [B, C] int64: their original columns
+    stack_start_ptr,  # [C, B] int32, column-major: PAV blocks' starts
+    stack_a_ptr,  # [C, B] fp64, column-major: PAV blocks' sums
+    stack_b_ptr,  # [C, B] fp64, column-major: PAV blocks' counts
+    block_count_ptr,  # [B] int32: each row's number of blocks
+    flag_ptr,  # [B, C] int32 workspace
+    prefix_ptr,  # [B, C] fp64 workspace: prefix sums of g
+    rank_ptr,  # [B, C] fp32: teacher average ranks, original order
+    rho_ptr,  # [B] fp64 out: ρ_S
+    grad_ptr,  # [B, C] fp32 out: dρ_S/ds, original order (WITH_GRAD)
+    B,
+    C,
+    strength,
+    WITH_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # Memory safety: one program per row; addresses row·C + j or j·B + row (int64) with
+    # j < C masked; the block starts are positions < C, block indices < count <= C. The
+    # flags and prefix sums are the row's own workspace, each written then read after a
+    # barrier (the reads are other threads'); the PAV workspace is only read.
+    row = tl.program_id(0).to(tl.int64)
+    base = row * C
+    offs = tl.arange(0, BLOCK)
+    mask = offs < C
+    n = C * 1.0
+    s0, mean_shift, z_scale = _standardization(s_ptr, base, offs, mask, n)
+    s_sorted = tl.load(s_sorted_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    z = tl.where(mask, ((s_sorted - s0).to(tl.float64) - mean_shift) * z_scale, 0.0)
+    theta = z / strength  # as the prepare kernel computed it, bit for bit
+    order = tl.load(s_order_ptr + base + offs, mask=mask, other=0)
+    u = tl.load(rank_ptr + base + order, mask=mask, other=0.0).to(tl.float64)
+    count = tl.load(block_count_ptr + row)
 
     # Each element's block (flags at block starts, then a running count), the soft ranks.
     tl.store(flag_ptr + base + offs, tl.zeros((BLOCK,), dtype=tl.int32), mask=mask)
     tl.debug_barrier()
-    block_starts = tl.load(stack_start_ptr + base + offs, mask=offs < count, other=0)
+    column = offs.to(tl.int64) * B + row
+    block_starts = tl.load(stack_start_ptr + column, mask=offs < count, other=0)
     tl.store(flag_ptr + base + block_starts, tl.full((BLOCK,), 1, tl.int32), mask=(offs < count) & (offs > 0))
     tl.debug_barrier()
     block = tl.cumsum(tl.load(flag_ptr + base + offs, mask=mask, other=0), 0)
-    block_a = tl.load(stack_a_ptr + base + block, mask=mask, other=0.0)
-    block_b = tl.load(stack_b_ptr + base + block, mask=mask, other=1.0)
+    block_slot = block.to(tl.int64) * B + row
+    block_a = tl.load(stack_a_ptr + block_slot, mask=mask, other=0.0)
+    block_b = tl.load(stack_b_ptr + block_slot, mask=mask, other=1.0)
     ranks = tl.where(mask, theta - block_a / block_b, 0.0)
 
     # Pearson correlation of the soft ranks with the teacher ranks (fp64, shifted sums).
@@ -778,15 +837,13 @@ def _spearman_kernel(
         # Backward: through the correlation; through the soft rank (g minus its block's
         # mean, / ε), with block sums from prefix sums; through the standardization.
         g = tl.where(mask, cross * ua - self_r * ra, 0.0)
-        prefix = tl.cumsum(g, 0)
-        tl.debug_barrier()  # every thread is done reading the PAV sums
-        tl.store(stack_a_ptr + base + offs, prefix, mask=mask)
+        tl.store(prefix_ptr + base + offs, tl.cumsum(g, 0), mask=mask)
         tl.debug_barrier()
-        first = tl.load(stack_start_ptr + base + block, mask=mask, other=0)
-        end = tl.where(block + 1 < count, tl.load(stack_start_ptr + base + block + 1,
+        first = tl.load(stack_start_ptr + block_slot, mask=mask, other=0)
+        end = tl.where(block + 1 < count, tl.load(stack_start_ptr + block_slot + B,
                                                   mask=mask & (block + 1 < count), other=0), C)
-        before = tl.load(stack_a_ptr + base + first - 1, mask=mask & (first > 0), other=0.0)
-        through = tl.load(stack_a_ptr + base + end - 1, mask=mask, other=0.0)
+        before = tl.load(prefix_ptr + base + first - 1, mask=mask & (first > 0), other=0.0)
+        through = tl.load(prefix_ptr + base + end - 1, mask=mask, other=0.0)
         block_mean = (through - before) / (end - first).to(tl.float64)
         g = tl.where(mask, (g - block_mean) / strength, 0.0)
         g_mean = tl.sum(g, 0) / n
@@ -837,14 +894,26 @@ def _spearman(student, teacher, strength, with_grad):
     device = student.device
     s_sorted, s_order = torch.sort(student, dim=1, descending=True, stable=True)
     t_sorted, t_order = torch.sort(teacher, dim=1, stable=True)
-    work64 = torch.empty(3, rows, classes, dtype=torch.float64, device=device)
-    work32 = torch.empty(2, rows, classes, dtype=torch.int32, device=device)
+    # θ and the PAV stacks column-major ([C, B]: the PAV kernel's lanes are rows), the
+    # flags and prefix sums row-major; 32 bytes of workspace per logit.
+    theta = torch.empty(classes, rows, dtype=torch.float64, device=device)
+    stack_a = torch.empty(classes, rows, dtype=torch.float64, device=device)
+    stack_b = torch.empty(classes, rows, dtype=torch.float64, device=device)
+    stack_start = torch.empty(classes, rows, dtype=torch.int32, device=device)
+    flags = torch.empty(rows, classes, dtype=torch.int32, device=device)
+    counts = torch.empty(rows, dtype=torch.int32, device=device)
     ranks = torch.empty(rows, classes, dtype=torch.float32, device=device)
     rho = torch.empty(rows, dtype=torch.float64, device=device)
     grad = torch.empty(rows, classes, dtype=torch.float32, device=device) if with_grad else rho
-    _spearman_kernel[(rows,)](student, s_sorted, s_order, t_sorted, t_order, work64[0], work32[0], work64[1],
-                              work64[2], work32[1], ranks, rho, grad, classes, strength, WITH_GRAD=with_grad,
-                              BLOCK=block, num_warps=spearman_warps(classes))
+    warps = spearman_warps(classes)
+    _spearman_prepare_kernel[(rows,)](student, s_sorted, t_sorted, t_order, theta, ranks, rows, classes, strength,
+                                      BLOCK=block, num_warps=warps)
+    _pav_kernel[(triton.cdiv(rows, PAV_ROWS),)](theta, stack_start, stack_a, stack_b, counts, rows, classes,
+                                                ROWS=PAV_ROWS, num_warps=1)
+    # θ is no longer needed: its storage holds the prefix sums of the backward.
+    _spearman_finish_kernel[(rows,)](student, s_sorted, s_order, stack_start, stack_a, stack_b, counts, flags, theta,
+                                     ranks, rho, grad, rows, classes, strength, WITH_GRAD=with_grad, BLOCK=block,
+                                     num_warps=warps)
     return rho, (grad if with_grad else None)
 
 
