@@ -179,6 +179,14 @@ def _online_kl_step(running_max, running_sum, new_max, e, weighted, centered, s,
 
 
 @triton.jit
+def _probability(x, x_max, log_sum, inv_tau):
+    """softmax(x/τ) from a row's max and log-normalizer: the one formula of every kernel
+    that feeds the column statistics or consumes them (their p − mean_p must be exactly 0
+    in a constant column, so both sides must round alike)."""
+    return tl.exp((x - x_max) * inv_tau - log_sum)
+
+
+@triton.jit
 def _column_value(x, cols, column):
     """x[i, column[i]] for each row i of a tile (a masked sum: NaN or ±inf elsewhere in the
     row does not leak in)."""
@@ -283,8 +291,8 @@ def _chunk(s_ptr, t_ptr, row_base, row_mask, start, cols, C, swap_a, swap_b, t_a
     if RECTIFY:
         t = tl.where(offs[None, :] == swap_a[:, None], t_at_b[:, None],
                      tl.where(offs[None, :] == swap_b[:, None], t_at_a[:, None], t))
-    p = tl.where(mask, tl.exp((s - s_max[:, None]) * inv_tau - s_log_sum[:, None]), 0.0)
-    q = tl.where(mask, tl.exp((t - t_max[:, None]) * inv_tau - t_log_sum[:, None]), 0.0)
+    p = tl.where(mask, _probability(s, s_max[:, None], s_log_sum[:, None], inv_tau), 0.0)
+    q = tl.where(mask, _probability(t, t_max[:, None], t_log_sum[:, None], inv_tau), 0.0)
     return offs, col_mask, mask, offsets, s, t, p, q
 
 
@@ -297,6 +305,7 @@ def _fused_row_kernel(
     rho_s_ptr,  # [B] fp64 Spearman correlations (when HAS_SPEARMAN)
     grad_rho_ptr,  # [B, C] fp32 dρ_S/ds (when HAS_SPEARMAN and STUDENT_GRAD)
     col_ptr,  # [5, C] fp32 column statistics: mean_p, mean_q, cross, self_p, self_q (HAS_COLUMN)
+    stats_ptr,  # [B, 4] fp32 the rows' softmax statistics the column statistics used (HAS_COLUMN)
     row_loss_ptr,  # [B] fp32 out: ℓ_i
     gs_ptr,  # [B, C] out: dL/ds, in the student's dtype (STUDENT_GRAD)
     gt_ptr,  # [B, C] out: dL/dt, in the teacher's dtype (TEACHER_GRAD)
@@ -403,6 +412,16 @@ def _fused_row_kernel(
     # The logs in fp64: at τ = 100 an fp32 log's rounding alone, times τ², moves the loss of
     # two nearly equal rows by ~6e-4 (two scalar fp64 logs per row: no cost).
     log_sum_difference = tl.log(s_sum.to(tl.float64)) - tl.log(t_sum.to(tl.float64))
+    if HAS_COLUMN:
+        # The column statistics were computed from these rows' p and q: the row kernel uses
+        # the very same values (the same statistics, the same formula), or a constant
+        # column's p − mean_p would be rounding, times the 1/1e-8 floor of its correlation.
+        stats = stats_ptr + rows * 4
+        s_max = tl.load(stats, mask=row_mask, other=0.0)
+        s_log_sum = tl.load(stats + 1, mask=row_mask, other=0.0)
+        t_max = tl.load(stats + 2, mask=row_mask, other=0.0)
+        t_log_sum = tl.load(stats + 3, mask=row_mask, other=0.0)
+        log_sum_difference = s_log_sum.to(tl.float64) - t_log_sum.to(tl.float64)
     # Rectified teacher: column t_arg and the target trade places (no-op when equal).
     swap_a = tl.where(RECTIFY & valid, t_arg, -1)
     swap_b = tl.where(RECTIFY & valid, target, -1)
@@ -418,8 +437,12 @@ def _fused_row_kernel(
         if RECTIFY:
             t = _swap_columns(t, cols, swap_a, swap_b)
             e_t = _swap_columns(e_t, cols, swap_a, swap_b)
-        p = e_s * (1.0 / s_sum)[:, None]
-        q = e_t * (1.0 / t_sum)[:, None]
+        if HAS_COLUMN:
+            p = tl.where(mask, _probability(s, s_max[:, None], s_log_sum[:, None], inv_tau), 0.0)
+            q = tl.where(mask, _probability(t, t_max[:, None], t_log_sum[:, None], inv_tau), 0.0)
+        else:
+            p = e_s * (1.0 / s_sum)[:, None]
+            q = e_t * (1.0 / t_sum)[:, None]
         p0 = _column_value(p, cols, target * 0)
         q0 = _column_value(q, cols, target * 0)
         kl, entropy, p_shift, q_shift = _kl_and_moments(s, t, q, mask, s_max, t_max, t_log_sum, log_sum_difference,
@@ -629,10 +652,10 @@ def _column_moments_kernel(
     wide_c = C + tl.zeros((), tl.int64)
     out = partial_ptr + chunk.to(tl.int64) * 3 * wide_c
     if PASS == 0:
-        center_p = tl.exp((tl.load(s_ptr + cols, mask=mask, other=0.0).to(tl.float32) - tl.load(stats_ptr)) * inv_tau
-                          - tl.load(stats_ptr + 1))
-        center_q = tl.exp((tl.load(t_ptr + cols, mask=mask, other=0.0).to(tl.float32) - tl.load(stats_ptr + 2))
-                          * inv_tau - tl.load(stats_ptr + 3))
+        center_p = _probability(tl.load(s_ptr + cols, mask=mask, other=0.0).to(tl.float32), tl.load(stats_ptr),
+                                tl.load(stats_ptr + 1), inv_tau)
+        center_q = _probability(tl.load(t_ptr + cols, mask=mask, other=0.0).to(tl.float32), tl.load(stats_ptr + 2),
+                                tl.load(stats_ptr + 3), inv_tau)
         if chunk == 0:
             tl.store(origin_ptr + cols, center_p, mask=mask)
             tl.store(origin_ptr + C + cols, center_q, mask=mask)
@@ -648,8 +671,8 @@ def _column_moments_kernel(
     for _ in range(first, last):
         s = tl.load(s_rows + cols, mask=mask, other=0.0).to(tl.float32)
         t = tl.load(t_rows + cols, mask=mask, other=0.0).to(tl.float32)
-        a = (tl.exp((s - tl.load(st)) * inv_tau - tl.load(st + 1)) - center_p).to(tl.float64)
-        b = (tl.exp((t - tl.load(st + 2)) * inv_tau - tl.load(st + 3)) - center_q).to(tl.float64)
+        a = (_probability(s, tl.load(st), tl.load(st + 1), inv_tau) - center_p).to(tl.float64)
+        b = (_probability(t, tl.load(st + 2), tl.load(st + 3), inv_tau) - center_q).to(tl.float64)
         if PASS == 0:
             first_sum += a
             second_sum += b
@@ -853,7 +876,8 @@ def _spearman_finish_kernel(
 
 
 def _column_statistics(student, teacher, inv_tau):
-    """[5, C] fp32 (mean_p, mean_q, cross, self_p, self_q) and the [C] column correlations."""
+    """[5, C] fp32 (mean_p, mean_q, cross, self_p, self_q), the [C] column correlations, and
+    the [B, 4] fp32 per-row softmax statistics they were computed with."""
     rows, classes = student.shape
     block, warps = chunk_config(classes)
     stats = torch.empty(rows, 4, dtype=torch.float32, device=student.device)
@@ -877,7 +901,7 @@ def _column_statistics(student, teacher, inv_tau):
     self_p = torch.where(above, rho / torch.where(aa > 0, aa, torch.ones_like(aa)), torch.zeros_like(rho))
     self_q = torch.where(above, rho / torch.where(bb > 0, bb, torch.ones_like(bb)), torch.zeros_like(rho))
     columns = torch.stack([means[0], means[1], (1.0 / safe).float(), self_p.float(), self_q.float()])
-    return columns.contiguous(), rho
+    return columns.contiguous(), rho, stats
 
 
 def _spearman(student, teacher, strength, with_grad):
@@ -958,7 +982,8 @@ def _fused_loss(student, teacher, target, difficulty, temperature, kl_coef, ce_c
     row_loss = torch.empty(rows, dtype=torch.float32, device=device)
     grad_student = torch.empty_like(student) if student_grad else student.new_empty((0,))
     grad_teacher = torch.empty_like(teacher) if teacher_grad else teacher.new_empty((0,))
-    columns, column_rho = (_column_statistics(student, teacher, inv_tau) if column_coef != 0 else (row_loss, None))
+    columns, column_rho, stats = (_column_statistics(student, teacher, inv_tau) if column_coef != 0
+                                  else (row_loss, None, row_loss))
     spearman_rho, spearman_grad = (_spearman(student, teacher, rank_strength, student_grad) if spearman_coef != 0
                                    else (row_loss, None))
     target = target.long().contiguous() if target is not None else row_loss
@@ -966,7 +991,7 @@ def _fused_loss(student, teacher, target, difficulty, temperature, kl_coef, ce_c
     layout = launch_config(classes, (pearson_coef != 0) + (column_coef != 0) + (spearman_coef != 0))
     _fused_row_kernel[(triton.cdiv(rows, layout.rows),)](
         student, teacher, target, difficulty, spearman_rho,
-        spearman_grad if spearman_grad is not None else row_loss, columns, row_loss,
+        spearman_grad if spearman_grad is not None else row_loss, columns, stats, row_loss,
         grad_student if student_grad else row_loss, grad_teacher if teacher_grad else row_loss,
         rows, inv_tau, kl_coef, ce_coef, pearson_coef, spearman_coef, column_coef, difficulty_value, 1.0 / rows,
         C=classes, HAS_TARGET=target is not row_loss, HAS_KL=kl_coef != 0, HAS_CE=ce_coef != 0, HAS_PEARSON=pearson_coef != 0,
