@@ -144,14 +144,12 @@ def ptx_param_bytes(ptx: str) -> dict[int, dict]:
     return dict(table)
 
 
-#: The row kernel's inputs and outputs, with their parameter positions (kernels/kd_losses.py).
-ROW_KERNEL_ARGUMENTS = ("s_ptr", "t_ptr", "target_ptr", "difficulty_ptr", "rho_s_ptr", "grad_rho_ptr", "col_ptr",
-                        "row_loss_ptr", "gs_ptr", "gt_ptr")
-
-
-def row_kernel_model(constexprs: dict, element_bytes: int, threads: int, ttgir: str, ptx: str) -> dict:
+def row_kernel_model(constexprs: dict, element_bytes: int, threads: int, ttgir: str, ptx: str,
+                     arguments: list[str]) -> dict:
     """The Triton row kernel's passes over each input, its HBM bytes per row of C logits and
-    their ratio to the floor, and the PTX check (see the module docstring)."""
+    their ratio to the floor, and the PTX check (see the module docstring). ``arguments``:
+    the kernel's parameter names in order (the constexprs are not PTX parameters)."""
+    ptx_parameters = [name for name in arguments if name not in constexprs]
     classes = constexprs["C"]
     accesses = ttgir_accesses(ttgir)
     by_index = ptx_param_bytes(ptx)
@@ -172,7 +170,7 @@ def row_kernel_model(constexprs: dict, element_bytes: int, threads: int, ttgir: 
         for d in entry["tile"]:
             tile_elements *= d
         per_thread = tile_elements * element_bytes // threads
-        index = ROW_KERNEL_ARGUMENTS.index(name)
+        index = ptx_parameters.index(name)
         ptx_entry = by_index.get(index, {"load_bytes": 0, "store_bytes": 0, "widest_load": 0, "widest_store": 0})
         # A per-row value is held by one thread or, replicated, by several: at most ROWS
         # elements of it per thread.

@@ -661,7 +661,8 @@ def _bytes_model(kernel, signature, constexprs, compiled, ptx) -> dict:
     named = {names[path[0]]: value for path, value in constexprs.items() if len(path) == 1}
     if kernel.fn.__name__ == "_fused_row_kernel":
         element = bytes_model._ELEMENT_BYTES.get(signature["s_ptr"].lstrip("*").replace("fp", "f"), 0)
-        return bytes_model.row_kernel_model(named, element, compiled.metadata.num_warps * WARP_SIZE, ttgir, ptx)
+        return bytes_model.row_kernel_model(named, element, compiled.metadata.num_warps * WARP_SIZE, ttgir, ptx,
+                                            names)
     accesses = bytes_model.ttgir_accesses(ttgir)
     sites = [f"{name[:-4] if name.endswith('_ptr') else name} {entry['tile_loads'] + entry['row_loads']}"
              for name, entry in accesses.items() if entry["tile_loads"] + entry["row_loads"]]

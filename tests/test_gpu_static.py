@@ -101,7 +101,7 @@ for classes, teacher_grad in ((1000, False), (1000, True), (131072, False)):
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=flags, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": layout.warps})
     results[f"{classes}-{teacher_grad}"] = bytes_model.row_kernel_model(
-        flags, 2, layout.warps * 32, compiled.asm["ttgir"], compiled.asm["ptx"])
+        flags, 2, layout.warps * 32, compiled.asm["ttgir"], compiled.asm["ptx"], names)
 print(json.dumps(results))
 """
 
