@@ -16,9 +16,11 @@ scales them in backward). The pieces:
   input read once, with 128-bit vector loads when C is a multiple of 8 (C is a constexpr);
   *chunked* (longer rows), one row per program, an online softmax over chunks of 4096
   columns that also takes KL and the entropy, so KL-only losses read a row twice.
-* ``_softmax_stats_kernel`` and ``_column_moments_kernel``: the intra-class term's column
-  statistics, over fixed chunks of rows (deterministic), finished with a few [C]-sized
-  PyTorch operations.
+* The intra-class term's column statistics, over fixed chunks of rows (deterministic), as
+  shifted sums in one pass finished with a few [C]-sized PyTorch operations: in the
+  resident layout ``_column_partials_kernel`` (one read of each input, which also writes
+  the rows' softmax statistics the row kernel then uses); for long rows
+  ``_softmax_stats_kernel`` then ``_column_moments_kernel``.
 * The Spearman terms (C ≤ 8192), after ``torch.sort`` of both rows:
   ``_spearman_prepare_kernel`` (one program per row: the standardized student, the
   teacher's average ranks by scans over its tie groups, θ = ẑ/ε column-major),
@@ -629,18 +631,17 @@ def _column_moments_kernel(
     s_ptr,  # [B, C] student logits
     t_ptr,  # [B, C] teacher logits
     stats_ptr,  # [B, 4] fp32 softmax statistics
-    means_ptr,  # [2, C] fp32: column means of p and q (PASS 1)
-    partial_ptr,  # [chunks, 3, C] fp64 out: per chunk of rows
-    origin_ptr,  # [2, C] fp32 out: p and q of row 0 (PASS 0, chunk 0)
+    partial_ptr,  # [chunks, 5, C] fp64 out: per chunk of rows, the shifted column sums
+    origin_ptr,  # [2, C] fp32 out: p and q of row 0 (chunk 0)
     B,
     C,
     inv_tau,
     rows_per_chunk,
-    PASS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # PASS 0: Σ (p − p_0), Σ (q − q_0) (shifted by row 0: a constant column is exactly
-    # zero); PASS 1: centered Σ ab, Σ aa, Σ bb with the means PASS 0 gave.
+    # The long-row layout of the column statistics, in one pass over a chunk of rows for a
+    # block of columns: Σa, Σb, Σab, Σa², Σb² for a = p − p_0, b = q − q_0 (shifted by row
+    # 0: a constant column is exactly zero), finished by _finish_columns.
     # Program (column block, chunk of rows) writes only its own columns of its own chunk's
     # partial sums; every thread owns its columns (no shared workspace). Offsets of rows,
     # of statistics and of partials are int64; column offsets are < C (masked).
@@ -650,21 +651,19 @@ def _column_moments_kernel(
     first = chunk.to(tl.int64) * rows_per_chunk
     last = tl.minimum(first + rows_per_chunk, B)
     wide_c = C + tl.zeros((), tl.int64)
-    out = partial_ptr + chunk.to(tl.int64) * 3 * wide_c
-    if PASS == 0:
-        center_p = _probability(tl.load(s_ptr + cols, mask=mask, other=0.0).to(tl.float32), tl.load(stats_ptr),
-                                tl.load(stats_ptr + 1), inv_tau)
-        center_q = _probability(tl.load(t_ptr + cols, mask=mask, other=0.0).to(tl.float32), tl.load(stats_ptr + 2),
-                                tl.load(stats_ptr + 3), inv_tau)
-        if chunk == 0:
-            tl.store(origin_ptr + cols, center_p, mask=mask)
-            tl.store(origin_ptr + C + cols, center_q, mask=mask)
-    else:
-        center_p = tl.load(means_ptr + cols, mask=mask, other=0.0)
-        center_q = tl.load(means_ptr + C + cols, mask=mask, other=0.0)
-    first_sum = tl.zeros((BLOCK,), dtype=tl.float64)
-    second_sum = tl.zeros((BLOCK,), dtype=tl.float64)
-    third_sum = tl.zeros((BLOCK,), dtype=tl.float64)
+    out = partial_ptr + chunk.to(tl.int64) * 5 * wide_c
+    center_p = _probability(tl.load(s_ptr + cols, mask=mask, other=0.0).to(tl.float32), tl.load(stats_ptr),
+                            tl.load(stats_ptr + 1), inv_tau)
+    center_q = _probability(tl.load(t_ptr + cols, mask=mask, other=0.0).to(tl.float32), tl.load(stats_ptr + 2),
+                            tl.load(stats_ptr + 3), inv_tau)
+    if chunk == 0:
+        tl.store(origin_ptr + cols, center_p, mask=mask)
+        tl.store(origin_ptr + C + cols, center_q, mask=mask)
+    sum_a = tl.zeros((BLOCK,), dtype=tl.float64)
+    sum_b = tl.zeros((BLOCK,), dtype=tl.float64)
+    sum_ab = tl.zeros((BLOCK,), dtype=tl.float64)
+    sum_aa = tl.zeros((BLOCK,), dtype=tl.float64)
+    sum_bb = tl.zeros((BLOCK,), dtype=tl.float64)
     s_rows = s_ptr + first * C
     t_rows = t_ptr + first * C
     st = stats_ptr + first * 4
@@ -673,20 +672,102 @@ def _column_moments_kernel(
         t = tl.load(t_rows + cols, mask=mask, other=0.0).to(tl.float32)
         a = (_probability(s, tl.load(st), tl.load(st + 1), inv_tau) - center_p).to(tl.float64)
         b = (_probability(t, tl.load(st + 2), tl.load(st + 3), inv_tau) - center_q).to(tl.float64)
-        if PASS == 0:
-            first_sum += a
-            second_sum += b
-        else:
-            first_sum += a * b
-            second_sum += a * a
-            third_sum += b * b
+        sum_a += a
+        sum_b += b
+        sum_ab += a * b
+        sum_aa += a * a
+        sum_bb += b * b
         s_rows += C
         t_rows += C
         st += 4
-    tl.store(out + cols, first_sum, mask=mask)
-    tl.store(out + wide_c + cols, second_sum, mask=mask)
-    if PASS == 1:
-        tl.store(out + 2 * wide_c + cols, third_sum, mask=mask)
+    tl.store(out + cols, sum_a, mask=mask)
+    tl.store(out + wide_c + cols, sum_b, mask=mask)
+    tl.store(out + 2 * wide_c + cols, sum_ab, mask=mask)
+    tl.store(out + 3 * wide_c + cols, sum_aa, mask=mask)
+    tl.store(out + 4 * wide_c + cols, sum_bb, mask=mask)
+
+
+@triton.jit
+def _tile_probabilities(s_ptr, t_ptr, rows, row_mask, cols, col_mask, C, inv_tau):
+    """A [ROWS, BLOCK] tile of whole rows: its mask, each row's max and log-normalizer for
+    the student and the teacher, and p, q (0 outside the mask) by ``_probability``."""
+    mask = row_mask[:, None] & col_mask[None, :]
+    offsets = rows[:, None] * C + cols[None, :]
+    s = tl.load(s_ptr + offsets, mask=mask, other=-float("inf")).to(tl.float32)
+    t = tl.load(t_ptr + offsets, mask=mask, other=-float("inf")).to(tl.float32)
+    start = tl.zeros_like(rows).to(tl.float32)
+    s_max, s_sum, _ = _softmax_step(start - float("inf"), start, s, inv_tau)
+    t_max, t_sum, _ = _softmax_step(start - float("inf"), start, t, inv_tau)
+    s_log_sum = tl.log(s_sum)
+    t_log_sum = tl.log(t_sum)
+    p = tl.where(mask, _probability(s, s_max[:, None], s_log_sum[:, None], inv_tau), 0.0)
+    q = tl.where(mask, _probability(t, t_max[:, None], t_log_sum[:, None], inv_tau), 0.0)
+    return mask, s_max, s_log_sum, t_max, t_log_sum, p, q
+
+
+@triton.jit
+def _column_partials_kernel(
+    s_ptr,  # [B, C] student logits
+    t_ptr,  # [B, C] teacher logits
+    stats_ptr,  # [B, 4] fp32 out: each row's student max, log-sum, teacher max, log-sum (at τ)
+    partial_ptr,  # [programs, 5, C] fp64 out: per program, the shifted column sums
+    origin_ptr,  # [2, C] fp32 out: p and q of row 0 (program 0)
+    B,
+    inv_tau,
+    rows_per_program,
+    C: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # The resident layout of the column statistics (C <= BLOCK), in one read of each input:
+    # each program takes rows_per_program rows (a multiple of ROWS), ROWS whole rows at a
+    # time, computes their softmax statistics (which the row kernel then uses, so that both
+    # round p and q alike) and adds Σa, Σb, Σab, Σa², Σb² for a = p − p_0, b = q − q_0 per
+    # column, p_0 and q_0 being row 0's (recomputed by every program in a tile of the same
+    # shape: the same reduction, the same bits), finished by _finish_columns.
+    # Program g writes only the statistics of its rows [g·rows_per_program, ...) ∩ [0, B),
+    # its own slice of the partial sums and (g = 0) the origin; offsets are int64 for rows,
+    # columns < C masked. The only values shared between threads are Triton's reductions.
+    program = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    col_mask = cols < C
+    row_offsets = tl.arange(0, ROWS).to(tl.int64)
+    _, _, _, _, _, p_first, q_first = _tile_probabilities(s_ptr, t_ptr, row_offsets, row_offsets < 1, cols,
+                                                          col_mask, C, inv_tau)
+    p0 = tl.sum(p_first, 0)  # row 0 alone (the others are masked to 0)
+    q0 = tl.sum(q_first, 0)
+    first = program.to(tl.int64) * rows_per_program
+    last = tl.minimum(first + rows_per_program, B)
+    sum_a = tl.zeros((BLOCK,), dtype=tl.float64)
+    sum_b = tl.zeros((BLOCK,), dtype=tl.float64)
+    sum_ab = tl.zeros((BLOCK,), dtype=tl.float64)
+    sum_aa = tl.zeros((BLOCK,), dtype=tl.float64)
+    sum_bb = tl.zeros((BLOCK,), dtype=tl.float64)
+    for start in range(first, last, ROWS):
+        rows = start + row_offsets
+        row_mask = rows < last
+        mask, s_max, s_log_sum, t_max, t_log_sum, p, q = _tile_probabilities(s_ptr, t_ptr, rows, row_mask, cols,
+                                                                             col_mask, C, inv_tau)
+        tl.store(stats_ptr + rows * 4, s_max, mask=row_mask)
+        tl.store(stats_ptr + rows * 4 + 1, s_log_sum, mask=row_mask)
+        tl.store(stats_ptr + rows * 4 + 2, t_max, mask=row_mask)
+        tl.store(stats_ptr + rows * 4 + 3, t_log_sum, mask=row_mask)
+        a = tl.where(mask, p - p0[None, :], 0.0).to(tl.float64)
+        b = tl.where(mask, q - q0[None, :], 0.0).to(tl.float64)
+        sum_a += tl.sum(a, 0)
+        sum_b += tl.sum(b, 0)
+        sum_ab += tl.sum(a * b, 0)
+        sum_aa += tl.sum(a * a, 0)
+        sum_bb += tl.sum(b * b, 0)
+    out = partial_ptr + program.to(tl.int64) * 5 * C
+    tl.store(out + cols, sum_a, mask=col_mask)
+    tl.store(out + C + cols, sum_b, mask=col_mask)
+    tl.store(out + 2 * C + cols, sum_ab, mask=col_mask)
+    tl.store(out + 3 * C + cols, sum_aa, mask=col_mask)
+    tl.store(out + 4 * C + cols, sum_bb, mask=col_mask)
+    if program == 0:
+        tl.store(origin_ptr + cols, p0, mask=col_mask)
+        tl.store(origin_ptr + C + cols, q0, mask=col_mask)
 
 
 @triton.jit
@@ -875,25 +956,41 @@ def _spearman_finish_kernel(
         tl.store(grad_ptr + base + order, grad.to(tl.float32), mask=mask)
 
 
-def _column_statistics(student, teacher, inv_tau):
+def _column_statistics(student, teacher, inv_tau, layout: RowLayout):
     """[5, C] fp32 (mean_p, mean_q, cross, self_p, self_q), the [C] column correlations, and
-    the [B, 4] fp32 per-row softmax statistics they were computed with."""
+    the [B, 4] fp32 per-row softmax statistics they were computed with: in the row kernel's
+    ``layout``, one read of each input when it is resident (``_column_partials_kernel``),
+    else two (``_softmax_stats_kernel``, then ``_column_moments_kernel``)."""
     rows, classes = student.shape
-    block, warps = chunk_config(classes)
     stats = torch.empty(rows, 4, dtype=torch.float32, device=student.device)
-    _softmax_stats_kernel[(rows,)](student, teacher, stats, classes, inv_tau, BLOCK=block, num_warps=warps)
-    rows_per_chunk = max(16, triton.cdiv(rows, 64))  # a fixed function of B: deterministic
-    chunks = triton.cdiv(rows, rows_per_chunk)
-    column_block = min(256, triton.next_power_of_2(classes))
-    grid = (triton.cdiv(classes, column_block), chunks)
-    partial = torch.empty(chunks, 3, classes, dtype=torch.float64, device=student.device)
     origin = torch.empty(2, classes, dtype=torch.float32, device=student.device)
-    _column_moments_kernel[grid](student, teacher, stats, origin, partial, origin, rows, classes, inv_tau,
-                                 rows_per_chunk, PASS=0, BLOCK=column_block)
-    means = (origin.double() + partial[:, :2].sum(0) / rows).float()
-    _column_moments_kernel[grid](student, teacher, stats, means, partial, origin, rows, classes, inv_tau,
-                                 rows_per_chunk, PASS=1, BLOCK=column_block)
-    ab, aa, bb = partial.sum(0)
+    rows_per_chunk = max(16, triton.cdiv(rows, 64))  # a fixed function of B: deterministic
+    if layout.resident:
+        rows_per_chunk = triton.cdiv(rows_per_chunk, layout.rows) * layout.rows
+        chunks = triton.cdiv(rows, rows_per_chunk)
+        partial = torch.empty(chunks, 5, classes, dtype=torch.float64, device=student.device)
+        _column_partials_kernel[(chunks,)](student, teacher, stats, partial, origin, rows, inv_tau, rows_per_chunk,
+                                           C=classes, ROWS=layout.rows, BLOCK=layout.block, num_warps=layout.warps)
+    else:
+        block, warps = chunk_config(classes)
+        _softmax_stats_kernel[(rows,)](student, teacher, stats, classes, inv_tau, BLOCK=block, num_warps=warps)
+        chunks = triton.cdiv(rows, rows_per_chunk)
+        column_block = min(256, triton.next_power_of_2(classes))
+        partial = torch.empty(chunks, 5, classes, dtype=torch.float64, device=student.device)
+        _column_moments_kernel[(triton.cdiv(classes, column_block), chunks)](
+            student, teacher, stats, partial, origin, rows, classes, inv_tau, rows_per_chunk, BLOCK=column_block)
+    return (*_finish_columns(origin, partial.sum(0), rows), stats)
+
+
+def _finish_columns(origin, sums, rows):
+    """The column statistics from row 0's p, q and the shifted sums Σa, Σb, Σab, Σa², Σb²
+    (a = p − p_0, b = q − q_0): means, and the centered moments Σab − ΣaΣb/B, ... in fp64
+    (exactly 0 in a constant column)."""
+    sum_a, sum_b, sum_ab, sum_aa, sum_bb = sums
+    means = (origin.double() + torch.stack([sum_a, sum_b]) / rows).float()
+    ab = sum_ab - sum_a * sum_b / rows
+    aa = (sum_aa - sum_a * sum_a / rows).clamp_min(0.0)
+    bb = (sum_bb - sum_b * sum_b / rows).clamp_min(0.0)
     norm = aa.sqrt() * bb.sqrt()
     above = norm > PEARSON_EPS
     safe = torch.where(above, norm, torch.full_like(norm, PEARSON_EPS))
@@ -901,7 +998,7 @@ def _column_statistics(student, teacher, inv_tau):
     self_p = torch.where(above, rho / torch.where(aa > 0, aa, torch.ones_like(aa)), torch.zeros_like(rho))
     self_q = torch.where(above, rho / torch.where(bb > 0, bb, torch.ones_like(bb)), torch.zeros_like(rho))
     columns = torch.stack([means[0], means[1], (1.0 / safe).float(), self_p.float(), self_q.float()])
-    return columns.contiguous(), rho, stats
+    return columns.contiguous(), rho
 
 
 def _spearman(student, teacher, strength, with_grad):
@@ -982,13 +1079,13 @@ def _fused_loss(student, teacher, target, difficulty, temperature, kl_coef, ce_c
     row_loss = torch.empty(rows, dtype=torch.float32, device=device)
     grad_student = torch.empty_like(student) if student_grad else student.new_empty((0,))
     grad_teacher = torch.empty_like(teacher) if teacher_grad else teacher.new_empty((0,))
-    columns, column_rho, stats = (_column_statistics(student, teacher, inv_tau) if column_coef != 0
+    layout = launch_config(classes, (pearson_coef != 0) + (column_coef != 0) + (spearman_coef != 0))
+    columns, column_rho, stats = (_column_statistics(student, teacher, inv_tau, layout) if column_coef != 0
                                   else (row_loss, None, row_loss))
     spearman_rho, spearman_grad = (_spearman(student, teacher, rank_strength, student_grad) if spearman_coef != 0
                                    else (row_loss, None))
     target = target.long().contiguous() if target is not None else row_loss
     difficulty = difficulty.float().contiguous() if difficulty is not None else row_loss
-    layout = launch_config(classes, (pearson_coef != 0) + (column_coef != 0) + (spearman_coef != 0))
     _fused_row_kernel[(triton.cdiv(rows, layout.rows),)](
         student, teacher, target, difficulty, spearman_rho,
         spearman_grad if spearman_grad is not None else row_loss, columns, stats, row_loss,

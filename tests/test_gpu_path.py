@@ -206,8 +206,8 @@ def test_every_triton_launch_runs_inside_the_inputs_device_guard(monkeypatch):
     kdfast.dist_loss(s, t, backend="triton")
     gate_compact(s, torch.arange(3), 0.5, backend="triton")
     assert set(launched) == {"_fused_row_kernel", "_spearman_prepare_kernel", "_pav_kernel",
-                             "_spearman_finish_kernel", "_softmax_stats_kernel",
-                             "_column_moments_kernel", "_gate_confidence_kernel", "_gate_compact_kernel"}
+                             "_spearman_finish_kernel", "_column_partials_kernel", "_gate_confidence_kernel",
+                             "_gate_compact_kernel"}
     assert guard_devices == [s.device] * 3
 
 

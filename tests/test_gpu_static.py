@@ -56,7 +56,7 @@ def test_capture_finds_every_kernel_with_typed_signatures(gpu_static):
     assert "_fused_row_kernel" in by_scenario["kd_loss"]
     assert by_scenario["pearson_loss(dim=0)"] - {"_fused_row_kernel"}, "the column term launches its own kernels"
     found = set().union(*by_scenario.values())
-    assert {"_fused_row_kernel", "_softmax_stats_kernel", "_column_moments_kernel", "_spearman_prepare_kernel",
+    assert {"_fused_row_kernel", "_column_partials_kernel", "_spearman_prepare_kernel",
             "_pav_kernel", "_spearman_finish_kernel", "_gate_confidence_kernel", "_gate_compact_kernel"} <= found
 
     specs = gpu_static.specialize_launches(launches, timeout=300)
