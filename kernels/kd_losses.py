@@ -60,6 +60,10 @@ MAX_RESIDENT_CLASSES_ONE_TERM = 8192
 #: Elements of a resident program's [ROWS, BLOCK] tile: short rows are packed ROWS to a
 #: program until it holds about this many (8 per thread at 8 warps).
 RESIDENT_TILE = 2048
+#: Widest row whose column statistics take one read (``_column_partials_kernel``): its five
+#: fp64 column sums cost 40 B per column, 160 B per thread at 1024 classes and 8 warps (at
+#: 8192 and 16 warps they spilled 3.8 KB on sm_90).
+MAX_COLUMN_PARTIALS_CLASSES = 1024
 #: Widest chunk of a row the chunked layout holds at once.
 MAX_ROW_BLOCK = 4096
 #: Most classes a row may have: column offsets within a row are 32-bit (row offsets are
@@ -959,13 +963,14 @@ def _spearman_finish_kernel(
 def _column_statistics(student, teacher, inv_tau, layout: RowLayout):
     """[5, C] fp32 (mean_p, mean_q, cross, self_p, self_q), the [C] column correlations, and
     the [B, 4] fp32 per-row softmax statistics they were computed with: in the row kernel's
-    ``layout``, one read of each input when it is resident (``_column_partials_kernel``),
-    else two (``_softmax_stats_kernel``, then ``_column_moments_kernel``)."""
+    ``layout``, one read of each input when it is resident and C <= MAX_COLUMN_PARTIALS_CLASSES
+    (``_column_partials_kernel``), else two (``_softmax_stats_kernel``, then
+    ``_column_moments_kernel``)."""
     rows, classes = student.shape
     stats = torch.empty(rows, 4, dtype=torch.float32, device=student.device)
     origin = torch.empty(2, classes, dtype=torch.float32, device=student.device)
     rows_per_chunk = max(16, triton.cdiv(rows, 64))  # a fixed function of B: deterministic
-    if layout.resident:
+    if layout.resident and classes <= MAX_COLUMN_PARTIALS_CLASSES:
         rows_per_chunk = triton.cdiv(rows_per_chunk, layout.rows) * layout.rows
         chunks = triton.cdiv(rows, rows_per_chunk)
         partial = torch.empty(chunks, 5, classes, dtype=torch.float64, device=student.device)

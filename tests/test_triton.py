@@ -98,7 +98,7 @@ def test_launch_configuration_heuristic():
 # tile; 8192 the widest resident row of a loss with one correlation term and a chunked one
 # for DIST and CMKD, 8193 chunked for all).
 LAYOUT_SHAPES = [(17, 1), (17, 2), (19, 31), (3, 1000), (3, 1001), (2, 8192), (2, 8193)]
-LAYOUT_CASES = ("kd", "dist", "cmkd_per_sample", "drkd", "spearman")
+LAYOUT_CASES = ("kd", "dist", "pearson_columns", "cmkd_per_sample", "drkd", "spearman")
 
 
 @pytest.mark.interpreter
