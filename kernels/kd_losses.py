@@ -455,9 +455,11 @@ def _fused_row_kernel(
                                                         inv_tau, p, p0, q0, HAS_KL)
     else:
         # KL and entropy came from the first pass (the rectification moves q between columns
-        # a and b only: KL gains (q_a − q_b)(s_a − s_b)/τ; the entropy does not change). The
-        # means are needed by the Pearson term alone: only it makes this layout read the
-        # row a second time before the gradient pass.
+        # a and b only: KL gains (q_a − q_b)(s_a − s_b)/τ; the entropy does not change).
+        p0 = zeros
+        q0 = zeros
+        p_shift = zeros
+        q_shift = zeros
         kl = weighted / t_sum.to(tl.float64) + (s_max - t_max).to(tl.float64) * inv_tau + log_sum_difference
         if RECTIFY:
             swapped = swap_a != swap_b
@@ -467,26 +469,55 @@ def _fused_row_kernel(
             q_b = tl.exp((t_at_b - t_max) * inv_tau - t_log_sum)
             kl += tl.where(swapped, ((q_a - q_b) * (s_a - s_b)).to(tl.float64) * inv_tau, 0.0)
         entropy = t_log_sum - centered / t_sum
-        p0 = zeros
-        q0 = zeros
-        p_shift = zeros
-        q_shift = zeros
-        if HAS_PEARSON:
-            first = tl.where(swap_a == 0, swap_b, tl.where(swap_b == 0, swap_a, 0))
-            s0 = tl.load(s_ptr + row_base, mask=row_mask, other=0.0).to(tl.float32)
-            t0 = tl.load(t_ptr + row_base + first, mask=row_mask, other=0.0).to(tl.float32)
-            p0 = tl.exp((s0 - s_max) * inv_tau - s_log_sum)
-            q0 = tl.exp((t0 - t_max) * inv_tau - t_log_sum)
-            for start in range(0, C, BLOCK):
-                offs, col_mask, mask, offsets, s, t, p, q = _chunk(
-                    s_ptr, t_ptr, row_base, row_mask, start, cols, C, swap_a, swap_b, t_at_a, t_at_b, s_max, s_log_sum,
-                    t_max, t_log_sum, inv_tau, RECTIFY)
-                _, _, p_part, q_part = _kl_and_moments(s, t, q, mask, s_max, t_max, t_log_sum, log_sum_difference,
-                                                       inv_tau, p, p0, q0, False)
-                p_shift += p_part
-                q_shift += q_part
+    if not RESIDENT and (HAS_PEARSON or HAS_COLUMN):
+        # One more pass for the correlation terms: the row's sums shifted by its first
+        # element, Σa, Σb, Σab, Σa², Σb² for a = p − p_0, b = q − q_0 (fp64; a constant row
+        # stays exactly zero), which give the means, the centered moments and the row term's
+        # <p, g>; and the column term's share of <p, g>, <q, g>.
+        first = tl.where(swap_a == 0, swap_b, tl.where(swap_b == 0, swap_a, 0))
+        s0 = tl.load(s_ptr + row_base, mask=row_mask, other=0.0).to(tl.float32)
+        t0 = tl.load(t_ptr + row_base + first, mask=row_mask, other=0.0).to(tl.float32)
+        p0 = _probability(s0, s_max, s_log_sum, inv_tau)
+        q0 = _probability(t0, t_max, t_log_sum, inv_tau)
+        sum_a = zeros.to(tl.float64)
+        sum_b = zeros.to(tl.float64)
+        sum_ab = zeros.to(tl.float64)
+        sum_aa = zeros.to(tl.float64)
+        sum_bb = zeros.to(tl.float64)
+        column_dot_s = zeros
+        column_dot_t = zeros
+        for start in range(0, C, BLOCK):
+            offs, col_mask, mask, offsets, s, t, p, q = _chunk(
+                s_ptr, t_ptr, row_base, row_mask, start, cols, C, swap_a, swap_b, t_at_a, t_at_b, s_max, s_log_sum,
+                t_max, t_log_sum, inv_tau, RECTIFY)
+            if HAS_PEARSON:
+                # In fp64 from the fp32 values (exact): the centering below cancels Σa·Σb/C
+                # against Σab, and a rounded a would pass its error on, magnified.
+                a = tl.where(mask, p.to(tl.float64) - p0.to(tl.float64)[:, None], 0.0)
+                b = tl.where(mask, q.to(tl.float64) - q0.to(tl.float64)[:, None], 0.0)
+                sum_a += tl.sum(a, 1)
+                sum_b += tl.sum(b, 1)
+                sum_ab += tl.sum(a * b, 1)
+                sum_aa += tl.sum(a * a, 1)
+                sum_bb += tl.sum(b * b, 1)
+            if HAS_COLUMN:  # the column part of g alone (row coefficients 0, column weight 1)
+                c_s, c_t = _correlation_gradients(p, q, offs, col_mask, col_ptr, C, zeros, zeros, zeros, zeros,
+                                                  zeros, zeros, 1.0, HAS_COLUMN)
+                column_dot_s += tl.sum(tl.where(mask, p * c_s, 0.0), 1)
+                column_dot_t += tl.sum(tl.where(mask, q * c_t, 0.0), 1)
+        p_shift = sum_a.to(tl.float32)
+        q_shift = sum_b.to(tl.float32)
     p_mean = p0 + p_shift / C
     q_mean = q0 + q_shift / C
+    if not RESIDENT and HAS_PEARSON:
+        # The moments about the fp32 means the gradient uses (as the resident layout takes
+        # them), from the shifted sums: Σ(p − p̄)(q − q̄) = Σab − d_q Σa − d_p Σb + C d_p d_q
+        # with d = p̄ − p_0, in fp64.
+        d_p = p_mean.to(tl.float64) - p0.to(tl.float64)
+        d_q = q_mean.to(tl.float64) - q0.to(tl.float64)
+        chunk_ab = sum_ab - d_q * sum_a - d_p * sum_b + C * d_p * d_q
+        chunk_aa = tl.maximum(sum_aa - 2.0 * d_p * sum_a + C * d_p * d_p, 0.0)
+        chunk_bb = tl.maximum(sum_bb - 2.0 * d_q * sum_b + C * d_q * d_q, 0.0)
 
     loss = zeros.to(tl.float64)
     if HAS_KL:  # KL ≥ 0 despite rounding at a large τ (the gradient keeps the unclamped kl)
@@ -508,17 +539,9 @@ def _fused_row_kernel(
         if RESIDENT:
             ab, aa, bb = _pearson_moments(p, q, mask, p_mean, q_mean)
         else:
-            ab = zeros.to(tl.float64)
-            aa = zeros.to(tl.float64)
-            bb = zeros.to(tl.float64)
-            for start in range(0, C, BLOCK):
-                offs, col_mask, mask, offsets, s, t, p, q = _chunk(
-                    s_ptr, t_ptr, row_base, row_mask, start, cols, C, swap_a, swap_b, t_at_a, t_at_b, s_max, s_log_sum,
-                    t_max, t_log_sum, inv_tau, RECTIFY)
-                ab_part, aa_part, bb_part = _pearson_moments(p, q, mask, p_mean, q_mean)
-                ab += ab_part
-                aa += aa_part
-                bb += bb_part
+            ab = chunk_ab
+            aa = chunk_aa
+            bb = chunk_bb
         rho, cross64, self_p64, self_q64 = _correlation(ab, aa, bb)
         cross = cross64.to(tl.float32)
         self_p = self_p64.to(tl.float32)
@@ -558,17 +581,24 @@ def _fused_row_kernel(
                     v_t = _swap_columns(v_t, cols, swap_a, swap_b)
                 tl.store(gt_ptr + offsets, v_t.to(gt_ptr.dtype.element_ty), mask=mask)
         else:
+            # <p, g> and <q, g>: the column term's share was summed in the pass above; the row
+            # term's takes a pass summing p·g over the very fp32 g the gradient uses (its
+            # exact value is 0, ρ being shift- and scale-invariant, but the closed form from
+            # the shifted sums left the rounding of g in: 2e-5 relative at τ = 1).
             p_dot = zeros
             q_dot = zeros
-            if HAS_PEARSON or HAS_COLUMN:
+            if HAS_PEARSON:
                 for start in range(0, C, BLOCK):
                     offs, col_mask, mask, offsets, s, t, p, q = _chunk(
-                        s_ptr, t_ptr, row_base, row_mask, start, cols, C, swap_a, swap_b, t_at_a, t_at_b, s_max, s_log_sum,
-                        t_max, t_log_sum, inv_tau, RECTIFY)
+                        s_ptr, t_ptr, row_base, row_mask, start, cols, C, swap_a, swap_b, t_at_a, t_at_b, s_max,
+                        s_log_sum, t_max, t_log_sum, inv_tau, RECTIFY)
                     g_s, g_t = _correlation_gradients(p, q, offs, col_mask, col_ptr, C, p_mean, q_mean, cross,
-                                                      self_p, self_q, pearson_grad, column_grad, HAS_COLUMN)
+                                                      self_p, self_q, pearson_grad, column_grad, False)
                     p_dot += tl.sum(tl.where(mask, p * g_s, 0.0), 1)
                     q_dot += tl.sum(tl.where(mask, q * g_t, 0.0), 1)
+            if HAS_COLUMN:
+                p_dot += column_grad * column_dot_s
+                q_dot += column_grad * column_dot_t
             for start in range(0, C, BLOCK):
                 offs, col_mask, mask, offsets, s, t, p, q = _chunk(
                     s_ptr, t_ptr, row_base, row_mask, start, cols, C, swap_a, swap_b, t_at_a, t_at_b, s_max, s_log_sum,
