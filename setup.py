@@ -128,7 +128,8 @@ class BuildWithNvcc(BuildExtension):
             archs = os.environ.get("KDFAST_CUDA_ARCHS", "80;90").split(";")
             gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
             gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")  # PTX for newer GPUs
-            command = [ext.nvcc, "-c", source, "-o", obj, "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
+            # --threads 0: the architectures compile in parallel, one per CPU.
+            command = [ext.nvcc, "-c", source, "-o", obj, "-O3", "-std=c++17", "--threads", "0", "-Xcompiler", "-fPIC",
                        f"-I{os.path.join(HERE, 'csrc')}", *gencode]
             print(" ".join(command))
             subprocess.run(command, check=True, cwd=HERE)

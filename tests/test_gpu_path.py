@@ -420,6 +420,55 @@ def test_every_loss_agrees_at_a_few_shapes(backend, dtype, shape):
             assert error <= bound, f"{case} {name}: {error:.2e} > {bound:.2e}"
 
 
+# The CUDA row kernel's layouts: 8, 16 or 32 lanes of a warp per row up to 256 classes,
+# a warp with two runs per lane up to 512, a block per row with the row in registers up
+# to 2048, chunked beyond; B = 37 is a multiple of no layout's rows per block (32, 16, 8),
+# so the last block holds rows past the end. C % 8 != 0 takes the scalar loads.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("classes", [1, 2, 31, 64, 65, 128, 129, 256, 257, 512, 513, 2048, 2049, 8193])
+@pytest.mark.gpu
+def test_cuda_row_kernel_layouts_agree(dtype, classes):
+    shape = (37, classes)
+    for case in CASES:
+        if not _applicable(case, shape):
+            continue
+        s, t, y, w = _inputs(shape)
+        s, t = s.to(dtype), t.to(dtype)
+        truth = _loss_and_grads(case, s.double(), t.double(), y, w, "torch", "cpu")
+        got = _loss_and_grads(case, s, t, y, w, "cuda", "cuda")
+        if dtype == torch.float32:
+            bounds = [1e-5] * 3
+        else:
+            reference = _loss_and_grads(case, s, t, y, w, "torch", "cuda")
+            bounds = [2 * e + torch.finfo(dtype).eps / 4 for e in _relative_errors(reference, truth)]
+        for name, error, bound in zip(("loss", "grad_student", "grad_teacher"), _relative_errors(got, truth), bounds):
+            assert error <= bound, f"{case} C={classes} {name}: {error:.2e} > {bound:.2e}"
+
+
+@pytest.mark.parametrize("classes", [1000, 64])
+@pytest.mark.gpu
+def test_cuda_row_kernel_unaligned_rows_take_scalar_loads(classes):
+    """C % 8 == 0 but the logits start one element past a 16-byte boundary: vector loads
+    would fault or read the wrong classes; the kernel must see it and load scalars."""
+    s, t, y, _ = _inputs((9, classes))
+    s, t = s.float(), t.float()
+    for name, loss in (("kd", lambda a, b: kdfast.kd_loss(a, b, 3.0, backend="cuda")),
+                       ("drkd", lambda a, b: kdfast.drkd_loss(a, b, y.cuda(), 3.0, backend="cuda"))):
+        storage_s = torch.empty(s.numel() + 1, device="cuda")
+        storage_t = torch.empty(t.numel() + 1, device="cuda")
+        unaligned_s = storage_s[1:].view_as(s).copy_(s).requires_grad_()
+        unaligned_t = storage_t[1:].view_as(t).copy_(t).requires_grad_()
+        assert unaligned_s.data_ptr() % 16 != 0
+        got = loss(unaligned_s, unaligned_t)
+        got_grads = torch.autograd.grad(got, (unaligned_s, unaligned_t))
+        a, b = s.cuda().requires_grad_(), t.cuda().requires_grad_()
+        expected = loss(a, b)
+        expected_grads = torch.autograd.grad(expected, (a, b))
+        assert torch.equal(got, expected), name
+        for g, e in zip(got_grads, expected_grads):
+            assert torch.equal(g, e), name
+
+
 # --------------------------------------------- further defects found by reading the code
 
 @pytest.mark.parametrize("backend", ["cpu", "torch", pytest.param("triton", marks=pytest.mark.interpreter)])

@@ -1,5 +1,7 @@
 // CUDA kernels of the fused KD loss (the generic loss of csrc/losses.h): the same math
-// as csrc/losses_cpu.cpp, one block per row, with block-wide reductions.
+// as csrc/losses_cpu.cpp. The row kernel holds rows of up to 2048 classes in registers
+// (8 to 32 lanes of a warp per row up to 512 classes, a block per row beyond) and reads
+// each input once; longer rows take a block each and several passes.
 //
 // The steps, all on the caller's stream:
 //   1. (column term)   per-row softmax statistics, then per-column moments over fixed
@@ -9,7 +11,8 @@
 //                      pool-adjacent-violators (one thread; the row's PAV state in shared
 //                      memory when it fits), their correlation and its gradient;
 //   3. the row kernel: KL, CE, Pearson, difficulty, the Spearman and column shares, and
-//      the gradients, rounded once to the logits' dtype;
+//      the gradients, rounded once to the logits' dtype (one algorithm, fused_row, over
+//      the resident and the chunked layouts);
 //   4. the loss: a fixed-order sum of the per-row losses (and of the column correlations).
 //
 // Audit (what the interpreter-free reading checked; tests/test_gpu_path.py has a GPU test
@@ -20,7 +23,17 @@
 //   branch or return that skips a barrier depends only on block-uniform values (the
 //   config, the row's target, reduced totals, block_count read after a barrier), and the
 //   Spearman kernel's returns come back to its row loop's __syncthreads().
-// * Rows: one block per row, row offsets row·cols in int64, element loops in int64; the
+// * Row kernel, resident layout: the shuffles of a row's reductions span the whole warp
+//   (rows of 8 or 16 lanes share one), so no lane may leave or branch around them: every
+//   reduction is under a kernel-uniform condition (coefficients, gradient flags), what is
+//   per row (a missing target, the difficulty, the rectification) only selects values,
+//   and rows past the last stay in with zero classes (no load, no store). No shared
+//   memory in the warp layouts; the block layout uses block_sum/block_argmax as below.
+//   A thread stores only the classes it loaded, of its own row; vector accesses only when
+//   C % 8 == 0 and every buffer is 16-byte aligned (checked on the host), so a run never
+//   crosses a row's end. The rectified teacher's gradient is stored in place with the
+//   two exchanged values computed per row (no scatter between threads).
+// * Rows: one block per row elsewhere, row offsets row·cols in int64, element loops in int64; the
 //   scatters through the sort orders and the rectification's swap are permutations of
 //   0..cols−1 whatever the values (CUB sorts every bit pattern, NaN included), so no block
 //   writes outside its row. Grids: 1-D x ≤ 2^31 − 1 (checked), the column kernels' y is
@@ -443,7 +456,18 @@ __global__ void __launch_bounds__(kThreads) spearman_kernel(const s_t* student, 
 }
 
 // ---------------------------------------------------------------------------------
-// 3. The row kernel.
+// 3. The row kernel: one row algorithm (fused_row) over two layouts of the row.
+//
+// * Resident (C ≤ kMaxResidentClasses): GROUP threads per row — 8, 16 or 32 lanes of a
+//   warp (several rows per block, reductions by shuffles only, no barrier) or the whole
+//   block — each holding VECTORS runs of kVector consecutive classes in registers. Each
+//   input is read once (16-byte vector loads when every row starts 16-byte aligned, i.e.
+//   C % 8 == 0 and aligned buffers; masked scalar loads otherwise), every later pass
+//   runs over registers, and the gradient is written once with vector stores.
+// * Chunked (longer rows): one block per row, each pass re-reading the row (from L1/L2
+//   where it stays, from HBM at large C).
+// Rows past the last one (the last block of a resident layout) keep their lanes in every
+// shuffle with zero classes: they load, store and write nothing.
 
 struct RowInputs {
   const int64_t* target;
@@ -454,114 +478,311 @@ struct RowInputs {
   float* row_loss;
 };
 
+constexpr int kVector = 8;  // classes per run: 16 bytes of a half type, 32 of float
+constexpr int64_t kMaxResidentClasses = 2048;
+
+// Sums and maxima over the threads of a row. GROUP == 32: the row has `width` (8, 16 or
+// 32, set at launch) aligned lanes of a warp, reduced by a butterfly of xor shuffles
+// (every lane gets bit-identical totals: each addition pairs the same two operands in
+// every lane); the whole warp takes part, so callers reach these only under
+// kernel-uniform conditions. GROUP == kThreads: block reductions.
+template <int GROUP>
+struct RowGroup {
+  static_assert(GROUP == kThreads || GROUP == 32, "unsupported group");
+  int width;
+  template <typename T, int N>
+  __device__ void sum(T (&v)[N], Scratch& scratch) const {
+    if constexpr (GROUP == kThreads) {
+      if constexpr (sizeof(T) == sizeof(double)) {
+        block_sum(v, scratch.d);
+      } else {
+        block_sum(v, scratch.f);
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+#pragma unroll
+        for (int offset = width / 2; offset > 0; offset >>= 1) v[k] += __shfl_xor_sync(0xffffffffu, v[k], offset);
+      }
+    }
+  }
+  // The student's maximum and the teacher's maximum with its first index (NaN ignored).
+  __device__ void maxima(float& s_max, float& t_max, int64_t& t_arg, Scratch& scratch) const {
+    if constexpr (GROUP == kThreads) {
+      int64_t unused = 0;
+      block_argmax(s_max, unused, scratch.f, scratch.i);
+      block_argmax(t_max, t_arg, scratch.f, scratch.i);
+    } else {
+      for (int offset = width / 2; offset > 0; offset >>= 1) {
+        s_max = fmaxf(s_max, __shfl_xor_sync(0xffffffffu, s_max, offset));
+        const float other = __shfl_xor_sync(0xffffffffu, t_max, offset);
+        const int64_t other_index = __shfl_xor_sync(0xffffffffu, t_arg, offset);
+        if (other > t_max || (other == t_max && other_index < t_arg)) {
+          t_max = other;
+          t_arg = other_index;
+        }
+      }
+    }
+  }
+};
+
+// kVector classes from j0 on as floats: one or two 16-byte loads when `vector` (then the
+// run is whole: C % kVector == 0), else masked scalar loads (0 past the row's end).
+template <typename T>
+__device__ __forceinline__ void load_run(const T* row, int64_t j0, int64_t cols, bool vector, float (&out)[kVector]) {
+  if (vector && j0 + kVector <= cols) {
+    if constexpr (sizeof(T) == 2) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(row + j0);
+      const T* h = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int w = 0; w < kVector; ++w) out[w] = to_float(h[w]);
+    } else {
+      const float4 a = reinterpret_cast<const float4*>(row + j0)[0], b = reinterpret_cast<const float4*>(row + j0)[1];
+      out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
+    }
+  } else {
+#pragma unroll
+    for (int w = 0; w < kVector; ++w) out[w] = j0 + w < cols ? to_float(row[j0 + w]) : 0.0f;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_run(T* row, int64_t j0, int64_t cols, bool vector, const float (&v)[kVector]) {
+  if (vector && j0 + kVector <= cols) {
+    if constexpr (sizeof(T) == 2) {
+      uint4 raw;
+      T* h = reinterpret_cast<T*>(&raw);
+#pragma unroll
+      for (int w = 0; w < kVector; ++w) h[w] = from_float<T>(v[w]);
+      *reinterpret_cast<uint4*>(row + j0) = raw;
+    } else {
+      reinterpret_cast<float4*>(row + j0)[0] = make_float4(v[0], v[1], v[2], v[3]);
+      reinterpret_cast<float4*>(row + j0)[1] = make_float4(v[4], v[5], v[6], v[7]);
+    }
+  } else {
+#pragma unroll
+    for (int w = 0; w < kVector; ++w) {
+      if (j0 + w < cols) row[j0 + w] = from_float<T>(v[w]);
+    }
+  }
+}
+
+// How the rectification (DR-KD) moves the teacher: the values at its argmax and at the
+// target trade places, so the gradient at original position t_arg is the rectified one at
+// target and vice versa (fixed values, computed once per row: no scatter).
+struct Swap {
+  bool on = false;
+  int64_t t_arg = 0, target = 0;
+  float at_t_arg = 0.0f, at_target = 0.0f;  // rectified values there (raw logits, then gradients)
+  __device__ float apply(int64_t j, float value) const {
+    return !on ? value : (j == t_arg ? at_t_arg : (j == target ? at_target : value));
+  }
+};
+
+// The resident layout: lane `lane` of the row's `group` threads holds classes
+// (v·group + lane)·kVector + w, v < VECTORS, w < kVector (a warp covers 32·kVector
+// consecutive classes per v, so loads coalesce).
+template <int VECTORS>
+struct ResidentRow {
+  float s[VECTORS][kVector], t[VECTORS][kVector];  // the logits, then minus their row max
+  int64_t cols;
+  int group, lane;
+  bool vector;
+
+  __device__ int64_t first(int v) const { return (static_cast<int64_t>(v) * group + lane) * kVector; }
+
+  template <typename s_t, typename t_t>
+  __device__ void load(const s_t* s_row, const t_t* t_row) {
+#pragma unroll
+    for (int v = 0; v < VECTORS; ++v) {
+      load_run(s_row, first(v), cols, vector, s[v]);
+      load_run(t_row, first(v), cols, vector, t[v]);
+    }
+  }
+  // f(j, student, teacher) for every class of the row this thread holds.
+  template <typename F>
+  __device__ void each(F&& f) const {
+#pragma unroll
+    for (int v = 0; v < VECTORS; ++v) {
+#pragma unroll
+      for (int w = 0; w < kVector; ++w) {
+        if (first(v) + w < cols) f(first(v) + w, s[v][w], t[v][w]);
+      }
+    }
+  }
+  template <typename F>
+  __device__ void each_raw(F&& f) const {  // before center(): the logits themselves
+    each(f);
+  }
+  __device__ void center(float s_max, float t_max, const Swap& swap) {
+#pragma unroll
+    for (int v = 0; v < VECTORS; ++v) {
+#pragma unroll
+      for (int w = 0; w < kVector; ++w) {
+        s[v][w] -= s_max;
+        t[v][w] = swap.apply(first(v) + w, t[v][w]) - t_max;
+      }
+    }
+  }
+  // Writes gradient_s(j, s, t, extra_j) and gradient_t(j, s, t) (extra: a float row read
+  // alongside, or zeros).
+  template <typename s_t, typename t_t, typename FS, typename FT>
+  __device__ void store(s_t* gs_row, t_t* gt_row, const float* extra_row, FS&& gradient_s, FT&& gradient_t) const {
+#pragma unroll
+    for (int v = 0; v < VECTORS; ++v) {
+      const int64_t j0 = first(v);
+      if (j0 >= cols) continue;
+      float out[kVector];
+      if (gs_row != nullptr) {
+        float extra[kVector] = {};
+        if (extra_row != nullptr) load_run(extra_row, j0, cols, vector, extra);
+#pragma unroll
+        for (int w = 0; w < kVector; ++w) out[w] = gradient_s(j0 + w, s[v][w], t[v][w], extra[w]);
+        store_run(gs_row, j0, cols, vector, out);
+      }
+      if (gt_row != nullptr) {
+#pragma unroll
+        for (int w = 0; w < kVector; ++w) out[w] = gradient_t(j0 + w, s[v][w], t[v][w]);
+        store_run(gt_row, j0, cols, vector, out);
+      }
+    }
+  }
+};
+
+// The chunked layout: one block per row, every pass reading the row again.
 template <typename s_t, typename t_t>
-__global__ void __launch_bounds__(kThreads) fused_row_kernel(const s_t* student, const t_t* teacher, int64_t cols,
-                                                             LossConfig cfg, float grad_scale, RowInputs in,
-                                                             s_t* grad_student, t_t* grad_teacher) {
-  __shared__ Scratch scratch;
-  const int64_t row = blockIdx.x;
-  const s_t* s = student + row * cols;
-  const t_t* t_raw = teacher + row * cols;
+struct ChunkedRow {
+  const s_t* s_row;
+  const t_t* t_row;
+  int64_t cols;
+  float s_max = 0.0f, t_max = 0.0f;
+  Swap swap;
+
+  template <typename A, typename B>
+  __device__ void load(A, B) {}
+  template <typename F>
+  __device__ void each_raw(F&& f) const {
+    for (int64_t j = threadIdx.x; j < cols; j += kThreads) f(j, to_float(s_row[j]), to_float(t_row[j]));
+  }
+  template <typename F>
+  __device__ void each(F&& f) const {
+    for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
+      f(j, to_float(s_row[j]) - s_max, swap.apply(j, to_float(t_row[j])) - t_max);
+    }
+  }
+  __device__ void center(float s_max_, float t_max_, const Swap& swap_) {
+    s_max = s_max_;
+    t_max = t_max_;
+    swap = swap_;
+  }
+  template <typename FS, typename FT>
+  __device__ void store(s_t* gs_row, t_t* gt_row, const float* extra_row, FS&& gradient_s, FT&& gradient_t) const {
+    each([&](int64_t j, float s, float t) {
+      if (gs_row != nullptr) gs_row[j] = from_float<s_t>(gradient_s(j, s, t, extra_row ? extra_row[j] : 0.0f));
+      if (gt_row != nullptr) gt_row[j] = from_float<t_t>(gradient_t(j, s, t));
+    });
+  }
+};
+
+// The loss of one row and its gradients. Every reduction sits under a condition that is
+// uniform across the kernel (the config's coefficients and gradient flags); what differs
+// per row (a missing target, the difficulty, the rectification) only selects values.
+template <int GROUP, typename Row, typename s_t, typename t_t>
+__device__ void fused_row(Row& r, RowGroup<GROUP> reduce, int64_t row, bool active, bool leader, const s_t* s_row,
+                          const t_t* t_row, const LossConfig& cfg, float grad_scale, const RowInputs& in,
+                          s_t* gs_row, t_t* gt_row, Scratch& scratch) {
+  const int64_t cols = r.cols;
   const float it = cfg.inv_temperature;
   const double inv_n = 1.0 / static_cast<double>(cols);
-  const int64_t target = in.target ? in.target[row] : -1;
-  const bool has_target = target >= 0 && target < cols;
-  if ((cfg.ce_coef != 0.0f || cfg.rectify) && !has_target) {  // uniform across the block
-    if (threadIdx.x == 0) in.row_loss[row] = NAN;
-    for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
-      if (cfg.student_grad) grad_student[row * cols + j] = from_float<s_t>(NAN);
-      if (cfg.teacher_grad) grad_teacher[row * cols + j] = from_float<t_t>(NAN);
-    }
-    return;
-  }
+  r.load(s_row, t_row);
 
   // Maxima; the teacher's first argmax for DR-KD's rectification.
   float s_max = -INFINITY, t_max = -INFINITY;
-  int64_t s_arg = cols, t_arg = cols;
-  for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
-    const float a = to_float(s[j]), b = to_float(t_raw[j]);
-    if (a > s_max) s_max = a;
+  int64_t t_arg = cols;
+  r.each_raw([&](int64_t j, float a, float b) {
+    s_max = fmaxf(s_max, a);
     if (b > t_max || (b == t_max && j < t_arg)) {
       t_max = b;
       t_arg = j;
     }
-  }
-  block_argmax(s_max, s_arg, scratch.f, scratch.i);
-  block_argmax(t_max, t_arg, scratch.f, scratch.i);
+  });
+  reduce.maxima(s_max, t_max, t_arg, scratch);
   if (t_arg >= cols) t_arg = 0;  // an all-NaN row
-  const bool swapped = cfg.rectify && t_arg != target;
-  // The rectified teacher: the argmax and the target trade places.
-  auto teacher_at = [&](int64_t j) {
-    const int64_t source = !swapped ? j : (j == t_arg ? target : (j == target ? t_arg : j));
-    return to_float(t_raw[source]);
-  };
-  auto student_at = [&](int64_t j) { return to_float(s[j]); };
+  const int64_t target = active && in.target ? in.target[row] : -1;
+  const bool has_target = target >= 0 && target < cols;
+  const bool invalid = (cfg.ce_coef != 0.0f || cfg.rectify) && !has_target;  // its loss and gradients are NaN
+  Swap swap;
+  swap.on = cfg.rectify && has_target && t_arg != target;
+  if (swap.on) {  // the rectified teacher: the argmax and the target trade places
+    swap.t_arg = t_arg;
+    swap.target = target;
+    swap.at_t_arg = to_float(t_row[target]);
+    swap.at_target = to_float(t_row[t_arg]);
+  }
+  r.center(s_max, t_max, swap);
 
   float sums[3] = {0.0f, 0.0f, 0.0f};  // softmax normalizers at τ, and of the CE term at 1
-  for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
-    sums[0] += expf((student_at(j) - s_max) * it);
-    sums[1] += expf((teacher_at(j) - t_max) * it);
-    if (cfg.ce_coef != 0.0f) sums[2] += expf(student_at(j) - s_max);
-  }
-  block_sum(sums, scratch.f);
+  r.each([&](int64_t, float s, float t) {
+    sums[0] += expf(s * it);
+    sums[1] += expf(t * it);
+    if (cfg.ce_coef != 0.0f) sums[2] += expf(s);
+  });
+  reduce.sum(sums, scratch);
   const float s_log_sum = logf(sums[0]), t_log_sum = logf(sums[1]);
-  // The logs in double: at τ = 100 a float log's rounding alone, times τ², moves the loss
-  // of two nearly equal rows by ~6e-4. One thread takes them and shares the difference (in
-  // every thread the double log's registers made the kernel spill); its own shared slot,
-  // written once before the barrier and only read after it, so nothing races on it.
-  __shared__ double shared_log_sum_difference;
-  if (threadIdx.x == 0) shared_log_sum_difference = log(static_cast<double>(sums[0])) - log(static_cast<double>(sums[1]));
-  __syncthreads();
-  const double log_sum_difference = shared_log_sum_difference;
-  auto p_at = [&](int64_t j) { return expf((student_at(j) - s_max) * it - s_log_sum); };
-  auto q_at = [&](int64_t j) { return expf((teacher_at(j) - t_max) * it - t_log_sum); };
-  auto log_ratio = [&](int64_t j) {  // log q_j − log p_j, from the logits
-    return (static_cast<double>(teacher_at(j) - t_max) - static_cast<double>(student_at(j) - s_max)) * it +
-           log_sum_difference;
+  // The logs' difference in double: at τ = 100 a float log's rounding alone, times τ²,
+  // moves the loss of two nearly equal rows by ~6e-4.
+  const double log_sum_difference = log(static_cast<double>(sums[0])) - log(static_cast<double>(sums[1]));
+  auto p_of = [&](float s) { return expf(s * it - s_log_sum); };
+  auto q_of = [&](float t) { return expf(t * it - t_log_sum); };
+  auto log_ratio = [&](float s, float t) {  // log q − log p
+    return (static_cast<double>(t) - static_cast<double>(s)) * it + log_sum_difference;
   };
 
-  const float p0 = p_at(0), q0 = q_at(0);
-  double acc[4] = {0.0, 0.0, 0.0, 0.0};  // KL, entropy, Σ (p − p_0), Σ (q − q_0)
+  double acc[4] = {0.0, 0.0, 0.0, 0.0};  // KL, entropy, Σ p, Σ q
   const bool kl_term = cfg.kl_coef != 0.0f;
-  for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
-    const float p = p_at(j), q = q_at(j);
-    if (kl_term && q > 0.0f) acc[0] += q * log_ratio(j);  // q = 0: no term (0·−inf would be NaN)
-    if (q > 0.0f) acc[1] -= q * ((teacher_at(j) - t_max) * it - t_log_sum);
-    acc[2] += p - p0;
-    acc[3] += q - q0;
-  }
-  block_sum(acc, scratch.d);
+  r.each([&](int64_t, float s, float t) {
+    const float p = p_of(s), q = q_of(t);
+    if (kl_term && q > 0.0f) acc[0] += q * log_ratio(s, t);  // q = 0: no term (0·−inf would be NaN)
+    if (q > 0.0f) acc[1] -= q * (t * it - t_log_sum);
+    acc[2] += p;
+    acc[3] += q;
+  });
+  reduce.sum(acc, scratch);
   const double kl = acc[0];
-  const float p_mean = static_cast<float>(p0 + acc[2] * inv_n), q_mean = static_cast<float>(q0 + acc[3] * inv_n);
+  // A constant row's mean is exactly its value (a double sum of C equal floats is exact),
+  // so it centers to exactly zero.
+  const float p_mean = static_cast<float>(acc[2] * inv_n), q_mean = static_cast<float>(acc[3] * inv_n);
 
   double loss = 0.0;
   if (cfg.kl_coef != 0.0f) loss += cfg.kl_coef * (kl < 0.0 ? 0.0 : kl);  // KL ≥ 0 despite rounding; NaN stays
-  if (cfg.ce_coef != 0.0f) loss += cfg.ce_coef * (logf(sums[2]) + s_max - student_at(target));
+  if (cfg.ce_coef != 0.0f && has_target) loss += cfg.ce_coef * (logf(sums[2]) + s_max - to_float(s_row[target]));
   float d = cfg.difficulty_value;
   if (cfg.difficulty_mode == kDifficultyEntropy) {
     d = static_cast<float>(fmin(1.0, fmax(0.0, acc[1] / log(static_cast<double>(cols)))));
-  } else if (cfg.difficulty_mode == kDifficultyPerSample) {
+  } else if (cfg.difficulty_mode == kDifficultyPerSample && active) {
     d = in.difficulty[row];
   }
   // The terms are on by their coefficient, not by the value of their weight: a NaN or inf
   // difficulty times a zero coefficient must not read buffers that were never allocated.
   const float pearson_weight = cfg.pearson_coef != 0.0f ? cfg.pearson_coef * (1.0f - d) : 0.0f;
   Correlation row_corr{0.0, 0.0f, 0.0f, 0.0f};
-  if (pearson_weight != 0.0f) {
+  if (cfg.pearson_coef != 0.0f) {
     double m[3] = {0.0, 0.0, 0.0};
-    for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
-      const double a = p_at(j) - p_mean, b = q_at(j) - q_mean;
+    r.each([&](int64_t, float s, float t) {
+      const double a = p_of(s) - p_mean, b = q_of(t) - q_mean;
       m[0] += a * b;
       m[1] += a * a;
       m[2] += b * b;
+    });
+    reduce.sum(m, scratch);
+    if (pearson_weight != 0.0f) {
+      row_corr = correlation(m[0], m[1], m[2]);
+      loss += pearson_weight * (1.0 - row_corr.rho);
     }
-    block_sum(m, scratch.d);
-    row_corr = correlation(m[0], m[1], m[2]);
-    loss += pearson_weight * (1.0 - row_corr.rho);
   }
   const float spearman_weight = cfg.spearman_coef != 0.0f ? cfg.spearman_coef * d : 0.0f;
-  if (spearman_weight != 0.0f) loss += spearman_weight * (1.0 - in.spearman_rho[row]);
-  if (threadIdx.x == 0) in.row_loss[row] = static_cast<float>(loss);
+  if (spearman_weight != 0.0f && active) loss += spearman_weight * (1.0 - in.spearman_rho[row]);
+  if (leader && active) in.row_loss[row] = invalid ? NAN : static_cast<float>(loss);
   if (!cfg.student_grad && !cfg.teacher_grad) return;
 
   // Gradients: (p/τ)(g − <p, g>) for g = dℓ/dp from the correlations, the KL part in
@@ -581,35 +802,78 @@ __global__ void __launch_bounds__(kThreads) fused_row_kernel(const s_t* student,
     if (columns) g += column_grad * (col.cross[j] * (p - col.mean_p[j]) - col.self_q[j] * (q - col.mean_q[j]));
     return g;
   };
-  const bool correlations = pearson_weight != 0.0f || columns;
+  const bool correlations = cfg.pearson_coef != 0.0f || columns;
   float dots[2] = {0.0f, 0.0f};  // <p, g_student>, <q, g_teacher>
   if (correlations) {
-    for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
-      const float p = p_at(j), q = q_at(j);
+    r.each([&](int64_t j, float s, float t) {
+      const float p = p_of(s), q = q_of(t);
       if (cfg.student_grad) dots[0] += p * g_student(j, p, q);
       if (cfg.teacher_grad) dots[1] += q * g_teacher(j, p, q);
-    }
-    block_sum(dots, scratch.f);
+    });
+    reduce.sum(dots, scratch);
   }
   const float ce_grad = cfg.ce_coef * grad_scale;
   const float inv_sum1 = cfg.ce_coef != 0.0f ? 1.0f / sums[2] : 0.0f;
   const float spearman_grad = -spearman_weight * grad_scale;
-  for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
-    const float p = p_at(j), q = q_at(j);
-    if (cfg.student_grad) {
-      float v = kl_grad * (p - q);
-      if (correlations) v += it * p * (g_student(j, p, q) - dots[0]);
-      if (ce_grad != 0.0f) v += ce_grad * (expf(student_at(j) - s_max) * inv_sum1 - (j == target ? 1.0f : 0.0f));
-      if (spearman_grad != 0.0f) v += spearman_grad * in.spearman_grad[row * cols + j];
-      grad_student[row * cols + j] = from_float<s_t>(v);
-    }
-    if (cfg.teacher_grad) {
-      float v = kl_term && q > 0.0f ? kl_grad * q * static_cast<float>(log_ratio(j) - kl) : 0.0f;
-      if (correlations) v += it * q * (g_teacher(j, p, q) - dots[1]);
-      // Back to the unrectified positions: rectified position j holds original position σ(j).
-      const int64_t source = !swapped ? j : (j == t_arg ? target : (j == target ? t_arg : j));
-      grad_teacher[row * cols + source] = from_float<t_t>(v);
-    }
+  auto gradient_s = [&](int64_t j, float s, float t, float rank_grad) {
+    const float p = p_of(s), q = q_of(t);
+    float v = kl_grad * (p - q);
+    if (correlations) v += it * p * (g_student(j, p, q) - dots[0]);
+    if (ce_grad != 0.0f) v += ce_grad * (expf(s) * inv_sum1 - (j == target ? 1.0f : 0.0f));
+    if (spearman_grad != 0.0f) v += spearman_grad * rank_grad;
+    return invalid ? NAN : v;
+  };
+  auto rectified_gradient_t = [&](int64_t j, float s, float t) {
+    const float p = p_of(s), q = q_of(t);
+    float v = kl_term && q > 0.0f ? kl_grad * q * static_cast<float>(log_ratio(s, t) - kl) : 0.0f;
+    if (correlations) v += it * q * (g_teacher(j, p, q) - dots[1]);
+    return v;
+  };
+  if (swap.on && cfg.teacher_grad) {
+    // Original position t_arg receives the rectified gradient at target (where the
+    // teacher's maximum went) and the reverse: both computed here from the logits.
+    const float at_target = rectified_gradient_t(target, to_float(s_row[target]) - s_max, swap.at_target - t_max);
+    const float at_t_arg = rectified_gradient_t(t_arg, to_float(s_row[t_arg]) - s_max, swap.at_t_arg - t_max);
+    swap.at_t_arg = at_target;
+    swap.at_target = at_t_arg;
+  }
+  auto gradient_t = [&](int64_t j, float s, float t) {
+    return invalid ? NAN : swap.apply(j, rectified_gradient_t(j, s, t));
+  };
+  r.store(cfg.student_grad && active ? gs_row : nullptr, cfg.teacher_grad && active ? gt_row : nullptr,
+          spearman_grad != 0.0f && active && in.spearman_grad ? in.spearman_grad + row * cols : nullptr, gradient_s, gradient_t);
+}
+
+// GROUP == 32: the resident layout with `group` (8, 16, 32) lanes of a warp per row;
+// GROUP == kThreads: a block per row, resident (VECTORS > 0) or chunked (VECTORS == 0).
+// `vector`: every row of every buffer starts 16-byte aligned.
+template <int GROUP, int VECTORS, typename s_t, typename t_t>
+__global__ void __launch_bounds__(kThreads) fused_row_kernel(const s_t* student, const t_t* teacher, int64_t rows,
+                                                             int64_t cols, LossConfig cfg, float grad_scale,
+                                                             RowInputs in, s_t* grad_student, t_t* grad_teacher,
+                                                             int group, bool vector) {
+  __shared__ Scratch scratch;
+  if constexpr (GROUP == kThreads) group = kThreads;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads / group) + threadIdx.x / group;
+  const int lane = static_cast<int>(threadIdx.x % group);
+  const RowGroup<GROUP> row_group{group};
+  const bool active = row < rows;
+  const int64_t base = (active ? row : 0) * cols;  // int64: B·C may pass 2^31
+  const s_t* s_row = student + base;
+  const t_t* t_row = teacher + base;
+  s_t* gs_row = grad_student ? grad_student + base : nullptr;
+  t_t* gt_row = grad_teacher ? grad_teacher + base : nullptr;
+  if constexpr (VECTORS == 0) {
+    static_assert(GROUP == kThreads, "the chunked layout takes a block per row");
+    ChunkedRow<s_t, t_t> r{s_row, t_row, cols};
+    fused_row(r, row_group, row, active, lane == 0, s_row, t_row, cfg, grad_scale, in, gs_row, gt_row, scratch);
+  } else {
+    ResidentRow<VECTORS> r;
+    r.cols = active ? cols : 0;
+    r.group = group;
+    r.lane = lane;
+    r.vector = vector;
+    fused_row(r, row_group, row, active, lane == 0, s_row, t_row, cfg, grad_scale, in, gs_row, gt_row, scratch);
   }
 }
 
@@ -716,6 +980,38 @@ Layout layout(int64_t rows, int64_t cols, const LossConfig& cfg, int device) {
   return l;
 }
 
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The row kernel's layout by C: the resident layouts hold a row in registers (GROUP
+// threads × VECTORS runs of kVector classes), the smallest that fits; longer rows take the
+// chunked layout. Grids: ⌈B / rows per block⌉ ≤ B ≤ 2^31 − 1 blocks (check_sizes).
+template <typename s_t, typename t_t>
+void launch_row_kernel(const s_t* student, const t_t* teacher, int64_t rows, int64_t cols, const LossConfig& cfg,
+                       float grad_scale, const RowInputs& in, s_t* grad_student, t_t* grad_teacher,
+                       cudaStream_t stream) {
+  // Vector loads and stores need every row of every buffer read or written by runs to
+  // start 16-byte aligned: C a multiple of kVector (8 · 2 bytes, 8 · 4 bytes) and the
+  // buffers aligned (the workspace's regions are 256-byte aligned).
+  const bool vector = cols % kVector == 0 && aligned16(student) && aligned16(teacher) &&
+                      aligned16(grad_student) && aligned16(grad_teacher) && aligned16(in.spearman_grad);
+  auto go = [&](auto kernel, int group) {
+    const int64_t rows_per_block = kThreads / group;
+    const auto blocks = static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block);
+    kernel<<<blocks, kThreads, 0, stream>>>(student, teacher, rows, cols, cfg, grad_scale, in, grad_student,
+                                            grad_teacher, group, vector);
+  };
+  if (cols <= 32 * kVector) {  // 8, 16 or 32 lanes per row: the fewest that hold it
+    go(fused_row_kernel<32, 1, s_t, t_t>, cols <= 8 * kVector ? 8 : (cols <= 16 * kVector ? 16 : 32));
+  } else if (cols <= 32 * 2 * kVector) {
+    go(fused_row_kernel<32, 2, s_t, t_t>, 32);
+  } else if (cols <= kMaxResidentClasses) {
+    static_assert(kThreads * kVector == kMaxResidentClasses, "the largest resident layout");
+    go(fused_row_kernel<kThreads, 1, s_t, t_t>, kThreads);
+  } else {
+    go(fused_row_kernel<kThreads, 0, s_t, t_t>, kThreads);
+  }
+}
+
 template <typename s_t, typename t_t>
 void launch(const FusedLossArgs& a, const Layout& l) {
   const LossConfig& cfg = a.config;
@@ -786,9 +1082,8 @@ void launch(const FusedLossArgs& a, const Layout& l) {
     in.spearman_rho = rho;
     in.spearman_grad = grad_rho;
   }
-  fused_row_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-      student, teacher, cols, cfg, 1.0f / static_cast<float>(rows), in, static_cast<s_t*>(a.grad_student),
-      static_cast<t_t*>(a.grad_teacher));
+  launch_row_kernel(student, teacher, rows, cols, cfg, 1.0f / static_cast<float>(rows), in,
+                    static_cast<s_t*>(a.grad_student), static_cast<t_t*>(a.grad_teacher), stream);
   check(cudaGetLastError(), "the row kernel");
   finalize_loss_kernel<<<1, kThreads, 0, stream>>>(in.row_loss, rows, column_rho, cols, cfg.column_coef, a.loss);
   check(cudaGetLastError(), "the loss reduction");
