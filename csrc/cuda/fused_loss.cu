@@ -1,18 +1,23 @@
 // CUDA kernels of the fused KD loss (the generic loss of csrc/losses.h): the same math
 // as csrc/losses_cpu.cpp. The row kernel holds rows of up to 2048 classes in registers
 // (8 to 32 lanes of a warp per row up to 512 classes, a block per row beyond) and reads
-// each input once; longer rows take a block each and several passes.
+// each input once; longer rows take a block each and two reads (an online first pass, then
+// the gradient's), two more with a row Pearson term.
 //
 // The steps, all on the caller's stream:
 //   1. (column term)   per-row softmax statistics, then per-column moments over fixed
 //                      chunks of rows, reduced in a fixed order (deterministic);
-//   2. (Spearman term) a segmented radix sort (CUB) of every student and teacher row,
-//                      then one block per row: teacher average ranks, soft ranks by
+//   2. (Spearman term) per chunk of rows (bounded workspace: spearman_chunk_rows), a
+//                      segmented radix sort (CUB) of every student and teacher row, then
+//                      one block per row: teacher average ranks, soft ranks by
 //                      pool-adjacent-violators (one thread; the row's PAV state in shared
-//                      memory when it fits), their correlation and its gradient;
+//                      memory when it fits), their correlation and its gradient, then
+//                      step 3 on that chunk;
 //   3. the row kernel: KL, CE, Pearson, difficulty, the Spearman and column shares, and
 //      the gradients, rounded once to the logits' dtype (one algorithm, fused_row, over
-//      the resident and the chunked layouts);
+//      the resident and the chunked layouts); with the column term it takes each row's
+//      normalizers from step 1, so p and q are bit-identical to the column statistics'
+//      (a constant column centers to exactly zero);
 //   4. the loss: a fixed-order sum of the per-row losses (and of the column correlations).
 //
 // Audit (what the interpreter-free reading checked; tests/test_gpu_path.py has a GPU test
@@ -33,6 +38,13 @@
 //   C % 8 == 0 and every buffer is 16-byte aligned (checked on the host), so a run never
 //   crosses a row's end. The rectified teacher's gradient is stored in place with the
 //   two exchanged values computed per row (no scatter between threads).
+// * Chunked layout: one block per row; the online first pass keeps per-thread running
+//   maxima and double sums, merged after block_argmax by rescaling (no shared state but
+//   the reductions' scratch).
+// * Spearman chunks: each chunk's kernels take pointers offset by first·cols (int64) and
+//   the chunk's row count, so sort offsets stay under 2^31; the chunk's ρ_S and dρ_S/ds
+//   are written before the chunk's row kernel reads them (same stream) and rewritten only
+//   by the next chunk's kernels, which the stream orders after it.
 // * Rows: one block per row elsewhere, row offsets row·cols in int64, element loops in int64; the
 //   scatters through the sort orders and the rectification's swap are permutations of
 //   0..cols−1 whatever the values (CUB sorts every bit pattern, NaN included), so no block
@@ -137,7 +149,7 @@ __device__ __forceinline__ void block_argmax(float& value, int64_t& index, float
 }
 
 struct Scratch {
-  double d[kWarps * 4];
+  double d[kWarps * 5];
   float f[kWarps * 4];
   int64_t i[kWarps];
 };
@@ -475,6 +487,7 @@ struct RowInputs {
   const double* spearman_rho;  // [rows] or null
   const float* spearman_grad;  // [rows, cols] or null
   ColumnStats columns;         // valid when column_coef != 0
+  const SoftmaxStats* softmax_stats;  // [rows, 2] the normalizers the column statistics used
   float* row_loss;
 };
 
@@ -584,12 +597,14 @@ struct Swap {
 // consecutive classes per v, so loads coalesce).
 template <int VECTORS>
 struct ResidentRow {
+  static constexpr bool kStreamed = false;  // every pass runs over registers
   float s[VECTORS][kVector], t[VECTORS][kVector];  // the logits, then minus their row max
   int64_t cols;
   int group, lane;
   bool vector;
 
   __device__ int64_t first(int v) const { return (static_cast<int64_t>(v) * group + lane) * kVector; }
+  __device__ int64_t in_row(int64_t j) const { return j < cols ? j : cols - 1; }
 
   template <typename s_t, typename t_t>
   __device__ void load(const s_t* s_row, const t_t* t_row) {
@@ -625,7 +640,10 @@ struct ResidentRow {
     }
   }
   // Writes gradient_s(j, s, t, extra_j) and gradient_t(j, s, t) (extra: a float row read
-  // alongside, or zeros).
+  // alongside, or zeros). A run's classes past the row's end take the row's last class as
+  // their index (the gradients read per-column statistics at j, which hold C entries); the
+  // store drops them. (Branch-free: a per-class condition here took the block-resident
+  // layout from 124 to 154 registers on sm_90, one block per SM instead of two.)
   template <typename s_t, typename t_t, typename FS, typename FT>
   __device__ void store(s_t* gs_row, t_t* gt_row, const float* extra_row, FS&& gradient_s, FT&& gradient_t) const {
 #pragma unroll
@@ -637,26 +655,106 @@ struct ResidentRow {
         float extra[kVector] = {};
         if (extra_row != nullptr) load_run(extra_row, j0, cols, vector, extra);
 #pragma unroll
-        for (int w = 0; w < kVector; ++w) out[w] = gradient_s(j0 + w, s[v][w], t[v][w], extra[w]);
+        for (int w = 0; w < kVector; ++w) out[w] = gradient_s(in_row(j0 + w), s[v][w], t[v][w], extra[w]);
         store_run(gs_row, j0, cols, vector, out);
       }
       if (gt_row != nullptr) {
 #pragma unroll
-        for (int w = 0; w < kVector; ++w) out[w] = gradient_t(j0 + w, s[v][w], t[v][w]);
+        for (int w = 0; w < kVector; ++w) out[w] = gradient_t(in_row(j0 + w), s[v][w], t[v][w]);
         store_run(gt_row, j0, cols, vector, out);
       }
     }
   }
 };
 
-// The chunked layout: one block per row, every pass reading the row again.
+// The chunked layout: one block per row, every pass reading the row again; the first
+// pass gathers online what the resident layout takes in several passes over registers.
 template <typename s_t, typename t_t>
 struct ChunkedRow {
+  static constexpr bool kStreamed = true;
   const s_t* s_row;
   const t_t* t_row;
   int64_t cols;
   float s_max = 0.0f, t_max = 0.0f;
   Swap swap;
+
+  // One read of the row for its maxima, the teacher's first argmax, the softmax normalizers
+  // (at τ, and at 1 for CE) and the unrectified KL and teacher entropy. Each thread keeps
+  // running maxima over its classes and its sums over exp((x − its max)·it) in double,
+  // rescaled (by a double exp, a few times per thread) when its max grows; with
+  // e_j = exp((t_j − m)·it) over the teacher's running max m it folds in
+  // W = Σ e_j (t_j − s_j)·it and V = Σ e_j (t_j − m)·it (V' = r·(V + T·(m − m')·it) when m
+  // becomes m' and r = exp((m − m')·it)). The block then takes the maxima, every thread
+  // rescales its sums to them, and the sums are reduced:
+  // KL = W/T + (s_max − t_max)·it + log S − log T and H = log T − V/T. A thread whose
+  // classes are all −inf contributes nothing (never exp(−inf − (−inf)) = NaN); e_j = 0
+  // contributes no W or V term (never 0·inf); NaN and +inf logits make the row NaN, as in
+  // the resident layout.
+  __device__ void online_statistics(const LossConfig& cfg, float& s_max_out, float& t_max_out, int64_t& t_arg_out,
+                                    float (&sums)[3], double (&kl_entropy)[2], Scratch& scratch) const {
+    const float it = cfg.inv_temperature;
+    const bool ce = cfg.ce_coef != 0.0f;
+    double s_sum = 0.0, s_sum1 = 0.0, t_sum = 0.0, weighted = 0.0, centered = 0.0;
+    float s_run = -INFINITY, t_run = -INFINITY;
+    int64_t arg = cols;
+    for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
+      const float a = to_float(s_row[j]), b = to_float(t_row[j]);
+      if (a > s_run) {
+        if (s_run > -INFINITY) {
+          s_sum *= exp((static_cast<double>(s_run) - a) * it);
+          s_sum1 *= exp(static_cast<double>(s_run) - a);
+        }
+        s_run = a;
+      }
+      if (s_run > -INFINITY) {
+        s_sum += expf((a - s_run) * it);
+        if (ce) s_sum1 += expf(a - s_run);
+      }
+      if (b > t_run) {  // strictly greater: the thread's first index of its max stays
+        if (t_run > -INFINITY) {
+          const double shift = (static_cast<double>(t_run) - b) * it, rescale = exp(shift);
+          centered = rescale * (centered + t_sum * shift);
+          weighted *= rescale;
+          t_sum *= rescale;
+        }
+        t_run = b;
+        arg = j;
+      }
+      if (t_run > -INFINITY) {
+        const float e = expf((b - t_run) * it);
+        t_sum += e;
+        if (e > 0.0f) {
+          weighted += e * ((static_cast<double>(b) - a) * it);
+          centered += e * static_cast<double>((b - t_run) * it);
+        }
+      }
+    }
+    float s_top = s_run, t_top = t_run;
+    int64_t unused = 0, t_arg = arg;
+    block_argmax(s_top, unused, scratch.f, scratch.i);
+    block_argmax(t_top, t_arg, scratch.f, scratch.i);
+    double totals[5] = {0.0, 0.0, 0.0, 0.0, 0.0};  // S, S at τ = 1, T, W, V over the row's maxima
+    if (s_run > -INFINITY) {
+      totals[0] = s_sum * exp((static_cast<double>(s_run) - s_top) * it);
+      totals[1] = ce ? s_sum1 * exp(static_cast<double>(s_run) - s_top) : 0.0;
+    }
+    if (t_run > -INFINITY) {
+      const double shift = (static_cast<double>(t_run) - t_top) * it, rescale = exp(shift);
+      totals[2] = t_sum * rescale;
+      totals[3] = weighted * rescale;
+      totals[4] = rescale * (centered + t_sum * shift);
+    }
+    block_sum(totals, scratch.d);
+    s_max_out = s_top;
+    t_max_out = t_top;
+    t_arg_out = t_arg;
+    sums[0] = static_cast<float>(totals[0]);
+    sums[1] = static_cast<float>(totals[2]);
+    sums[2] = static_cast<float>(totals[1]);
+    const double log_t = log(totals[2]);
+    kl_entropy[0] = totals[3] / totals[2] + (static_cast<double>(s_top) - t_top) * it + log(totals[0]) - log_t;
+    kl_entropy[1] = log_t - totals[4] / totals[2];
+  }
 
   template <typename A, typename B>
   __device__ void load(A, B) {}
@@ -695,18 +793,26 @@ __device__ void fused_row(Row& r, RowGroup<GROUP> reduce, int64_t row, bool acti
   const float it = cfg.inv_temperature;
   const double inv_n = 1.0 / static_cast<double>(cols);
   r.load(s_row, t_row);
+  const bool columns = cfg.column_coef != 0.0f;
 
-  // Maxima; the teacher's first argmax for DR-KD's rectification.
+  // Maxima; the teacher's first argmax for DR-KD's rectification. The chunked layout also
+  // takes the normalizers, KL and the entropy in this read (online_statistics).
   float s_max = -INFINITY, t_max = -INFINITY;
   int64_t t_arg = cols;
-  r.each_raw([&](int64_t j, float a, float b) {
-    s_max = fmaxf(s_max, a);
-    if (b > t_max || (b == t_max && j < t_arg)) {
-      t_max = b;
-      t_arg = j;
-    }
-  });
-  reduce.maxima(s_max, t_max, t_arg, scratch);
+  float sums[3] = {0.0f, 0.0f, 0.0f};  // softmax normalizers at τ, and of the CE term at 1
+  double streamed[2] = {0.0, 0.0};      // chunked: KL of the unrectified teacher, its entropy
+  if constexpr (Row::kStreamed) {
+    r.online_statistics(cfg, s_max, t_max, t_arg, sums, streamed, scratch);
+  } else {
+    r.each_raw([&](int64_t j, float a, float b) {
+      s_max = fmaxf(s_max, a);
+      if (b > t_max || (b == t_max && j < t_arg)) {
+        t_max = b;
+        t_arg = j;
+      }
+    });
+    reduce.maxima(s_max, t_max, t_arg, scratch);
+  }
   if (t_arg >= cols) t_arg = 0;  // an all-NaN row
   const int64_t target = active && in.target ? in.target[row] : -1;
   const bool has_target = target >= 0 && target < cols;
@@ -721,44 +827,69 @@ __device__ void fused_row(Row& r, RowGroup<GROUP> reduce, int64_t row, bool acti
   }
   r.center(s_max, t_max, swap);
 
-  float sums[3] = {0.0f, 0.0f, 0.0f};  // softmax normalizers at τ, and of the CE term at 1
-  r.each([&](int64_t, float s, float t) {
-    sums[0] += expf(s * it);
-    sums[1] += expf(t * it);
-    if (cfg.ce_coef != 0.0f) sums[2] += expf(s);
-  });
-  reduce.sum(sums, scratch);
-  const float s_log_sum = logf(sums[0]), t_log_sum = logf(sums[1]);
+  if constexpr (!Row::kStreamed) {
+    r.each([&](int64_t, float s, float t) {
+      sums[0] += expf(s * it);
+      sums[1] += expf(t * it);
+      if (cfg.ce_coef != 0.0f) sums[2] += expf(s);
+    });
+    reduce.sum(sums, scratch);
+  }
+  float s_log_sum = logf(sums[0]), t_log_sum = logf(sums[1]);
   // The logs' difference in double: at τ = 100 a float log's rounding alone, times τ²,
   // moves the loss of two nearly equal rows by ~6e-4.
-  const double log_sum_difference = log(static_cast<double>(sums[0])) - log(static_cast<double>(sums[1]));
+  double log_sum_difference = log(static_cast<double>(sums[0])) - log(static_cast<double>(sums[1]));
+  if (columns && active) {
+    // The column statistics computed this row's p and q from the row statistics kernel's
+    // normalizers: the row takes the very same ones (the maxima are exact, so equal), or a
+    // constant column's p − mean_p would be rounding, times the 1/1e-8 floor of its
+    // correlation.
+    s_log_sum = in.softmax_stats[2 * row].log_sum;
+    t_log_sum = in.softmax_stats[2 * row + 1].log_sum;
+    log_sum_difference = static_cast<double>(s_log_sum) - static_cast<double>(t_log_sum);
+  }
   auto p_of = [&](float s) { return expf(s * it - s_log_sum); };
   auto q_of = [&](float t) { return expf(t * it - t_log_sum); };
   auto log_ratio = [&](float s, float t) {  // log q − log p
     return (static_cast<double>(t) - static_cast<double>(s)) * it + log_sum_difference;
   };
 
-  double acc[4] = {0.0, 0.0, 0.0, 0.0};  // KL, entropy, Σ p, Σ q
   const bool kl_term = cfg.kl_coef != 0.0f;
-  r.each([&](int64_t, float s, float t) {
-    const float p = p_of(s), q = q_of(t);
-    if (kl_term && q > 0.0f) acc[0] += q * log_ratio(s, t);  // q = 0: no term (0·−inf would be NaN)
-    if (q > 0.0f) acc[1] -= q * (t * it - t_log_sum);
-    acc[2] += p;
-    acc[3] += q;
-  });
-  reduce.sum(acc, scratch);
-  const double kl = acc[0];
-  // A constant row's mean is exactly its value (a double sum of C equal floats is exact),
-  // so it centers to exactly zero.
-  const float p_mean = static_cast<float>(acc[2] * inv_n), q_mean = static_cast<float>(acc[3] * inv_n);
+  double kl = 0.0, entropy = 0.0;
+  float p_mean = 0.0f, q_mean = 0.0f;
+  if constexpr (Row::kStreamed) {
+    // The rectification moves q between columns a = t_arg and b = target only: KL gains
+    // (q_a − q_b)(s_a − s_b)·it; the entropy does not change.
+    kl = streamed[0];
+    entropy = streamed[1];
+    if (swap.on) {
+      const double q_a = q_of(0.0f), q_b = q_of(swap.at_t_arg - t_max);
+      kl += (q_a - q_b) * (static_cast<double>(to_float(s_row[t_arg])) - to_float(s_row[target])) * it;
+    }
+  } else {
+    double acc[4] = {0.0, 0.0, 0.0, 0.0};  // KL, entropy, Σ p, Σ q
+    r.each([&](int64_t, float s, float t) {
+      const float p = p_of(s), q = q_of(t);
+      if (kl_term && q > 0.0f) acc[0] += q * log_ratio(s, t);  // q = 0: no term (0·−inf would be NaN)
+      if (q > 0.0f) acc[1] -= q * (t * it - t_log_sum);
+      acc[2] += p;
+      acc[3] += q;
+    });
+    reduce.sum(acc, scratch);
+    kl = acc[0];
+    entropy = acc[1];
+    // A constant row's mean is exactly its value (a double sum of C equal floats is exact),
+    // so it centers to exactly zero.
+    p_mean = static_cast<float>(acc[2] * inv_n);
+    q_mean = static_cast<float>(acc[3] * inv_n);
+  }
 
   double loss = 0.0;
   if (cfg.kl_coef != 0.0f) loss += cfg.kl_coef * (kl < 0.0 ? 0.0 : kl);  // KL ≥ 0 despite rounding; NaN stays
   if (cfg.ce_coef != 0.0f && has_target) loss += cfg.ce_coef * (logf(sums[2]) + s_max - to_float(s_row[target]));
   float d = cfg.difficulty_value;
   if (cfg.difficulty_mode == kDifficultyEntropy) {
-    d = static_cast<float>(fmin(1.0, fmax(0.0, acc[1] / log(static_cast<double>(cols)))));
+    d = static_cast<float>(fmin(1.0, fmax(0.0, entropy / log(static_cast<double>(cols)))));
   } else if (cfg.difficulty_mode == kDifficultyPerSample && active) {
     d = in.difficulty[row];
   }
@@ -768,13 +899,37 @@ __device__ void fused_row(Row& r, RowGroup<GROUP> reduce, int64_t row, bool acti
   Correlation row_corr{0.0, 0.0f, 0.0f, 0.0f};
   if (cfg.pearson_coef != 0.0f) {
     double m[3] = {0.0, 0.0, 0.0};
-    r.each([&](int64_t, float s, float t) {
-      const double a = p_of(s) - p_mean, b = q_of(t) - q_mean;
-      m[0] += a * b;
-      m[1] += a * a;
-      m[2] += b * b;
-    });
-    reduce.sum(m, scratch);
+    if constexpr (Row::kStreamed) {
+      // One read: Σa, Σb, Σab, Σa², Σb² for a = p − p_0, b = q − q_0 (double from the float
+      // p, q: a constant row stays exactly zero), then the moments about the float means
+      // the gradient uses: Σ(p − p̄)(q − q̄) = Σab − d_q Σa − d_p Σb + C d_p d_q with
+      // d = p̄ − p_0 (as the Triton kernel's chunked layout).
+      const double p0 = p_of(to_float(s_row[0]) - s_max), q0 = q_of(swap.apply(0, to_float(t_row[0])) - t_max);
+      double shifted[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
+      r.each([&](int64_t, float s, float t) {
+        const double a = p_of(s) - p0, b = q_of(t) - q0;
+        shifted[0] += a;
+        shifted[1] += b;
+        shifted[2] += a * b;
+        shifted[3] += a * a;
+        shifted[4] += b * b;
+      });
+      reduce.sum(shifted, scratch);
+      p_mean = static_cast<float>(p0 + shifted[0] * inv_n);
+      q_mean = static_cast<float>(q0 + shifted[1] * inv_n);
+      const double d_p = p_mean - p0, d_q = q_mean - q0, n = static_cast<double>(cols);
+      m[0] = shifted[2] - d_q * shifted[0] - d_p * shifted[1] + n * d_p * d_q;
+      m[1] = fmax(shifted[3] - 2.0 * d_p * shifted[0] + n * d_p * d_p, 0.0);
+      m[2] = fmax(shifted[4] - 2.0 * d_q * shifted[1] + n * d_q * d_q, 0.0);
+    } else {
+      r.each([&](int64_t, float s, float t) {
+        const double a = p_of(s) - p_mean, b = q_of(t) - q_mean;
+        m[0] += a * b;
+        m[1] += a * a;
+        m[2] += b * b;
+      });
+      reduce.sum(m, scratch);
+    }
     if (pearson_weight != 0.0f) {
       row_corr = correlation(m[0], m[1], m[2]);
       loss += pearson_weight * (1.0 - row_corr.rho);
@@ -788,7 +943,6 @@ __device__ void fused_row(Row& r, RowGroup<GROUP> reduce, int64_t row, bool acti
   // Gradients: (p/τ)(g − <p, g>) for g = dℓ/dp from the correlations, the KL part in
   // closed form; the same for the teacher with the roles swapped.
   const float pearson_grad = -pearson_weight * grad_scale;
-  const bool columns = cfg.column_coef != 0.0f;
   const float column_grad = columns ? static_cast<float>(-cfg.column_coef * inv_n) : 0.0f;
   const float kl_grad = cfg.kl_coef * grad_scale * it;
   const ColumnStats& col = in.columns;
@@ -900,12 +1054,17 @@ __global__ void __launch_bounds__(kThreads) finalize_loss_kernel(const float* ro
 
 size_t align_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
+// Logits per Spearman pass. Each takes 32 B of workspace: the sort keys and sorted keys of
+// both rows (4 × 4 B), the iota and the two sort orders (3 × 4 B), dρ_S/ds (4 B).
+constexpr int64_t kSpearmanChunkLogits = int64_t{1} << 24;
+
 struct Layout {
   size_t row_loss = 0, stats = 0, partial = 0, column_floats = 0, column_rho = 0;
   size_t s_keys = 0, t_keys = 0, s_sorted = 0, t_sorted = 0, iota = 0, s_order = 0, t_order = 0, offsets = 0;
   size_t sort_temp = 0, sort_temp_bytes = 0, rank_rows = 0, rho = 0, grad_rho = 0;
   size_t total = 0;
   int64_t chunk = 0, chunks = 0, spearman_grid = 0;
+  int64_t spearman_rows = 0;  // rows per Spearman pass (its workspace holds that many)
   RankRowsPlan rank_rows_plan{false, 0, false};
   size_t shared_optin = 0;  // the device's opt-in shared memory per block
 };
@@ -929,6 +1088,15 @@ size_t spearman_static_shared_bytes() {
   return bytes;
 }
 
+// Rows per pass of the Spearman steps: as many as keep a pass at kSpearmanChunkLogits
+// logits (at least one row), each taking kSpearmanBytesPerLogit of workspace plus CUB's
+// temporary storage, so the workspace stays under ~0.6 GiB at any B (one row of C logits
+// when C alone is larger). Every chunk is a full sort-and-rank pipeline; chunks run in turn
+// on the caller's stream.
+int64_t spearman_chunk_rows(int64_t rows, int64_t cols) {
+  return std::max<int64_t>(1, std::min<int64_t>(rows, kSpearmanChunkLogits / cols));
+}
+
 Layout layout(int64_t rows, int64_t cols, const LossConfig& cfg, int device) {
   Layout l;
   int multiprocessors = 0;
@@ -939,7 +1107,6 @@ Layout layout(int64_t rows, int64_t cols, const LossConfig& cfg, int device) {
     at += align_up(bytes);
     return offset;
   };
-  const size_t elements = static_cast<size_t>(rows) * static_cast<size_t>(cols);
   l.row_loss = take(rows * sizeof(float));
   if (cfg.column_coef != 0.0f) {
     l.chunk = column_chunk_rows(rows);
@@ -950,6 +1117,9 @@ Layout layout(int64_t rows, int64_t cols, const LossConfig& cfg, int device) {
     l.column_rho = take(cols * sizeof(double));
   }
   if (cfg.spearman_coef != 0.0f) {
+    // The Spearman steps run on chunks of rows, so their workspace is bounded whatever B.
+    l.spearman_rows = spearman_chunk_rows(rows, cols);
+    const size_t elements = static_cast<size_t>(l.spearman_rows) * static_cast<size_t>(cols);
     l.s_keys = take(elements * sizeof(float));
     l.t_keys = take(elements * sizeof(float));
     l.s_sorted = take(elements * sizeof(float));
@@ -957,12 +1127,13 @@ Layout layout(int64_t rows, int64_t cols, const LossConfig& cfg, int device) {
     l.iota = take(elements * sizeof(int32_t));
     l.s_order = take(elements * sizeof(int32_t));
     l.t_order = take(elements * sizeof(int32_t));
-    l.offsets = take((rows + 1) * sizeof(int32_t));
+    l.offsets = take((l.spearman_rows + 1) * sizeof(int32_t));
     size_t temp = 0;
     check(cub::DeviceSegmentedRadixSort::SortPairs(nullptr, temp, static_cast<const float*>(nullptr),
                                                    static_cast<float*>(nullptr), static_cast<const int32_t*>(nullptr),
                                                    static_cast<int32_t*>(nullptr), static_cast<int>(elements),
-                                                   static_cast<int>(rows), static_cast<const int32_t*>(nullptr),
+                                                   static_cast<int>(l.spearman_rows),
+                                                   static_cast<const int32_t*>(nullptr),
                                                    static_cast<const int32_t*>(nullptr)),
           "sizing the segmented sort");
     l.sort_temp_bytes = temp;
@@ -971,9 +1142,10 @@ Layout layout(int64_t rows, int64_t cols, const LossConfig& cfg, int device) {
     check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "reading the device");
     l.shared_optin = static_cast<size_t>(optin);
     l.rank_rows_plan = plan_rank_rows(cols, spearman_static_shared_bytes(), l.shared_optin);
-    l.spearman_grid = l.rank_rows_plan.in_shared ? rows : std::min<int64_t>(rows, 2 * multiprocessors);
+    l.spearman_grid = l.rank_rows_plan.in_shared ? l.spearman_rows
+                                                 : std::min<int64_t>(l.spearman_rows, 2 * multiprocessors);
     if (!l.rank_rows_plan.in_shared) l.rank_rows = take(l.spearman_grid * rank_row_stride(cols));
-    l.rho = take(rows * sizeof(double));
+    l.rho = take(l.spearman_rows * sizeof(double));
     if (cfg.student_grad) l.grad_rho = take(elements * sizeof(float));
   }
   l.total = at;
@@ -1022,7 +1194,7 @@ void launch(const FusedLossArgs& a, const Layout& l) {
   const int64_t rows = a.rows, cols = a.cols;
   const unsigned column_blocks = static_cast<unsigned>((cols + kThreads - 1) / kThreads);
 
-  RowInputs in{a.target, a.difficulty, nullptr, nullptr, {}, reinterpret_cast<float*>(ws + l.row_loss)};
+  RowInputs in{a.target, a.difficulty, nullptr, nullptr, {}, nullptr, reinterpret_cast<float*>(ws + l.row_loss)};
   double* column_rho = nullptr;
   if (cfg.column_coef != 0.0f) {
     auto* stats = reinterpret_cast<SoftmaxStats*>(ws + l.stats);
@@ -1030,6 +1202,7 @@ void launch(const FusedLossArgs& a, const Layout& l) {
     float* floats = reinterpret_cast<float*>(ws + l.column_floats);
     column_rho = reinterpret_cast<double*>(ws + l.column_rho);
     in.columns = {floats, floats + cols, floats + 2 * cols, floats + 3 * cols, floats + 4 * cols, column_rho};
+    in.softmax_stats = stats;
     row_softmax_stats_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(student, teacher, cols,
                                                                                     cfg.inv_temperature, stats);
     check(cudaGetLastError(), "row softmax statistics");
@@ -1044,7 +1217,19 @@ void launch(const FusedLossArgs& a, const Layout& l) {
       check(cudaGetLastError(), "column statistics");
     }
   }
-  if (cfg.spearman_coef != 0.0f) {
+  s_t* grad_student = static_cast<s_t*>(a.grad_student);
+  t_t* grad_teacher = static_cast<t_t*>(a.grad_teacher);
+  const float grad_scale = 1.0f / static_cast<float>(rows);
+  if (cfg.spearman_coef == 0.0f) {
+    launch_row_kernel(student, teacher, rows, cols, cfg, grad_scale, in, grad_student, grad_teacher, stream);
+    check(cudaGetLastError(), "the row kernel");
+  }
+  // With a Spearman term: per chunk of l.spearman_rows rows, the sorts, the Spearman kernel
+  // and the row kernel on those rows (the row kernel reads the chunk's ρ_S and dρ_S/ds).
+  for (int64_t first = 0; cfg.spearman_coef != 0.0f && first < rows; first += l.spearman_rows) {
+    const int64_t n = std::min<int64_t>(l.spearman_rows, rows - first);
+    const int64_t at = first * cols;  // int64: B·C may pass 2^31
+    const s_t* chunk_student = student + at;
     float* s_keys = reinterpret_cast<float*>(ws + l.s_keys);
     float* t_keys = reinterpret_cast<float*>(ws + l.t_keys);
     float* s_sorted = reinterpret_cast<float*>(ws + l.s_sorted);
@@ -1053,15 +1238,16 @@ void launch(const FusedLossArgs& a, const Layout& l) {
     int32_t* s_order = reinterpret_cast<int32_t*>(ws + l.s_order);
     int32_t* t_order = reinterpret_cast<int32_t*>(ws + l.t_order);
     int32_t* offsets = reinterpret_cast<int32_t*>(ws + l.offsets);
-    const int64_t elements = rows * cols;
+    const int64_t elements = n * cols;  // ≤ max(kSpearmanChunkLogits, C) < 2^31
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((elements + kThreads - 1) / kThreads, 65535));
-    prepare_sort_kernel<<<blocks, kThreads, 0, stream>>>(student, teacher, rows, cols, s_keys, t_keys, iota, offsets);
+    prepare_sort_kernel<<<blocks, kThreads, 0, stream>>>(chunk_student, teacher + at, n, cols, s_keys, t_keys, iota,
+                                                         offsets);
     check(cudaGetLastError(), "preparing the row sorts");
     size_t temp_bytes = l.sort_temp_bytes;
     for (int side = 0; side < 2; ++side) {
       check(cub::DeviceSegmentedRadixSort::SortPairs(ws + l.sort_temp, temp_bytes, side ? t_keys : s_keys,
                                                      side ? t_sorted : s_sorted, iota, side ? t_order : s_order,
-                                                     static_cast<int>(elements), static_cast<int>(rows), offsets,
+                                                     static_cast<int>(elements), static_cast<int>(n), offsets,
                                                      offsets + 1, 0, 32, stream),
             "the segmented row sort");
     }
@@ -1075,16 +1261,22 @@ void launch(const FusedLossArgs& a, const Layout& l) {
                                  static_cast<int>(l.shared_optin - spearman_static_shared_bytes())),
             "raising the Spearman kernel's shared memory");
     }
-    spearman_kernel<s_t><<<static_cast<unsigned>(l.spearman_grid), kThreads, plan.dynamic_bytes, stream>>>(
-        student, rows, cols, cfg.rank_strength, t_sorted, t_order, s_order, ws + l.rank_rows, plan.in_shared,
+    const unsigned spearman_blocks = static_cast<unsigned>(std::min<int64_t>(l.spearman_grid, n));
+    spearman_kernel<s_t><<<spearman_blocks, kThreads, plan.dynamic_bytes, stream>>>(
+        chunk_student, n, cols, cfg.rank_strength, t_sorted, t_order, s_order, ws + l.rank_rows, plan.in_shared,
         rho, grad_rho);
     check(cudaGetLastError(), "the Spearman kernel");
-    in.spearman_rho = rho;
-    in.spearman_grad = grad_rho;
+    RowInputs chunk_in = in;
+    chunk_in.target = in.target ? in.target + first : nullptr;
+    chunk_in.difficulty = in.difficulty ? in.difficulty + first : nullptr;
+    chunk_in.softmax_stats = in.softmax_stats ? in.softmax_stats + 2 * first : nullptr;
+    chunk_in.row_loss = in.row_loss + first;
+    chunk_in.spearman_rho = rho;
+    chunk_in.spearman_grad = grad_rho;
+    launch_row_kernel(chunk_student, teacher + at, n, cols, cfg, grad_scale, chunk_in,
+                      grad_student ? grad_student + at : nullptr, grad_teacher ? grad_teacher + at : nullptr, stream);
+    check(cudaGetLastError(), "the row kernel");
   }
-  launch_row_kernel(student, teacher, rows, cols, cfg, 1.0f / static_cast<float>(rows), in,
-                    static_cast<s_t*>(a.grad_student), static_cast<t_t*>(a.grad_teacher), stream);
-  check(cudaGetLastError(), "the row kernel");
   finalize_loss_kernel<<<1, kThreads, 0, stream>>>(in.row_loss, rows, column_rho, cols, cfg.column_coef, a.loss);
   check(cudaGetLastError(), "the loss reduction");
 }
@@ -1110,27 +1302,25 @@ int cuda_driver_version() {
 }
 
 namespace {
-// The sizes every entry point accepts: one block per row (a 1-D grid of at most 2^31 − 1),
-// and CUB's segmented sort counts items and offsets in int.
-void check_sizes(int64_t rows, int64_t cols, const LossConfig& config) {
+// The sizes every entry point accepts: one block per row (a 1-D grid of at most 2^31 − 1).
+// CUB's segmented sort counts items and offsets in int: each Spearman pass sorts at most
+// max(kSpearmanChunkLogits, C) < 2^31 logits.
+void check_sizes(int64_t rows, int64_t cols) {
   if (rows <= 0 || cols <= 0) throw std::runtime_error("kdfast CUDA fused loss: empty logits");
   if (rows > 2147483647 || cols > 2147483647) {
     throw std::runtime_error("kdfast CUDA fused loss: at most 2^31 - 1 rows and 2^31 - 1 classes");
-  }
-  if (config.spearman_coef != 0.0f && rows * cols > 2147483647) {
-    throw std::runtime_error("kdfast CUDA fused loss: the Spearman terms sort at most 2^31 - 1 logits per call");
   }
 }
 }  // namespace
 
 size_t fused_loss_workspace_bytes(int64_t rows, int64_t cols, const LossConfig& config, int device) {
-  check_sizes(rows, cols, config);
+  check_sizes(rows, cols);
   check(cudaSetDevice(device), "selecting the tensors' device");
   return layout(rows, cols, config, device).total;
 }
 
 void fused_loss(const FusedLossArgs& args) {
-  check_sizes(args.rows, args.cols, args.config);
+  check_sizes(args.rows, args.cols);
   // This module links the CUDA runtime statically; selecting the device makes that
   // device's primary context (PyTorch's too) current. The Python caller runs this inside
   // torch.cuda.device(...), which restores PyTorch's current device afterwards.
