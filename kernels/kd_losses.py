@@ -185,6 +185,16 @@ def _online_kl_step(running_max, running_sum, new_max, e, weighted, centered, s,
 
 
 @triton.jit
+def _chunk_start(step, C: tl.constexpr, BLOCK: tl.constexpr, BACKWARD: tl.constexpr):
+    """The first column of a chunked pass's step-th chunk. The passes after the first
+    alternate direction (backward, forward, …), so each starts on the chunks the pass before
+    read last, the likeliest still in L2 (the bytes model still counts them from HBM)."""
+    if BACKWARD:
+        return ((C + BLOCK - 1) // BLOCK - 1 - step) * BLOCK
+    return step * BLOCK
+
+
+@triton.jit
 def _probability(x, x_max, log_sum, inv_tau):
     """softmax(x/τ) from a row's max and log-normalizer: the one formula of every kernel
     that feeds the column statistics or consumes them (their p − mean_p must be exactly 0
@@ -486,7 +496,8 @@ def _fused_row_kernel(
         sum_bb = zeros.to(tl.float64)
         column_dot_s = zeros
         column_dot_t = zeros
-        for start in range(0, C, BLOCK):
+        for step in range(0, (C + BLOCK - 1) // BLOCK):
+            start = _chunk_start(step, C, BLOCK, True)
             offs, col_mask, mask, offsets, s, t, p, q = _chunk(
                 s_ptr, t_ptr, row_base, row_mask, start, cols, C, swap_a, swap_b, t_at_a, t_at_b, s_max, s_log_sum,
                 t_max, t_log_sum, inv_tau, RECTIFY)
@@ -588,7 +599,8 @@ def _fused_row_kernel(
             p_dot = zeros
             q_dot = zeros
             if HAS_PEARSON:
-                for start in range(0, C, BLOCK):
+                for step in range(0, (C + BLOCK - 1) // BLOCK):
+                    start = _chunk_start(step, C, BLOCK, False)
                     offs, col_mask, mask, offsets, s, t, p, q = _chunk(
                         s_ptr, t_ptr, row_base, row_mask, start, cols, C, swap_a, swap_b, t_at_a, t_at_b, s_max,
                         s_log_sum, t_max, t_log_sum, inv_tau, RECTIFY)
@@ -599,7 +611,8 @@ def _fused_row_kernel(
             if HAS_COLUMN:
                 p_dot += column_grad * column_dot_s
                 q_dot += column_grad * column_dot_t
-            for start in range(0, C, BLOCK):
+            for step in range(0, (C + BLOCK - 1) // BLOCK):
+                start = _chunk_start(step, C, BLOCK, HAS_PEARSON or not HAS_COLUMN)
                 offs, col_mask, mask, offsets, s, t, p, q = _chunk(
                     s_ptr, t_ptr, row_base, row_mask, start, cols, C, swap_a, swap_b, t_at_a, t_at_b, s_max, s_log_sum,
                     t_max, t_log_sum, inv_tau, RECTIFY)

@@ -40,7 +40,9 @@
 //   two exchanged values computed per row (no scatter between threads).
 // * Chunked layout: one block per row; the online first pass keeps per-thread running
 //   maxima and double sums, merged after block_argmax by rescaling (no shared state but
-//   the reductions' scratch).
+//   the reductions' scratch). A thread loads and stores only its own runs of kVector
+//   classes (vector accesses under the same condition as the resident layout); every
+//   thread takes the same passes, so the alternating direction flag stays uniform.
 // * Spearman chunks: each chunk's kernels take pointers offset by first·cols (int64) and
 //   the chunk's row count, so sort offsets stay under 2^31; the chunk's ρ_S and dρ_S/ds
 //   are written before the chunk's row kernel reads them (same stream) and rewritten only
@@ -592,6 +594,32 @@ struct Swap {
   }
 };
 
+// Stores the gradients of the run of kVector classes from j0 on, whose centered logits are
+// s and t: gradient_s(j, s, t, extra_j) (extra: a float row read alongside, or zeros) and
+// gradient_t(j, s, t). A run's classes past the row's end take the row's last class as
+// their index (the gradients read per-column statistics at j, which hold C entries); the
+// store drops them. (Branch-free: a per-class condition here took the block-resident
+// layout from 124 to 154 registers on sm_90, one block per SM instead of two.)
+template <typename s_t, typename t_t, typename FS, typename FT>
+__device__ __forceinline__ void store_run_gradients(s_t* gs_row, t_t* gt_row, const float* extra_row, int64_t j0,
+                                                    int64_t cols, bool vector, const float (&s)[kVector],
+                                                    const float (&t)[kVector], FS& gradient_s, FT& gradient_t) {
+  auto in_row = [&](int64_t j) { return j < cols ? j : cols - 1; };
+  float out[kVector];
+  if (gs_row != nullptr) {
+    float extra[kVector] = {};
+    if (extra_row != nullptr) load_run(extra_row, j0, cols, vector, extra);
+#pragma unroll
+    for (int w = 0; w < kVector; ++w) out[w] = gradient_s(in_row(j0 + w), s[w], t[w], extra[w]);
+    store_run(gs_row, j0, cols, vector, out);
+  }
+  if (gt_row != nullptr) {
+#pragma unroll
+    for (int w = 0; w < kVector; ++w) out[w] = gradient_t(in_row(j0 + w), s[w], t[w]);
+    store_run(gt_row, j0, cols, vector, out);
+  }
+}
+
 // The resident layout: lane `lane` of the row's `group` threads holds classes
 // (v·group + lane)·kVector + w, v < VECTORS, w < kVector (a warp covers 32·kVector
 // consecutive classes per v, so loads coalesce).
@@ -604,7 +632,6 @@ struct ResidentRow {
   bool vector;
 
   __device__ int64_t first(int v) const { return (static_cast<int64_t>(v) * group + lane) * kVector; }
-  __device__ int64_t in_row(int64_t j) const { return j < cols ? j : cols - 1; }
 
   template <typename s_t, typename t_t>
   __device__ void load(const s_t* s_row, const t_t* t_row) {
@@ -639,29 +666,12 @@ struct ResidentRow {
       }
     }
   }
-  // Writes gradient_s(j, s, t, extra_j) and gradient_t(j, s, t) (extra: a float row read
-  // alongside, or zeros). A run's classes past the row's end take the row's last class as
-  // their index (the gradients read per-column statistics at j, which hold C entries); the
-  // store drops them. (Branch-free: a per-class condition here took the block-resident
-  // layout from 124 to 154 registers on sm_90, one block per SM instead of two.)
   template <typename s_t, typename t_t, typename FS, typename FT>
   __device__ void store(s_t* gs_row, t_t* gt_row, const float* extra_row, FS&& gradient_s, FT&& gradient_t) const {
 #pragma unroll
     for (int v = 0; v < VECTORS; ++v) {
-      const int64_t j0 = first(v);
-      if (j0 >= cols) continue;
-      float out[kVector];
-      if (gs_row != nullptr) {
-        float extra[kVector] = {};
-        if (extra_row != nullptr) load_run(extra_row, j0, cols, vector, extra);
-#pragma unroll
-        for (int w = 0; w < kVector; ++w) out[w] = gradient_s(in_row(j0 + w), s[v][w], t[v][w], extra[w]);
-        store_run(gs_row, j0, cols, vector, out);
-      }
-      if (gt_row != nullptr) {
-#pragma unroll
-        for (int w = 0; w < kVector; ++w) out[w] = gradient_t(in_row(j0 + w), s[v][w], t[v][w]);
-        store_run(gt_row, j0, cols, vector, out);
+      if (first(v) < cols) {
+        store_run_gradients(gs_row, gt_row, extra_row, first(v), cols, vector, s[v], t[v], gradient_s, gradient_t);
       }
     }
   }
@@ -669,19 +679,51 @@ struct ResidentRow {
 
 // The chunked layout: one block per row, every pass reading the row again; the first
 // pass gathers online what the resident layout takes in several passes over registers.
+// Thread x reads runs of kVector consecutive classes, run k·kThreads + x in step k (a
+// warp's 32 runs are 32·kVector consecutive classes: 16-byte loads coalesce), with vector
+// loads and stores when `vector` (as the resident layout). Passes alternate direction —
+// the first forward, the next from the row's end — so each starts on the classes the one
+// before read last, the likeliest still in L2.
 template <typename s_t, typename t_t>
 struct ChunkedRow {
   static constexpr bool kStreamed = true;
   const s_t* s_row;
   const t_t* t_row;
   int64_t cols;
+  bool vector;
   float s_max = 0.0f, t_max = 0.0f;
   Swap swap;
+  mutable bool backward = false;  // the next pass's direction (every thread takes the same passes)
+
+  // f(j0, s, t) for each of this thread's runs (raw logits; past the row's end: zeros).
+  template <typename F>
+  __device__ void runs(F&& f) const {
+    constexpr int64_t kStep = static_cast<int64_t>(kThreads) * kVector;
+    const int64_t steps = (cols + kStep - 1) / kStep;
+    for (int64_t k = 0; k < steps; ++k) {
+      const int64_t j0 = (backward ? steps - 1 - k : k) * kStep + static_cast<int64_t>(threadIdx.x) * kVector;
+      if (j0 >= cols) continue;
+      float s[kVector], t[kVector];
+      load_run(s_row, j0, cols, vector, s);
+      load_run(t_row, j0, cols, vector, t);
+      f(j0, s, t);
+    }
+    backward = !backward;
+  }
+  // The run's logits minus the row maxima, the rectified teacher in place.
+  __device__ void center_run(int64_t j0, float (&s)[kVector], float (&t)[kVector]) const {
+#pragma unroll
+    for (int w = 0; w < kVector; ++w) {
+      s[w] -= s_max;
+      t[w] = swap.apply(j0 + w, t[w]) - t_max;
+    }
+  }
 
   // One read of the row for its maxima, the teacher's first argmax, the softmax normalizers
   // (at τ, and at 1 for CE) and the unrectified KL and teacher entropy. Each thread keeps
   // running maxima over its classes and its sums over exp((x − its max)·it) in double,
-  // rescaled (by a double exp, a few times per thread) when its max grows; with
+  // rescaled (by a double exp, at most once per run, a few times per thread) when a run
+  // raises its max; with
   // e_j = exp((t_j − m)·it) over the teacher's running max m it folds in
   // W = Σ e_j (t_j − s_j)·it and V = Σ e_j (t_j − m)·it (V' = r·(V + T·(m − m')·it) when m
   // becomes m' and r = exp((m − m')·it)). The block then takes the maxima, every thread
@@ -694,41 +736,59 @@ struct ChunkedRow {
                                     float (&sums)[3], double (&kl_entropy)[2], Scratch& scratch) const {
     const float it = cfg.inv_temperature;
     const bool ce = cfg.ce_coef != 0.0f;
-    double s_sum = 0.0, s_sum1 = 0.0, t_sum = 0.0, weighted = 0.0, centered = 0.0;
+    double s_sum = 0.0, s_sum1 = 0.0, t_sum = 0.0, weighted = 0.0, spread = 0.0;
     float s_run = -INFINITY, t_run = -INFINITY;
     int64_t arg = cols;
-    for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
-      const float a = to_float(s_row[j]), b = to_float(t_row[j]);
-      if (a > s_run) {
-        if (s_run > -INFINITY) {
-          s_sum *= exp((static_cast<double>(s_run) - a) * it);
-          s_sum1 *= exp(static_cast<double>(s_run) - a);
+    runs([&](int64_t j0, const float (&run_s)[kVector], const float (&run_t)[kVector]) {
+      // The run's maxima first (NaN ignored; the first index of the teacher's), so the
+      // running sums rescale at most once per run.
+      float s_top = -INFINITY, t_top = -INFINITY;
+      int64_t t_first = cols;
+#pragma unroll
+      for (int w = 0; w < kVector; ++w) {
+        if (j0 + w < cols) {
+          s_top = fmaxf(s_top, run_s[w]);
+          if (run_t[w] > t_top) {  // strictly greater: the first index of the max stays
+            t_top = run_t[w];
+            t_first = j0 + w;
+          }
         }
-        s_run = a;
       }
-      if (s_run > -INFINITY) {
-        s_sum += expf((a - s_run) * it);
-        if (ce) s_sum1 += expf(a - s_run);
+      if (s_top > s_run) {
+        if (s_run > -INFINITY) {
+          s_sum *= exp((static_cast<double>(s_run) - s_top) * it);
+          s_sum1 *= exp(static_cast<double>(s_run) - s_top);
+        }
+        s_run = s_top;
       }
-      if (b > t_run) {  // strictly greater: the thread's first index of its max stays
+      if (t_top > t_run) {
         if (t_run > -INFINITY) {
-          const double shift = (static_cast<double>(t_run) - b) * it, rescale = exp(shift);
-          centered = rescale * (centered + t_sum * shift);
+          const double shift = (static_cast<double>(t_run) - t_top) * it, rescale = exp(shift);
+          spread = rescale * (spread + t_sum * shift);
           weighted *= rescale;
           t_sum *= rescale;
         }
-        t_run = b;
-        arg = j;
+        t_run = t_top;
+        arg = t_first;
       }
-      if (t_run > -INFINITY) {
-        const float e = expf((b - t_run) * it);
-        t_sum += e;
-        if (e > 0.0f) {
-          weighted += e * ((static_cast<double>(b) - a) * it);
-          centered += e * static_cast<double>((b - t_run) * it);
+#pragma unroll
+      for (int w = 0; w < kVector; ++w) {
+        if (j0 + w >= cols) break;
+        const float a = run_s[w], b = run_t[w];
+        if (s_run > -INFINITY) {
+          s_sum += expf((a - s_run) * it);
+          if (ce) s_sum1 += expf(a - s_run);
+        }
+        if (t_run > -INFINITY) {
+          const float e = expf((b - t_run) * it);
+          t_sum += e;
+          if (e > 0.0f) {
+            weighted += e * ((static_cast<double>(b) - a) * it);
+            spread += e * static_cast<double>((b - t_run) * it);
+          }
         }
       }
-    }
+    });
     float s_top = s_run, t_top = t_run;
     int64_t unused = 0, t_arg = arg;
     block_argmax(s_top, unused, scratch.f, scratch.i);
@@ -742,7 +802,7 @@ struct ChunkedRow {
       const double shift = (static_cast<double>(t_run) - t_top) * it, rescale = exp(shift);
       totals[2] = t_sum * rescale;
       totals[3] = weighted * rescale;
-      totals[4] = rescale * (centered + t_sum * shift);
+      totals[4] = rescale * (spread + t_sum * shift);
     }
     block_sum(totals, scratch.d);
     s_max_out = s_top;
@@ -758,15 +818,16 @@ struct ChunkedRow {
 
   template <typename A, typename B>
   __device__ void load(A, B) {}
-  template <typename F>
-  __device__ void each_raw(F&& f) const {
-    for (int64_t j = threadIdx.x; j < cols; j += kThreads) f(j, to_float(s_row[j]), to_float(t_row[j]));
-  }
+  // f(j, student, teacher) for every class of the row this thread reads, centered.
   template <typename F>
   __device__ void each(F&& f) const {
-    for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
-      f(j, to_float(s_row[j]) - s_max, swap.apply(j, to_float(t_row[j])) - t_max);
-    }
+    runs([&](int64_t j0, float (&s)[kVector], float (&t)[kVector]) {
+      center_run(j0, s, t);
+#pragma unroll
+      for (int w = 0; w < kVector; ++w) {
+        if (j0 + w < cols) f(j0 + w, s[w], t[w]);
+      }
+    });
   }
   __device__ void center(float s_max_, float t_max_, const Swap& swap_) {
     s_max = s_max_;
@@ -775,9 +836,9 @@ struct ChunkedRow {
   }
   template <typename FS, typename FT>
   __device__ void store(s_t* gs_row, t_t* gt_row, const float* extra_row, FS&& gradient_s, FT&& gradient_t) const {
-    each([&](int64_t j, float s, float t) {
-      if (gs_row != nullptr) gs_row[j] = from_float<s_t>(gradient_s(j, s, t, extra_row ? extra_row[j] : 0.0f));
-      if (gt_row != nullptr) gt_row[j] = from_float<t_t>(gradient_t(j, s, t));
+    runs([&](int64_t j0, float (&s)[kVector], float (&t)[kVector]) {
+      center_run(j0, s, t);
+      store_run_gradients(gs_row, gt_row, extra_row, j0, cols, vector, s, t, gradient_s, gradient_t);
     });
   }
 };
@@ -1019,7 +1080,7 @@ __global__ void __launch_bounds__(kThreads) fused_row_kernel(const s_t* student,
   t_t* gt_row = grad_teacher ? grad_teacher + base : nullptr;
   if constexpr (VECTORS == 0) {
     static_assert(GROUP == kThreads, "the chunked layout takes a block per row");
-    ChunkedRow<s_t, t_t> r{s_row, t_row, cols};
+    ChunkedRow<s_t, t_t> r{s_row, t_row, cols, vector};
     fused_row(r, row_group, row, active, lane == 0, s_row, t_row, cfg, grad_scale, in, gs_row, gt_row, scratch);
   } else {
     ResidentRow<VECTORS> r;
