@@ -15,7 +15,9 @@ scales them in backward). The pieces:
   ≤ 4096 with two correlation terms), up to 16 rows per program held in registers, each
   input read once, with 128-bit vector loads when C is a multiple of 8 (C is a constexpr);
   *chunked* (longer rows), one row per program, an online softmax over chunks of 4096
-  columns that also takes KL and the entropy, so KL-only losses read a row twice.
+  columns that also takes KL, the entropy and the row Pearson term's moments, then the
+  gradient's pass: every loss reads a row twice (the column term's statistics need two
+  reads of the batch of their own first, the Spearman term its sorts).
 * The intra-class term's column statistics, over fixed chunks of rows (deterministic), as
   shifted sums in one pass finished with a few [C]-sized PyTorch operations: in the
   resident layout ``_column_partials_kernel`` (one read of each input, which also writes
@@ -185,6 +187,33 @@ def _online_kl_step(running_max, running_sum, new_max, e, weighted, centered, s,
 
 
 @triton.jit
+def _rescale(old_max, new_max, inv_tau):
+    """exp((old − new)/τ) in fp64: the factor that moves exponentials taken over a running
+    max ``old_max`` onto ``new_max`` (0 while nothing finite was seen: those were all 0)."""
+    safe_max = tl.where(new_max > -float("inf"), new_max, 0.0)
+    gap = (old_max.to(tl.float64) - safe_max.to(tl.float64)) * inv_tau
+    return tl.where(old_max > -float("inf"), tl.exp(gap), 0.0)
+
+
+@triton.jit
+def _online_moments_step(sum_s, sum_t, square_s, square_t, cross, s_scale, t_scale, e_s, e_t):
+    """The chunked layout's row Pearson moments in its first pass: plain fp64 sums
+    (Σe_s, Σe_t, Σe_s², Σe_t², Σe_s·e_t) of the exponentials over each row's running max,
+    rescaled when a max moves (every earlier e_s is multiplied by ``s_scale``, e_t by
+    ``t_scale``). Centered at the end (Q − A²/C): in fp64 this loses fewer digits than the
+    fp32 exponentials themselves carry, near-uniform rows included, and a constant row
+    (every e = 1) gives exactly 0."""
+    es = e_s.to(tl.float64)
+    et = e_t.to(tl.float64)
+    sum_s = sum_s * s_scale + tl.sum(es, 1)
+    sum_t = sum_t * t_scale + tl.sum(et, 1)
+    square_s = square_s * (s_scale * s_scale) + tl.sum(es * es, 1)
+    square_t = square_t * (t_scale * t_scale) + tl.sum(et * et, 1)
+    cross = cross * (s_scale * t_scale) + tl.sum(es * et, 1)
+    return sum_s, sum_t, square_s, square_t, cross
+
+
+@triton.jit
 def _chunk_start(step, C: tl.constexpr, BLOCK: tl.constexpr, BACKWARD: tl.constexpr):
     """The first column of a chunked pass's step-th chunk. The passes after the first
     alternate direction (backward, forward, …), so each starts on the chunks the pass before
@@ -245,12 +274,25 @@ def _pearson_moments(p, q, mask, p_mean, q_mean):
 
 
 @triton.jit
-def _correlation_gradients(p, q, cols, col_mask, col_ptr, C, p_mean, q_mean, cross, self_p, self_q, pearson_grad,
-                           column_grad, HAS_COLUMN: tl.constexpr):
-    """g = dℓ/dp and dℓ/dq of a tile from the row correlation (per-row coefficients) and the
-    column correlations (per-column statistics, read once per tile and shared by its rows)."""
-    g_s = pearson_grad[:, None] * (cross[:, None] * (q - q_mean[:, None]) - self_p[:, None] * (p - p_mean[:, None]))
-    g_t = pearson_grad[:, None] * (cross[:, None] * (p - p_mean[:, None]) - self_q[:, None] * (q - q_mean[:, None]))
+def _correlation_gradients(p, q, p_row, q_row, cols, col_mask, col_ptr, C, centers, cross, self_p, self_q,
+                           pearson_grad, column_grad, HAS_COLUMN: tl.constexpr):
+    """g = dℓ/dp and dℓ/dq of a tile (fp32) from the row correlation (per-row coefficients)
+    and the column correlations (per-column statistics, read once per tile and shared by its
+    rows). The row term's g_s = w·(cross·(q − c_q) − self_p·(p − c_p)) is taken from
+    ``p_row``, ``q_row`` centered at ``centers`` = (c_p, c_q) for the student and (c'_p, c'_q)
+    for the teacher's g_t: in the resident layout the fp32 p, q at their means (it then
+    subtracts <p, g> summed over its registers); in the chunked layout fp64 values at the
+    weighted means Σp²/Σp, Σpq/Σp (and Σqp/Σq, Σq²/Σq) of those very values, for which
+    <p, g_s> = <q, g_t> = 0 term by term, so no pass sums them. (fp64, because near ρ = 1
+    the two terms of g are ~10³ times g: a rounded center would shift every g_j alike,
+    an error that only <p, g> would have taken back out.)"""
+    p_center_s, q_center_s, p_center_t, q_center_t = centers
+    g_s = pearson_grad[:, None] * (cross[:, None] * (q_row - q_center_s[:, None])
+                                   - self_p[:, None] * (p_row - p_center_s[:, None]))
+    g_t = pearson_grad[:, None] * (cross[:, None] * (p_row - p_center_t[:, None])
+                                   - self_q[:, None] * (q_row - q_center_t[:, None]))
+    g_s = g_s.to(tl.float32)
+    g_t = g_t.to(tl.float32)
     if HAS_COLUMN:
         wide_c = C + tl.zeros((), tl.int64)  # k·C in int64
         mean_p = tl.load(col_ptr + cols, mask=col_mask, other=0.0)[None, :]
@@ -322,6 +364,7 @@ def _fused_row_kernel(
     grad_rho_ptr,  # [B, C] fp32 dρ_S/ds (when HAS_SPEARMAN and STUDENT_GRAD)
     col_ptr,  # [5, C] fp32 column statistics: mean_p, mean_q, cross, self_p, self_q (HAS_COLUMN)
     stats_ptr,  # [B, 4] fp32 the rows' softmax statistics the column statistics used (HAS_COLUMN)
+    chunk_max_ptr,  # [B, chunks, 2] fp32 workspace: the chunked first pass's running maxima per chunk
     row_loss_ptr,  # [B] fp32 out: ℓ_i
     gs_ptr,  # [B, C] out: dL/ds, in the student's dtype (STUDENT_GRAD)
     gt_ptr,  # [B, C] out: dL/dt, in the teacher's dtype (TEACHER_GRAD)
@@ -353,9 +396,12 @@ def _fused_row_kernel(
     # [ROWS, BLOCK] input tile read from global memory once (C is a constexpr, so for C a
     # multiple of 8 the compiler knows every row starts 16-byte aligned and emits 128-bit
     # loads and stores), the exponentials computed once and kept in registers for every
-    # later pass, the gradient written once. Chunked (C > BLOCK, ROWS = 1): an online
-    # softmax over chunks of BLOCK columns, then each later pass re-reads its chunks (from
-    # L2 for rows of a few MB).
+    # later pass, the gradient written once. Chunked (C > BLOCK, ROWS = 1): two reads of
+    # each input, whatever the loss: a first pass over chunks of BLOCK columns (an online
+    # softmax that also folds in KL, the entropy and the row Pearson moments; with the
+    # column term, whose kernel already wrote the rows' statistics, a direct pass for KL,
+    # the moments and the column term's <p, g>), then the gradient's pass, backward (it
+    # starts on the chunks the first pass read last, the likeliest still in L2).
     #
     # Memory safety: rows i = program·ROWS + r are masked by i < B (the last program's
     # surplus rows load nothing and store nothing); row offsets i·C are int64, column offsets
@@ -365,8 +411,11 @@ def _fused_row_kernel(
     # real column, so that with left tie-breaking it is always a real column (NaN would
     # otherwise make the reduction return a padding lane and the swap read and write past
     # the row). Column statistics are read at k·C + j in int64. Each program writes only
-    # its own rows; no workspace is shared between threads: the only cross-thread values
-    # are reductions (along a row), which Triton synchronizes itself.
+    # its own rows. The only cross-thread values are reductions (along a row), which Triton
+    # synchronizes itself, and the chunked row Pearson term's workspace of running maxima
+    # (chunk_max_ptr, int64 row offsets, a row's slots written and read by its own program
+    # only): the first pass stores them, a barrier orders those stores before the
+    # gradient's pass loads them (a slot may be stored by one thread and loaded by another).
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < B
     row_base = rows * C
@@ -403,7 +452,16 @@ def _fused_row_kernel(
         t_max, t_sum, e_t = _softmax_step(t_max, t_sum, t, inv_tau)
         if RECTIFY:
             t_arg = tl.argmax(tl.where(t == t, t, -float("inf")), 1, tie_break_left=True).to(tl.int32)
-    else:
+    # The chunked layout's row Pearson moments, taken online in its first pass
+    # (_online_moments_step): Σe_s, Σe_t, Σe_s², Σe_t², Σe_s·e_t in fp64.
+    moment_s = zeros.to(tl.float64)
+    moment_t = zeros.to(tl.float64)
+    moment_ss = zeros.to(tl.float64)
+    moment_tt = zeros.to(tl.float64)
+    moment_st = zeros.to(tl.float64)
+    if not RESIDENT and not HAS_COLUMN:
+        # With the column term the rows' statistics come from the column statistics' kernel
+        # (below), and this pass is not needed.
         for start in range(0, C, BLOCK):
             offs = start + cols
             mask = row_mask[:, None] & (offs < C)[None, :]
@@ -411,7 +469,7 @@ def _fused_row_kernel(
             t = tl.load(t_ptr + row_base[:, None] + offs[None, :], mask=mask, other=-float("inf")).to(tl.float32)
             if HAS_CE:
                 _, s_sum1, _ = _softmax_step(s_max, s_sum1, s, 1.0)
-            s_max, s_sum, _ = _softmax_step(s_max, s_sum, s, inv_tau)
+            new_s_max, s_sum, e_s = _softmax_step(s_max, s_sum, s, inv_tau)
             if RECTIFY:
                 t_ordered = tl.where(t == t, t, -float("inf"))  # NaN never wins the argmax
                 chunk_best = tl.max(t_ordered, 1)
@@ -421,8 +479,20 @@ def _fused_row_kernel(
             new_max, new_sum, e_t = _softmax_step(t_max, t_sum, t, inv_tau)
             if HAS_KL or DIFFICULTY_MODE == 1:
                 weighted, centered = _online_kl_step(t_max, t_sum, new_max, e_t, weighted, centered, s, t, inv_tau)
+            if HAS_PEARSON:
+                moment_s, moment_t, moment_ss, moment_tt, moment_st = _online_moments_step(
+                    moment_s, moment_t, moment_ss, moment_tt, moment_st, _rescale(s_max, new_s_max, inv_tau),
+                    _rescale(t_max, new_max, inv_tau), e_s, e_t)
+                # The maxima e_s, e_t were taken over, so that the gradient's pass recomputes
+                # these very exponentials (bit for bit) and the sums hold its values.
+                slot = chunk_max_ptr + (rows * ((C + BLOCK - 1) // BLOCK) + start // BLOCK) * 2
+                tl.store(slot, new_s_max, mask=row_mask)
+                tl.store(slot + 1, new_max, mask=row_mask)
+            s_max = new_s_max
             t_max = new_max
             t_sum = new_sum
+        if HAS_PEARSON:
+            tl.debug_barrier()  # the maxima stored above are read back by other threads below
     s_log_sum = tl.log(s_sum)
     t_log_sum = tl.log(t_sum)
     # The logs in fp64: at τ = 100 an fp32 log's rounding alone, times τ², moves the loss of
@@ -465,12 +535,18 @@ def _fused_row_kernel(
                                                         inv_tau, p, p0, q0, HAS_KL)
     else:
         # KL and entropy came from the first pass (the rectification moves q between columns
-        # a and b only: KL gains (q_a − q_b)(s_a − s_b)/τ; the entropy does not change).
+        # a and b only: KL gains (q_a − q_b)(s_a − s_b)/τ; the entropy does not change);
+        # with the column term, from the pass below.
         p0 = zeros
         q0 = zeros
         p_shift = zeros
         q_shift = zeros
         kl = weighted / t_sum.to(tl.float64) + (s_max - t_max).to(tl.float64) * inv_tau + log_sum_difference
+        entropy = t_log_sum - centered / t_sum
+        # Σ(e_s − ē_s)(e_t − ē_t) over the rectified teacher: exchanging the teacher's columns a
+        # and b takes (e_s,a − e_s,b)(e_t,a − e_t,b) off the cross sum (its other sums and
+        # means do not change).
+        cross_fix = zeros.to(tl.float64)
         if RECTIFY:
             swapped = swap_a != swap_b
             s_a = tl.load(s_ptr + row_base + swap_a, mask=swapped, other=0.0).to(tl.float32)
@@ -478,17 +554,44 @@ def _fused_row_kernel(
             q_a = tl.exp((t_at_a - t_max) * inv_tau - t_log_sum)
             q_b = tl.exp((t_at_b - t_max) * inv_tau - t_log_sum)
             kl += tl.where(swapped, ((q_a - q_b) * (s_a - s_b)).to(tl.float64) * inv_tau, 0.0)
-        entropy = t_log_sum - centered / t_sum
-    if not RESIDENT and (HAS_PEARSON or HAS_COLUMN):
-        # One more pass for the correlation terms: the row's sums shifted by its first
-        # element, Σa, Σb, Σab, Σa², Σb² for a = p − p_0, b = q − q_0 (fp64; a constant row
-        # stays exactly zero), which give the means, the centered moments and the row term's
-        # <p, g>; and the column term's share of <p, g>, <q, g>.
+            e_gap_s = tl.exp((s_a - s_max) * inv_tau) - tl.exp((s_b - s_max) * inv_tau)
+            e_gap_t = tl.exp((t_at_a - t_max) * inv_tau) - tl.exp((t_at_b - t_max) * inv_tau)
+            cross_fix = tl.where(swapped, e_gap_s.to(tl.float64) * e_gap_t.to(tl.float64), 0.0)
+    # The chunked layout's row term: its centered moments Σ(p − p̄)(q − q̄), Σ(p − p̄)²,
+    # Σ(q − q̄)² (fp64) give ρ; its gradients are centered at the weighted means (see
+    # _correlation_gradients), for which <p, g> and <q, g> vanish: no pass for them.
+    centered_ab = zeros.to(tl.float64)
+    centered_aa = zeros.to(tl.float64)
+    centered_bb = zeros.to(tl.float64)
+    weighted_centers = (zeros, zeros, zeros, zeros)
+    if not RESIDENT and HAS_PEARSON and not HAS_COLUMN:
+        # From the first pass's sums over e = exp((x − max)/τ): p = κ_s·e_s with
+        # κ_s = exp(−log S), so Σpq/Σp = κ_t·Σe_s e_t/Σe_s, and so on. Each weighted mean is
+        # taken by p's own formula, exp(log(ratio) − log S): for a constant row (every e = 1,
+        # ratio exactly 1) it equals the row's p bit for bit, so p − c_p is exactly 0 there
+        # (times the 1/1e-8 floor of a constant row's correlation).
+        n = C + tl.zeros_like(moment_s)
+        sum_s = moment_s
+        sum_t = moment_t
+        cross_sum = moment_st - cross_fix
+        centered_ab = (cross_sum - sum_s * sum_t / n) / (sum_s * sum_t)
+        centered_aa = tl.maximum(moment_ss - sum_s * sum_s / n, 0.0) / (sum_s * sum_s)
+        centered_bb = tl.maximum(moment_tt - sum_t * sum_t / n, 0.0) / (sum_t * sum_t)
+        mean_pq = cross_sum / (sum_s * sum_t)
+        weighted_centers = (moment_ss / (sum_s * sum_s), mean_pq, mean_pq, moment_tt / (sum_t * sum_t))
+    if not RESIDENT and HAS_COLUMN:
+        # The rows' statistics are known (the column statistics' kernel wrote them), so one
+        # pass takes KL and the entropy directly, CE's normalizer, the row's sums shifted by
+        # its first element, Σa, Σb, Σab, Σa², Σb² for a = p − p_0, b = q − q_0 (fp64; a
+        # constant row stays exactly zero), and the column term's share of <p, g>, <q, g>
+        # from the very fp32 p, q and column statistics the gradient uses.
         first = tl.where(swap_a == 0, swap_b, tl.where(swap_b == 0, swap_a, 0))
         s0 = tl.load(s_ptr + row_base, mask=row_mask, other=0.0).to(tl.float32)
         t0 = tl.load(t_ptr + row_base + first, mask=row_mask, other=0.0).to(tl.float32)
         p0 = _probability(s0, s_max, s_log_sum, inv_tau)
         q0 = _probability(t0, t_max, t_log_sum, inv_tau)
+        kl = zeros.to(tl.float64)
+        entropy = zeros
         sum_a = zeros.to(tl.float64)
         sum_b = zeros.to(tl.float64)
         sum_ab = zeros.to(tl.float64)
@@ -497,10 +600,17 @@ def _fused_row_kernel(
         column_dot_s = zeros
         column_dot_t = zeros
         for step in range(0, (C + BLOCK - 1) // BLOCK):
-            start = _chunk_start(step, C, BLOCK, True)
+            start = _chunk_start(step, C, BLOCK, False)
             offs, col_mask, mask, offsets, s, t, p, q = _chunk(
                 s_ptr, t_ptr, row_base, row_mask, start, cols, C, swap_a, swap_b, t_at_a, t_at_b, s_max, s_log_sum,
                 t_max, t_log_sum, inv_tau, RECTIFY)
+            if HAS_KL or DIFFICULTY_MODE == 1:
+                chunk_kl, chunk_entropy, _, _ = _kl_and_moments(s, t, q, mask, s_max, t_max, t_log_sum,
+                                                                log_sum_difference, inv_tau, p, p0, q0, HAS_KL)
+                kl += chunk_kl
+                entropy += chunk_entropy
+            if HAS_CE:
+                s_sum1 += tl.sum(tl.where(mask, tl.exp(s - s_max[:, None]), 0.0), 1)
             if HAS_PEARSON:
                 # In fp64 from the fp32 values (exact): the centering below cancels Σa·Σb/C
                 # against Σab, and a rounded a would pass its error on, magnified.
@@ -511,24 +621,33 @@ def _fused_row_kernel(
                 sum_ab += tl.sum(a * b, 1)
                 sum_aa += tl.sum(a * a, 1)
                 sum_bb += tl.sum(b * b, 1)
-            if HAS_COLUMN:  # the column part of g alone (row coefficients 0, column weight 1)
-                c_s, c_t = _correlation_gradients(p, q, offs, col_mask, col_ptr, C, zeros, zeros, zeros, zeros,
-                                                  zeros, zeros, 1.0, HAS_COLUMN)
-                column_dot_s += tl.sum(tl.where(mask, p * c_s, 0.0), 1)
-                column_dot_t += tl.sum(tl.where(mask, q * c_t, 0.0), 1)
+            # the column part of g alone (row coefficients 0, column weight 1)
+            c_s, c_t = _correlation_gradients(p, q, p, q, offs, col_mask, col_ptr, C, (zeros, zeros, zeros, zeros),
+                                              zeros, zeros, zeros, zeros, 1.0, HAS_COLUMN)
+            column_dot_s += tl.sum(tl.where(mask, p * c_s, 0.0), 1)
+            column_dot_t += tl.sum(tl.where(mask, q * c_t, 0.0), 1)
         p_shift = sum_a.to(tl.float32)
         q_shift = sum_b.to(tl.float32)
+        if HAS_PEARSON:
+            # The moments about the fp32 means the gradient uses (as the resident layout takes
+            # them), from the shifted sums: Σ(p − p̄)(q − q̄) = Σab − d_q Σa − d_p Σb + C d_p d_q
+            # with d = p̄ − p_0, in fp64.
+            d_p = (p0 + p_shift / C).to(tl.float64) - p0.to(tl.float64)
+            d_q = (q0 + q_shift / C).to(tl.float64) - q0.to(tl.float64)
+            centered_ab = sum_ab - d_q * sum_a - d_p * sum_b + C * d_p * d_q
+            centered_aa = tl.maximum(sum_aa - 2.0 * d_p * sum_a + C * d_p * d_p, 0.0)
+            centered_bb = tl.maximum(sum_bb - 2.0 * d_q * sum_b + C * d_q * d_q, 0.0)
+            # The weighted means from the same sums of the very p, q the gradient uses:
+            # Σp = C p_0 + Σa, Σpq = Σab + q_0 Σa + p_0 Σb + C p_0 q_0, Σp² = Σa² + 2 p_0 Σa + C p_0².
+            p064 = p0.to(tl.float64)
+            q064 = q0.to(tl.float64)
+            total_p = C * p064 + sum_a
+            total_q = C * q064 + sum_b
+            total_pq = sum_ab + q064 * sum_a + p064 * sum_b + C * p064 * q064
+            weighted_centers = ((sum_aa + 2.0 * p064 * sum_a + C * p064 * p064) / total_p, total_pq / total_p,
+                                total_pq / total_q, (sum_bb + 2.0 * q064 * sum_b + C * q064 * q064) / total_q)
     p_mean = p0 + p_shift / C
     q_mean = q0 + q_shift / C
-    if not RESIDENT and HAS_PEARSON:
-        # The moments about the fp32 means the gradient uses (as the resident layout takes
-        # them), from the shifted sums: Σ(p − p̄)(q − q̄) = Σab − d_q Σa − d_p Σb + C d_p d_q
-        # with d = p̄ − p_0, in fp64.
-        d_p = p_mean.to(tl.float64) - p0.to(tl.float64)
-        d_q = q_mean.to(tl.float64) - q0.to(tl.float64)
-        chunk_ab = sum_ab - d_q * sum_a - d_p * sum_b + C * d_p * d_q
-        chunk_aa = tl.maximum(sum_aa - 2.0 * d_p * sum_a + C * d_p * d_p, 0.0)
-        chunk_bb = tl.maximum(sum_bb - 2.0 * d_q * sum_b + C * d_q * d_q, 0.0)
 
     loss = zeros.to(tl.float64)
     if HAS_KL:  # KL ≥ 0 despite rounding at a large τ (the gradient keeps the unclamped kl)
@@ -550,9 +669,9 @@ def _fused_row_kernel(
         if RESIDENT:
             ab, aa, bb = _pearson_moments(p, q, mask, p_mean, q_mean)
         else:
-            ab = chunk_ab
-            aa = chunk_aa
-            bb = chunk_bb
+            ab = centered_ab
+            aa = centered_aa
+            bb = centered_bb
         rho, cross64, self_p64, self_q64 = _correlation(ab, aa, bb)
         cross = cross64.to(tl.float32)
         self_p = self_p64.to(tl.float32)
@@ -573,8 +692,8 @@ def _fused_row_kernel(
         ce_grad = ce_coef * grad_scale
         spearman_grad = spearman_weight * grad_scale
         if RESIDENT:
-            g_s, g_t = _correlation_gradients(p, q, cols, col_mask, col_ptr, C, p_mean, q_mean, cross, self_p,
-                                              self_q, pearson_grad, column_grad, HAS_COLUMN)
+            g_s, g_t = _correlation_gradients(p, q, p, q, cols, col_mask, col_ptr, C, (p_mean, q_mean, p_mean, q_mean),
+                                              cross, self_p, self_q, pearson_grad, column_grad, HAS_COLUMN)
             p_dot = zeros
             q_dot = zeros
             if HAS_PEARSON or HAS_COLUMN:
@@ -592,32 +711,42 @@ def _fused_row_kernel(
                     v_t = _swap_columns(v_t, cols, swap_a, swap_b)
                 tl.store(gt_ptr + offsets, v_t.to(gt_ptr.dtype.element_ty), mask=mask)
         else:
-            # <p, g> and <q, g>: the column term's share was summed in the pass above; the row
-            # term's takes a pass summing p·g over the very fp32 g the gradient uses (its
-            # exact value is 0, ρ being shift- and scale-invariant, but the closed form from
-            # the shifted sums left the rounding of g in: 2e-5 relative at τ = 1).
+            # <p, g> and <q, g>: the row term's are 0 at the weighted centers; the column
+            # term's were summed in the pass above.
             p_dot = zeros
             q_dot = zeros
-            if HAS_PEARSON:
-                for step in range(0, (C + BLOCK - 1) // BLOCK):
-                    start = _chunk_start(step, C, BLOCK, False)
-                    offs, col_mask, mask, offsets, s, t, p, q = _chunk(
-                        s_ptr, t_ptr, row_base, row_mask, start, cols, C, swap_a, swap_b, t_at_a, t_at_b, s_max,
-                        s_log_sum, t_max, t_log_sum, inv_tau, RECTIFY)
-                    g_s, g_t = _correlation_gradients(p, q, offs, col_mask, col_ptr, C, p_mean, q_mean, cross,
-                                                      self_p, self_q, pearson_grad, column_grad, False)
-                    p_dot += tl.sum(tl.where(mask, p * g_s, 0.0), 1)
-                    q_dot += tl.sum(tl.where(mask, q * g_t, 0.0), 1)
             if HAS_COLUMN:
                 p_dot += column_grad * column_dot_s
                 q_dot += column_grad * column_dot_t
             for step in range(0, (C + BLOCK - 1) // BLOCK):
-                start = _chunk_start(step, C, BLOCK, HAS_PEARSON or not HAS_COLUMN)
+                start = _chunk_start(step, C, BLOCK, True)
                 offs, col_mask, mask, offsets, s, t, p, q = _chunk(
                     s_ptr, t_ptr, row_base, row_mask, start, cols, C, swap_a, swap_b, t_at_a, t_at_b, s_max, s_log_sum,
                     t_max, t_log_sum, inv_tau, RECTIFY)
-                g_s, g_t = _correlation_gradients(p, q, offs, col_mask, col_ptr, C, p_mean, q_mean, cross, self_p,
-                                                  self_q, pearson_grad, column_grad, HAS_COLUMN)
+                p_row = p.to(tl.float64)
+                q_row = q.to(tl.float64)
+                if HAS_PEARSON and not HAS_COLUMN:
+                    # p and q as the first pass summed them: e over the running max of the
+                    # chunk's turn (the same fp32 exponentials), times exp((m_k − max)/τ)/S in
+                    # fp64. The rectified teacher's two moved columns are taken over the final
+                    # max (over m_k an exchanged maximum could overflow).
+                    slot = chunk_max_ptr + (rows * ((C + BLOCK - 1) // BLOCK) + start // BLOCK) * 2
+                    chunk_s_max = tl.load(slot, mask=row_mask, other=0.0)
+                    chunk_t_max = tl.load(slot + 1, mask=row_mask, other=0.0)
+                    e_s = tl.exp((s - tl.where(chunk_s_max > -float("inf"), chunk_s_max, 0.0)[:, None]) * inv_tau)
+                    e_t = tl.exp((t - tl.where(chunk_t_max > -float("inf"), chunk_t_max, 0.0)[:, None]) * inv_tau)
+                    scale_s = _rescale(chunk_s_max, s_max, inv_tau) / moment_s
+                    scale_t = _rescale(chunk_t_max, t_max, inv_tau) / moment_t
+                    p_row = tl.where(mask, e_s.to(tl.float64) * scale_s[:, None], 0.0)
+                    q_row = tl.where(mask, e_t.to(tl.float64) * scale_t[:, None], 0.0)
+                    if RECTIFY:
+                        moved = (offs[None, :] == swap_a[:, None]) | (offs[None, :] == swap_b[:, None])
+                        q_moved = tl.exp((t - t_max[:, None]) * inv_tau).to(tl.float64) / moment_t[:, None]
+                        q_row = tl.where(moved & mask, q_moved, q_row)
+                    p = p_row.to(tl.float32)
+                    q = q_row.to(tl.float32)
+                g_s, g_t = _correlation_gradients(p, q, p_row, q_row, offs, col_mask, col_ptr, C, weighted_centers,
+                                                  cross, self_p, self_q, pearson_grad, column_grad, HAS_COLUMN)
                 ce_prob = p
                 if HAS_CE:
                     ce_prob = tl.exp(s - s_max[:, None]) / s_sum1[:, None]
@@ -1132,11 +1261,15 @@ def _fused_loss(student, teacher, target, difficulty, temperature, kl_coef, ce_c
                                   else (row_loss, None, row_loss))
     spearman_rho, spearman_grad = (_spearman(student, teacher, rank_strength, student_grad) if spearman_coef != 0
                                    else (row_loss, None))
+    # The chunked layout's row Pearson term keeps each chunk's running maxima (8 bytes per
+    # chunk of MAX_ROW_BLOCK classes).
+    chunk_max = (torch.empty(rows, triton.cdiv(classes, layout.block), 2, dtype=torch.float32, device=device)
+                 if not layout.resident and pearson_coef != 0 and column_coef == 0 else row_loss)
     target = target.long().contiguous() if target is not None else row_loss
     difficulty = difficulty.float().contiguous() if difficulty is not None else row_loss
     _fused_row_kernel[(triton.cdiv(rows, layout.rows),)](
         student, teacher, target, difficulty, spearman_rho,
-        spearman_grad if spearman_grad is not None else row_loss, columns, stats, row_loss,
+        spearman_grad if spearman_grad is not None else row_loss, columns, stats, chunk_max, row_loss,
         grad_student if student_grad else row_loss, grad_teacher if teacher_grad else row_loss,
         rows, inv_tau, kl_coef, ce_coef, pearson_coef, spearman_coef, column_coef, difficulty_value, 1.0 / rows,
         C=classes, HAS_TARGET=target is not row_loss, HAS_KL=kl_coef != 0, HAS_CE=ce_coef != 0, HAS_PEARSON=pearson_coef != 0,
