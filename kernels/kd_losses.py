@@ -1083,11 +1083,13 @@ def _spearman_finish_kernel(
     mask = offs < C
     n = C * 1.0
     s0, mean_shift, z_scale = _standardization(s_ptr, base, offs, mask, n)
+    # Registers: at C = 8192 a thread holds 16 elements of every per-element value, so the
+    # kernel keeps few of them live — the order as int32 (< C), the teacher ranks in fp32
+    # (integers and halves, exact), z recomputed from the sorted logits where used again.
     s_sorted = tl.load(s_sorted_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    z = tl.where(mask, ((s_sorted - s0).to(tl.float64) - mean_shift) * z_scale, 0.0)
-    theta = z / strength  # as the prepare kernel computed it, bit for bit
-    order = tl.load(s_order_ptr + base + offs, mask=mask, other=0)
-    u = tl.load(rank_ptr + base + order, mask=mask, other=0.0).to(tl.float64)
+    theta = tl.where(mask, ((s_sorted - s0).to(tl.float64) - mean_shift) * z_scale, 0.0) / strength
+    order = tl.load(s_order_ptr + base + offs, mask=mask, other=0).to(tl.int32)
+    u = tl.load(rank_ptr + base + order, mask=mask, other=0.0)
     count = tl.load(block_count_ptr + row)
 
     # Each element's block (flags at block starts, then a running count), the soft ranks.
@@ -1105,11 +1107,11 @@ def _spearman_finish_kernel(
 
     # Pearson correlation of the soft ranks with the teacher ranks (fp64, shifted sums).
     r0 = tl.sum(tl.where(offs == 0, ranks, 0.0), 0)
-    u0 = tl.sum(tl.where(offs == 0, u, 0.0), 0)
+    u0 = tl.sum(tl.where(offs == 0, u, 0.0), 0).to(tl.float64)
     r_mean = r0 + tl.sum(tl.where(mask, ranks - r0, 0.0), 0) / n
-    u_mean = u0 + tl.sum(tl.where(mask, u - u0, 0.0), 0) / n
+    u_mean = u0 + tl.sum(tl.where(mask, u.to(tl.float64) - u0, 0.0), 0) / n
     ra = tl.where(mask, ranks - r_mean, 0.0)
-    ua = tl.where(mask, u - u_mean, 0.0)
+    ua = tl.where(mask, u.to(tl.float64) - u_mean, 0.0)
     rho, cross, self_r, _ = _correlation(tl.sum(ra * ua, 0), tl.sum(ra * ra, 0), tl.sum(ua * ua, 0))
     tl.store(rho_ptr + row, rho)
 
@@ -1122,6 +1124,7 @@ def _spearman_finish_kernel(
         first = tl.load(stack_start_ptr + block_slot, mask=mask, other=0)
         end = tl.where(block + 1 < count, tl.load(stack_start_ptr + block_slot + B,
                                                   mask=mask & (block + 1 < count), other=0), C)
+        z = tl.where(mask, ((s_sorted - s0).to(tl.float64) - mean_shift) * z_scale, 0.0)
         before = tl.load(prefix_ptr + base + first - 1, mask=mask & (first > 0), other=0.0)
         through = tl.load(prefix_ptr + base + end - 1, mask=mask, other=0.0)
         block_mean = (through - before) / (end - first).to(tl.float64)
