@@ -565,11 +565,11 @@ def _fused_row_kernel(
     centered_bb = zeros.to(tl.float64)
     weighted_centers = (zeros, zeros, zeros, zeros)
     if not RESIDENT and HAS_PEARSON and not HAS_COLUMN:
-        # From the first pass's sums over e = exp((x − max)/τ): p = κ_s·e_s with
-        # κ_s = exp(−log S), so Σpq/Σp = κ_t·Σe_s e_t/Σe_s, and so on. Each weighted mean is
-        # taken by p's own formula, exp(log(ratio) − log S): for a constant row (every e = 1,
-        # ratio exactly 1) it equals the row's p bit for bit, so p − c_p is exactly 0 there
-        # (times the 1/1e-8 floor of a constant row's correlation).
+        # From the first pass's sums over e = exp((x − max)/τ), with p = e_s/S, q = e_t/T as
+        # the gradient's pass forms them (fp64): Σp²/Σp = Σe_s²/S², Σpq/Σp = Σe_s e_t/(S·T).
+        # Divided in an order that leaves a constant row's center exactly its p = 1/C (every
+        # e_s = 1, S = C, Σe_s e_t = T): p − c_p is then exactly 0, as the 1/1e-8 floor of a
+        # constant row's correlation needs.
         n = C + tl.zeros_like(moment_s)
         sum_s = moment_s
         sum_t = moment_t
@@ -577,8 +577,8 @@ def _fused_row_kernel(
         centered_ab = (cross_sum - sum_s * sum_t / n) / (sum_s * sum_t)
         centered_aa = tl.maximum(moment_ss - sum_s * sum_s / n, 0.0) / (sum_s * sum_s)
         centered_bb = tl.maximum(moment_tt - sum_t * sum_t / n, 0.0) / (sum_t * sum_t)
-        mean_pq = cross_sum / (sum_s * sum_t)
-        weighted_centers = (moment_ss / (sum_s * sum_s), mean_pq, mean_pq, moment_tt / (sum_t * sum_t))
+        weighted_centers = (moment_ss / sum_s / sum_s, cross_sum / sum_s / sum_t, cross_sum / sum_t / sum_s,
+                            moment_tt / sum_t / sum_t)
     if not RESIDENT and HAS_COLUMN:
         # The rows' statistics are known (the column statistics' kernel wrote them), so one
         # pass takes KL and the entropy directly, CE's normalizer, the row's sums shifted by
@@ -637,15 +637,15 @@ def _fused_row_kernel(
             centered_ab = sum_ab - d_q * sum_a - d_p * sum_b + C * d_p * d_q
             centered_aa = tl.maximum(sum_aa - 2.0 * d_p * sum_a + C * d_p * d_p, 0.0)
             centered_bb = tl.maximum(sum_bb - 2.0 * d_q * sum_b + C * d_q * d_q, 0.0)
-            # The weighted means from the same sums of the very p, q the gradient uses:
-            # Σp = C p_0 + Σa, Σpq = Σab + q_0 Σa + p_0 Σb + C p_0 q_0, Σp² = Σa² + 2 p_0 Σa + C p_0².
+            # The weighted means from the same sums of the very p, q the gradient uses, about
+            # p_0 and q_0 (a constant row's center is then exactly its p): Σp²/Σp =
+            # p_0 + (Σa² + p_0 Σa)/Σp, Σpq/Σp = q_0 + (Σab + p_0 Σb)/Σp, with Σp = C p_0 + Σa.
             p064 = p0.to(tl.float64)
             q064 = q0.to(tl.float64)
             total_p = C * p064 + sum_a
             total_q = C * q064 + sum_b
-            total_pq = sum_ab + q064 * sum_a + p064 * sum_b + C * p064 * q064
-            weighted_centers = ((sum_aa + 2.0 * p064 * sum_a + C * p064 * p064) / total_p, total_pq / total_p,
-                                total_pq / total_q, (sum_bb + 2.0 * q064 * sum_b + C * q064 * q064) / total_q)
+            weighted_centers = (p064 + (sum_aa + p064 * sum_a) / total_p, q064 + (sum_ab + p064 * sum_b) / total_p,
+                                p064 + (sum_ab + q064 * sum_a) / total_q, q064 + (sum_bb + q064 * sum_b) / total_q)
     p_mean = p0 + p_shift / C
     q_mean = q0 + q_shift / C
 

@@ -247,3 +247,22 @@ def test_column_statistics_shifted_by_an_outlying_first_row(block):
                               torch.ones(40), "triton", "cpu")
     for name, error in zip(("loss", "grad_student", "grad_teacher"), _relative_errors(got, exact)):
         assert error <= 1e-5, f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("block", [None, 4], ids=["resident", "chunked"])
+@pytest.mark.parametrize("case", ["pearson_rows", "dist", "cmkd"])
+def test_constant_rows_in_both_layouts_match_the_float64_reference(case, block):
+    # A constant student row (row 1) and a constant teacher row (row 2): the correlation's
+    # 1/1e-8 floor multiplies p − c_p and q − c_q, so the gradient's centers must equal such
+    # a row's p bit for bit (the chunked layout's weighted means are divided in an order that
+    # keeps them exact); the other rows are teacher-like (ρ ≈ 1, the ill-conditioned case).
+    s, t, y, w = _inputs((4, 9))
+    s, t = s.float(), t.float()
+    s[1] = 2.5
+    t[2] = -1.0
+    truth = _loss_and_grads(case, s.double(), t.double(), y, w, "torch", "cpu")
+    with kd_losses.forced_block_size(block) if block else contextlib.nullcontext():
+        got = _loss_and_grads(case, s, t, y, w, "triton", "cpu")
+    for name, error in zip(("loss", "grad_student", "grad_teacher"), _relative_errors(got, truth)):
+        assert error <= 1e-5, f"{name}: relative error {error:.2e}"
