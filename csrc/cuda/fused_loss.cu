@@ -1,8 +1,8 @@
 // CUDA kernels of the fused KD loss (the generic loss of csrc/losses.h): the same math
 // as csrc/losses_cpu.cpp. The row kernel holds rows of up to 2048 classes in registers
 // (8 to 32 lanes of a warp per row up to 512 classes, a block per row beyond) and reads
-// each input once; longer rows take a block each and two reads (an online first pass, then
-// the gradient's), two more with a row Pearson term.
+// each input once; longer rows take a block each and two reads whatever the terms (a first
+// pass gathering every statistic, then the gradients').
 //
 // The steps, all on the caller's stream:
 //   1. (column term)   per-row softmax statistics, then per-column moments over fixed
@@ -38,11 +38,19 @@
 //   C % 8 == 0 and every buffer is 16-byte aligned (checked on the host), so a run never
 //   crosses a row's end. The rectified teacher's gradient is stored in place with the
 //   two exchanged values computed per row (no scatter between threads).
-// * Chunked layout: one block per row; the online first pass keeps per-thread running
-//   maxima and double sums, merged after block_argmax by rescaling (no shared state but
-//   the reductions' scratch). A thread loads and stores only its own runs of kVector
-//   classes (vector accesses under the same condition as the resident layout); every
-//   thread takes the same passes, so the alternating direction flag stays uniform.
+// * Chunked layout: one block per row, two reads of it. Without the column term the online
+//   first pass keeps per-thread running maxima, double sums and (row Pearson term) Welford
+//   moments of e_s, e_t, all in the thread's registers (no thread reads another's), merged
+//   after block_argmax by rescaling: the sums by block_sum, the moments by block_merge (a
+//   lane-ordered shuffle butterfly, then the warps in order through the scratch between the
+//   same two barriers as block_sum): fixed orders, bit-repeatable. The Pearson gradient's
+//   <p, g> comes in closed form from the moments. With the column term the first pass takes
+//   step 1's normalizers and reads exact p, q. Either way the store is the second read. A
+//   thread loads and stores only its own runs of kVector classes (vector accesses under the
+//   same condition as the resident layout), at addresses formed per run from the launch's
+//   arrays and the row's int64 offset; the pass directions are compile-time (first forward,
+//   store backward). The two copies of the row (column term or not) are chosen by a
+//   kernel-uniform flag, so every thread of a block takes the same barriers.
 // * Spearman chunks: each chunk's kernels take pointers offset by first·cols (int64) and
 //   the chunk's row count, so sort offsets stay under 2^31; the chunk's ρ_S and dρ_S/ds
 //   are written before the chunk's row kernel reads them (same stream) and rewritten only
@@ -478,8 +486,9 @@ __global__ void __launch_bounds__(kThreads) spearman_kernel(const s_t* student, 
 //   input is read once (16-byte vector loads when every row starts 16-byte aligned, i.e.
 //   C % 8 == 0 and aligned buffers; masked scalar loads otherwise), every later pass
 //   runs over registers, and the gradient is written once with vector stores.
-// * Chunked (longer rows): one block per row, each pass re-reading the row (from L1/L2
-//   where it stays, from HBM at large C).
+// * Chunked (longer rows): one block per row, read twice whatever the terms (the second
+//   read from L2 where the row stays, from HBM at large C): a first pass for every
+//   statistic, then the gradients' store.
 // Rows past the last one (the last block of a resident layout) keep their lanes in every
 // shuffle with zero classes: they load, store and write nothing.
 
@@ -677,6 +686,14 @@ struct ResidentRow {
   }
 };
 
+// The value of x, opaque to the optimizer: addresses formed from it inside a loop stay
+// there (a run's few integer adds) instead of being hoisted into registers held by the
+// whole loop.
+__device__ __forceinline__ int64_t opaque_offset(int64_t x) {
+  asm volatile("" : "+l"(x));
+  return x;
+}
+
 // Welford statistics of e_s = exp((s − m_s)·it) and e_t = exp((t − m_t)·it) over a set of
 // classes (m: running maxima): the count, the means, the sums of squared deviations and the
 // co-moment Σ(e_s − μ_s)(e_t − μ_t). The chunked layout's online pass keeps one per thread
@@ -781,28 +798,35 @@ __device__ __forceinline__ void block_merge(Moments& m, Scratch& scratch) {
 template <typename s_t, typename t_t>
 struct ChunkedRow {
   static constexpr bool kStreamed = true;
-  const s_t* s_row;
-  const t_t* t_row;
+  // The launch's arrays (kernel parameters) and the row's offset in them: a pass forms its
+  // row addresses per run from these (opaque_offset), so that the loops hold one offset and
+  // not five row pointers (they held 128 registers and spilled).
+  const s_t* student;
+  const t_t* teacher;
+  s_t* grad_student;
+  t_t* grad_teacher;
+  const float* rank_grad;  // dρ_S/ds of the launch's rows, or null
+  int64_t base;            // row · cols
   int64_t cols;
   bool vector;
   float s_max = 0.0f, t_max = 0.0f;
   Swap swap;
 
-  // f(j0, s, t) for each of this thread's runs (raw logits; past the row's end: zeros),
-  // from the row's end when BACKWARD (a compile-time direction: the first pass runs
+  // f(at, j0, s, t) for each of this thread's runs (at: the row's offset, opaque; s, t: raw
+  // logits, zeros past the row's end), from the row's end when BACKWARD (a compile-time direction: the first pass runs
   // forward, the store backward). Steps count in int: C < 2^31, so fewer than 2^20.
   template <bool BACKWARD, typename F>
   __device__ void runs(F&& f) const {
     constexpr int64_t kStep = static_cast<int64_t>(kThreads) * kVector;
     const int steps = static_cast<int>((cols + kStep - 1) / kStep);
     int64_t j0 = static_cast<int64_t>(threadIdx.x) * kVector + (BACKWARD ? (steps - 1) * kStep : 0);
-#pragma unroll 1
     for (int k = 0; k < steps; ++k, j0 += BACKWARD ? -kStep : kStep) {
       if (j0 >= cols) continue;
+      const int64_t at = opaque_offset(base);
       float s[kVector], t[kVector];
-      load_run(s_row, j0, cols, vector, s);
-      load_run(t_row, j0, cols, vector, t);
-      f(j0, s, t);
+      load_run(student + at, j0, cols, vector, s);
+      load_run(teacher + at, j0, cols, vector, t);
+      f(at, j0, s, t);
     }
   }
   // The run's logits minus the row maxima, the rectified teacher in place.
@@ -841,7 +865,7 @@ struct ChunkedRow {
     double s_sum = 0.0, s_sum1 = 0.0, t_sum = 0.0, weighted = 0.0, spread = 0.0;
     float s_run = -INFINITY, t_run = -INFINITY;
     int64_t arg = cols;
-    runs<false>([&](int64_t j0, float (&run_s)[kVector], float (&run_t)[kVector]) {
+    runs<false>([&](int64_t, int64_t j0, float (&run_s)[kVector], float (&run_t)[kVector]) {
       // The run's maxima first (NaN ignored; the first index of the teacher's), so the
       // running sums rescale at most once per run.
       float s_top = -INFINITY, t_top = -INFINITY;
@@ -958,7 +982,7 @@ struct ChunkedRow {
   // first pass: forward).
   template <typename F>
   __device__ void each(F&& f) const {
-    runs<false>([&](int64_t j0, float (&s)[kVector], float (&t)[kVector]) {
+    runs<false>([&](int64_t, int64_t j0, float (&s)[kVector], float (&t)[kVector]) {
       center_run(j0, s, t);
 #pragma unroll
       for (int w = 0; w < kVector; ++w) {
@@ -972,10 +996,14 @@ struct ChunkedRow {
     swap = swap_;
   }
   template <typename FS, typename FT>
+  // The rows given are null or this row of grad_student, grad_teacher, rank_grad: their
+  // addresses are formed per run from the launch's arrays.
   __device__ void store(s_t* gs_row, t_t* gt_row, const float* extra_row, FS&& gradient_s, FT&& gradient_t) const {
-    runs<true>([&](int64_t j0, float (&s)[kVector], float (&t)[kVector]) {  // the last pass: backward
+    const bool student_out = gs_row != nullptr, teacher_out = gt_row != nullptr, extra_in = extra_row != nullptr;
+    runs<true>([&](int64_t at, int64_t j0, float (&s)[kVector], float (&t)[kVector]) {  // the last pass: backward
       center_run(j0, s, t);
-      store_run_gradients(gs_row, gt_row, extra_row, j0, cols, vector, s, t, gradient_s, gradient_t);
+      store_run_gradients(student_out ? grad_student + at : nullptr, teacher_out ? grad_teacher + at : nullptr,
+                          extra_in ? rank_grad + at : nullptr, j0, cols, vector, s, t, gradient_s, gradient_t);
     });
   }
 };
@@ -1324,7 +1352,7 @@ __global__ void __launch_bounds__(kThreads) fused_row_kernel(const s_t* student,
   t_t* gt_row = grad_teacher ? grad_teacher + base : nullptr;
   if constexpr (VECTORS == 0) {
     static_assert(GROUP == kThreads, "the chunked layout takes a block per row");
-    ChunkedRow<s_t, t_t> r{s_row, t_row, cols, vector};
+    ChunkedRow<s_t, t_t> r{student, teacher, grad_student, grad_teacher, in.spearman_grad, base, cols, vector};
     if (cfg.column_coef != 0.0f) {  // kernel-uniform
       fused_row<kColumnTerm>(r, row_group, row, active, lane == 0, s_row, t_row, cfg, grad_scale, in, gs_row, gt_row,
                              scratch);
