@@ -1312,7 +1312,11 @@ __device__ void fused_row(Row& r, RowGroup<GROUP> reduce, int64_t row, bool acti
   };
   auto rectified_gradient_t = [&](int64_t j, float s, float t) {
     const float p = p_of(s), q = q_of(t);
-    float v = kl_term && q > 0.0f ? kl_grad * q * static_cast<float>(log_ratio(s, t) - kl) : 0.0f;
+    // (Chunked: the KL switch from kl_grad = kl_coef·grad_scale·it, zero when kl_coef is (or
+    // underflowing, where the term is 0 anyway), a value the store holds anyway: a separate
+    // flag was the one predicate its loop spilled.)
+    const bool kl_on = Row::kStreamed ? kl_grad != 0.0f : kl_term;
+    float v = kl_on && q > 0.0f ? kl_grad * q * static_cast<float>(log_ratio(s, t) - kl) : 0.0f;
     if (correlations) v += it * q * (g_teacher(j, p, q) - dots[1]);
     return v;
   };
