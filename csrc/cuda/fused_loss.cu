@@ -1,8 +1,8 @@
 // CUDA kernels of the fused KD loss (the generic loss of csrc/losses.h): the same math
 // as csrc/losses_cpu.cpp. The row kernel holds rows of up to 2048 classes in registers
 // (8 to 32 lanes of a warp per row up to 512 classes, a block per row beyond) and reads
-// each input once; longer rows take a block each and two reads (an online first pass, then
-// the gradient's), two more with a row Pearson term.
+// each input once; longer rows take a block each and two reads whatever the terms (a first
+// pass gathering every statistic, then the gradients').
 //
 // The steps, all on the caller's stream:
 //   1. (column term)   per-row softmax statistics, then per-column moments over fixed
@@ -38,11 +38,19 @@
 //   C % 8 == 0 and every buffer is 16-byte aligned (checked on the host), so a run never
 //   crosses a row's end. The rectified teacher's gradient is stored in place with the
 //   two exchanged values computed per row (no scatter between threads).
-// * Chunked layout: one block per row; the online first pass keeps per-thread running
-//   maxima and double sums, merged after block_argmax by rescaling (no shared state but
-//   the reductions' scratch). A thread loads and stores only its own runs of kVector
-//   classes (vector accesses under the same condition as the resident layout); every
-//   thread takes the same passes, so the alternating direction flag stays uniform.
+// * Chunked layout: one block per row, two reads of it. Without the column term the online
+//   first pass keeps per-thread running maxima, double sums and (row Pearson term) Welford
+//   moments of e_s, e_t, all in the thread's registers (no thread reads another's), merged
+//   after block_argmax by rescaling: the sums by block_sum, the moments by block_merge (a
+//   lane-ordered shuffle butterfly, then the warps in order through the scratch between the
+//   same two barriers as block_sum): fixed orders, bit-repeatable. The Pearson gradient's
+//   <p, g> comes in closed form from the moments. With the column term the first pass takes
+//   step 1's normalizers and reads exact p, q. Either way the store is the second read. A
+//   thread loads and stores only its own runs of kVector classes (vector accesses under the
+//   same condition as the resident layout), at addresses formed per run from the launch's
+//   arrays and the row's int64 offset; the pass directions are compile-time (first forward,
+//   store backward). The two copies of the row (column term or not) are chosen by a
+//   kernel-uniform flag, so every thread of a block takes the same barriers.
 // * Spearman chunks: each chunk's kernels take pointers offset by first·cols (int64) and
 //   the chunk's row count, so sort offsets stay under 2^31; the chunk's ρ_S and dρ_S/ds
 //   are written before the chunk's row kernel reads them (same stream) and rewritten only
@@ -478,8 +486,9 @@ __global__ void __launch_bounds__(kThreads) spearman_kernel(const s_t* student, 
 //   input is read once (16-byte vector loads when every row starts 16-byte aligned, i.e.
 //   C % 8 == 0 and aligned buffers; masked scalar loads otherwise), every later pass
 //   runs over registers, and the gradient is written once with vector stores.
-// * Chunked (longer rows): one block per row, each pass re-reading the row (from L1/L2
-//   where it stays, from HBM at large C).
+// * Chunked (longer rows): one block per row, read twice whatever the terms (the second
+//   read from L2 where the row stays, from HBM at large C): a first pass for every
+//   statistic, then the gradients' store.
 // Rows past the last one (the last block of a resident layout) keep their lanes in every
 // shuffle with zero classes: they load, store and write nothing.
 
@@ -677,8 +686,110 @@ struct ResidentRow {
   }
 };
 
+// The value of x, opaque to the optimizer: addresses formed from it inside a loop stay
+// there (a run's few integer adds) instead of being hoisted into registers held by the
+// whole loop.
+__device__ __forceinline__ int64_t opaque_offset(int64_t x) {
+  asm volatile("" : "+l"(x));
+  return x;
+}
+
+// Welford statistics of e_s = exp((s − m_s)·it) and e_t = exp((t − m_t)·it) over a set of
+// classes (m: running maxima): the count, the means, the sums of squared deviations and the
+// co-moment Σ(e_s − μ_s)(e_t − μ_t). The chunked layout's online pass keeps one per thread
+// (private: registers only) for the row Pearson term.
+struct Moments {
+  double n = 0.0, mean_s = 0.0, mean_t = 0.0, m2_s = 0.0, m2_t = 0.0, co = 0.0;
+  // A raised maximum scales every earlier e by c (c_s·c_t on the co-moment).
+  __device__ __forceinline__ void rescale_s(double c) {
+    mean_s *= c;
+    m2_s *= c * c;
+    co *= c;
+  }
+  __device__ __forceinline__ void rescale_t(double c) {
+    mean_t *= c;
+    m2_t *= c * c;
+    co *= c;
+  }
+  // Appends b's classes (Chan, Golub & LeVeque): with δ = μ_b − μ_a, N = n_a + n_b,
+  // μ += δ·n_b/N, M2 = M2_a + M2_b + δ²·n_a·n_b/N, C = C_a + C_b + δ_s·δ_t·n_a·n_b/N. One
+  // division; every term of M2 is ≥ 0 (no cancellation whether the e are near 1 or near 0).
+  // Empty statistics are zeros: merging into them returns b's bit for bit.
+  __device__ __forceinline__ void merge(const Moments& b) {
+    const double total = n + b.n;
+    const double share = total > 0.0 ? b.n / total : 0.0;
+    const double ds = b.mean_s - mean_s, dt = b.mean_t - mean_t, weight = n * share;
+    mean_s += ds * share;
+    mean_t += dt * share;
+    m2_s += b.m2_s + ds * ds * weight;
+    m2_t += b.m2_t + dt * dt * weight;
+    co += b.co + ds * dt * weight;
+    n = total;
+  }
+};
+
+// Field by field (a select of whole structs went through local memory).
+__device__ __forceinline__ Moments select(bool first, const Moments& a, const Moments& b) {
+  Moments m;
+  m.n = first ? a.n : b.n;
+  m.mean_s = first ? a.mean_s : b.mean_s;
+  m.mean_t = first ? a.mean_t : b.mean_t;
+  m.m2_s = first ? a.m2_s : b.m2_s;
+  m.m2_t = first ? a.m2_t : b.m2_t;
+  m.co = first ? a.co : b.co;
+  return m;
+}
+
+// Merges every thread's statistics in a fixed order (deterministic, bit-identical in every
+// thread): within a warp by a butterfly whose every step merges the lower lane's group with
+// the higher's (both partners compute the same merge of the same operands), then the warps'
+// results in order through the scratch, behind a barrier as block_sum (the next reduction
+// starts with its own barrier before writing the scratch). Block-uniform call sites only.
+__device__ __forceinline__ void block_merge(Moments& m, Scratch& scratch) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    Moments other;
+    other.n = __shfl_xor_sync(0xffffffffu, m.n, offset);
+    other.mean_s = __shfl_xor_sync(0xffffffffu, m.mean_s, offset);
+    other.mean_t = __shfl_xor_sync(0xffffffffu, m.mean_t, offset);
+    other.m2_s = __shfl_xor_sync(0xffffffffu, m.m2_s, offset);
+    other.m2_t = __shfl_xor_sync(0xffffffffu, m.m2_t, offset);
+    other.co = __shfl_xor_sync(0xffffffffu, m.co, offset);
+    const bool upper = (lane & offset) != 0;
+    Moments low = select(upper, other, m);
+    low.merge(select(upper, m, other));
+    m = low;
+  }
+  __syncthreads();  // a previous reduction may still be reading the scratch
+  if (lane == 0) {
+    double* d = scratch.d + warp * 5;
+    d[0] = m.mean_s, d[1] = m.mean_t, d[2] = m.m2_s, d[3] = m.m2_t, d[4] = m.co;
+    scratch.i[warp] = static_cast<int64_t>(m.n);  // a count: exact
+  }
+  __syncthreads();
+  auto warp_moments = [&](int w) {
+    const double* d = scratch.d + w * 5;
+    Moments b;
+    b.n = static_cast<double>(scratch.i[w]);
+    b.mean_s = d[0], b.mean_t = d[1], b.m2_s = d[2], b.m2_t = d[3], b.co = d[4];
+    return b;
+  };
+  m = warp_moments(0);
+  for (int w = 1; w < kWarps; ++w) m.merge(warp_moments(w));
+}
+
 // The chunked layout: one block per row, every pass reading the row again; the first
-// pass gathers online what the resident layout takes in several passes over registers.
+// pass gathers what the resident layout takes in several passes over registers, so every
+// loss reads the row twice (the first pass, then the gradients' store):
+// * without the column term, the online pass (online_statistics): maxima, first argmax,
+//   normalizers, KL, entropy and (row Pearson term) the moments of e_s, e_t, merged over the
+//   block once the maxima are known; the Pearson gradient's <p, g> then comes in closed
+//   form from the moments (fused_row);
+// * with the column term the row's normalizers come from the row softmax statistics kernel
+//   (step 1) before this kernel runs, so the first pass (fused_row) takes exact p and q:
+//   KL, entropy, the CE normalizer, the row Pearson sums and the column term's share of
+//   <p, g>, <q, g>.
 // Thread x reads runs of kVector consecutive classes, run k·kThreads + x in step k (a
 // warp's 32 runs are 32·kVector consecutive classes: 16-byte loads coalesce), with vector
 // loads and stores when `vector` (as the resident layout). Passes alternate direction —
@@ -687,28 +798,36 @@ struct ResidentRow {
 template <typename s_t, typename t_t>
 struct ChunkedRow {
   static constexpr bool kStreamed = true;
-  const s_t* s_row;
-  const t_t* t_row;
+  // The launch's arrays (kernel parameters) and the row's offset in them: a pass forms its
+  // row addresses per run from these (opaque_offset), so that the loops hold one offset and
+  // not five row pointers (they held 128 registers and spilled).
+  const s_t* student;
+  const t_t* teacher;
+  s_t* grad_student;
+  t_t* grad_teacher;
+  const float* rank_grad;  // dρ_S/ds of the launch's rows, or null
+  int64_t base;            // row · cols
   int64_t cols;
   bool vector;
   float s_max = 0.0f, t_max = 0.0f;
   Swap swap;
-  mutable bool backward = false;  // the next pass's direction (every thread takes the same passes)
 
-  // f(j0, s, t) for each of this thread's runs (raw logits; past the row's end: zeros).
-  template <typename F>
+  // f(at, j0, s, t) for each of this thread's runs (at: the row's offset, opaque; s, t: raw
+  // logits, zeros past the row's end), from the row's end when BACKWARD (a compile-time direction: the first pass runs
+  // forward, the store backward). Steps count in int: C < 2^31, so fewer than 2^20.
+  template <bool BACKWARD, typename F>
   __device__ void runs(F&& f) const {
     constexpr int64_t kStep = static_cast<int64_t>(kThreads) * kVector;
-    const int64_t steps = (cols + kStep - 1) / kStep;
-    for (int64_t k = 0; k < steps; ++k) {
-      const int64_t j0 = (backward ? steps - 1 - k : k) * kStep + static_cast<int64_t>(threadIdx.x) * kVector;
+    const int steps = static_cast<int>((cols + kStep - 1) / kStep);
+    int64_t j0 = static_cast<int64_t>(threadIdx.x) * kVector + (BACKWARD ? (steps - 1) * kStep : 0);
+    for (int k = 0; k < steps; ++k, j0 += BACKWARD ? -kStep : kStep) {
       if (j0 >= cols) continue;
+      const int64_t at = opaque_offset(base);
       float s[kVector], t[kVector];
-      load_run(s_row, j0, cols, vector, s);
-      load_run(t_row, j0, cols, vector, t);
-      f(j0, s, t);
+      load_run(student + at, j0, cols, vector, s);
+      load_run(teacher + at, j0, cols, vector, t);
+      f(at, j0, s, t);
     }
-    backward = !backward;
   }
   // The run's logits minus the row maxima, the rectified teacher in place.
   __device__ void center_run(int64_t j0, float (&s)[kVector], float (&t)[kVector]) const {
@@ -720,26 +839,33 @@ struct ChunkedRow {
   }
 
   // One read of the row for its maxima, the teacher's first argmax, the softmax normalizers
-  // (at τ, and at 1 for CE) and the unrectified KL and teacher entropy. Each thread keeps
-  // running maxima over its classes and its sums over exp((x − its max)·it) in double,
-  // rescaled (by a double exp, at most once per run, a few times per thread) when a run
-  // raises its max; with
+  // (at τ, and at 1 for CE), the unrectified KL and teacher entropy, and (`moments`: a row
+  // Pearson term) the Welford statistics of e_s, e_t. Each thread keeps running maxima over
+  // its classes and its sums over exp((x − its max)·it) in double, rescaled (by a double
+  // exp, at most once per run, a few times per thread) when a run raises its max; with
   // e_j = exp((t_j − m)·it) over the teacher's running max m it folds in
   // W = Σ e_j (t_j − s_j)·it and V = Σ e_j (t_j − m)·it (V' = r·(V + T·(m − m')·it) when m
-  // becomes m' and r = exp((m − m')·it)). The block then takes the maxima, every thread
-  // rescales its sums to them, and the sums are reduced:
-  // KL = W/T + (s_max − t_max)·it + log S − log T and H = log T − V/T. A thread whose
-  // classes are all −inf contributes nothing (never exp(−inf − (−inf)) = NaN); e_j = 0
-  // contributes no W or V term (never 0·inf); NaN and +inf logits make the row NaN, as in
-  // the resident layout.
-  __device__ void online_statistics(const LossConfig& cfg, float& s_max_out, float& t_max_out, int64_t& t_arg_out,
-                                    float (&sums)[3], double (&kl_entropy)[2], Scratch& scratch) const {
+  // becomes m' and r = exp((m − m')·it)). The moments take each run whole: the run's own
+  // count, means, M2 and co-moment in double from its fp32 e, merged by Moments::merge
+  // (one division per run), after the rescale by the run's raised maxima. The block then
+  // takes the maxima, every thread rescales its sums and moments to them (private
+  // registers), the sums are reduced by block_sum and the moments by block_merge:
+  // KL = W/T + (s_max − t_max)·it + log S − log T and H = log T − V/T. Masked classes
+  // (−inf) are classes with e = 0 (they count in the moments' n); a thread whose classes
+  // are all −inf contributes nothing (e = 0 by selection, never exp(−inf − (−inf)) = NaN);
+  // e_j = 0 contributes no W or V term (never 0·inf); NaN and +inf logits make the row NaN,
+  // as in the resident layout (a NaN is never dropped: a thread's NaN sums are kept when its
+  // running max is still −inf).
+  // streamed: KL, entropy, S, T (S, T in double, at the row maxima).
+  __device__ void online_statistics(const LossConfig& cfg, bool moments_on, float& s_max_out, float& t_max_out,
+                                    int64_t& t_arg_out, float (&sums)[3], double (&streamed)[4], Moments& moments,
+                                    Scratch& scratch) const {
     const float it = cfg.inv_temperature;
     const bool ce = cfg.ce_coef != 0.0f;
     double s_sum = 0.0, s_sum1 = 0.0, t_sum = 0.0, weighted = 0.0, spread = 0.0;
     float s_run = -INFINITY, t_run = -INFINITY;
     int64_t arg = cols;
-    runs([&](int64_t j0, const float (&run_s)[kVector], const float (&run_t)[kVector]) {
+    runs<false>([&](int64_t, int64_t j0, float (&run_s)[kVector], float (&run_t)[kVector]) {
       // The run's maxima first (NaN ignored; the first index of the teacher's), so the
       // running sums rescale at most once per run.
       float s_top = -INFINITY, t_top = -INFINITY;
@@ -756,8 +882,10 @@ struct ChunkedRow {
       }
       if (s_top > s_run) {
         if (s_run > -INFINITY) {
-          s_sum *= exp((static_cast<double>(s_run) - s_top) * it);
+          const double rescale = exp((static_cast<double>(s_run) - s_top) * it);
+          s_sum *= rescale;
           s_sum1 *= exp(static_cast<double>(s_run) - s_top);
+          if (moments_on) moments.rescale_s(rescale);
         }
         s_run = s_top;
       }
@@ -767,44 +895,74 @@ struct ChunkedRow {
           spread = rescale * (spread + t_sum * shift);
           weighted *= rescale;
           t_sum *= rescale;
+          if (moments_on) moments.rescale_t(rescale);
         }
         t_run = t_top;
         arg = t_first;
       }
+      // The run's e over the running maxima, in place of its logits.
+      const int valid = cols - j0 < kVector ? static_cast<int>(cols - j0) : kVector;
+      double run_sum_s = 0.0, run_sum_t = 0.0;
 #pragma unroll
       for (int w = 0; w < kVector; ++w) {
-        if (j0 + w >= cols) break;
         const float a = run_s[w], b = run_t[w];
-        if (s_run > -INFINITY) {
-          s_sum += expf((a - s_run) * it);
-          if (ce) s_sum1 += expf(a - s_run);
+        float e_s = 0.0f, e_t = 0.0f;
+        if (w < valid) {
+          e_s = a == -INFINITY ? 0.0f : expf((a - s_run) * it);
+          if (ce) s_sum1 += a == -INFINITY ? 0.0f : expf(a - s_run);
+          e_t = b == -INFINITY ? 0.0f : expf((b - t_run) * it);
+          if (e_t > 0.0f) {
+            weighted += e_t * ((static_cast<double>(b) - a) * it);
+            spread += e_t * static_cast<double>((b - t_run) * it);
+          }
+          run_sum_s += e_s;
+          run_sum_t += e_t;
         }
-        if (t_run > -INFINITY) {
-          const float e = expf((b - t_run) * it);
-          t_sum += e;
-          if (e > 0.0f) {
-            weighted += e * ((static_cast<double>(b) - a) * it);
-            spread += e * static_cast<double>((b - t_run) * it);
+        run_s[w] = e_s;
+        run_t[w] = e_t;
+      }
+      s_sum += run_sum_s;
+      t_sum += run_sum_t;
+      if (moments_on) {
+        Moments run;
+        run.n = valid;
+        const double inv_valid = valid == kVector ? 1.0 / kVector : 1.0 / valid;
+        run.mean_s = run_sum_s * inv_valid;
+        run.mean_t = run_sum_t * inv_valid;
+#pragma unroll
+        for (int w = 0; w < kVector; ++w) {
+          if (w < valid) {
+            const double ds = run_s[w] - run.mean_s, dt = run_t[w] - run.mean_t;
+            run.m2_s += ds * ds;
+            run.m2_t += dt * dt;
+            run.co += ds * dt;
           }
         }
+        moments.merge(run);
       }
     });
     float s_top = s_run, t_top = t_run;
     int64_t unused = 0, t_arg = arg;
     block_argmax(s_top, unused, scratch.f, scratch.i);
     block_argmax(t_top, t_arg, scratch.f, scratch.i);
-    double totals[5] = {0.0, 0.0, 0.0, 0.0, 0.0};  // S, S at τ = 1, T, W, V over the row's maxima
+    // S, S at τ = 1, T, W, V over the row's maxima (a thread whose max is still −inf keeps
+    // its sums: zeros, or NaN from a NaN logit).
+    double totals[5] = {s_sum, s_sum1, t_sum, weighted, spread};
     if (s_run > -INFINITY) {
-      totals[0] = s_sum * exp((static_cast<double>(s_run) - s_top) * it);
+      const double rescale = exp((static_cast<double>(s_run) - s_top) * it);
+      totals[0] = s_sum * rescale;
       totals[1] = ce ? s_sum1 * exp(static_cast<double>(s_run) - s_top) : 0.0;
+      if (moments_on) moments.rescale_s(rescale);
     }
     if (t_run > -INFINITY) {
       const double shift = (static_cast<double>(t_run) - t_top) * it, rescale = exp(shift);
       totals[2] = t_sum * rescale;
       totals[3] = weighted * rescale;
       totals[4] = rescale * (spread + t_sum * shift);
+      if (moments_on) moments.rescale_t(rescale);
     }
     block_sum(totals, scratch.d);
+    if (moments_on) block_merge(moments, scratch);
     s_max_out = s_top;
     t_max_out = t_top;
     t_arg_out = t_arg;
@@ -812,16 +970,19 @@ struct ChunkedRow {
     sums[1] = static_cast<float>(totals[2]);
     sums[2] = static_cast<float>(totals[1]);
     const double log_t = log(totals[2]);
-    kl_entropy[0] = totals[3] / totals[2] + (static_cast<double>(s_top) - t_top) * it + log(totals[0]) - log_t;
-    kl_entropy[1] = log_t - totals[4] / totals[2];
+    streamed[0] = totals[3] / totals[2] + (static_cast<double>(s_top) - t_top) * it + log(totals[0]) - log_t;
+    streamed[1] = log_t - totals[4] / totals[2];
+    streamed[2] = totals[0];
+    streamed[3] = totals[2];
   }
 
   template <typename A, typename B>
   __device__ void load(A, B) {}
-  // f(j, student, teacher) for every class of the row this thread reads, centered.
+  // f(j, student, teacher) for every class of the row this thread reads, centered (a
+  // first pass: forward).
   template <typename F>
   __device__ void each(F&& f) const {
-    runs([&](int64_t j0, float (&s)[kVector], float (&t)[kVector]) {
+    runs<false>([&](int64_t, int64_t j0, float (&s)[kVector], float (&t)[kVector]) {
       center_run(j0, s, t);
 #pragma unroll
       for (int w = 0; w < kVector; ++w) {
@@ -835,18 +996,29 @@ struct ChunkedRow {
     swap = swap_;
   }
   template <typename FS, typename FT>
+  // The rows given are null or this row of grad_student, grad_teacher, rank_grad: their
+  // addresses are formed per run from the launch's arrays.
   __device__ void store(s_t* gs_row, t_t* gt_row, const float* extra_row, FS&& gradient_s, FT&& gradient_t) const {
-    runs([&](int64_t j0, float (&s)[kVector], float (&t)[kVector]) {
+    const bool student_out = gs_row != nullptr, teacher_out = gt_row != nullptr, extra_in = extra_row != nullptr;
+    runs<true>([&](int64_t at, int64_t j0, float (&s)[kVector], float (&t)[kVector]) {  // the last pass: backward
       center_run(j0, s, t);
-      store_run_gradients(gs_row, gt_row, extra_row, j0, cols, vector, s, t, gradient_s, gradient_t);
+      store_run_gradients(student_out ? grad_student + at : nullptr, teacher_out ? grad_teacher + at : nullptr,
+                          extra_in ? rank_grad + at : nullptr, j0, cols, vector, s, t, gradient_s, gradient_t);
     });
   }
 };
 
+// Which of the column term and the rectification an instance of fused_row serves. The
+// resident layouts take both as the config says; the chunked layout compiles the row twice,
+// with the column term (and no rectification: fused_loss refuses the pair) and without it,
+// and picks one per kernel (block-uniform), so that neither copy holds the other's
+// registers (one copy of both held 128 registers and spilled).
+enum RowTerms : int { kTermsByConfig = 0, kColumnTerm = 1, kNoColumnTerm = 2 };
+
 // The loss of one row and its gradients. Every reduction sits under a condition that is
 // uniform across the kernel (the config's coefficients and gradient flags); what differs
 // per row (a missing target, the difficulty, the rectification) only selects values.
-template <int GROUP, typename Row, typename s_t, typename t_t>
+template <int TERMS, int GROUP, typename Row, typename s_t, typename t_t>
 __device__ void fused_row(Row& r, RowGroup<GROUP> reduce, int64_t row, bool active, bool leader, const s_t* s_row,
                           const t_t* t_row, const LossConfig& cfg, float grad_scale, const RowInputs& in,
                           s_t* gs_row, t_t* gt_row, Scratch& scratch) {
@@ -854,16 +1026,28 @@ __device__ void fused_row(Row& r, RowGroup<GROUP> reduce, int64_t row, bool acti
   const float it = cfg.inv_temperature;
   const double inv_n = 1.0 / static_cast<double>(cols);
   r.load(s_row, t_row);
-  const bool columns = cfg.column_coef != 0.0f;
+  const bool columns = TERMS == kTermsByConfig ? cfg.column_coef != 0.0f : TERMS == kColumnTerm;
+  const bool rectify = TERMS != kColumnTerm && cfg.rectify;
 
   // Maxima; the teacher's first argmax for DR-KD's rectification. The chunked layout also
-  // takes the normalizers, KL and the entropy in this read (online_statistics).
+  // takes the normalizers, KL, the entropy and the row Pearson moments in this read
+  // (online_statistics), or with the column term takes the maxima of step 1 and reads the
+  // row once below with exact p and q.
   float s_max = -INFINITY, t_max = -INFINITY;
   int64_t t_arg = cols;
   float sums[3] = {0.0f, 0.0f, 0.0f};  // softmax normalizers at τ, and of the CE term at 1
-  double streamed[2] = {0.0, 0.0};      // chunked: KL of the unrectified teacher, its entropy
+  double streamed[4] = {0.0, 0.0, 0.0, 0.0};  // chunked: KL of the unrectified teacher, its entropy, S, T
+  Moments moments;                            // chunked, no column term: of e_s, e_t over the row maxima
   if constexpr (Row::kStreamed) {
-    r.online_statistics(cfg, s_max, t_max, t_arg, sums, streamed, scratch);
+    if (columns) {
+      // Step 1's maxima (NaN ignored, as block_argmax): with its log-sums, the p and q of
+      // the column statistics bit for bit. No argmax: the rectification never comes with
+      // the column term (fused_loss refuses it).
+      s_max = in.softmax_stats[2 * row].max;
+      t_max = in.softmax_stats[2 * row + 1].max;
+    } else {
+      r.online_statistics(cfg, cfg.pearson_coef != 0.0f, s_max, t_max, t_arg, sums, streamed, moments, scratch);
+    }
   } else {
     r.each_raw([&](int64_t j, float a, float b) {
       s_max = fmaxf(s_max, a);
@@ -879,7 +1063,7 @@ __device__ void fused_row(Row& r, RowGroup<GROUP> reduce, int64_t row, bool acti
   const bool has_target = target >= 0 && target < cols;
   const bool invalid = (cfg.ce_coef != 0.0f || cfg.rectify) && !has_target;  // its loss and gradients are NaN
   Swap swap;
-  swap.on = cfg.rectify && has_target && t_arg != target;
+  swap.on = rectify && has_target && t_arg != target;
   if (swap.on) {  // the rectified teacher: the argmax and the target trade places
     swap.t_arg = t_arg;
     swap.target = target;
@@ -915,17 +1099,64 @@ __device__ void fused_row(Row& r, RowGroup<GROUP> reduce, int64_t row, bool acti
     return (static_cast<double>(t) - static_cast<double>(s)) * it + log_sum_difference;
   };
 
+  // The column term's share of the correlations' g = dℓ/dp (student) and dℓ/dq (teacher),
+  // as the gradients take it (a constant column's p − mean_p is exactly 0).
+  const float column_grad = columns ? static_cast<float>(-cfg.column_coef * inv_n) : 0.0f;
+  const ColumnStats& col = in.columns;
+  auto column_g_s = [&](int64_t j, float p, float q) {
+    return column_grad * (col.cross[j] * (q - col.mean_q[j]) - col.self_p[j] * (p - col.mean_p[j]));
+  };
+  auto column_g_t = [&](int64_t j, float p, float q) {
+    return column_grad * (col.cross[j] * (p - col.mean_p[j]) - col.self_q[j] * (q - col.mean_q[j]));
+  };
+
   const bool kl_term = cfg.kl_coef != 0.0f;
   double kl = 0.0, entropy = 0.0;
   float p_mean = 0.0f, q_mean = 0.0f;
+  // Chunked: Σa, Σb, Σab, Σa², Σb² for a = p − p_0, b = q − q_0 (column term), and
+  // <p, g_column_s>, <q, g_column_t>.
+  double shifted[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
+  double column_dots[2] = {0.0, 0.0};
   if constexpr (Row::kStreamed) {
-    // The rectification moves q between columns a = t_arg and b = target only: KL gains
-    // (q_a − q_b)(s_a − s_b)·it; the entropy does not change.
-    kl = streamed[0];
-    entropy = streamed[1];
-    if (swap.on) {
-      const double q_a = q_of(0.0f), q_b = q_of(swap.at_t_arg - t_max);
-      kl += (q_a - q_b) * (static_cast<double>(to_float(s_row[t_arg])) - to_float(s_row[target])) * it;
+    if (columns) {
+      // The first read of the row (the rectification is off here): KL and the entropy from
+      // the exact p, q (as the resident layout), the CE normalizer at τ = 1 over the exact
+      // max, the row Pearson sums shifted by p_0, q_0 (double from the float p, q: a
+      // constant row stays exactly zero) and the column term's share of the dots.
+      const bool pearson = cfg.pearson_coef != 0.0f, ce = cfg.ce_coef != 0.0f;
+      const double p0 = p_of(to_float(s_row[0]) - s_max), q0 = q_of(to_float(t_row[0]) - t_max);
+      double acc[3] = {0.0, 0.0, 0.0};  // KL, entropy, Σ exp(s − s_max)
+      r.each([&](int64_t j, float s, float t) {
+        const float p = p_of(s), q = q_of(t);
+        if (kl_term && q > 0.0f) acc[0] += q * log_ratio(s, t);  // q = 0: no term (0·−inf would be NaN)
+        if (q > 0.0f) acc[1] -= q * (t * it - t_log_sum);
+        if (ce) acc[2] += expf(s);
+        if (cfg.student_grad) column_dots[0] += p * column_g_s(j, p, q);
+        if (cfg.teacher_grad) column_dots[1] += q * column_g_t(j, p, q);
+        if (pearson) {
+          const double a = p - p0, b = q - q0;
+          shifted[0] += a;
+          shifted[1] += b;
+          shifted[2] += a * b;
+          shifted[3] += a * a;
+          shifted[4] += b * b;
+        }
+      });
+      reduce.sum(acc, scratch);
+      if (cfg.student_grad || cfg.teacher_grad) reduce.sum(column_dots, scratch);
+      if (pearson) reduce.sum(shifted, scratch);
+      kl = acc[0];
+      entropy = acc[1];
+      sums[2] = static_cast<float>(acc[2]);
+    } else {
+      // The rectification moves q between columns a = t_arg and b = target only: KL gains
+      // (q_a − q_b)(s_a − s_b)·it; the entropy does not change.
+      kl = streamed[0];
+      entropy = streamed[1];
+      if (swap.on) {
+        const double q_a = q_of(0.0f), q_b = q_of(swap.at_t_arg - t_max);
+        kl += (q_a - q_b) * (static_cast<double>(to_float(s_row[t_arg])) - to_float(s_row[target])) * it;
+      }
     }
   } else {
     double acc[4] = {0.0, 0.0, 0.0, 0.0};  // KL, entropy, Σ p, Σ q
@@ -958,30 +1189,64 @@ __device__ void fused_row(Row& r, RowGroup<GROUP> reduce, int64_t row, bool acti
   // difficulty times a zero coefficient must not read buffers that were never allocated.
   const float pearson_weight = cfg.pearson_coef != 0.0f ? cfg.pearson_coef * (1.0f - d) : 0.0f;
   Correlation row_corr{0.0, 0.0f, 0.0f, 0.0f};
+  // Chunked: the row term's <p, g_student>, <q, g_teacher> in closed form (no read).
+  double row_dots[2] = {0.0, 0.0};
   if (cfg.pearson_coef != 0.0f) {
     double m[3] = {0.0, 0.0, 0.0};
+    // Chunked: Σp(q − q_mean), Σp(p − p_mean), Σq(p − p_mean), Σq(q − q_mean) over the float
+    // p, q and the float means the gradient uses; g_student = pearson_grad·(cross·(q −
+    // q_mean) − self_a·(p − p_mean)) makes <p, g_student> = pearson_grad·(cross·[0] −
+    // self_a·[1]), and <q, g_teacher> = pearson_grad·(cross·[2] − self_b·[3]).
+    double centered[4] = {0.0, 0.0, 0.0, 0.0};
     if constexpr (Row::kStreamed) {
-      // One read: Σa, Σb, Σab, Σa², Σb² for a = p − p_0, b = q − q_0 (double from the float
-      // p, q: a constant row stays exactly zero), then the moments about the float means
-      // the gradient uses: Σ(p − p̄)(q − q̄) = Σab − d_q Σa − d_p Σb + C d_p d_q with
-      // d = p̄ − p_0 (as the Triton kernel's chunked layout).
-      const double p0 = p_of(to_float(s_row[0]) - s_max), q0 = q_of(swap.apply(0, to_float(t_row[0])) - t_max);
-      double shifted[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
-      r.each([&](int64_t, float s, float t) {
-        const double a = p_of(s) - p0, b = q_of(t) - q0;
-        shifted[0] += a;
-        shifted[1] += b;
-        shifted[2] += a * b;
-        shifted[3] += a * a;
-        shifted[4] += b * b;
-      });
-      reduce.sum(shifted, scratch);
-      p_mean = static_cast<float>(p0 + shifted[0] * inv_n);
-      q_mean = static_cast<float>(q0 + shifted[1] * inv_n);
-      const double d_p = p_mean - p0, d_q = q_mean - q0, n = static_cast<double>(cols);
-      m[0] = shifted[2] - d_q * shifted[0] - d_p * shifted[1] + n * d_p * d_q;
-      m[1] = fmax(shifted[3] - 2.0 * d_p * shifted[0] + n * d_p * d_p, 0.0);
-      m[2] = fmax(shifted[4] - 2.0 * d_q * shifted[1] + n * d_q * d_q, 0.0);
+      if (columns) {
+        // The moments about the float means the gradient uses, from the first read's sums:
+        // Σ(p − p̄)(q − q̄) = Σab − d_q Σa − d_p Σb + C d_p d_q with d = p̄ − p_0 (as the
+        // Triton kernel's chunked layout). With the float p, q in the sums, the dots'
+        // moments are exact too: Σp(q − q̄) = Σ(a + p_0)(b − d_q) = Σab − d_q Σa + p_0 Σb −
+        // C p_0 d_q, and so on (a constant row's are exactly 0: b = 0, d_q = 0).
+        const double p0 = p_of(to_float(s_row[0]) - s_max), q0 = q_of(to_float(t_row[0]) - t_max);
+        p_mean = static_cast<float>(p0 + shifted[0] * inv_n);
+        q_mean = static_cast<float>(q0 + shifted[1] * inv_n);
+        const double d_p = p_mean - p0, d_q = q_mean - q0, n = static_cast<double>(cols);
+        m[0] = shifted[2] - d_q * shifted[0] - d_p * shifted[1] + n * d_p * d_q;
+        m[1] = fmax(shifted[3] - 2.0 * d_p * shifted[0] + n * d_p * d_p, 0.0);
+        m[2] = fmax(shifted[4] - 2.0 * d_q * shifted[1] + n * d_q * d_q, 0.0);
+        centered[0] = shifted[2] - d_q * shifted[0] + p0 * (shifted[1] - n * d_q);
+        centered[1] = shifted[3] + (p0 - d_p) * shifted[0] - n * p0 * d_p;
+        centered[2] = shifted[2] - d_p * shifted[1] + q0 * (shifted[0] - n * d_p);
+        centered[3] = shifted[4] + (q0 - d_q) * shifted[1] - n * q0 * d_q;
+      } else {
+        // From the online moments of e_s, e_t (over the row maxima). The rectification
+        // permutes the teacher: μ_t and M2_t stay, the co-moment changes at a = t_arg and
+        // b = target only, by −(e_s[a] − e_s[b])(e_t[a] − e_t[b]). In p-space (p = e_s/S,
+        // q = e_t/T): Σ(p − p̄)(q − q̄) = C_st/(S·T), Σ(p − p̄)² = M2_s/S², Σ(q − q̄)² =
+        // M2_t/T² (correlation's 1e-8 floor is a p-space bound).
+        double co = moments.co;
+        if (swap.on) {
+          auto e_s = [&](int64_t j) { return static_cast<double>(expf((to_float(s_row[j]) - s_max) * it)); };
+          auto e_t = [&](int64_t j) { return static_cast<double>(expf((to_float(t_row[j]) - t_max) * it)); };
+          co -= (e_s(t_arg) - e_s(target)) * (e_t(t_arg) - e_t(target));
+        }
+        const double inv_s = 1.0 / streamed[2], inv_t = 1.0 / streamed[3];
+        m[0] = co * inv_s * inv_t;
+        m[1] = moments.m2_s * inv_s * inv_s;
+        m[2] = moments.m2_t * inv_t * inv_t;
+        // The means as p_of computes p: p_of(s) = expf(s·it − s_log_sum) and p̄ = μ_s/S, so
+        // p_mean = expf(log μ_s − s_log_sum). A constant row has μ_s = 1 exactly and logf(1)
+        // = 0, so p_mean == p_of(0), every p − p_mean is exactly 0 (as the resident layout's
+        // double mean of C equal floats).
+        p_mean = expf(logf(static_cast<float>(moments.mean_s)) - s_log_sum);
+        q_mean = expf(logf(static_cast<float>(moments.mean_t)) - t_log_sum);
+        // Σp(q − q_mean) = Σ(p − p̄)(q − q̄) + Σp·(q̄ − q_mean) with Σp = 1, q̄ = 1/C: the
+        // float mean's rounding; none for a constant row (M2 = 0 exactly: its q − q_mean
+        // are exactly 0).
+        const double p_off = m[1] != 0.0 ? inv_n - p_mean : 0.0, q_off = m[2] != 0.0 ? inv_n - q_mean : 0.0;
+        centered[0] = m[0] + q_off;
+        centered[1] = m[1] + p_off;
+        centered[2] = m[0] + p_off;
+        centered[3] = m[2] + q_off;
+      }
     } else {
       r.each([&](int64_t, float s, float t) {
         const double a = p_of(s) - p_mean, b = q_of(t) - q_mean;
@@ -994,6 +1259,11 @@ __device__ void fused_row(Row& r, RowGroup<GROUP> reduce, int64_t row, bool acti
     if (pearson_weight != 0.0f) {
       row_corr = correlation(m[0], m[1], m[2]);
       loss += pearson_weight * (1.0 - row_corr.rho);
+      if constexpr (Row::kStreamed) {
+        const float pearson_grad = -pearson_weight * grad_scale;  // as the gradients' below
+        row_dots[0] = pearson_grad * (row_corr.cross * centered[0] - row_corr.self_a * centered[1]);
+        row_dots[1] = pearson_grad * (row_corr.cross * centered[2] - row_corr.self_b * centered[3]);
+      }
     }
   }
   const float spearman_weight = cfg.spearman_coef != 0.0f ? cfg.spearman_coef * d : 0.0f;
@@ -1004,22 +1274,27 @@ __device__ void fused_row(Row& r, RowGroup<GROUP> reduce, int64_t row, bool acti
   // Gradients: (p/τ)(g − <p, g>) for g = dℓ/dp from the correlations, the KL part in
   // closed form; the same for the teacher with the roles swapped.
   const float pearson_grad = -pearson_weight * grad_scale;
-  const float column_grad = columns ? static_cast<float>(-cfg.column_coef * inv_n) : 0.0f;
   const float kl_grad = cfg.kl_coef * grad_scale * it;
-  const ColumnStats& col = in.columns;
+  const float ce_grad = cfg.ce_coef * grad_scale;
+  const float inv_sum1 = cfg.ce_coef != 0.0f ? 1.0f / sums[2] : 0.0f;
+  const float spearman_grad = -spearman_weight * grad_scale;
   auto g_student = [&](int64_t j, float p, float q) {
     float g = pearson_grad * (row_corr.cross * (q - q_mean) - row_corr.self_a * (p - p_mean));
-    if (columns) g += column_grad * (col.cross[j] * (q - col.mean_q[j]) - col.self_p[j] * (p - col.mean_p[j]));
+    if (columns) g += column_g_s(j, p, q);
     return g;
   };
   auto g_teacher = [&](int64_t j, float p, float q) {
     float g = pearson_grad * (row_corr.cross * (p - p_mean) - row_corr.self_b * (q - q_mean));
-    if (columns) g += column_grad * (col.cross[j] * (p - col.mean_p[j]) - col.self_q[j] * (q - col.mean_q[j]));
+    if (columns) g += column_g_t(j, p, q);
     return g;
   };
   const bool correlations = cfg.pearson_coef != 0.0f || columns;
   float dots[2] = {0.0f, 0.0f};  // <p, g_student>, <q, g_teacher>
-  if (correlations) {
+  if constexpr (Row::kStreamed) {
+    // No read: the row term's in closed form, the column term's from the first read.
+    dots[0] = static_cast<float>(row_dots[0] + column_dots[0]);
+    dots[1] = static_cast<float>(row_dots[1] + column_dots[1]);
+  } else if (correlations) {
     r.each([&](int64_t j, float s, float t) {
       const float p = p_of(s), q = q_of(t);
       if (cfg.student_grad) dots[0] += p * g_student(j, p, q);
@@ -1027,9 +1302,6 @@ __device__ void fused_row(Row& r, RowGroup<GROUP> reduce, int64_t row, bool acti
     });
     reduce.sum(dots, scratch);
   }
-  const float ce_grad = cfg.ce_coef * grad_scale;
-  const float inv_sum1 = cfg.ce_coef != 0.0f ? 1.0f / sums[2] : 0.0f;
-  const float spearman_grad = -spearman_weight * grad_scale;
   auto gradient_s = [&](int64_t j, float s, float t, float rank_grad) {
     const float p = p_of(s), q = q_of(t);
     float v = kl_grad * (p - q);
@@ -1040,7 +1312,11 @@ __device__ void fused_row(Row& r, RowGroup<GROUP> reduce, int64_t row, bool acti
   };
   auto rectified_gradient_t = [&](int64_t j, float s, float t) {
     const float p = p_of(s), q = q_of(t);
-    float v = kl_term && q > 0.0f ? kl_grad * q * static_cast<float>(log_ratio(s, t) - kl) : 0.0f;
+    // (Chunked: the KL switch from kl_grad = kl_coef·grad_scale·it, zero when kl_coef is (or
+    // underflowing, where the term is 0 anyway), a value the store holds anyway: a separate
+    // flag was the one predicate its loop spilled.)
+    const bool kl_on = Row::kStreamed ? kl_grad != 0.0f : kl_term;
+    float v = kl_on && q > 0.0f ? kl_grad * q * static_cast<float>(log_ratio(s, t) - kl) : 0.0f;
     if (correlations) v += it * q * (g_teacher(j, p, q) - dots[1]);
     return v;
   };
@@ -1080,15 +1356,21 @@ __global__ void __launch_bounds__(kThreads) fused_row_kernel(const s_t* student,
   t_t* gt_row = grad_teacher ? grad_teacher + base : nullptr;
   if constexpr (VECTORS == 0) {
     static_assert(GROUP == kThreads, "the chunked layout takes a block per row");
-    ChunkedRow<s_t, t_t> r{s_row, t_row, cols, vector};
-    fused_row(r, row_group, row, active, lane == 0, s_row, t_row, cfg, grad_scale, in, gs_row, gt_row, scratch);
+    ChunkedRow<s_t, t_t> r{student, teacher, grad_student, grad_teacher, in.spearman_grad, base, cols, vector};
+    if (cfg.column_coef != 0.0f) {  // kernel-uniform
+      fused_row<kColumnTerm>(r, row_group, row, active, lane == 0, s_row, t_row, cfg, grad_scale, in, gs_row, gt_row,
+                             scratch);
+    } else {
+      fused_row<kNoColumnTerm>(r, row_group, row, active, lane == 0, s_row, t_row, cfg, grad_scale, in, gs_row,
+                               gt_row, scratch);
+    }
   } else {
     ResidentRow<VECTORS> r;
     r.cols = active ? cols : 0;
     r.group = group;
     r.lane = lane;
     r.vector = vector;
-    fused_row(r, row_group, row, active, lane == 0, s_row, t_row, cfg, grad_scale, in, gs_row, gt_row, scratch);
+    fused_row<kTermsByConfig>(r, row_group, row, active, lane == 0, s_row, t_row, cfg, grad_scale, in, gs_row, gt_row, scratch);
   }
 }
 
@@ -1382,6 +1664,11 @@ size_t fused_loss_workspace_bytes(int64_t rows, int64_t cols, const LossConfig& 
 
 void fused_loss(const FusedLossArgs& args) {
   check_sizes(args.rows, args.cols);
+  // The chunked row layout takes the column term's rows without an argmax (as every
+  // entry point already refuses the combination).
+  if (args.config.rectify && args.config.column_coef != 0.0f) {
+    throw std::runtime_error("kdfast CUDA fused loss: rectification does not combine with the column term");
+  }
   // This module links the CUDA runtime statically; selecting the device makes that
   // device's primary context (PyTorch's too) current. The Python caller runs this inside
   // torch.cuda.device(...), which restores PyTorch's current device afterwards.
