@@ -931,15 +931,16 @@ def cuda_rows(classes: list[int], timeout: float) -> tuple[list[dict], list[str]
         if layout:
             # The row kernel's layouts (launch_row_kernel): the classes each serves, and the
             # passes over each input counted from the source (resident: the row is read into
-            # registers once; chunked: the online maxima, sums, KL and entropy, [the row
-            # Pearson's shifted sums], [the correlations' <p, g> dots], the gradient).
+            # registers once; chunked: the online maxima, sums, KL, entropy and row Pearson
+            # statistics — or, with the column term, the direct pass over the known p, q —
+            # then the gradient).
             group, vectors = int(layout.group(1)), int(layout.group(2))
             served = {(32, 1): "1-256", (32, 2): "257-512", (256, 1): "513-2048", (256, 0): ">2048"}
             lanes = {(32, 1): "8, 16 or 32 lanes per row", (32, 2): "a warp per row, 2 runs per lane",
                      (256, 1): "a block per row, resident", (256, 0): "a block per row, chunked"}
             variants = [(served.get((group, vectors), "?"), 0, lanes.get((group, vectors), ""))]
             base["input_passes"] = ("s 1, t 1 (source)" if vectors else
-                                    "s 2, t 2 (source; 3 with a column term, 4 with a row Pearson term)")
+                                    "s 2, t 2 (source; every loss)")
         static = info.get("smem", 0)
         if short.startswith("spearman_kernel") and rank_row_bytes is not None and max_shared_rank is not None:
             # The launcher's plan (plan_rank_rows): a row's rank arrays in dynamic shared memory
