@@ -1,0 +1,171 @@
+"""Writes the README's static GPU tables from ``benchmarks/results/gpu_static.csv``.
+
+    python benchmarks/readme_tables.py [--csv benchmarks/results/gpu_static.csv] [--readme README.md] [--check]
+
+The README holds each generated table between ``<!-- NAME:begin -->`` and
+``<!-- NAME:end -->`` markers; this script rewrites what lies between them, so a table can
+never drift from the CSV it summarizes (``--check`` exits 1 when the README differs from
+what it would write, for CI). Tables:
+
+* ``gpu-static``: registers, spills, shared memory, warps per SM and compile time per
+  kernel and class count (bf16 Triton rows; every dtype pair of a CUDA kernel, whose
+  instantiations are compiled together);
+* ``gpu-bytes``: passes over each input and bytes moved against the floor per loss of the
+  Triton row kernel (bf16, student gradient; with the teacher's in brackets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import sys
+from collections import defaultdict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROW_CLASSES = ("100", "1000", "8192", "131072")
+LOSSES = ("kd_loss", "drkd_loss", "pearson_loss(dim=1)", "pearson_loss(dim=0)", "dist_loss", "spearman_loss",
+          "cmkd_loss(target)")
+
+
+def _number(value: str) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _span(values, digits: int = 0) -> str:
+    """'a' or 'a–b' over the distinct numbers in ``values`` ('' when none)."""
+    numbers = sorted({round(v, digits) for v in map(_number, values) if v is not None})
+    if not numbers:
+        return ""
+    text = [f"{v:.{digits}f}" if digits else f"{int(v)}" for v in (numbers[0], numbers[-1])]
+    return text[0] if text[0] == text[1] else f"{text[0]}–{text[1]}"
+
+
+def _triton_layout(row: dict) -> str:
+    config = row["config"]
+    if row["kernel"] != "_fused_row_kernel":
+        return ""
+    rows = re.search(r"ROWS=(\d+)", config)
+    return f"resident, {rows.group(1)} rows/program" if "RESIDENT" in config else "chunked"
+
+
+def _cuda_group(kernel: str) -> str:
+    """A CUDA kernel's name without its dtype template arguments (what groups its instantiations)."""
+    if kernel.startswith("CUB:"):
+        return re.sub(r"<.*", "", kernel)
+    head, _, rest = kernel.partition("<")
+    if not rest:
+        return kernel
+    layout = [a for a in rest.rstrip(">").split(",") if re.fullmatch(r"\s*\d+\s*", a)]
+    return f"{head}<{','.join(a.strip() for a in layout)}>" if layout else head
+
+
+def static_table(rows: list[dict]) -> str:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        if row["backend"] == "triton":
+            if row["dtype"] != "bf16":
+                continue
+            if row["kernel"] == "_fused_row_kernel" and row["classes"] not in ROW_CLASSES:
+                continue
+            key = ("triton", row["kernel"], _triton_layout(row), row["classes"])
+        else:
+            key = ("cuda", _cuda_group(row["kernel"]), "", row["classes"])
+        groups[key].append(row)
+
+    def order(key):
+        backend, kernel, layout, classes = key
+        return (backend != "triton", kernel.startswith("CUB"), kernel, int(classes) if classes.isdigit() else -1,
+                layout)
+
+    lines = ["| backend | kernel | C | n | warps | registers | spilled bytes | shared bytes | warps/SM | compile s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for key in sorted(groups, key=order):
+        backend, kernel, layout, classes = key
+        members = groups[key]
+        label = f"`{kernel}`" + (f" ({layout})" if layout else "")
+        compile_s = _span([m["compile_s"] for m in members], 2)
+        if backend == "cuda":
+            compile_s = f"(file: {compile_s})"
+        lines.append(" | ".join([
+            f"| {backend}", label, classes, str(len(members)), _span([m["num_warps"] for m in members]),
+            _span([m["registers"] for m in members]), _span([m["spill_bytes"] for m in members]),
+            _span([m["shared_bytes"] for m in members]), _span([m["warps_per_sm"] for m in members]),
+            compile_s + " |"]))
+    first = rows[0]
+    lines.append("")
+    lines.append(f"Commit {first['commit']}, {first['date']}; static estimates (ptxas and the occupancy "
+                 f"calculator's arithmetic for sm_90), not measurements. n: distinct compiled specializations "
+                 f"(ranges over them).")
+    return "\n".join(lines)
+
+
+def bytes_table(rows: list[dict]) -> str:
+    cells: dict[tuple[str, str], dict[str, dict]] = defaultdict(dict)
+    for row in rows:
+        if row["backend"] != "triton" or row["kernel"] != "_fused_row_kernel" or row["dtype"] != "bf16":
+            continue
+        for launcher in row["launcher"].split("+"):
+            teacher = launcher.endswith("[teacher grad]")
+            loss = launcher.removesuffix("[teacher grad]")
+            cells[(loss, row["classes"])]["teacher" if teacher else "student"] = row
+    lines = ["| loss | " + " | ".join(f"C = {c}" for c in ROW_CLASSES) + " |",
+             "| --- |" + " --- |" * len(ROW_CLASSES)]
+    for loss in LOSSES:
+        entries = []
+        for classes in ROW_CLASSES:
+            cell = cells.get((loss, classes), {})
+            student = cell.get("student")
+            if student is None or not student["floor_ratio"]:
+                entries.append("—")
+                continue
+            passes = re.search(r"s (\d+)", student["input_passes"])
+            count = int(passes.group(1)) if passes else 0
+            text = f"{count} pass{'es' if count != 1 else ''}, {float(student['floor_ratio']):.2f}×"
+            teacher = cell.get("teacher")
+            if teacher is not None and teacher["floor_ratio"]:
+                text += f" ({float(teacher['floor_ratio']):.2f}×)"
+            entries.append(text)
+        lines.append(f"| `{loss}` | " + " | ".join(entries) + " |")
+    return "\n".join(lines)
+
+
+def render(readme: str, tables: dict[str, str]) -> str:
+    for name, table in tables.items():
+        pattern = re.compile(rf"(<!-- {name}:begin -->\n)(?:.*?\n)?(<!-- {name}:end -->)", re.S)
+        if not pattern.search(readme):
+            raise SystemExit(f"README has no <!-- {name}:begin --> ... <!-- {name}:end --> markers")
+        readme = pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), readme)
+    return readme
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--csv", default=os.path.join(ROOT, "benchmarks", "results", "gpu_static.csv"))
+    parser.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
+    parser.add_argument("--check", action="store_true", help="exit 1 if the README's tables are not current")
+    args = parser.parse_args(argv)
+    with open(args.csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    with open(args.readme) as handle:
+        current = handle.read()
+    updated = render(current, {"gpu-static": static_table(rows), "gpu-bytes": bytes_table(rows)})
+    if args.check:
+        if updated != current:
+            print(f"{args.readme}: the generated GPU tables differ from {args.csv}; run benchmarks/readme_tables.py")
+            return 1
+        return 0
+    if updated != current:
+        with open(args.readme, "w") as handle:
+            handle.write(updated)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
