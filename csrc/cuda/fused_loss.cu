@@ -757,14 +757,14 @@ __global__ void __launch_bounds__(THREADS, 1) spearman_finish_kernel(
     double* block_sums, const int32_t* block_start, const int32_t* block_count, const Standardization* stats,
     double* rho_out, float* grad_rho) {
   constexpr int kCapacity = THREADS * ITEMS;
-  static_assert(ITEMS <= 32, "a thread's block starts are bits of one int32");
+  static_assert(ITEMS == 8, "a thread's block-start flags are the bytes of one 64-bit word");
   using Scan = cub::BlockScan<int32_t, THREADS>;
   __shared__ union {
     typename Scan::TempStorage scan;
     SegmentSum segments[THREADS / 32];
     double sums[THREADS / 32 * 3];
   } shared;
-  __shared__ uint8_t head[kCapacity];  // 1 at the first position of each PAV block but the first
+  __shared__ __align__(8) uint8_t head[kCapacity];  // 1 at the first position of each PAV block but the first
   __shared__ double origin[2];         // the soft rank and the teacher rank at k = 0
   const int64_t row = blockIdx.x;
   const s_t* s = student + row * cols;
@@ -786,16 +786,13 @@ __global__ void __launch_bounds__(THREADS, 1) spearman_finish_kernel(
   __syncthreads();
   for (int32_t b = 1 + threadIdx.x; b < count; b += THREADS) head[starts[static_cast<int64_t>(b) * rows]] = 1;
   __syncthreads();
-  int32_t flags = 0, local = 0;  // bit i: position first + i starts a block
-#pragma unroll
-  for (int i = 0; i < ITEMS; ++i) {
-    const int32_t f = head[first + i];
-    flags |= f << i;
-    local += f;
-  }
+  // Byte i of flags: position first + i starts a block (one word: the compiler kept eight
+  // separate flags, and spilled them, at 1024 threads).
+  const uint64_t flags = reinterpret_cast<const uint64_t*>(head)[threadIdx.x];
+  auto starts_block = [&](int i) { return ((flags >> (8 * i)) & 1u) != 0; };
   int32_t blocks_before;  // blocks starting before this thread's positions (but block 0)
-  Scan(shared.scan).ExclusiveSum(local, blocks_before);
-  auto block_of = [&](int i) { return blocks_before + __popc(flags & ((2u << i) - 1u)); };
+  Scan(shared.scan).ExclusiveSum(__popcll(flags), blocks_before);
+  auto block_of = [&](int i) { return blocks_before + __popcll(flags & ((2ull << (8 * i)) - 1u)); };
 
   // Soft ranks θ_k − (block value), θ as the student kernel computed it (bit for bit); the
   // teacher ranks in the student's descending order are read where needed (u_at).
@@ -870,7 +867,7 @@ __global__ void __launch_bounds__(THREADS, 1) spearman_finish_kernel(
   for (int i = 0; i < ITEMS; ++i) {
     const int k = first + i;
     rank[i] = k < cols ? corr.cross * (u_at(k) - u_mean) - corr.self_a * (rank[i] - r_mean) : 0.0;
-    aggregate = combine(aggregate, {rank[i], (k == 0 || ((flags >> i) & 1)) ? 1 : 0});
+    aggregate = combine(aggregate, {rank[i], (k == 0 || starts_block(i)) ? 1 : 0});
   }
   // The running sum of the PAV block open at this thread's first position.
   const SegmentSum carried = block_exclusive_segment_scan<THREADS>(aggregate, shared.segments);
@@ -881,7 +878,7 @@ __global__ void __launch_bounds__(THREADS, 1) spearman_finish_kernel(
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
     const int k = first + i;
-    running = (k == 0 || ((flags >> i) & 1)) ? rank[i] : running + rank[i];
+    running = (k == 0 || starts_block(i)) ? rank[i] : running + rank[i];
     if (k < cols && (k == cols - 1 || head[k + 1])) {
       const int64_t at = static_cast<int64_t>(block_of(i)) * rows;
       sums[at] = running / static_cast<double>(k + 1 - starts[at]);
