@@ -7,12 +7,15 @@
 // The steps, all on the caller's stream:
 //   1. (column term)   per-row softmax statistics, then per-column moments over fixed
 //                      chunks of rows, reduced in a fixed order (deterministic);
-//   2. (Spearman term) per chunk of rows (bounded workspace: spearman_chunk_rows), a
-//                      segmented radix sort (CUB) of every student and teacher row, then
-//                      one block per row: teacher average ranks, soft ranks by
-//                      pool-adjacent-violators (one thread; the row's PAV state in shared
-//                      memory when it fits), their correlation and its gradient, then
-//                      step 3 on that chunk;
+//   2. (Spearman term) per chunk of rows (bounded workspace: spearman_chunk_rows), then
+//                      step 3 on that chunk. C ≤ kSpearmanBlockSortMax (8192): one block
+//                      per row sorts the teacher row in shared memory (cub::BlockRadixSort,
+//                      16-bit keys for half inputs) into its average ranks, one sorts the
+//                      student row into θ = ẑ/ε (column-major); pool-adjacent-violators run
+//                      one thread per row, 32 rows per block; one block per row then forms
+//                      the soft ranks, ρ_S and dρ_S/ds. Longer rows: a segmented radix sort
+//                      (CUB) of the chunk's rows, then one block per row (PAV by one
+//                      thread, the row's arrays in the workspace);
 //   3. the row kernel: KL, CE, Pearson, difficulty, the Spearman and column shares, and
 //      the gradients, rounded once to the logits' dtype (one algorithm, fused_row, over
 //      the resident and the chunked layouts); with the column term it takes each row's
@@ -22,12 +25,14 @@
 //
 // Audit (what the interpreter-free reading checked; tests/test_gpu_path.py has a GPU test
 // per past defect):
-// * Barriers: block_sum / block_argmax start with __syncthreads() before writing their
-//   scratch, so back-to-back reductions never overwrite what a lagging warp still reads;
-//   every thread sums the warp partials in the same order (bit-identical totals). Every
-//   branch or return that skips a barrier depends only on block-uniform values (the
-//   config, the row's target, reduced totals, block_count read after a barrier), and the
-//   Spearman kernel's returns come back to its row loop's __syncthreads().
+// * Barriers: block_sum / block_argmax (and the Spearman kernels' rows_block_sum and
+//   block_exclusive_segment_scan) start with __syncthreads() before writing their scratch,
+//   so back-to-back reductions never overwrite what a lagging warp still reads; every
+//   thread sums the warp partials in the same order (bit-identical totals). Every branch
+//   or return that skips a barrier depends only on block-uniform values (the config, the
+//   row's target, reduced totals, block_count read after a barrier, the row's z_scale),
+//   and the long rows' Spearman kernel's returns come back to its row loop's
+//   __syncthreads().
 // * Row kernel, resident layout: the shuffles of a row's reductions span the whole warp
 //   (rows of 8 or 16 lanes share one), so no lane may leave or branch around them: every
 //   reduction is under a kernel-uniform condition (coefficients, gradient flags), what is
@@ -44,22 +49,39 @@
 //   classes (vector accesses under the same condition as the resident layout); every
 //   thread takes the same passes, so the alternating direction flag stays uniform.
 // * Spearman chunks: each chunk's kernels take pointers offset by first·cols (int64) and
-//   the chunk's row count, so sort offsets stay under 2^31; the chunk's ρ_S and dρ_S/ds
+//   the chunk's row count R, so sort offsets stay under 2^31; the chunk's ρ_S and dρ_S/ds
 //   are written before the chunk's row kernel reads them (same stream) and rewritten only
 //   by the next chunk's kernels, which the stream orders after it.
+// * Spearman, C ≤ 8192 (section 2b): every row's workspace is its own: row-major slices
+//   row·C .. row·C + C − 1 (int64) and column-major slots k·R + row (int64, k < C), so no
+//   two blocks (or PAV threads) touch one address. Shared memory: the sort's storage is
+//   reused (a union) only after the __syncthreads() that follows BlockRadixSort::Sort, the
+//   reductions' scratch only after a barrier; the teacher's average rank of a tie group is
+//   written once (by its last position) and read after a barrier. Positions past C (the
+//   bucket's padding) carry the largest key and indices ≥ C: the sort is stable, so the
+//   first C sorted positions are exactly the row's C columns, a permutation of 0..C−1
+//   (every bit pattern, NaN included, has a key), and every scatter through them (the
+//   teacher's ranks, dρ_S/ds) stays in the row. The PAV thread overwrites θ in place: step
+//   k writes slot ≤ k after θ_k was read, and reads ahead only slots > k; the block starts
+//   it writes are positions in 0..k, so the finish kernel's flags stay in its C-entry
+//   array. The finish kernel replaces each PAV block's θ sum by its mean of g (one writer
+//   per block, its last position) after a barrier that follows every read of the sums, and
+//   reads the means after another barrier (global writes are visible within the block).
 // * Rows: one block per row elsewhere, row offsets row·cols in int64, element loops in int64; the
 //   scatters through the sort orders and the rectification's swap are permutations of
 //   0..cols−1 whatever the values (CUB sorts every bit pattern, NaN included), so no block
-//   writes outside its row. Grids: 1-D x ≤ 2^31 − 1 (checked), the column kernels' y is
+//   writes outside its row. Grids of the per-row Spearman kernels: R ≤ B blocks; PAV:
+//   ⌈R / 32⌉. Grids: 1-D x ≤ 2^31 − 1 (checked), the column kernels' y is
 //   at most 64 chunks.
 // * Terms are switched on by their coefficients, never by the value of a weight (a NaN
 //   difficulty times 0 would otherwise read unallocated Spearman buffers).
 // * Workspace: 256-byte aligned regions, rank rows a multiple of 16 bytes; every region is
-//   written before it is read. Shared memory: the rank rows go to dynamic shared memory
-//   only when they fit with the kernel's static shared memory under the device's opt-in
-//   limit (plan_rank_rows).
+//   written before it is read (the PAV slots a row's finish kernel reads, 0..count, were
+//   all written by its PAV thread). Bounded at any B (fused_loss_cuda.h: the Spearman
+//   chunks' bound). Shared memory: static only, under the 48 KiB that needs no opt-in
+//   (largest: the 1024-thread teacher sort of float rows, 45 KB).
 // * Streams: every launch and both CUB sorts run on the caller's stream; no atomics, so
-//   results repeat bit for bit.
+//   results repeat bit for bit (block scans and sums in a fixed order).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -1828,6 +1850,7 @@ void check_sizes(int64_t rows, int64_t cols) {
 }
 }  // namespace
 
+// The Spearman steps' part is bounded at any B (fused_loss_cuda.h: spearman_chunk_rows).
 size_t fused_loss_workspace_bytes(int64_t rows, int64_t cols, const LossConfig& config, int device) {
   check_sizes(rows, cols);
   check(cudaSetDevice(device), "selecting the tensors' device");

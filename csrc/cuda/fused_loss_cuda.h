@@ -85,7 +85,10 @@ constexpr int64_t spearman_chunk_rows(int64_t rows, int64_t cols) {
 int cuda_runtime_version();
 int cuda_driver_version();
 
-// Bytes of device workspace fused_loss needs for these sizes and terms on `device`.
+// Bytes of device workspace fused_loss needs for these sizes and terms on `device`. With
+// a Spearman term its Spearman part is one chunk's (spearman_chunk_rows above): at most
+// ~1 GiB for C ≤ kSpearmanBlockSortMax and ~1.3 GiB for longer rows up to 2^24 classes,
+// whatever B; the other terms add O(B + C) (the row losses, the column statistics).
 size_t fused_loss_workspace_bytes(int64_t rows, int64_t cols, const LossConfig& config, int device);
 
 // Launches the kernels on args.stream; throws std::runtime_error naming the step whose
