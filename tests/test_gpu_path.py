@@ -116,6 +116,10 @@ def test_spearman_plan_picks_the_smallest_block_that_holds_the_row():
         assert capacity >= cols, cols  # the whole row in one block's sort
         smaller = buckets.index(plan.threads) - 1
         assert smaller < 0 or buckets[smaller] * plan.items < cols, cols  # and no larger block than needed
+        # The finish kernel holds the same logits per block: the sorts' shape, but 256 × 32
+        # for the 1024-thread bucket (no register spill).
+        assert plan.finish_threads * plan.finish_items == capacity, cols
+        assert (plan.finish_threads, plan.finish_items) == ((256, 32) if plan.threads == 1024 else (plan.threads, 8))
     # A C = 1000 row takes 128 threads of 8 logits (the bucket the 4096 × 1000 target uses).
     assert (module.plan_spearman(1000).threads, module.plan_spearman(1024).threads,
             module.plan_spearman(1025).threads) == (128, 128, 256)
@@ -154,8 +158,8 @@ def test_cuda_spearman_at_the_layout_boundaries(shape):
     cpu = _loss_and_grads("cmkd", s, t, y, w, "cpu", "cpu")
     got = _loss_and_grads("cmkd", s, t, y, w, "cuda", "cuda")
     errors = _relative_errors(got, cpu)
-    assert errors[0] <= 1e-5 and errors[2] <= 1e-5, errors
-    assert errors[1] <= torch.finfo(torch.bfloat16).eps, errors
+    assert errors[0] <= 1e-5, errors
+    assert max(errors[1:]) <= torch.finfo(torch.bfloat16).eps, errors  # both gradients are rounded to bf16
 
 
 @pytest.mark.gpu

@@ -501,7 +501,8 @@ __global__ void __launch_bounds__(kThreads) spearman_kernel(const s_t* student, 
 //   spearman_pav_kernel       one thread per row, 32 rows per block: pool-adjacent-violators
 //                             on θ − (C, ..., 1), the blocks' sums over θ in place and their
 //                             starts column-major (the 32 rows' accesses coalesce);
-//   spearman_finish_kernel    one block per row: the soft ranks, ρ_S and dρ_S/ds.
+//   spearman_finish_kernel    one block per row: the soft ranks, ρ_S and dρ_S/ds (its own
+//                             block shape: plan_spearman's finish_threads × finish_items).
 // The math and its double sums are spearman_row's (and csrc/losses_cpu.cpp's).
 
 // Sort keys whose unsigned order is the logits' order (csrc/losses.h's ascending_key; −0
@@ -779,7 +780,8 @@ __global__ void __launch_bounds__(THREADS, 1) spearman_finish_kernel(
     double* block_sums, const int32_t* block_start, const int32_t* block_count, const Standardization* stats,
     double* rho_out, float* grad_rho) {
   constexpr int kCapacity = THREADS * ITEMS;
-  static_assert(ITEMS == 8, "a thread's block-start flags are the bytes of one 64-bit word");
+  static_assert(ITEMS % 8 == 0, "a thread's block-start flags are the bytes of 64-bit words");
+  constexpr int kWords = ITEMS / 8;
   using Scan = cub::BlockScan<int32_t, THREADS>;
   __shared__ union {
     typename Scan::TempStorage scan;
@@ -808,13 +810,24 @@ __global__ void __launch_bounds__(THREADS, 1) spearman_finish_kernel(
   __syncthreads();
   for (int32_t b = 1 + threadIdx.x; b < count; b += THREADS) head[starts[static_cast<int64_t>(b) * rows]] = 1;
   __syncthreads();
-  // Byte i of flags: position first + i starts a block (one word: the compiler kept eight
-  // separate flags, and spilled them, at 1024 threads).
-  const uint64_t flags = reinterpret_cast<const uint64_t*>(head)[threadIdx.x];
-  auto starts_block = [&](int i) { return ((flags >> (8 * i)) & 1u) != 0; };
+  // Byte i % 8 of flags[i / 8]: position first + i starts a block (words: the compiler kept
+  // eight separate flags, and spilled them, at 1024 threads).
+  uint64_t flags[kWords];
+  int32_t local = 0;
+#pragma unroll
+  for (int w = 0; w < kWords; ++w) {
+    flags[w] = reinterpret_cast<const uint64_t*>(head)[threadIdx.x * kWords + w];
+    local += __popcll(flags[w]);
+  }
+  auto starts_block = [&](int i) { return ((flags[i / 8] >> (8 * (i % 8))) & 1u) != 0; };
   int32_t blocks_before;  // blocks starting before this thread's positions (but block 0)
-  Scan(shared.scan).ExclusiveSum(__popcll(flags), blocks_before);
-  auto block_of = [&](int i) { return blocks_before + __popcll(flags & ((2ull << (8 * i)) - 1u)); };
+  Scan(shared.scan).ExclusiveSum(local, blocks_before);
+  auto block_of = [&](int i) {
+    int32_t b = blocks_before + __popcll(flags[i / 8] & ((2ull << (8 * (i % 8))) - 1u));
+#pragma unroll
+    for (int w = 0; w < i / 8; ++w) b += __popcll(flags[w]);
+    return b;
+  };
 
   // Soft ranks θ_k − (block value), θ as the student kernel computed it (bit for bit); the
   // teacher ranks in the student's descending order are read where needed (u_at).
@@ -1587,6 +1600,68 @@ struct Layout {
   SpearmanPlan spearman{};
 };
 
+// The Spearman steps of a chunk of n rows of C ≤ kSpearmanBlockSortMax classes, THREADS
+// threads per row in the sorts, the plan's finish_threads in the finish (plan_spearman):
+// teacher ranks, student sort, PAV, finish. Grids: n ≤ 2^31
+// − 1 blocks for the per-row kernels, ⌈n / 32⌉ for PAV.
+template <int THREADS, typename s_t, typename t_t>
+void launch_spearman_rows(const s_t* student, const t_t* teacher, int64_t n, int64_t cols, float strength, char* ws,
+                          const Layout& l, double* rho, float* grad_rho, cudaStream_t stream) {
+  constexpr int kItems = kSpearmanItems;
+  constexpr SpearmanPlan kPlan = plan_spearman(int64_t{THREADS} * kItems);
+  static_assert(kPlan.threads == THREADS && kPlan.items == kItems, "a bucket of plan_spearman");
+  constexpr int kFinishThreads = kPlan.finish_threads, kFinishItems = kPlan.finish_items;
+  float* t_rank = reinterpret_cast<float*>(ws + l.t_rank);
+  int32_t* order = reinterpret_cast<int32_t*>(ws + l.order);
+  double* theta = reinterpret_cast<double*>(ws + l.theta);
+  int32_t* block_start = reinterpret_cast<int32_t*>(ws + l.block_start);
+  int32_t* block_count = reinterpret_cast<int32_t*>(ws + l.block_count);
+  auto* standardization = reinterpret_cast<Standardization*>(ws + l.standardization);
+  const auto blocks = static_cast<unsigned>(n);
+  spearman_teacher_kernel<t_t, THREADS, kItems><<<blocks, THREADS, 0, stream>>>(teacher, cols, t_rank);
+  check(cudaGetLastError(), "the Spearman teacher ranks");
+  spearman_student_kernel<s_t, THREADS, kItems><<<blocks, THREADS, 0, stream>>>(student, n, cols, strength, theta,
+                                                                                order, standardization);
+  check(cudaGetLastError(), "the Spearman student sort");
+  spearman_pav_kernel<<<static_cast<unsigned>((n + kPavRows - 1) / kPavRows), kPavRows, 0, stream>>>(
+      n, cols, theta, block_start, block_count);
+  check(cudaGetLastError(), "the Spearman pool-adjacent-violators");
+  spearman_finish_kernel<s_t, kFinishThreads, kFinishItems><<<blocks, kFinishThreads, 0, stream>>>(
+      student, n, cols, strength, order, t_rank, theta, block_start, block_count, standardization, rho, grad_rho);
+  check(cudaGetLastError(), "the Spearman correlations");
+}
+
+// The Spearman steps of a chunk of n longer rows: CUB's segmented sorts of the chunk
+// (n · C ≤ max(kSpearmanChunkLogits, C) < 2^31 logits: int offsets), then one block per row.
+template <typename s_t, typename t_t>
+void launch_spearman_long_rows(const s_t* student, const t_t* teacher, int64_t n, int64_t cols, float strength,
+                               char* ws, const Layout& l, double* rho, float* grad_rho, cudaStream_t stream) {
+  float* s_keys = reinterpret_cast<float*>(ws + l.s_keys);
+  float* t_keys = reinterpret_cast<float*>(ws + l.t_keys);
+  float* s_sorted = reinterpret_cast<float*>(ws + l.s_sorted);
+  float* t_sorted = reinterpret_cast<float*>(ws + l.t_sorted);
+  int32_t* iota = reinterpret_cast<int32_t*>(ws + l.iota);
+  int32_t* s_order = reinterpret_cast<int32_t*>(ws + l.s_order);
+  int32_t* t_order = reinterpret_cast<int32_t*>(ws + l.t_order);
+  int32_t* offsets = reinterpret_cast<int32_t*>(ws + l.offsets);
+  const int64_t elements = n * cols;  // ≤ max(kSpearmanChunkLogits, C) < 2^31
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((elements + kThreads - 1) / kThreads, 65535));
+  prepare_sort_kernel<<<blocks, kThreads, 0, stream>>>(student, teacher, n, cols, s_keys, t_keys, iota, offsets);
+  check(cudaGetLastError(), "preparing the row sorts");
+  size_t temp_bytes = l.sort_temp_bytes;
+  for (int side = 0; side < 2; ++side) {
+    check(cub::DeviceSegmentedRadixSort::SortPairs(ws + l.sort_temp, temp_bytes, side ? t_keys : s_keys,
+                                                   side ? t_sorted : s_sorted, iota, side ? t_order : s_order,
+                                                   static_cast<int>(elements), static_cast<int>(n), offsets,
+                                                   offsets + 1, 0, 32, stream),
+          "the segmented row sort");
+  }
+  const unsigned spearman_blocks = static_cast<unsigned>(std::min<int64_t>(l.spearman_grid, n));
+  spearman_kernel<s_t><<<spearman_blocks, kThreads, 0, stream>>>(student, n, cols, strength, t_sorted, t_order,
+                                                                  s_order, ws + l.rank_rows, rho, grad_rho);
+  check(cudaGetLastError(), "the Spearman kernel");
+}
+
 Layout layout(int64_t rows, int64_t cols, const LossConfig& cfg, int device) {
   Layout l;
   int multiprocessors = 0;
@@ -1678,65 +1753,6 @@ void launch_row_kernel(const s_t* student, const t_t* teacher, int64_t rows, int
   } else {
     go(fused_row_kernel<kThreads, 0, s_t, t_t>, kThreads);
   }
-}
-
-// The Spearman steps of a chunk of n rows of C ≤ kSpearmanBlockSortMax classes, THREADS
-// threads per row (plan_spearman): teacher ranks, student sort, PAV, finish. Grids: n ≤ 2^31
-// − 1 blocks for the per-row kernels, ⌈n / 32⌉ for PAV.
-template <int THREADS, typename s_t, typename t_t>
-void launch_spearman_rows(const s_t* student, const t_t* teacher, int64_t n, int64_t cols, float strength, char* ws,
-                          const Layout& l, double* rho, float* grad_rho, cudaStream_t stream) {
-  constexpr int kItems = kSpearmanItems;
-  static_assert(plan_spearman(int64_t{THREADS} * kItems).threads == THREADS, "a bucket of plan_spearman");
-  float* t_rank = reinterpret_cast<float*>(ws + l.t_rank);
-  int32_t* order = reinterpret_cast<int32_t*>(ws + l.order);
-  double* theta = reinterpret_cast<double*>(ws + l.theta);
-  int32_t* block_start = reinterpret_cast<int32_t*>(ws + l.block_start);
-  int32_t* block_count = reinterpret_cast<int32_t*>(ws + l.block_count);
-  auto* standardization = reinterpret_cast<Standardization*>(ws + l.standardization);
-  const auto blocks = static_cast<unsigned>(n);
-  spearman_teacher_kernel<t_t, THREADS, kItems><<<blocks, THREADS, 0, stream>>>(teacher, cols, t_rank);
-  check(cudaGetLastError(), "the Spearman teacher ranks");
-  spearman_student_kernel<s_t, THREADS, kItems><<<blocks, THREADS, 0, stream>>>(student, n, cols, strength, theta,
-                                                                                order, standardization);
-  check(cudaGetLastError(), "the Spearman student sort");
-  spearman_pav_kernel<<<static_cast<unsigned>((n + kPavRows - 1) / kPavRows), kPavRows, 0, stream>>>(
-      n, cols, theta, block_start, block_count);
-  check(cudaGetLastError(), "the Spearman pool-adjacent-violators");
-  spearman_finish_kernel<s_t, THREADS, kItems><<<blocks, THREADS, 0, stream>>>(
-      student, n, cols, strength, order, t_rank, theta, block_start, block_count, standardization, rho, grad_rho);
-  check(cudaGetLastError(), "the Spearman correlations");
-}
-
-// The Spearman steps of a chunk of n longer rows: CUB's segmented sorts of the chunk
-// (n · C ≤ max(kSpearmanChunkLogits, C) < 2^31 logits: int offsets), then one block per row.
-template <typename s_t, typename t_t>
-void launch_spearman_long_rows(const s_t* student, const t_t* teacher, int64_t n, int64_t cols, float strength,
-                               char* ws, const Layout& l, double* rho, float* grad_rho, cudaStream_t stream) {
-  float* s_keys = reinterpret_cast<float*>(ws + l.s_keys);
-  float* t_keys = reinterpret_cast<float*>(ws + l.t_keys);
-  float* s_sorted = reinterpret_cast<float*>(ws + l.s_sorted);
-  float* t_sorted = reinterpret_cast<float*>(ws + l.t_sorted);
-  int32_t* iota = reinterpret_cast<int32_t*>(ws + l.iota);
-  int32_t* s_order = reinterpret_cast<int32_t*>(ws + l.s_order);
-  int32_t* t_order = reinterpret_cast<int32_t*>(ws + l.t_order);
-  int32_t* offsets = reinterpret_cast<int32_t*>(ws + l.offsets);
-  const int64_t elements = n * cols;  // ≤ max(kSpearmanChunkLogits, C) < 2^31
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((elements + kThreads - 1) / kThreads, 65535));
-  prepare_sort_kernel<<<blocks, kThreads, 0, stream>>>(student, teacher, n, cols, s_keys, t_keys, iota, offsets);
-  check(cudaGetLastError(), "preparing the row sorts");
-  size_t temp_bytes = l.sort_temp_bytes;
-  for (int side = 0; side < 2; ++side) {
-    check(cub::DeviceSegmentedRadixSort::SortPairs(ws + l.sort_temp, temp_bytes, side ? t_keys : s_keys,
-                                                   side ? t_sorted : s_sorted, iota, side ? t_order : s_order,
-                                                   static_cast<int>(elements), static_cast<int>(n), offsets,
-                                                   offsets + 1, 0, 32, stream),
-          "the segmented row sort");
-  }
-  const unsigned spearman_blocks = static_cast<unsigned>(std::min<int64_t>(l.spearman_grid, n));
-  spearman_kernel<s_t><<<spearman_blocks, kThreads, 0, stream>>>(student, n, cols, strength, t_sorted, t_order,
-                                                                  s_order, ws + l.rank_rows, rho, grad_rho);
-  check(cudaGetLastError(), "the Spearman kernel");
 }
 
 template <typename s_t, typename t_t>

@@ -38,7 +38,9 @@ struct FusedLossArgs {
 //   holding `items` logits each (cub::BlockRadixSort in static shared memory, under the
 //   48 KiB that needs no opt-in), the smallest of 128, 256, 512, 1024 threads × 8 that
 //   holds the row; pool-adjacent-violators run one thread per row; the soft ranks, ρ_S and
-//   dρ_S/ds one block (the same bucket) per row.
+//   dρ_S/ds one block per row of `finish_threads` × `finish_items` (the sorts' bucket, but
+//   256 × 32 instead of 1024 × 8: at 1024 threads' 64 registers it spilled 24 B, at 256
+//   it takes 233 registers and none; one row per SM either way).
 // * Longer rows: CUB's segmented radix sort of the chunk's rows in global memory, then one
 //   256-thread block per row (pool-adjacent-violators by one thread), the row's rank arrays
 //   (kRankRowBytes per logit) in the workspace.
@@ -47,16 +49,19 @@ constexpr int kSpearmanItems = 8;
 constexpr size_t kRankRowBytes = 3 * sizeof(double) + sizeof(int64_t) + 2 * sizeof(float) + sizeof(int32_t);
 
 struct SpearmanPlan {
-  bool block_sort;  // C ≤ kSpearmanBlockSortMax: rows sorted in shared memory
-  int threads;      // threads per block of the per-row kernels
-  int items;        // logits per thread (block_sort only)
+  bool block_sort;     // C ≤ kSpearmanBlockSortMax: rows sorted in shared memory
+  int threads;         // threads per block of the per-row kernels (the sorts)
+  int items;           // logits per thread of the sorts (block_sort only)
+  int finish_threads;  // threads per block of the finish kernel (block_sort only)
+  int finish_items;    // logits per thread of the finish kernel (block_sort only)
 };
 
 constexpr SpearmanPlan plan_spearman(int64_t cols) {
-  if (cols > kSpearmanBlockSortMax) return {false, 256, 0};
+  if (cols > kSpearmanBlockSortMax) return {false, 256, 0, 0, 0};
   int threads = 128;
   while (static_cast<int64_t>(threads) * kSpearmanItems < cols) threads *= 2;
-  return {true, threads, kSpearmanItems};
+  const int finish_threads = threads == 1024 ? 256 : threads;
+  return {true, threads, kSpearmanItems, finish_threads, threads * kSpearmanItems / finish_threads};
 }
 
 // The Spearman steps run on chunks of rows, so that their workspace is bounded at any B:

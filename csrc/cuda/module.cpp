@@ -30,7 +30,9 @@ PYBIND11_MODULE(_C_cuda, m) {
   py::class_<kdfast::cuda::SpearmanPlan>(m, "SpearmanPlan")
       .def_readonly("block_sort", &kdfast::cuda::SpearmanPlan::block_sort)
       .def_readonly("threads", &kdfast::cuda::SpearmanPlan::threads)
-      .def_readonly("items", &kdfast::cuda::SpearmanPlan::items);
+      .def_readonly("items", &kdfast::cuda::SpearmanPlan::items)
+      .def_readonly("finish_threads", &kdfast::cuda::SpearmanPlan::finish_threads)
+      .def_readonly("finish_items", &kdfast::cuda::SpearmanPlan::finish_items);
   m.def("plan_spearman", &kdfast::cuda::plan_spearman, py::arg("cols"));
   m.def("spearman_chunk_rows", &kdfast::cuda::spearman_chunk_rows, py::arg("rows"), py::arg("cols"));
   m.attr("SPEARMAN_BLOCK_SORT_MAX") = kdfast::cuda::kSpearmanBlockSortMax;
