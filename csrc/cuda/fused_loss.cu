@@ -76,7 +76,7 @@
 // * Terms are switched on by their coefficients, never by the value of a weight (a NaN
 //   difficulty times 0 would otherwise read unallocated Spearman buffers).
 // * Workspace: 256-byte aligned regions, rank rows a multiple of 16 bytes; every region is
-//   written before it is read (the PAV slots a row's finish kernel reads, 0..count, were
+//   written before it is read (the PAV slots a row's finish kernel reads, 0..count − 1, were
 //   all written by its PAV thread). Bounded at any B (fused_loss_cuda.h: the Spearman
 //   chunks' bound). Shared memory: static only, under the 48 KiB that needs no opt-in
 //   (largest: the 1024-thread teacher sort of float rows, 45 KB).
@@ -1600,10 +1600,10 @@ struct Layout {
   SpearmanPlan spearman{};
 };
 
-// The Spearman steps of a chunk of n rows of C ≤ kSpearmanBlockSortMax classes, THREADS
-// threads per row in the sorts, the plan's finish_threads in the finish (plan_spearman):
-// teacher ranks, student sort, PAV, finish. Grids: n ≤ 2^31
-// − 1 blocks for the per-row kernels, ⌈n / 32⌉ for PAV.
+// The Spearman steps of a chunk of n rows of C ≤ kSpearmanBlockSortMax classes (teacher
+// ranks, student sort, PAV, finish), THREADS threads per row in the sorts and the plan's
+// finish_threads in the finish (plan_spearman). Grids: n ≤ spearman_chunk_rows ≤ 2^24
+// blocks for the per-row kernels, ⌈n / 32⌉ for PAV.
 template <int THREADS, typename s_t, typename t_t>
 void launch_spearman_rows(const s_t* student, const t_t* teacher, int64_t n, int64_t cols, float strength, char* ws,
                           const Layout& l, double* rho, float* grad_rho, cudaStream_t stream) {
