@@ -475,10 +475,10 @@ __device__ void spearman_row(int64_t row, const s_t* student, int64_t cols, floa
 // Rows are taken in turn by a grid of at most a few blocks per multiprocessor, so that
 // the rank arrays need workspace for the resident blocks only.
 template <typename s_t>
-__global__ void __launch_bounds__(kThreads) spearman_kernel(const s_t* student, int64_t rows, int64_t cols,
-                                                            float strength, const float* t_sorted,
-                                                            const int32_t* t_order, const int32_t* s_order,
-                                                            char* global_rows, double* rho_out, float* grad_rho) {
+__global__ void __launch_bounds__(kThreads, 1) spearman_kernel(const s_t* student, int64_t rows, int64_t cols,
+                                                               float strength, const float* t_sorted,
+                                                               const int32_t* t_order, const int32_t* s_order,
+                                                               char* global_rows, double* rho_out, float* grad_rho) {
   __shared__ Scratch scratch;
   __shared__ typename cub::BlockScan<int32_t, kThreads>::TempStorage scan_storage;
   __shared__ int64_t block_count;
