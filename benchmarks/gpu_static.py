@@ -47,10 +47,9 @@ CUDA kernels (``csrc/cuda/fused_loss.cu``): compiled once for sm_90 as setup.py 
 ``-Xptxas -v``; one row per kernel instantiation (CUB's DeviceSegmentedRadixSort kernels
 included, labelled CUB), with threads per block from the kernel's ``__launch_bounds__``
 (``EIATTR_MAX_THREADS`` in the cubin, else ``kThreads`` in the source), global loads and
-stores counted in the SASS, and the Spearman kernel's dynamic shared memory as the
-launcher fixes it for each C (``C * kRankRowBytes`` when at most ``kMaxSharedRankBytes``
-and, with the static part, within the 227 KB per-block limit; else its rows live in global
-workspace). ``compile_s`` of CUDA rows is the whole file's
+stores counted in the SASS, and the classes each Spearman kernel serves (``plan_spearman``:
+the in-block sorts' buckets up to ``kSpearmanBlockSortMax``, the segmented-sort path
+beyond; static shared memory only). ``compile_s`` of CUDA rows is the whole file's
 nvcc time (all instantiations together), repeated on each row; ``ptxas_s`` is ptxas's own
 per-kernel time.
 
@@ -858,7 +857,7 @@ def _cuda_constant(source: str, name: str) -> int | None:
 
 def cuda_rows(classes: list[int], timeout: float) -> tuple[list[dict], list[str]]:
     """One row per CUDA kernel instantiation of csrc/cuda/fused_loss.cu compiled for sm_90
-    (the Spearman kernel: one per C, its dynamic shared memory depends on C)."""
+    (``classes`` is unused: no CUDA kernel's shared memory depends on C)."""
     notes = []
     nvcc = None
     for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
@@ -902,8 +901,7 @@ def cuda_rows(classes: list[int], timeout: float) -> tuple[list[dict], list[str]
         name, _, body = chunk.partition("\n")
         sass_by_function[name.strip()] = body
     k_threads = _cuda_constant(source, "kThreads")
-    rank_row_bytes = _cuda_constant(source, "kRankRowBytes")
-    max_shared_rank = _cuda_constant(source, "kMaxSharedRankBytes")
+    block_sort_max = _cuda_constant(source, "kSpearmanBlockSortMax")
     if not launch_bounds:
         notes.append(f"CUDA: no EIATTR_MAX_THREADS in the cubin; threads per block = kThreads = {k_threads}")
     names = _demangle(list(functions))
@@ -917,7 +915,8 @@ def cuda_rows(classes: list[int], timeout: float) -> tuple[list[dict], list[str]
         loads, stores = sass_global_accesses(sass_by_function.get(mangled, ""))
         base = {
             "backend": "cuda", "kernel": ("CUB: " if is_cub else "") + short,
-            "launcher": "cub::DeviceSegmentedRadixSort::SortPairs (Spearman row sorts)" if is_cub
+            "launcher": "cub::DeviceSegmentedRadixSort::SortPairs (Spearman row sorts, C > kSpearmanBlockSortMax)"
+            if is_cub
             else "kdfast::cuda::fused_loss",
             "dtype": dtype, "config": f"__launch_bounds__({threads})" if threads else "",
             "specialization": "nvcc -O3 -gencode=arch=compute_90,code=sm_90",
@@ -942,22 +941,24 @@ def cuda_rows(classes: list[int], timeout: float) -> tuple[list[dict], list[str]
             base["input_passes"] = ("s 1, t 1 (source)" if vectors else
                                     "s 2, t 2 (source; every loss)")
         static = info.get("smem", 0)
-        if short.startswith("spearman_kernel") and rank_row_bytes is not None and max_shared_rank is not None:
-            # The launcher's plan (plan_rank_rows): a row's rank arrays in dynamic shared memory
-            # when C*kRankRowBytes <= kMaxSharedRankBytes and static + dynamic fits the per-block
-            # opt-in limit (227 KB on sm_90), else in global workspace.
-            variants = []
-            for c in classes:
-                wanted = c * rank_row_bytes
-                dynamic = wanted if wanted <= max_shared_rank and static + wanted <= SM90_MAX_SHARED_PER_BLOCK else 0
-                where = "rank rows in shared memory" if dynamic else "rank rows in global workspace"
-                variants.append((c, dynamic, f"dynamic shared {dynamic} B (C*kRankRowBytes={wanted}, "
-                                             f"kMaxSharedRankBytes={max_shared_rank}: {where})"))
+        # The Spearman kernels (launch_spearman_rows / launch_spearman_long_rows): rows of up
+        # to kSpearmanBlockSortMax classes sorted in shared memory by a block of the bucket's
+        # threads (plan_spearman), PAV one thread per row, then the finish kernel; longer rows
+        # after CUB's segmented sorts. Static shared memory only.
+        limit = block_sort_max if block_sort_max is not None else "kSpearmanBlockSortMax"
+        spearman = re.match(r"spearman_(teacher|student|finish)_kernel<[^,]+,(\d+),(\d+)>", short)
+        if spearman:
+            role, block, items = spearman.group(1), int(spearman.group(2)), int(spearman.group(3))
+            first = block // 2 * items + 1 if block > 128 else 1
+            roles = {"teacher": "the teacher's average ranks (cub::BlockRadixSort in shared memory)",
+                     "student": "the student's descending sort, theta column-major (cub::BlockRadixSort)",
+                     "finish": "soft ranks, rho_S and its gradient"}
+            variants = [(f"{first}-{block * items}", 0, f"one block per row, {block} x {items} logits; {roles[role]}")]
+        elif short.startswith("spearman_pav_kernel"):
+            variants = [(f"1-{limit}", 0, "pool-adjacent-violators, one thread per row, 32 rows per block")]
         elif short.startswith("spearman_kernel"):
-            message = ("CUDA: kRankRowBytes/kMaxSharedRankBytes not found in csrc: the Spearman kernel's dynamic "
-                       "shared memory is not counted")
-            if message not in notes:
-                notes.append(message)
+            variants = [(f">{limit}", 0, "one block per row after CUB's segmented sorts; rank rows in the workspace, "
+                                         "PAV by one thread")]
         for c, dynamic, note in variants:
             shared = static + dynamic
             row = {**base, "classes": c, "shared_bytes": shared,

@@ -99,32 +99,83 @@ def test_triton_spearman_is_deterministic_and_agrees_on_a_gpu(classes):
     torch.testing.assert_close(runs[0][1].cpu(), expected_grad, rtol=1e-4, atol=1e-9)
 
 
-# ------------------------------------------- 2. the CUDA Spearman kernel's shared memory
+# ------------------------------------------- 2. the CUDA Spearman layouts and workspace
 
-def test_spearman_rank_rows_opt_in_counts_the_static_shared_memory():
+def test_spearman_plan_picks_the_smallest_block_that_holds_the_row():
     module = _cuda_module()
-    static, hopper_optin, turing_optin = 1600, 227 * 1024, 64 * 1024
-    for cols in range(2, 2300):
-        plan = module.plan_rank_rows(cols, static, hopper_optin)
-        total = static + plan.dynamic_bytes
-        assert plan.in_shared == (cols * module.RANK_ROW_BYTES <= 96 * 1024)
-        assert plan.opt_in == (total > 48 * 1024), cols  # C ≈ 1081..1117 failed with the old rule
-        assert total <= hopper_optin
-    assert module.plan_rank_rows(1100, static, hopper_optin).opt_in
-    # A device with less shared memory per block keeps long rows in the global workspace.
-    assert not module.plan_rank_rows(1500, static, turing_optin).in_shared
-    assert module.plan_rank_rows(1400, static, turing_optin).in_shared
+    assert module.SPEARMAN_BLOCK_SORT_MAX == 8192
+    buckets = [128, 256, 512, 1024]
+    for cols in list(range(1, 2200)) + [4095, 4096, 4097, 8191, 8192, 8193, 32000, 2**24, 2**31 - 1]:
+        plan = module.plan_spearman(cols)
+        assert plan.block_sort == (cols <= 8192), cols
+        if not plan.block_sort:
+            assert plan.threads == 256 and plan.items == 0, cols  # the segmented-sort path, kThreads
+            continue
+        assert plan.items == 8 and plan.threads in buckets, cols
+        capacity = plan.threads * plan.items
+        assert capacity >= cols, cols  # the whole row in one block's sort
+        smaller = buckets.index(plan.threads) - 1
+        assert smaller < 0 or buckets[smaller] * plan.items < cols, cols  # and no larger block than needed
+        # The finish kernel holds the same logits per block: the sorts' shape, but 256 × 32
+        # for the 1024-thread bucket (no register spill).
+        assert plan.finish_threads * plan.finish_items == capacity, cols
+        assert (plan.finish_threads, plan.finish_items) == ((256, 32) if plan.threads == 1024 else (plan.threads, 8))
+    # A C = 1000 row takes 128 threads of 8 logits (the bucket the 4096 × 1000 target uses).
+    assert (module.plan_spearman(1000).threads, module.plan_spearman(1024).threads,
+            module.plan_spearman(1025).threads) == (128, 128, 256)
 
 
-@pytest.mark.parametrize("classes", [1080, 1081, 1100, 1117, 1118, 2234, 2235])
+def test_spearman_chunks_bound_the_workspace_at_any_batch():
+    module = _cuda_module()
+    limit = module.SPEARMAN_CHUNK_LOGITS
+    for rows in (1, 7, 4096, 10**6, 2**31 - 1):
+        for cols in (1, 2, 1000, 8192, 8193, 32000, limit, limit + 1, 2**31 - 1):
+            chunk = module.spearman_chunk_rows(rows, cols)
+            assert 1 <= chunk <= rows, (rows, cols)
+            assert chunk * cols <= max(limit, cols), (rows, cols)  # the workspace holds one chunk
+            assert chunk == rows or (chunk + 1) * cols > limit, (rows, cols)  # and chunks are as long as fit
+    # The CUB segmented sort counts in int: a chunk of long rows stays under 2^31 logits.
+    assert module.spearman_chunk_rows(10**6, 8193) * 8193 < 2**31
+
+
+@pytest.mark.parametrize("shape", [(3, 2), (3, 1000), (70, 1000), (3, 1024), (3, 1025), (3, 2048), (3, 2049),
+                                   (3, 4096), (3, 4097), (3, 8192), (3, 8193), (3, 1100), (3, 2235)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.gpu
 @pytest.mark.smoke
-def test_cuda_spearman_launches_around_the_shared_memory_boundaries(classes):
-    s, t, y, w = _inputs((3, classes))
+def test_cuda_spearman_at_the_layout_boundaries(shape):
+    """Each block size of the in-block sorts (plan_spearman) at its first and last C, the
+    segmented-sort path beyond, several PAV blocks of 32 rows (70 rows), and the widths
+    whose launches once failed (C ≈ 1100, 2235: a shared-memory limit of the old kernel)."""
+    s, t, y, w = _inputs(shape)
     truth = _loss_and_grads("cmkd", s.float().double(), t.float().double(), y, w, "torch", "cpu")
     got = _loss_and_grads("cmkd", s.float(), t.float(), y, w, "cuda", "cuda")
     for error in _relative_errors(got, truth):
         assert error <= 1e-5
+    # bf16: the 16-bit sort keys, and many ties among both rows' values, against the CPU
+    # kernels on the same rounded inputs.
+    s, t = s.bfloat16(), t.bfloat16()
+    cpu = _loss_and_grads("cmkd", s, t, y, w, "cpu", "cpu")
+    got = _loss_and_grads("cmkd", s, t, y, w, "cuda", "cuda")
+    errors = _relative_errors(got, cpu)
+    assert errors[0] <= 1e-5, errors
+    assert max(errors[1:]) <= torch.finfo(torch.bfloat16).eps, errors  # both gradients are rounded to bf16
+
+
+@pytest.mark.gpu
+@pytest.mark.smoke
+def test_cuda_spearman_rows_across_chunks_match_the_rows_alone():
+    """2050 rows of 8192 classes are two Spearman chunks (2048 rows each at most): the rows
+    around the boundary get the gradients they get alone (the chunks' offsets)."""
+    module = _cuda_module()
+    rows, cols = 2050, 8192
+    assert module.spearman_chunk_rows(rows, cols) == 2048
+    s, t, _, _ = _inputs((rows, cols))
+    s, t = s.float().cuda().requires_grad_(), t.float().cuda()
+    (full,) = torch.autograd.grad(kdfast.spearman_loss(s, t, backend="cuda"), s)
+    part = s.detach()[2040:].clone().requires_grad_()
+    (alone,) = torch.autograd.grad(kdfast.spearman_loss(part, t[2040:], backend="cuda"), part)
+    torch.testing.assert_close(full[2040:] * rows, alone * (rows - 2040), rtol=1e-5, atol=1e-7)
 
 
 # --------------------------------------------------------------- 3. shape-aware dispatch

@@ -7,12 +7,15 @@
 // The steps, all on the caller's stream:
 //   1. (column term)   per-row softmax statistics, then per-column moments over fixed
 //                      chunks of rows, reduced in a fixed order (deterministic);
-//   2. (Spearman term) per chunk of rows (bounded workspace: spearman_chunk_rows), a
-//                      segmented radix sort (CUB) of every student and teacher row, then
-//                      one block per row: teacher average ranks, soft ranks by
-//                      pool-adjacent-violators (one thread; the row's PAV state in shared
-//                      memory when it fits), their correlation and its gradient, then
-//                      step 3 on that chunk;
+//   2. (Spearman term) per chunk of rows (bounded workspace: spearman_chunk_rows), then
+//                      step 3 on that chunk. C ≤ kSpearmanBlockSortMax (8192): one block
+//                      per row sorts the teacher row in shared memory (cub::BlockRadixSort,
+//                      16-bit keys for half inputs) into its average ranks, one sorts the
+//                      student row into θ = ẑ/ε (column-major); pool-adjacent-violators run
+//                      one thread per row, 32 rows per block; one block per row then forms
+//                      the soft ranks, ρ_S and dρ_S/ds. Longer rows: a segmented radix sort
+//                      (CUB) of the chunk's rows, then one block per row (PAV by one
+//                      thread, the row's arrays in the workspace);
 //   3. the row kernel: KL, CE, Pearson, difficulty, the Spearman and column shares, and
 //      the gradients, rounded once to the logits' dtype (one algorithm, fused_row, over
 //      the resident and the chunked layouts); with the column term it takes each row's
@@ -22,12 +25,14 @@
 //
 // Audit (what the interpreter-free reading checked; tests/test_gpu_path.py has a GPU test
 // per past defect):
-// * Barriers: block_sum / block_argmax start with __syncthreads() before writing their
-//   scratch, so back-to-back reductions never overwrite what a lagging warp still reads;
-//   every thread sums the warp partials in the same order (bit-identical totals). Every
-//   branch or return that skips a barrier depends only on block-uniform values (the
-//   config, the row's target, reduced totals, block_count read after a barrier), and the
-//   Spearman kernel's returns come back to its row loop's __syncthreads().
+// * Barriers: block_sum / block_argmax (and the Spearman kernels' rows_block_sum and
+//   block_exclusive_segment_scan) start with __syncthreads() before writing their scratch,
+//   so back-to-back reductions never overwrite what a lagging warp still reads; every
+//   thread sums the warp partials in the same order (bit-identical totals). Every branch
+//   or return that skips a barrier depends only on block-uniform values (the config, the
+//   row's target, reduced totals, block_count read after a barrier, the row's z_scale),
+//   and the long rows' Spearman kernel's returns come back to its row loop's
+//   __syncthreads().
 // * Row kernel, resident layout: the shuffles of a row's reductions span the whole warp
 //   (rows of 8 or 16 lanes share one), so no lane may leave or branch around them: every
 //   reduction is under a kernel-uniform condition (coefficients, gradient flags), what is
@@ -52,26 +57,44 @@
 //   store backward). The two copies of the row (column term or not) are chosen by a
 //   kernel-uniform flag, so every thread of a block takes the same barriers.
 // * Spearman chunks: each chunk's kernels take pointers offset by first·cols (int64) and
-//   the chunk's row count, so sort offsets stay under 2^31; the chunk's ρ_S and dρ_S/ds
+//   the chunk's row count R, so sort offsets stay under 2^31; the chunk's ρ_S and dρ_S/ds
 //   are written before the chunk's row kernel reads them (same stream) and rewritten only
 //   by the next chunk's kernels, which the stream orders after it.
+// * Spearman, C ≤ 8192 (section 2b): every row's workspace is its own: row-major slices
+//   row·C .. row·C + C − 1 (int64) and column-major slots k·R + row (int64, k < C), so no
+//   two blocks (or PAV threads) touch one address. Shared memory: the sort's storage is
+//   reused (a union) only after the __syncthreads() that follows BlockRadixSort::Sort, the
+//   reductions' scratch only after a barrier; the teacher's average rank of a tie group is
+//   written once (by its last position) and read after a barrier. Positions past C (the
+//   bucket's padding) carry the largest key and indices ≥ C: the sort is stable, so the
+//   first C sorted positions are exactly the row's C columns, a permutation of 0..C−1
+//   (every bit pattern, NaN included, has a key), and every scatter through them (the
+//   teacher's ranks, dρ_S/ds) stays in the row. The PAV thread overwrites θ in place: step
+//   k writes slot ≤ k after θ_k was read, and reads ahead only slots > k; the block starts
+//   it writes are positions in 0..k, so the finish kernel's flags stay in its C-entry
+//   array. The finish kernel replaces each PAV block's θ sum by its mean of g (one writer
+//   per block, its last position) after a barrier that follows every read of the sums, and
+//   reads the means after another barrier (global writes are visible within the block).
 // * Rows: one block per row elsewhere, row offsets row·cols in int64, element loops in int64; the
 //   scatters through the sort orders and the rectification's swap are permutations of
 //   0..cols−1 whatever the values (CUB sorts every bit pattern, NaN included), so no block
-//   writes outside its row. Grids: 1-D x ≤ 2^31 − 1 (checked), the column kernels' y is
+//   writes outside its row. Grids of the per-row Spearman kernels: R ≤ B blocks; PAV:
+//   ⌈R / 32⌉. Grids: 1-D x ≤ 2^31 − 1 (checked), the column kernels' y is
 //   at most 64 chunks.
 // * Terms are switched on by their coefficients, never by the value of a weight (a NaN
 //   difficulty times 0 would otherwise read unallocated Spearman buffers).
 // * Workspace: 256-byte aligned regions, rank rows a multiple of 16 bytes; every region is
-//   written before it is read. Shared memory: the rank rows go to dynamic shared memory
-//   only when they fit with the kernel's static shared memory under the device's opt-in
-//   limit (plan_rank_rows).
+//   written before it is read (the PAV slots a row's finish kernel reads, 0..count − 1, were
+//   all written by its PAV thread). Bounded at any B (fused_loss_cuda.h: the Spearman
+//   chunks' bound). Shared memory: static only, under the 48 KiB that needs no opt-in
+//   (largest: the 1024-thread teacher sort of float rows, 45 KB).
 // * Streams: every launch and both CUB sorts run on the caller's stream; no atomics, so
-//   results repeat bit for bit.
+//   results repeat bit for bit (block scans and sums in a fixed order).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cub/block/block_radix_sort.cuh>
 #include <cub/block/block_scan.cuh>
 #include <cub/device/device_segmented_radix_sort.cuh>
 
@@ -288,8 +311,8 @@ __global__ void __launch_bounds__(kThreads) prepare_sort_kernel(const s_t* stude
   if (blockIdx.x == 0 && threadIdx.x == 0) offsets[rows] = static_cast<int32_t>(total);
 }
 
-// The per-row arrays of the Spearman kernel: in dynamic shared memory when they fit,
-// else in the row's slice of the workspace.
+// The per-row arrays of the Spearman kernel (rows longer than kSpearmanBlockSortMax): in
+// the block's slice of the workspace.
 struct RankRow {
   double* ranks;       // θ = ẑ/ε in the student's descending order, then the soft ranks, then g
   double* block_a;     // PAV stack
@@ -458,22 +481,468 @@ __device__ void spearman_row(int64_t row, const s_t* student, int64_t cols, floa
 }
 
 // Rows are taken in turn by a grid of at most a few blocks per multiprocessor, so that
-// rows too long for shared memory need workspace for the resident blocks only.
+// the rank arrays need workspace for the resident blocks only.
 template <typename s_t>
-__global__ void __launch_bounds__(kThreads) spearman_kernel(const s_t* student, int64_t rows, int64_t cols,
-                                                            float strength, const float* t_sorted,
-                                                            const int32_t* t_order, const int32_t* s_order,
-                                                            char* global_rows, bool rows_in_shared, double* rho_out,
-                                                            float* grad_rho) {
-  extern __shared__ __align__(16) char shared_rows[];
+__global__ void __launch_bounds__(kThreads, 1) spearman_kernel(const s_t* student, int64_t rows, int64_t cols,
+                                                               float strength, const float* t_sorted,
+                                                               const int32_t* t_order, const int32_t* s_order,
+                                                               char* global_rows, double* rho_out, float* grad_rho) {
   __shared__ Scratch scratch;
   __shared__ typename cub::BlockScan<int32_t, kThreads>::TempStorage scan_storage;
   __shared__ int64_t block_count;
-  const RankRow r = rank_row(rows_in_shared ? shared_rows : global_rows + blockIdx.x * rank_row_stride(cols), cols);
+  const RankRow r = rank_row(global_rows + blockIdx.x * rank_row_stride(cols), cols);
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     __syncthreads();  // the previous row's arrays are no longer read
     spearman_row(row, student, cols, strength, t_sorted, t_order, s_order, r, scratch, scan_storage, block_count,
                  rho_out, grad_rho);
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// 2b. The Spearman term for rows of up to kSpearmanBlockSortMax classes: three kernels per
+// chunk of R rows, the rows sorted in shared memory (plan_spearman: THREADS × ITEMS ≥ C).
+//   spearman_teacher_kernel   one block per row: the teacher's average ranks (original
+//                             order) into t_rank, row-major;
+//   spearman_student_kernel   one block per row: θ = ẑ/ε in the student's descending order
+//                             into theta, column-major (θ_k of row r at k·R + r), the order
+//                             into order, row-major, the standardization into stats;
+//   spearman_pav_kernel       one thread per row, 32 rows per block: pool-adjacent-violators
+//                             on θ − (C, ..., 1), the blocks' sums over θ in place and their
+//                             starts column-major (the 32 rows' accesses coalesce);
+//   spearman_finish_kernel    one block per row: the soft ranks, ρ_S and dρ_S/ds (its own
+//                             block shape: plan_spearman's finish_threads × finish_items).
+// The math and its double sums are spearman_row's (and csrc/losses_cpu.cpp's).
+
+// Sort keys whose unsigned order is the logits' order (csrc/losses.h's ascending_key; −0
+// and +0 one key, NaN by bit pattern beyond ±inf): 16 bits for half inputs (half the radix
+// passes), 32 for float.
+template <typename T>
+struct RankKey;
+template <>
+struct RankKey<float> {
+  using type = uint32_t;
+  static constexpr type kPad = 0xffffffffu;
+  __device__ static type of(float x) { return ascending_key(x + 0.0f); }
+};
+__device__ __forceinline__ uint16_t ascending_key16(uint16_t bits) {
+  if (bits == 0x8000u) bits = 0;  // −0 → +0
+  return static_cast<uint16_t>((bits & 0x8000u) ? ~bits : (bits | 0x8000u));
+}
+template <>
+struct RankKey<__half> {
+  using type = uint16_t;
+  static constexpr type kPad = 0xffffu;
+  __device__ static type of(__half x) { return ascending_key16(__half_as_ushort(x)); }
+};
+template <>
+struct RankKey<__nv_bfloat16> {
+  using type = uint16_t;
+  static constexpr type kPad = 0xffffu;
+  __device__ static type of(__nv_bfloat16 x) { return ascending_key16(__bfloat16_as_ushort(x)); }
+};
+
+// Sums N doubles over a block of THREADS threads; every thread gets the totals, summed in
+// the same fixed order (deterministic). Starts with a barrier, as block_sum.
+template <int THREADS, int N>
+__device__ __forceinline__ void rows_block_sum(double (&v)[N], double* scratch) {
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v[k] += __shfl_xor_sync(0xffffffffu, v[k], offset);
+  }
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  __syncthreads();  // a previous reduction may still be reading the scratch
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) scratch[warp * N + k] = v[k];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    double total = 0.0;
+    for (int w = 0; w < THREADS / 32; ++w) total += scratch[w * N + k];
+    v[k] = total;
+  }
+}
+
+// The row's standardization, as spearman_row: ẑ_j = ((s_j − s0) − mean_shift) · z_scale.
+struct Standardization {
+  double s0, mean_shift, z_scale;  // z_scale = 0 for a constant row
+  __device__ double z(float x) const { return ((x - s0) - mean_shift) * z_scale; }
+};
+
+template <typename t_t, int THREADS, int ITEMS>
+__global__ void __launch_bounds__(THREADS, 1) spearman_teacher_kernel(const t_t* teacher, int64_t cols, float* t_rank) {
+  using Key = typename RankKey<t_t>::type;
+  using Sort = cub::BlockRadixSort<Key, THREADS, ITEMS, uint16_t>;
+  using Scan = cub::BlockScan<int32_t, THREADS>;
+  constexpr int kCapacity = THREADS * ITEMS;
+  static_assert(kCapacity <= 65536, "uint16_t positions");
+  __shared__ union {
+    typename Sort::TempStorage sort;
+    struct {
+      typename Scan::TempStorage scan;
+      float average[kCapacity];  // a tie group's average rank at the group's first position
+      Key first[THREADS];        // each thread's first and last sorted keys
+      Key last[THREADS];
+    } ranks;
+  } shared;
+  const int64_t row = blockIdx.x;
+  const t_t* t = teacher + row * cols;
+  // Blocked arrangement: thread i holds positions i·ITEMS .. i·ITEMS + ITEMS − 1. Past the
+  // row's end, the largest key (after every real one: the sort is stable and their
+  // positions come last).
+  Key keys[ITEMS];
+  uint16_t index[ITEMS];
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int p = threadIdx.x * ITEMS + i;
+    keys[i] = p < cols ? RankKey<t_t>::of(t[p]) : RankKey<t_t>::kPad;
+    index[i] = static_cast<uint16_t>(p);
+  }
+  Sort(shared.sort).Sort(keys, index);  // ascending, stable: index[i] is a permutation of 0..capacity−1
+  __syncthreads();  // the sort's storage becomes the ranks' arrays
+  shared.ranks.first[threadIdx.x] = keys[0];
+  shared.ranks.last[threadIdx.x] = keys[ITEMS - 1];
+  __syncthreads();
+  // Tie groups are runs of equal keys (the CPU's item_key equality): the start of each
+  // position's group by a running maximum of the starts.
+  int32_t start[ITEMS];
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int p = threadIdx.x * ITEMS + i;
+    const Key before = i > 0 ? keys[i - 1] : (threadIdx.x > 0 ? shared.ranks.last[threadIdx.x - 1] : keys[0]);
+    start[i] = (p == 0 || before != keys[i]) ? p : 0;
+  }
+  Scan(shared.ranks.scan).InclusiveScan(start, start, MaxOp());
+  // The last position of each group writes the group's average rank (1-based) at the
+  // group's start (one writer per group); then every position reads it.
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int p = threadIdx.x * ITEMS + i;
+    const Key after = i + 1 < ITEMS ? keys[i + 1]
+                                    : (threadIdx.x + 1 < THREADS ? shared.ranks.first[threadIdx.x + 1] : keys[i]);
+    if (p < cols && (p == cols - 1 || after != keys[i])) {
+      shared.ranks.average[start[i]] = 0.5f * static_cast<float>(start[i] + p) + 1.0f;
+    }
+  }
+  __syncthreads();
+  float* out = t_rank + row * cols;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    if (threadIdx.x * ITEMS + i < cols) out[index[i]] = shared.ranks.average[start[i]];
+  }
+}
+
+template <typename s_t, int THREADS, int ITEMS>
+__global__ void __launch_bounds__(THREADS, 1) spearman_student_kernel(const s_t* student, int64_t rows, int64_t cols,
+                                                                   float strength, double* theta, int32_t* order,
+                                                                   Standardization* stats) {
+  using Key = typename RankKey<s_t>::type;
+  using Sort = cub::BlockRadixSort<Key, THREADS, ITEMS, uint16_t>;
+  constexpr int kCapacity = THREADS * ITEMS;
+  static_assert(kCapacity <= 65536, "uint16_t positions");
+  __shared__ union {
+    typename Sort::TempStorage sort;
+    double sums[THREADS / 32];
+  } shared;
+  const int64_t row = blockIdx.x;
+  const s_t* s = student + row * cols;
+  const double inv_n = 1.0 / static_cast<double>(cols);
+  // Standardization: mean and population variance, centered on the first element.
+  const double s0 = to_float(s[0]);
+  float x[ITEMS];
+  double moments[1] = {0.0};
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int p = threadIdx.x * ITEMS + i;
+    x[i] = p < cols ? to_float(s[p]) : 0.0f;
+    if (p < cols) moments[0] += x[i] - s0;
+  }
+  rows_block_sum<THREADS>(moments, shared.sums);
+  const double mean_shift = moments[0] * inv_n;
+  double variance[1] = {0.0};
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const double d = (x[i] - s0) - mean_shift;
+    if (threadIdx.x * ITEMS + i < cols) variance[0] += d * d;
+  }
+  rows_block_sum<THREADS>(variance, shared.sums);
+  const bool varying = variance[0] > 0.0;
+  const Standardization z{s0, mean_shift, varying ? 1.0 / sqrt(variance[0] * inv_n) : 0.0};
+  if (threadIdx.x == 0) stats[row] = z;
+
+  Key keys[ITEMS];
+  uint16_t index[ITEMS];
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int p = threadIdx.x * ITEMS + i;
+    keys[i] = p < cols ? RankKey<s_t>::of(s[p]) : RankKey<s_t>::kPad;
+    index[i] = static_cast<uint16_t>(p);
+  }
+  __syncthreads();  // the reductions' scratch becomes the sort's storage
+  Sort(shared.sort).Sort(keys, index);
+  // Descending position k = C − 1 − (ascending position), as the CPU: ties in reverse
+  // column order. θ column-major (the PAV kernel's lanes are rows), the order row-major.
+  const double inv_strength = 1.0 / static_cast<double>(strength);
+  int32_t* row_order = order + row * cols;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int p = threadIdx.x * ITEMS + i;
+    if (p < cols) {
+      const int64_t k = cols - 1 - p;
+      theta[k * rows + row] = __dmul_rn(z.z(to_float(s[index[i]])), inv_strength);
+      row_order[k] = index[i];
+    }
+  }
+}
+
+// Pool-adjacent-violators (csrc/pav.h's l2 case, the same merges and double sums) on
+// θ − (C, C−1, ..., 1), one thread per row. A block's count is the distance between its
+// start and the next block's (exact in double), so the stack holds each block's start and
+// sum only; the top block stays in registers. The sums overwrite θ in place: step k writes
+// slot count ≤ k, after θ_k was read, and θ is read ahead by kAhead slots at most.
+constexpr int kPavRows = 32;
+__global__ void __launch_bounds__(kPavRows) spearman_pav_kernel(int64_t rows, int64_t cols, double* theta,
+                                                                int32_t* block_start, int32_t* block_count) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kPavRows + threadIdx.x;
+  if (row >= rows) return;  // no barrier, no shuffle in this kernel
+  double* sum = theta + row;  // slot k at k·rows
+  int32_t* first = block_start + row;
+  constexpr int kAhead = 8;
+  double ahead[kAhead];
+#pragma unroll
+  for (int i = 0; i < kAhead; ++i) ahead[i] = i < cols ? sum[i * rows] : 0.0;
+  int32_t count = 0;  // blocks on the stack
+  double top_a = 0.0;  // the stack's top block (valid when count > 0)
+  int32_t top_start = 0;
+  for (int64_t base = 0; base < cols; base += kAhead) {
+    double current[kAhead];
+#pragma unroll
+    for (int i = 0; i < kAhead; ++i) {
+      current[i] = ahead[i];
+      const int64_t next = base + kAhead + i;
+      ahead[i] = next < cols ? sum[next * rows] : 0.0;
+    }
+#pragma unroll
+    for (int i = 0; i < kAhead; ++i) {
+      const int32_t k = static_cast<int32_t>(base + i);
+      if (k >= cols) break;
+      double a = current[i] - static_cast<double>(cols - k);
+      int32_t start = k;
+      while (count > 0) {
+        const double b = static_cast<double>(k + 1 - start), top_b = static_cast<double>(start - top_start);
+        if (!(top_a * b <= a * top_b)) break;
+        a += top_a;
+        start = top_start;
+        if (--count > 0) {
+          top_a = sum[static_cast<int64_t>(count - 1) * rows];
+          top_start = first[static_cast<int64_t>(count - 1) * rows];
+        }
+      }
+      sum[static_cast<int64_t>(count) * rows] = a;
+      first[static_cast<int64_t>(count) * rows] = start;
+      top_a = a;
+      top_start = start;
+      ++count;
+    }
+  }
+  block_count[row] = count;
+}
+
+// A segmented sum's running state: sums restart at heads (the PAV blocks' first positions).
+struct SegmentSum {
+  double sum;
+  int32_t head;
+};
+__device__ __forceinline__ SegmentSum combine(const SegmentSum& a, const SegmentSum& b) {
+  return {b.head ? b.sum : a.sum + b.sum, a.head | b.head};
+}
+
+// The exclusive segmented scan of one value per thread over a block of THREADS threads:
+// shuffles within each warp, then each thread folds the totals of the warps before its own
+// in warp order (shared scratch of THREADS / 32 entries). Fixed order: deterministic.
+// Thread 0 gets {0, 0}, which combine leaves unchanged. Starts with a barrier (the scratch
+// may be another reduction's).
+template <int THREADS>
+__device__ __forceinline__ SegmentSum block_exclusive_segment_scan(SegmentSum x, SegmentSum* scratch) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const SegmentSum other{__shfl_up_sync(0xffffffffu, x.sum, offset), __shfl_up_sync(0xffffffffu, x.head, offset)};
+    if (lane >= offset) x = combine(other, x);
+  }
+  SegmentSum before{__shfl_up_sync(0xffffffffu, x.sum, 1), __shfl_up_sync(0xffffffffu, x.head, 1)};
+  if (lane == 0) before = {0.0, 0};
+  __syncthreads();
+  if (lane == 31) scratch[warp] = x;
+  __syncthreads();
+  SegmentSum carried{0.0, 0};
+  for (int w = 0; w < warp; ++w) carried = combine(carried, scratch[w]);
+  return combine(carried, before);
+}
+
+template <typename s_t, int THREADS, int ITEMS>
+__global__ void __launch_bounds__(THREADS, 1) spearman_finish_kernel(
+    const s_t* student, int64_t rows, int64_t cols, float strength, const int32_t* order, const float* t_rank,
+    double* block_sums, const int32_t* block_start, const int32_t* block_count, const Standardization* stats,
+    double* rho_out, float* grad_rho) {
+  constexpr int kCapacity = THREADS * ITEMS;
+  static_assert(ITEMS % 8 == 0, "a thread's block-start flags are the bytes of 64-bit words");
+  constexpr int kWords = ITEMS / 8;
+  using Scan = cub::BlockScan<int32_t, THREADS>;
+  __shared__ union {
+    typename Scan::TempStorage scan;
+    SegmentSum segments[THREADS / 32];
+    double sums[THREADS / 32 * 3];
+  } shared;
+  __shared__ __align__(8) uint8_t head[kCapacity];  // 1 at the first position of each PAV block but the first
+  __shared__ double origin[2];         // the soft rank and the teacher rank at k = 0
+  const int64_t row = blockIdx.x;
+  const s_t* s = student + row * cols;
+  const int32_t* row_order = order + row * cols;
+  const float* ranks_t = t_rank + row * cols;
+  double* sums = block_sums + row;  // slot b at b·rows: block b's θ sum, later its mean of g
+  const int32_t* starts = block_start + row;
+  const int32_t count = block_count[row];
+  const Standardization z = stats[row];
+  const double inv_n = 1.0 / static_cast<double>(cols);
+  const double inv_strength = 1.0 / static_cast<double>(strength);
+  const int first = threadIdx.x * ITEMS;  // this thread's positions: first .. first + ITEMS − 1
+  auto z_at = [&](int k) { return z.z(to_float(s[row_order[k]])); };  // ẑ of the k-th largest logit
+
+  // Each position's PAV block: flags at the blocks' starts (each in 1..C−1, written by the
+  // PAV kernel), then a running count.
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) head[first + i] = 0;
+  __syncthreads();
+  for (int32_t b = 1 + threadIdx.x; b < count; b += THREADS) head[starts[static_cast<int64_t>(b) * rows]] = 1;
+  __syncthreads();
+  // Byte i % 8 of flags[i / 8]: position first + i starts a block (words: the compiler kept
+  // eight separate flags, and spilled them, at 1024 threads).
+  uint64_t flags[kWords];
+  int32_t local = 0;
+#pragma unroll
+  for (int w = 0; w < kWords; ++w) {
+    flags[w] = reinterpret_cast<const uint64_t*>(head)[threadIdx.x * kWords + w];
+    local += __popcll(flags[w]);
+  }
+  auto starts_block = [&](int i) { return ((flags[i / 8] >> (8 * (i % 8))) & 1u) != 0; };
+  int32_t blocks_before;  // blocks starting before this thread's positions (but block 0)
+  Scan(shared.scan).ExclusiveSum(local, blocks_before);
+  auto block_of = [&](int i) {
+    int32_t b = blocks_before + __popcll(flags[i / 8] & ((2ull << (8 * (i % 8))) - 1u));
+#pragma unroll
+    for (int w = 0; w < i / 8; ++w) b += __popcll(flags[w]);
+    return b;
+  };
+
+  // Soft ranks θ_k − (block value), θ as the student kernel computed it (bit for bit); the
+  // teacher ranks in the student's descending order are read where needed (u_at).
+  auto u_at = [&](int k) { return ranks_t[row_order[k]]; };
+  double rank[ITEMS];
+  {
+    int32_t current = -1;
+    double value = 0.0;
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int k = first + i;
+      rank[i] = 0.0;
+      if (k < cols) {
+        const int32_t b = block_of(i);
+        if (b != current) {
+          current = b;
+          const int64_t at = static_cast<int64_t>(b) * rows;
+          const int32_t end = b + 1 < count ? starts[at + rows] : static_cast<int32_t>(cols);
+          value = sums[at] / static_cast<double>(end - starts[at]);
+        }
+        const int32_t j = row_order[k];
+        rank[i] = __dmul_rn(z.z(to_float(s[j])), inv_strength) - value;
+      }
+    }
+  }
+  if (threadIdx.x == 0) {
+    origin[0] = rank[0];
+    origin[1] = u_at(0);
+  }
+  __syncthreads();
+
+  // Pearson correlation of the soft ranks with the teacher ranks.
+  const double r0 = origin[0], u0 = origin[1];
+  double shifts[2] = {0.0, 0.0};
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    if (first + i < cols) {
+      shifts[0] += rank[i] - r0;
+      shifts[1] += u_at(first + i) - u0;
+    }
+  }
+  rows_block_sum<THREADS>(shifts, shared.sums);
+  const double r_mean = r0 + shifts[0] * inv_n, u_mean = u0 + shifts[1] * inv_n;
+  double m[3] = {0.0, 0.0, 0.0};
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    if (first + i < cols) {
+      const double a = rank[i] - r_mean, b = u_at(first + i) - u_mean;
+      m[0] += a * b;
+      m[1] += a * a;
+      m[2] += b * b;
+    }
+  }
+  rows_block_sum<THREADS>(m, shared.sums);
+  const Correlation corr = correlation(m[0], m[1], m[2]);
+  if (threadIdx.x == 0) rho_out[row] = corr.rho;
+  if (grad_rho == nullptr) return;  // uniform across the block
+  float* grad = grad_rho + row * cols;
+  if (z.z_scale == 0.0) {  // a constant row (uniform across the block)
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      if (first + i < cols) grad[row_order[first + i]] = 0.0f;
+    }
+    return;
+  }
+  // Backward: through the correlation; through the soft rank (g minus its block's mean,
+  // / ε), each block's sum by a segmented scan (a thread's items in order, the threads by
+  // one block-wide scan of their aggregates, restarting at the blocks' first positions);
+  // through the standardization.
+  SegmentSum aggregate{0.0, 0};
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int k = first + i;
+    rank[i] = k < cols ? corr.cross * (u_at(k) - u_mean) - corr.self_a * (rank[i] - r_mean) : 0.0;
+    aggregate = combine(aggregate, {rank[i], (k == 0 || starts_block(i)) ? 1 : 0});
+  }
+  // The running sum of the PAV block open at this thread's first position.
+  const SegmentSum carried = block_exclusive_segment_scan<THREADS>(aggregate, shared.segments);
+  // The last position of each block replaces the block's θ sum (every read of it was
+  // before the reductions' barriers) by the block's mean of g; after a barrier, every
+  // position of the block reads it.
+  double running = carried.sum;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int k = first + i;
+    running = (k == 0 || starts_block(i)) ? rank[i] : running + rank[i];
+    if (k < cols && (k == cols - 1 || head[k + 1])) {
+      const int64_t at = static_cast<int64_t>(block_of(i)) * rows;
+      sums[at] = running / static_cast<double>(k + 1 - starts[at]);
+    }
+  }
+  __syncthreads();
+  double gz[2] = {0.0, 0.0};
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    if (first + i < cols) {
+      rank[i] = (rank[i] - sums[static_cast<int64_t>(block_of(i)) * rows]) * inv_strength;
+      gz[0] += rank[i];
+      gz[1] += rank[i] * z_at(first + i);
+    }
+  }
+  rows_block_sum<THREADS>(gz, shared.sums);
+  const double g_mean = gz[0] * inv_n, gz_mean = gz[1] * inv_n;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int k = first + i;
+    if (k < cols) grad[row_order[k]] = static_cast<float>((rank[i] - g_mean - z_at(k) * gz_mean) * z.z_scale);
   }
 }
 
@@ -1397,47 +1866,82 @@ __global__ void __launch_bounds__(kThreads) finalize_loss_kernel(const float* ro
 
 size_t align_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
-// Logits per Spearman pass. Each takes 32 B of workspace: the sort keys and sorted keys of
-// both rows (4 × 4 B), the iota and the two sort orders (3 × 4 B), dρ_S/ds (4 B).
-constexpr int64_t kSpearmanChunkLogits = int64_t{1} << 24;
+static_assert(plan_spearman(kSpearmanBlockSortMax + 1).threads == kThreads, "the long rows' Spearman kernel");
 
 struct Layout {
   size_t row_loss = 0, stats = 0, partial = 0, column_floats = 0, column_rho = 0;
+  // The Spearman steps, rows of up to kSpearmanBlockSortMax classes (fused_loss_cuda.h).
+  size_t t_rank = 0, order = 0, theta = 0, block_start = 0, block_count = 0, standardization = 0;
+  // The Spearman steps, longer rows.
   size_t s_keys = 0, t_keys = 0, s_sorted = 0, t_sorted = 0, iota = 0, s_order = 0, t_order = 0, offsets = 0;
-  size_t sort_temp = 0, sort_temp_bytes = 0, rank_rows = 0, rho = 0, grad_rho = 0;
+  size_t sort_temp = 0, sort_temp_bytes = 0, rank_rows = 0;
+  size_t rho = 0, grad_rho = 0;
   size_t total = 0;
   int64_t chunk = 0, chunks = 0, spearman_grid = 0;
-  int64_t spearman_rows = 0;  // rows per Spearman pass (its workspace holds that many)
-  RankRowsPlan rank_rows_plan{false, 0, false};
-  size_t shared_optin = 0;  // the device's opt-in shared memory per block
+  int64_t spearman_rows = 0;  // rows per Spearman chunk (spearman_chunk_rows: its workspace holds that many)
+  SpearmanPlan spearman{};
 };
 
-// The Spearman kernel's static shared memory (its block-reduction scratch and CUB scan
-// storage), the largest of its instantiations, as the compiled kernel reports it (read
-// once per process: it is a property of the binary).
-size_t spearman_static_shared_bytes() {
-  static const size_t bytes = [] {
-    size_t largest = 0;
-    cudaFuncAttributes attributes;
-    const void* kernels[] = {reinterpret_cast<const void*>(spearman_kernel<float>),
-                             reinterpret_cast<const void*>(spearman_kernel<__half>),
-                             reinterpret_cast<const void*>(spearman_kernel<__nv_bfloat16>)};
-    for (const void* kernel : kernels) {
-      check(cudaFuncGetAttributes(&attributes, kernel), "reading the Spearman kernel's attributes");
-      largest = std::max(largest, attributes.sharedSizeBytes);
-    }
-    return largest;
-  }();
-  return bytes;
+// The Spearman steps of a chunk of n rows of C ≤ kSpearmanBlockSortMax classes (teacher
+// ranks, student sort, PAV, finish), THREADS threads per row in the sorts and the plan's
+// finish_threads in the finish (plan_spearman). Grids: n ≤ spearman_chunk_rows ≤ 2^24
+// blocks for the per-row kernels, ⌈n / 32⌉ for PAV.
+template <int THREADS, typename s_t, typename t_t>
+void launch_spearman_rows(const s_t* student, const t_t* teacher, int64_t n, int64_t cols, float strength, char* ws,
+                          const Layout& l, double* rho, float* grad_rho, cudaStream_t stream) {
+  constexpr int kItems = kSpearmanItems;
+  constexpr SpearmanPlan kPlan = plan_spearman(int64_t{THREADS} * kItems);
+  static_assert(kPlan.threads == THREADS && kPlan.items == kItems, "a bucket of plan_spearman");
+  constexpr int kFinishThreads = kPlan.finish_threads, kFinishItems = kPlan.finish_items;
+  float* t_rank = reinterpret_cast<float*>(ws + l.t_rank);
+  int32_t* order = reinterpret_cast<int32_t*>(ws + l.order);
+  double* theta = reinterpret_cast<double*>(ws + l.theta);
+  int32_t* block_start = reinterpret_cast<int32_t*>(ws + l.block_start);
+  int32_t* block_count = reinterpret_cast<int32_t*>(ws + l.block_count);
+  auto* standardization = reinterpret_cast<Standardization*>(ws + l.standardization);
+  const auto blocks = static_cast<unsigned>(n);
+  spearman_teacher_kernel<t_t, THREADS, kItems><<<blocks, THREADS, 0, stream>>>(teacher, cols, t_rank);
+  check(cudaGetLastError(), "the Spearman teacher ranks");
+  spearman_student_kernel<s_t, THREADS, kItems><<<blocks, THREADS, 0, stream>>>(student, n, cols, strength, theta,
+                                                                                order, standardization);
+  check(cudaGetLastError(), "the Spearman student sort");
+  spearman_pav_kernel<<<static_cast<unsigned>((n + kPavRows - 1) / kPavRows), kPavRows, 0, stream>>>(
+      n, cols, theta, block_start, block_count);
+  check(cudaGetLastError(), "the Spearman pool-adjacent-violators");
+  spearman_finish_kernel<s_t, kFinishThreads, kFinishItems><<<blocks, kFinishThreads, 0, stream>>>(
+      student, n, cols, strength, order, t_rank, theta, block_start, block_count, standardization, rho, grad_rho);
+  check(cudaGetLastError(), "the Spearman correlations");
 }
 
-// Rows per pass of the Spearman steps: as many as keep a pass at kSpearmanChunkLogits
-// logits (at least one row), each taking kSpearmanBytesPerLogit of workspace plus CUB's
-// temporary storage, so the workspace stays under ~0.6 GiB at any B (one row of C logits
-// when C alone is larger). Every chunk is a full sort-and-rank pipeline; chunks run in turn
-// on the caller's stream.
-int64_t spearman_chunk_rows(int64_t rows, int64_t cols) {
-  return std::max<int64_t>(1, std::min<int64_t>(rows, kSpearmanChunkLogits / cols));
+// The Spearman steps of a chunk of n longer rows: CUB's segmented sorts of the chunk
+// (n · C ≤ max(kSpearmanChunkLogits, C) < 2^31 logits: int offsets), then one block per row.
+template <typename s_t, typename t_t>
+void launch_spearman_long_rows(const s_t* student, const t_t* teacher, int64_t n, int64_t cols, float strength,
+                               char* ws, const Layout& l, double* rho, float* grad_rho, cudaStream_t stream) {
+  float* s_keys = reinterpret_cast<float*>(ws + l.s_keys);
+  float* t_keys = reinterpret_cast<float*>(ws + l.t_keys);
+  float* s_sorted = reinterpret_cast<float*>(ws + l.s_sorted);
+  float* t_sorted = reinterpret_cast<float*>(ws + l.t_sorted);
+  int32_t* iota = reinterpret_cast<int32_t*>(ws + l.iota);
+  int32_t* s_order = reinterpret_cast<int32_t*>(ws + l.s_order);
+  int32_t* t_order = reinterpret_cast<int32_t*>(ws + l.t_order);
+  int32_t* offsets = reinterpret_cast<int32_t*>(ws + l.offsets);
+  const int64_t elements = n * cols;  // ≤ max(kSpearmanChunkLogits, C) < 2^31
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((elements + kThreads - 1) / kThreads, 65535));
+  prepare_sort_kernel<<<blocks, kThreads, 0, stream>>>(student, teacher, n, cols, s_keys, t_keys, iota, offsets);
+  check(cudaGetLastError(), "preparing the row sorts");
+  size_t temp_bytes = l.sort_temp_bytes;
+  for (int side = 0; side < 2; ++side) {
+    check(cub::DeviceSegmentedRadixSort::SortPairs(ws + l.sort_temp, temp_bytes, side ? t_keys : s_keys,
+                                                   side ? t_sorted : s_sorted, iota, side ? t_order : s_order,
+                                                   static_cast<int>(elements), static_cast<int>(n), offsets,
+                                                   offsets + 1, 0, 32, stream),
+          "the segmented row sort");
+  }
+  const unsigned spearman_blocks = static_cast<unsigned>(std::min<int64_t>(l.spearman_grid, n));
+  spearman_kernel<s_t><<<spearman_blocks, kThreads, 0, stream>>>(student, n, cols, strength, t_sorted, t_order,
+                                                                  s_order, ws + l.rank_rows, rho, grad_rho);
+  check(cudaGetLastError(), "the Spearman kernel");
 }
 
 Layout layout(int64_t rows, int64_t cols, const LossConfig& cfg, int device) {
@@ -1460,34 +1964,40 @@ Layout layout(int64_t rows, int64_t cols, const LossConfig& cfg, int device) {
     l.column_rho = take(cols * sizeof(double));
   }
   if (cfg.spearman_coef != 0.0f) {
-    // The Spearman steps run on chunks of rows, so their workspace is bounded whatever B.
+    // The Spearman steps run on chunks of rows, so their workspace is bounded whatever B
+    // (fused_loss_cuda.h: spearman_chunk_rows and the bound).
+    l.spearman = plan_spearman(cols);
     l.spearman_rows = spearman_chunk_rows(rows, cols);
     const size_t elements = static_cast<size_t>(l.spearman_rows) * static_cast<size_t>(cols);
-    l.s_keys = take(elements * sizeof(float));
-    l.t_keys = take(elements * sizeof(float));
-    l.s_sorted = take(elements * sizeof(float));
-    l.t_sorted = take(elements * sizeof(float));
-    l.iota = take(elements * sizeof(int32_t));
-    l.s_order = take(elements * sizeof(int32_t));
-    l.t_order = take(elements * sizeof(int32_t));
-    l.offsets = take((l.spearman_rows + 1) * sizeof(int32_t));
-    size_t temp = 0;
-    check(cub::DeviceSegmentedRadixSort::SortPairs(nullptr, temp, static_cast<const float*>(nullptr),
-                                                   static_cast<float*>(nullptr), static_cast<const int32_t*>(nullptr),
-                                                   static_cast<int32_t*>(nullptr), static_cast<int>(elements),
-                                                   static_cast<int>(l.spearman_rows),
-                                                   static_cast<const int32_t*>(nullptr),
-                                                   static_cast<const int32_t*>(nullptr)),
-          "sizing the segmented sort");
-    l.sort_temp_bytes = temp;
-    l.sort_temp = take(temp);
-    int optin = 0;
-    check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "reading the device");
-    l.shared_optin = static_cast<size_t>(optin);
-    l.rank_rows_plan = plan_rank_rows(cols, spearman_static_shared_bytes(), l.shared_optin);
-    l.spearman_grid = l.rank_rows_plan.in_shared ? l.spearman_rows
-                                                 : std::min<int64_t>(l.spearman_rows, 2 * multiprocessors);
-    if (!l.rank_rows_plan.in_shared) l.rank_rows = take(l.spearman_grid * rank_row_stride(cols));
+    if (l.spearman.block_sort) {
+      l.t_rank = take(elements * sizeof(float));
+      l.order = take(elements * sizeof(int32_t));
+      l.theta = take(elements * sizeof(double));
+      l.block_start = take(elements * sizeof(int32_t));
+      l.block_count = take(l.spearman_rows * sizeof(int32_t));
+      l.standardization = take(l.spearman_rows * sizeof(Standardization));
+    } else {
+      l.s_keys = take(elements * sizeof(float));
+      l.t_keys = take(elements * sizeof(float));
+      l.s_sorted = take(elements * sizeof(float));
+      l.t_sorted = take(elements * sizeof(float));
+      l.iota = take(elements * sizeof(int32_t));
+      l.s_order = take(elements * sizeof(int32_t));
+      l.t_order = take(elements * sizeof(int32_t));
+      l.offsets = take((l.spearman_rows + 1) * sizeof(int32_t));
+      size_t temp = 0;
+      check(cub::DeviceSegmentedRadixSort::SortPairs(nullptr, temp, static_cast<const float*>(nullptr),
+                                                     static_cast<float*>(nullptr), static_cast<const int32_t*>(nullptr),
+                                                     static_cast<int32_t*>(nullptr), static_cast<int>(elements),
+                                                     static_cast<int>(l.spearman_rows),
+                                                     static_cast<const int32_t*>(nullptr),
+                                                     static_cast<const int32_t*>(nullptr)),
+            "sizing the segmented sort");
+      l.sort_temp_bytes = temp;
+      l.sort_temp = take(temp);
+      l.spearman_grid = std::min<int64_t>(l.spearman_rows, 2 * multiprocessors);
+      l.rank_rows = take(l.spearman_grid * rank_row_stride(cols));
+    }
     l.rho = take(l.spearman_rows * sizeof(double));
     if (cfg.student_grad) l.grad_rho = take(elements * sizeof(float));
   }
@@ -1567,48 +2077,30 @@ void launch(const FusedLossArgs& a, const Layout& l) {
     launch_row_kernel(student, teacher, rows, cols, cfg, grad_scale, in, grad_student, grad_teacher, stream);
     check(cudaGetLastError(), "the row kernel");
   }
-  // With a Spearman term: per chunk of l.spearman_rows rows, the sorts, the Spearman kernel
-  // and the row kernel on those rows (the row kernel reads the chunk's ρ_S and dρ_S/ds).
+  // With a Spearman term: per chunk of l.spearman_rows rows, the Spearman steps and the row
+  // kernel on those rows (the row kernel reads the chunk's ρ_S and dρ_S/ds).
   for (int64_t first = 0; cfg.spearman_coef != 0.0f && first < rows; first += l.spearman_rows) {
     const int64_t n = std::min<int64_t>(l.spearman_rows, rows - first);
     const int64_t at = first * cols;  // int64: B·C may pass 2^31
     const s_t* chunk_student = student + at;
-    float* s_keys = reinterpret_cast<float*>(ws + l.s_keys);
-    float* t_keys = reinterpret_cast<float*>(ws + l.t_keys);
-    float* s_sorted = reinterpret_cast<float*>(ws + l.s_sorted);
-    float* t_sorted = reinterpret_cast<float*>(ws + l.t_sorted);
-    int32_t* iota = reinterpret_cast<int32_t*>(ws + l.iota);
-    int32_t* s_order = reinterpret_cast<int32_t*>(ws + l.s_order);
-    int32_t* t_order = reinterpret_cast<int32_t*>(ws + l.t_order);
-    int32_t* offsets = reinterpret_cast<int32_t*>(ws + l.offsets);
-    const int64_t elements = n * cols;  // ≤ max(kSpearmanChunkLogits, C) < 2^31
-    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((elements + kThreads - 1) / kThreads, 65535));
-    prepare_sort_kernel<<<blocks, kThreads, 0, stream>>>(chunk_student, teacher + at, n, cols, s_keys, t_keys, iota,
-                                                         offsets);
-    check(cudaGetLastError(), "preparing the row sorts");
-    size_t temp_bytes = l.sort_temp_bytes;
-    for (int side = 0; side < 2; ++side) {
-      check(cub::DeviceSegmentedRadixSort::SortPairs(ws + l.sort_temp, temp_bytes, side ? t_keys : s_keys,
-                                                     side ? t_sorted : s_sorted, iota, side ? t_order : s_order,
-                                                     static_cast<int>(elements), static_cast<int>(n), offsets,
-                                                     offsets + 1, 0, 32, stream),
-            "the segmented row sort");
-    }
     double* rho = reinterpret_cast<double*>(ws + l.rho);
     float* grad_rho = cfg.student_grad ? reinterpret_cast<float*>(ws + l.grad_rho) : nullptr;
-    const RankRowsPlan& plan = l.rank_rows_plan;
-    if (plan.opt_in) {
-      // The largest value the device allows, always the same: two host threads launching
-      // different widths cannot lower the limit under each other's launch.
-      check(cudaFuncSetAttribute(spearman_kernel<s_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(l.shared_optin - spearman_static_shared_bytes())),
-            "raising the Spearman kernel's shared memory");
+    if (l.spearman.block_sort) {
+      switch (l.spearman.threads) {
+        case 128: launch_spearman_rows<128>(chunk_student, teacher + at, n, cols, cfg.rank_strength, ws, l, rho,
+                                            grad_rho, stream); break;
+        case 256: launch_spearman_rows<256>(chunk_student, teacher + at, n, cols, cfg.rank_strength, ws, l, rho,
+                                            grad_rho, stream); break;
+        case 512: launch_spearman_rows<512>(chunk_student, teacher + at, n, cols, cfg.rank_strength, ws, l, rho,
+                                            grad_rho, stream); break;
+        case 1024: launch_spearman_rows<1024>(chunk_student, teacher + at, n, cols, cfg.rank_strength, ws, l, rho,
+                                              grad_rho, stream); break;
+        default: throw std::runtime_error("kdfast CUDA fused loss: no Spearman kernels for this plan");
+      }
+    } else {
+      launch_spearman_long_rows(chunk_student, teacher + at, n, cols, cfg.rank_strength, ws, l, rho, grad_rho,
+                                stream);
     }
-    const unsigned spearman_blocks = static_cast<unsigned>(std::min<int64_t>(l.spearman_grid, n));
-    spearman_kernel<s_t><<<spearman_blocks, kThreads, plan.dynamic_bytes, stream>>>(
-        chunk_student, n, cols, cfg.rank_strength, t_sorted, t_order, s_order, ws + l.rank_rows, plan.in_shared,
-        rho, grad_rho);
-    check(cudaGetLastError(), "the Spearman kernel");
     RowInputs chunk_in = in;
     chunk_in.target = in.target ? in.target + first : nullptr;
     chunk_in.difficulty = in.difficulty ? in.difficulty + first : nullptr;
@@ -1656,6 +2148,7 @@ void check_sizes(int64_t rows, int64_t cols) {
 }
 }  // namespace
 
+// The Spearman steps' part is bounded at any B (fused_loss_cuda.h: spearman_chunk_rows).
 size_t fused_loss_workspace_bytes(int64_t rows, int64_t cols, const LossConfig& config, int device) {
   check_sizes(rows, cols);
   check(cudaSetDevice(device), "selecting the tensors' device");

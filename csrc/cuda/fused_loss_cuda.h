@@ -32,27 +32,57 @@ struct FusedLossArgs {
   void* stream;              // cudaStream_t on that device
 };
 
-// Where the Spearman kernel keeps a row's rank arrays (kRankRowBytes per logit): in dynamic
-// shared memory when that, plus the kernel's static shared memory, fits the device's
-// per-block opt-in limit and kMaxSharedRankBytes; else in the row's slice of the global
-// workspace. Beyond 48 KiB in all (static + dynamic) a launch needs the opt-in attribute,
-// set to the dynamic bytes: a limit that ignored the static part made C ≈ 1080–1117
-// launch with "invalid argument". Pure host arithmetic, tested on machines without a GPU.
+// How the Spearman steps run for rows of C classes. Pure host arithmetic, tested on
+// machines without a GPU (tests/test_gpu_path.py).
+// * C ≤ kSpearmanBlockSortMax: each row is sorted inside one block of `threads` threads
+//   holding `items` logits each (cub::BlockRadixSort in static shared memory, under the
+//   48 KiB that needs no opt-in), the smallest of 128, 256, 512, 1024 threads × 8 that
+//   holds the row; pool-adjacent-violators run one thread per row; the soft ranks, ρ_S and
+//   dρ_S/ds one block per row of `finish_threads` × `finish_items` (the sorts' bucket, but
+//   256 × 32 instead of 1024 × 8: at 1024 threads' 64 registers it spilled 24 B, at 256
+//   it takes 233 registers and none; one row per SM either way).
+// * Longer rows: CUB's segmented radix sort of the chunk's rows in global memory, then one
+//   256-thread block per row (pool-adjacent-violators by one thread), the row's rank arrays
+//   (kRankRowBytes per logit) in the workspace.
+constexpr int64_t kSpearmanBlockSortMax = 8192;
+constexpr int kSpearmanItems = 8;
 constexpr size_t kRankRowBytes = 3 * sizeof(double) + sizeof(int64_t) + 2 * sizeof(float) + sizeof(int32_t);
-constexpr size_t kMaxSharedRankBytes = 96 * 1024;
-constexpr size_t kDefaultSharedLimit = 48 * 1024;
 
-struct RankRowsPlan {
-  bool in_shared;        // the rank arrays live in dynamic shared memory
-  size_t dynamic_bytes;  // dynamic shared memory of the launch
-  bool opt_in;           // static + dynamic > 48 KiB: cudaFuncAttributeMaxDynamicSharedMemorySize needed
+struct SpearmanPlan {
+  bool block_sort;     // C ≤ kSpearmanBlockSortMax: rows sorted in shared memory
+  int threads;         // threads per block of the per-row kernels (the sorts)
+  int items;           // logits per thread of the sorts (block_sort only)
+  int finish_threads;  // threads per block of the finish kernel (block_sort only)
+  int finish_items;    // logits per thread of the finish kernel (block_sort only)
 };
 
-inline RankRowsPlan plan_rank_rows(int64_t cols, size_t static_bytes, size_t optin_bytes) {
-  const size_t bytes = static_cast<size_t>(cols) * kRankRowBytes;
-  const bool in_shared = bytes <= kMaxSharedRankBytes && static_bytes + bytes <= optin_bytes;
-  const size_t dynamic = in_shared ? bytes : 0;
-  return {in_shared, dynamic, static_bytes + dynamic > kDefaultSharedLimit};
+constexpr SpearmanPlan plan_spearman(int64_t cols) {
+  if (cols > kSpearmanBlockSortMax) return {false, 256, 0, 0, 0};
+  int threads = 128;
+  while (static_cast<int64_t>(threads) * kSpearmanItems < cols) threads *= 2;
+  const int finish_threads = threads == 1024 ? 256 : threads;
+  return {true, threads, kSpearmanItems, finish_threads, threads * kSpearmanItems / finish_threads};
+}
+
+// The Spearman steps run on chunks of rows, so that their workspace is bounded at any B:
+// as many rows as keep a chunk at kSpearmanChunkLogits logits (at least one row). Every
+// chunk is a full pipeline (sorts, ranks, the row kernel on its rows), the chunks in turn
+// on the caller's stream. Workspace of a chunk of R rows, besides 256-byte alignment
+// (fused_loss_workspace_bytes adds the other terms' regions):
+// * C ≤ kSpearmanBlockSortMax: 20 B per logit (the teacher's ranks and the student's
+//   order, 4 B each; θ, then the PAV sums, 8 B; the PAV starts, 4 B), 4 more with the
+//   student's gradient, and 36 B per row: at most 24 · 2^24 + 36 · 2^24 B = 960 MiB (at
+//   C = 1), 24 · 2^24 + 36 · 2^18 B ≈ 0.4 GiB for C ≥ 64;
+// * longer rows: 32 B per logit (sort keys, sorted keys, the iota and both orders, the
+//   gradient), CUB's temporary storage (~8 B per logit: its alternate buffers), and a rank
+//   row of kRankRowBytes = 44 B per logit for each of at most min(R, 2 · SMs) blocks, so
+//   at most (32 + 8 + 44) · 2^24 B ≈ 1.3 GiB for C ≤ 2^24; a longer row is a chunk of its
+//   own, ~84 B per logit of that row.
+constexpr int64_t kSpearmanChunkLogits = int64_t{1} << 24;
+
+constexpr int64_t spearman_chunk_rows(int64_t rows, int64_t cols) {
+  const int64_t fit = kSpearmanChunkLogits / cols;
+  return fit < 1 ? 1 : (fit < rows ? fit : rows);
 }
 
 // CUDA versions as 1000·major + 10·minor: the runtime this module was built with (linked
@@ -60,7 +90,10 @@ inline RankRowsPlan plan_rank_rows(int64_t cols, size_t static_bytes, size_t opt
 int cuda_runtime_version();
 int cuda_driver_version();
 
-// Bytes of device workspace fused_loss needs for these sizes and terms on `device`.
+// Bytes of device workspace fused_loss needs for these sizes and terms on `device`. With
+// a Spearman term its Spearman part is one chunk's (spearman_chunk_rows above): at most
+// ~1 GiB for C ≤ kSpearmanBlockSortMax and ~1.3 GiB for longer rows up to 2^24 classes,
+// whatever B; the other terms add O(B + C) (the row losses, the column statistics).
 size_t fused_loss_workspace_bytes(int64_t rows, int64_t cols, const LossConfig& config, int device);
 
 // Launches the kernels on args.stream; throws std::runtime_error naming the step whose

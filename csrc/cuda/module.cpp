@@ -27,12 +27,16 @@ PYBIND11_MODULE(_C_cuda, m) {
       .def_readwrite("rectify", &LossConfig::rectify)
       .def_readwrite("student_grad", &LossConfig::student_grad)
       .def_readwrite("teacher_grad", &LossConfig::teacher_grad);
-  py::class_<kdfast::cuda::RankRowsPlan>(m, "RankRowsPlan")
-      .def_readonly("in_shared", &kdfast::cuda::RankRowsPlan::in_shared)
-      .def_readonly("dynamic_bytes", &kdfast::cuda::RankRowsPlan::dynamic_bytes)
-      .def_readonly("opt_in", &kdfast::cuda::RankRowsPlan::opt_in);
-  m.def("plan_rank_rows", &kdfast::cuda::plan_rank_rows, py::arg("cols"), py::arg("static_bytes"),
-        py::arg("optin_bytes"));
+  py::class_<kdfast::cuda::SpearmanPlan>(m, "SpearmanPlan")
+      .def_readonly("block_sort", &kdfast::cuda::SpearmanPlan::block_sort)
+      .def_readonly("threads", &kdfast::cuda::SpearmanPlan::threads)
+      .def_readonly("items", &kdfast::cuda::SpearmanPlan::items)
+      .def_readonly("finish_threads", &kdfast::cuda::SpearmanPlan::finish_threads)
+      .def_readonly("finish_items", &kdfast::cuda::SpearmanPlan::finish_items);
+  m.def("plan_spearman", &kdfast::cuda::plan_spearman, py::arg("cols"));
+  m.def("spearman_chunk_rows", &kdfast::cuda::spearman_chunk_rows, py::arg("rows"), py::arg("cols"));
+  m.attr("SPEARMAN_BLOCK_SORT_MAX") = kdfast::cuda::kSpearmanBlockSortMax;
+  m.attr("SPEARMAN_CHUNK_LOGITS") = kdfast::cuda::kSpearmanChunkLogits;
   m.attr("RANK_ROW_BYTES") = kdfast::cuda::kRankRowBytes;
   m.def("cuda_runtime_version", &kdfast::cuda::cuda_runtime_version);
   m.def("cuda_driver_version", &kdfast::cuda::cuda_driver_version);
