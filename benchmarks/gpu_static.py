@@ -925,7 +925,9 @@ def cuda_rows(classes: list[int], timeout: float) -> tuple[list[dict], list[str]
             "global_loads": loads, "global_stores": stores, "compile_s": round(compile_s, 2),
             "ptxas_s": round(info.get("ptxas_s", 0.0), 3), "status": "ok",
         }
-        variants = [("any", 0, "")]
+        limit = block_sort_max if block_sort_max is not None else "kSpearmanBlockSortMax"
+        # CUB's segmented sorts serve only the rows too long for the in-block sorts.
+        variants = [(f">{limit}" if is_cub else "any", 0, "")]
         layout = re.match(r"fused_row_kernel<(\d+),(\d+),", short)
         if layout:
             # The row kernel's layouts (launch_row_kernel): the classes each serves, and the
@@ -945,7 +947,6 @@ def cuda_rows(classes: list[int], timeout: float) -> tuple[list[dict], list[str]
         # to kSpearmanBlockSortMax classes sorted in shared memory by a block of the bucket's
         # threads (plan_spearman), PAV one thread per row, then the finish kernel; longer rows
         # after CUB's segmented sorts. Static shared memory only.
-        limit = block_sort_max if block_sort_max is not None else "kSpearmanBlockSortMax"
         spearman = re.match(r"spearman_(teacher|student|finish)_kernel<[^,]+,(\d+),(\d+)>", short)
         if spearman:
             role, block, items = spearman.group(1), int(spearman.group(2)), int(spearman.group(3))
@@ -1067,11 +1068,22 @@ def misses_target(row: dict) -> list[str]:
     return reasons
 
 
+def serves(classes: str, width: int) -> bool:
+    """Whether a row's ``classes`` ("any", "1000", "513-2048", ">8192") include ``width``."""
+    classes = str(classes)
+    if classes == "any":
+        return True
+    if classes.startswith(">"):
+        return width > int(classes[1:])
+    low, _, high = classes.partition("-")
+    return int(low) <= width <= int(high or low)
+
+
 def in_target_scope(row: dict) -> bool:
     if row["backend"] == "triton":
         return row["classes"] == TARGET_CLASSES and row["dtype"] == TARGET_DTYPE
-    # CUDA: the bf16 instantiations, the dtype-free ones (finalize) and CUB's (the Spearman sorts).
-    return row["dtype"] in (TARGET_DTYPE, "") and row["classes"] in ("any", TARGET_CLASSES)
+    # CUDA: the bf16 instantiations and the dtype-free ones (finalize, CUB's) that serve C = 1000.
+    return row["dtype"] in (TARGET_DTYPE, "") and serves(row["classes"], int(TARGET_CLASSES))
 
 
 def _span(values) -> str:
