@@ -163,6 +163,25 @@ def test_cuda_spearman_at_the_layout_boundaries(shape):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("cols", [9, 1000, 8192])
+def test_cuda_spearman_orders_nan_teacher_values_as_the_cpu(cols):
+    """fp32 sort keys from the bits: a negative NaN below −inf, NaNs of other payloads in tie
+    groups of their own, −0 tied with +0 — the CPU kernel's order (a GPU add of 0 would
+    return one canonical NaN and move all of them above +inf)."""
+    s, t, _, _ = _inputs((3, cols))
+    s, t = s.float(), t.float()
+    bits = t.view(torch.int32)
+    bits[0, 1] = -4194304  # 0xffc00000: the negative quiet NaN x86 makes of 0·inf
+    bits[0, 2] = 0x7FC00001
+    bits[0, 3] = 0x7FC00002
+    t[1, 0], t[1, cols - 1] = -0.0, 0.0
+    cpu = _grads(lambda a, b, k: kdfast.spearman_loss(a, b, backend=k), s, t, "cpu")
+    got = _grads(lambda a, b, k: kdfast.spearman_loss(a, b, backend=k), s.cuda(), t.cuda(), "cuda")
+    for ours, theirs in zip(got, cpu):
+        torch.testing.assert_close(ours.cpu(), theirs, rtol=1e-5, atol=1e-7, equal_nan=True)
+
+
+@pytest.mark.gpu
 @pytest.mark.smoke
 def test_cuda_spearman_rows_across_chunks_match_the_rows_alone():
     """2050 rows of 8192 classes are two Spearman chunks (2048 rows each at most): the rows

@@ -72,7 +72,7 @@
 //   teacher's ranks, dρ_S/ds) stays in the row. The PAV thread overwrites θ in place: step
 //   k writes slot ≤ k after θ_k was read, and reads ahead only slots > k; the block starts
 //   it writes are positions in 0..k, so the finish kernel's flags stay in its C-entry
-//   array. The finish kernel replaces each PAV block's θ sum by its mean of g (one writer
+//   array. The finish kernel replaces each PAV block's sum of θ − w by its mean of g (one writer
 //   per block, its last position) after a barrier that follows every read of the sums, and
 //   reads the means after another barrier (global writes are visible within the block).
 // * Rows: one block per row elsewhere, row offsets row·cols in int64, element loops in int64; the
@@ -507,7 +507,7 @@ __global__ void __launch_bounds__(kThreads, 1) spearman_kernel(const s_t* studen
 //                             into theta, column-major (θ_k of row r at k·R + r), the order
 //                             into order, row-major, the standardization into stats;
 //   spearman_pav_kernel       one thread per row, 32 rows per block: pool-adjacent-violators
-//                             on θ − (C, ..., 1), the blocks' sums over θ in place and their
+//                             on θ − (C, ..., 1), the blocks' sums of θ − w in place and their
 //                             starts column-major (the 32 rows' accesses coalesce);
 //   spearman_finish_kernel    one block per row: the soft ranks, ρ_S and dρ_S/ds (its own
 //                             block shape: plan_spearman's finish_threads × finish_items).
@@ -522,7 +522,14 @@ template <>
 struct RankKey<float> {
   using type = uint32_t;
   static constexpr type kPad = 0xffffffffu;
-  __device__ static type of(float x) { return ascending_key(x + 0.0f); }
+  // −0 → +0 on the bits, not by x + 0.0f: the CPU's x + 0 keeps a NaN's sign and payload,
+  // while the GPU's add returns its one canonical NaN, which would merge NaNs the CPU ranks
+  // apart and move a negative NaN from below −inf to above +inf.
+  __device__ static type of(float x) {
+    uint32_t bits = __float_as_uint(x);
+    if (bits == 0x80000000u) bits = 0;
+    return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+  }
 };
 __device__ __forceinline__ uint16_t ascending_key16(uint16_t bits) {
   if (bits == 0x8000u) bits = 0;  // −0 → +0
@@ -802,7 +809,7 @@ __global__ void __launch_bounds__(THREADS, 1) spearman_finish_kernel(
   const s_t* s = student + row * cols;
   const int32_t* row_order = order + row * cols;
   const float* ranks_t = t_rank + row * cols;
-  double* sums = block_sums + row;  // slot b at b·rows: block b's θ sum, later its mean of g
+  double* sums = block_sums + row;  // slot b at b·rows: block b's sum of θ − w, later its mean of g
   const int32_t* starts = block_start + row;
   const int32_t count = block_count[row];
   const Standardization z = stats[row];
@@ -914,7 +921,7 @@ __global__ void __launch_bounds__(THREADS, 1) spearman_finish_kernel(
   }
   // The running sum of the PAV block open at this thread's first position.
   const SegmentSum carried = block_exclusive_segment_scan<THREADS>(aggregate, shared.segments);
-  // The last position of each block replaces the block's θ sum (every read of it was
+  // The last position of each block replaces the block's sum of θ − w (every read of it was
   // before the reductions' barriers) by the block's mean of g; after a barrier, every
   // position of the block reads it.
   double running = carried.sum;
