@@ -6,12 +6,11 @@ flip for every augmentation epoch, and the teacher's output on exactly that crop
 and resized by the PyTorch loader's own code.
 
 **Determinism.** The teacher runs in eval mode under ``torch.use_deterministic_algorithms``,
-without gradients, and always on blocks of exactly ``batch_size`` rows: a shard's samples
-are cut into blocks from its first sample on, and the last block is padded with copies of
-its last image (the padding rows are discarded). A row's logits then depend only on its
-own image, the teacher and the block shape — not on which rank builds the shard, how many
-ranks there are, how many loader workers decode, or whether the build was killed and
-resumed. So the shards' bytes are identical for 1 or many processes and for a resumed or
+without gradients, on blocks of ``batch_size`` samples cut from each shard's first sample
+on (the shard is the unit of work: a shard's blocks are the same whichever rank builds
+it). A row's logits then depend only on its own image, the teacher and its block's
+shape — not on which rank builds the shard, how many ranks there are, how many loader
+workers decode, or whether the build was killed and resumed. So the shards' bytes are identical for 1 or many processes and for a resumed or
 an uninterrupted build, on the same device type and PyTorch build (and, on CPUs, the same
 number of threads per process: pass ``--threads``, since torchrun sets
 ``OMP_NUM_THREADS=1``). They do depend on ``batch_size``: PyTorch's kernels pick their
@@ -29,9 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ import torch
 
 from kdfast.cache.format import (
     FORMAT_VERSION, MANIFEST, MAX_BOX_COORDINATE, MIX_NONE, VALUE_DTYPES, CacheError, index_dtype,
+    manifest_bytes,
     open_shard, read_manifest, record_dtype, remove_temporaries, sha256_file, shard_plan, write_manifest,
     write_shard,
 )
@@ -54,6 +56,8 @@ DEFAULT_SHARD_SAMPLES = 65536
 _AMP_DTYPES = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: Manifest keys that are not the cache's identity: a resumed build may differ in them.
 _NOT_IDENTITY = ("complete", "shards", "compute")
+#: What a cache folder may hold besides its manifest: shards and the temporaries of their writers.
+_SHARD_FILE = re.compile(r"\.?epoch-\d{4,}\.part-\d{5,}\.npy(\.tmp-\d+)?|\.manifest\.json\.tmp-\d+")
 
 
 # --------------------------------------------------------------------------- datasets
@@ -281,7 +285,7 @@ def build_cache(data: str | os.PathLike, teacher: str, teacher_checkpoint: str |
                 batch_size: int = 64, temperatures=DEFAULT_TEMPERATURES, values_dtype: str = "float16",
                 shard_samples: int = DEFAULT_SHARD_SAMPLES, exclude=None, threads: int | None = None,
                 device: str = "auto", progress: str = "auto", rank: int | None = None,
-                world_size: int | None = None) -> dict:
+                world_size: int | None = None, wait_timeout: float = 3600.0) -> dict:
     """Build (or finish, or repair) the teacher cache at ``output``; returns its manifest.
 
     Args:
@@ -306,6 +310,8 @@ def build_cache(data: str | os.PathLike, teacher: str, teacher_checkpoint: str |
         device: ``"auto"`` (``cuda:LOCAL_RANK`` when a GPU is present), ``"cpu"`` or ``"cuda"``.
         progress: ``"auto"``, ``"bar"``, ``"lines"`` or ``"none"`` (rank 0 prints, on stderr).
         rank, world_size: this process among the builders (default: torchrun's RANK, WORLD_SIZE).
+        wait_timeout: rank 0 gives up waiting for the other ranks' shards when none has
+            appeared for this many seconds (CacheError naming the missing shards).
     """
     from kdfast.models import create_model, load_weights
 
@@ -362,6 +368,7 @@ def build_cache(data: str | os.PathLike, teacher: str, teacher_checkpoint: str |
         "record": {"bytes": dtype.itemsize, "dtype": np.lib.format.dtype_to_descr(dtype)},
         "complete": False, "shards": [],
     }
+    manifest = json.loads(manifest_bytes(manifest))  # as a reader sees it (lists, not tuples)
     folder = Path(output)
     existing = None
     if (folder / MANIFEST).is_file():
@@ -370,20 +377,23 @@ def build_cache(data: str | os.PathLike, teacher: str, teacher_checkpoint: str |
         if differences:
             raise CacheError(f"{folder} holds a cache built with other settings; not resuming it ("
                              + "; ".join(differences) + "). Use another --output, or delete the folder")
-    elif folder.is_dir() and any(folder.iterdir()):
-        raise CacheError(f"{folder} is not empty and holds no {MANIFEST}: not building a cache into it")
+    elif folder.is_dir():
+        strangers = [entry.name for entry in folder.iterdir() if not _SHARD_FILE.fullmatch(entry.name)]
+        if strangers:
+            raise CacheError(f"{folder} holds no {MANIFEST} and other files ({strangers[0]} …): not building a cache "
+                             f"into it")
     folder.mkdir(parents=True, exist_ok=True)
 
     device_ = _pick_device(device)
     with _deterministic(threads):
-        manifest["compute"] = {"device": device_.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                               "world_size": world_size}
+        # Not the number of ranks: it changes no byte, and the manifest is the same for any.
+        manifest["compute"] = {"device": device_.type, "torch": torch.__version__, "threads": torch.get_num_threads()}
         before = (existing or {}).get("compute") or {}
         if any(before.get(key) != manifest["compute"][key] for key in ("device", "torch", "threads") if before):
             LOGGER.warning("%s was started with %s; this build runs with %s: the shards built now may differ in the "
                            "last bits from those the first settings would have given", folder, before,
                            manifest["compute"])
-        if rank == 0 and existing is None:
+        if existing is None:  # every rank writes the same bytes: whichever comes first, shards follow it
             write_manifest(folder, manifest)
         plan = shard_plan(manifest)
         recorded = {shard["name"]: shard["sha256"] for shard in (existing or {}).get("shards", [])}
@@ -412,7 +422,7 @@ def build_cache(data: str | os.PathLike, teacher: str, teacher_checkpoint: str |
     source.close()
     if rank != 0:
         return manifest
-    manifest["shards"] = _collect(folder, plan, dtype, world_size)
+    manifest["shards"] = _collect(folder, plan, dtype, world_size, wait_timeout)
     manifest["complete"] = True
     write_manifest(folder, manifest)
     return manifest
@@ -438,11 +448,9 @@ def _record(model, source, todo: list[dict], folder: Path, dtype: np.dtype, mani
     for (shard, offset), (epoch, indices), (images, boxes, flips) in zip(owners, blocks, source.batches(blocks)):
         count = len(indices)
         images = images.to(device=device, dtype=image_dtype)
-        if count < batch_size:  # every forward has batch_size rows: see the module doc
-            images = torch.cat([images, images[-1:].expand(batch_size - count, *images.shape[1:])])
         with torch.no_grad(), autocast:
             logits = model(images)
-        logits = logits[:count].float().cpu()
+        logits = logits.float().cpu()
         if not torch.isfinite(logits).all():
             row = int((~torch.isfinite(logits)).any(dim=1).nonzero()[0, 0])
             raise CacheError(f"the teacher's logits of epoch {epoch} sample {int(indices[row])} are not finite")
@@ -482,22 +490,33 @@ def _record(model, source, todo: list[dict], folder: Path, dtype: np.dtype, mani
     progress.update(0, final=True)
 
 
-def _collect(folder: Path, plan: list[dict], dtype: np.dtype, world_size: int, poll: float = 0.2) -> list[dict]:
+def _collect(folder: Path, plan: list[dict], dtype: np.dtype, world_size: int, wait_timeout: float,
+             poll: float = 0.2) -> list[dict]:
     """Rank 0: wait until every shard is written (by any rank), then checksum each."""
-    waiting_since, told = time.monotonic(), 0.0
-    shards = []
-    for shard in plan:
-        path = folder / shard["name"]
-        while True:
+    missing = list(plan)
+    progress_at = told = time.monotonic()
+    while missing:
+        still = []
+        for shard in missing:
             try:
-                open_shard(path, dtype, shard["count"])
-                break
+                open_shard(folder / shard["name"], dtype, shard["count"])
             except CacheError as error:
                 if world_size == 1:
                     raise CacheError(f"{folder}: {error} after the build (was it changed meanwhile?)") from None
-                if time.monotonic() - told > 60:
-                    told = time.monotonic()
-                    LOGGER.info("waiting %.0f s for the other ranks' shards (%s)", told - waiting_since, error)
-                time.sleep(poll)
-        shards.append(dict(shard, bytes=path.stat().st_size, sha256=sha256_file(path)))
-    return shards
+                still.append(shard)
+        now = time.monotonic()
+        if len(still) < len(missing):
+            progress_at = now
+        missing = still
+        if not missing:
+            break
+        if now - progress_at > wait_timeout:
+            names = ", ".join(shard["name"] for shard in missing[:5]) + (" …" if len(missing) > 5 else "")
+            raise CacheError(f"rank 0 waited for the other ranks' shards, but no shard appeared for {wait_timeout:g} s "
+                             f"({len(missing)} missing: {names}); did a rank fail? Rerun the same build to finish")
+        if now - told > 60:
+            told = now
+            LOGGER.info("waiting for %d shard(s) of the other ranks, e.g. %s", len(missing), missing[0]["name"])
+        time.sleep(poll)
+    return [dict(shard, bytes=(folder / shard["name"]).stat().st_size, sha256=sha256_file(folder / shard["name"]))
+            for shard in plan]
