@@ -320,3 +320,23 @@ def test_bad_sparse_teachers_are_refused():
         SparseTeacher(good.indices, good.values, good.log_sum_exp[:, :1], (1.0, 4.0), 10)
     with pytest.raises(ValueError, match="k <= num_classes"):
         SparseTeacher(good.indices, good.values, good.log_sum_exp, (1.0, 4.0), 3)
+
+
+def test_bfloat16_values_read_back_as_the_teachers_rounded_logits(teachers, tmp_path):
+    output = tmp_path / "cache"
+    build_cache("digits", "resnet8", teachers["digits"], output, epochs=1, top_k=3, seed=SEED, batch_size=64,
+                values_dtype="bfloat16", progress="none")
+    assert "bytes per sample per epoch: 36 (" in "\n".join(cache_info(output))
+    teacher = create_model("resnet8", 10, 1, 8)
+    teacher.load_state_dict(torch.load(teachers["digits"]))
+    teacher.eval()
+    images, _, indices = next(iter(make_loader("digits", "train", batch_size=64, seed=SEED)))
+    with torch.no_grad():
+        online = teacher(images)
+    cached = TeacherCache.open(output).read(0, indices).teacher
+    ordered = online.sort(dim=1, descending=True, stable=True)
+    assert torch.equal(cached.indices, ordered.indices[:, :3])
+    # Within bfloat16 rounding (8 significant bits) of the online logits; the float32 logits of
+    # the cache's forward differ from the loader batch's in the last bits (another batch shape).
+    top = ordered.values[:, :3]
+    assert ((cached.values - top).abs() <= top.abs() * 2.0**-8 + 1e-5).all()

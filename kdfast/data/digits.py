@@ -4,7 +4,9 @@ Nothing is downloaded: the digits ship inside scikit-learn. The split is fixed (
 30 % validation, ``random_state=0``), so every run and :func:`write_digits_folder` agree on
 it. In memory, images are one channel, 8×8 (or resized to ``image_size``), normalized by
 the training split's mean and standard deviation; training shifts each image by up to one
-pixel (a seeded, per-sample draw: the same for a given seed, epoch and sample index).
+pixel (a seeded, per-sample draw: the same for a given seed, epoch and sample index;
+:func:`digits_shifts`). A shift is the digits' whole augmentation: as a crop box in source
+pixels it is ``(dx, dy, dx + 8, dy + 8)``, never flipped (what :mod:`kdfast.cache` records).
 """
 
 from __future__ import annotations
