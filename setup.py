@@ -147,7 +147,7 @@ setup(
     version="0.1.0",
     description="Fused knowledge-distillation losses, soft ranks and res-students for PyTorch",
     python_requires=">=3.10",
-    packages=["kdfast", "kdfast.data", "kdfast.kernels"],
+    packages=["kdfast", "kdfast.cache", "kdfast.data", "kdfast.kernels"],
     package_dir={"kdfast": "kdfast", "kdfast.kernels": "kernels"},
     package_data={"kdfast": ["backend_choice.json"]},
     entry_points={"console_scripts": ["kdfast=kdfast.cli:main"]},

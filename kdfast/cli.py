@@ -6,7 +6,9 @@ Subcommands:
 * ``kdfast eval --student ARCH --checkpoint FILE [options]`` — top-1/top-5 on the val split;
 * ``kdfast reskd demo`` / ``kdfast reskd curve --chain FILE`` — res-students' accuracy vs cost;
 * ``kdfast data demo DIR`` — write the embedded digits as an ImageNet-style JPEG folder;
-* ``kdfast data verify DIR`` — decode every image of a dataset, list the bad ones.
+* ``kdfast data verify DIR`` — decode every image of a dataset, list the bad ones;
+* ``kdfast cache build|verify|info`` — the offline teacher: record each sample's augmentation
+  and the teacher's top-k outputs once (:mod:`kdfast.cache`).
 """
 
 from __future__ import annotations
@@ -83,6 +85,69 @@ def _reskd_curve(args) -> int:
     return 0
 
 
+#: The trainer's options that ``kdfast cache build`` takes too (same flags, help and checks).
+_CACHE_BUILD_SHARED = ("data", "teacher", "teacher_checkpoint", "image_size", "loader", "workers", "seed", "amp",
+                       "batch_size", "exclude", "threads", "device", "progress")
+
+
+def _add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    from kdfast.cache.build import DEFAULT_SHARD_SAMPLES, DEFAULT_TEMPERATURES
+    from kdfast.config import OPTIONS
+
+    for name in _CACHE_BUILD_SHARED:
+        option = OPTIONS[name]
+        kind = {"int": int, "float": float}.get(option.kind, str)
+        default = {"workers": 0, "batch_size": 64}.get(name, option.default)
+        help_text = {"batch_size": "rows of every teacher forward (part of the cache's settings)",
+                     "workers": "DataLoader decode processes per process"}.get(name, option.help)
+        parser.add_argument(option.flag, type=kind, default=None, choices=option.choices,
+                            required=name in ("teacher", "teacher_checkpoint"),
+                            help=f"{help_text} (default: {default})")
+    parser.add_argument("--epochs", type=int, required=True, help="augmentation epochs to record")
+    parser.add_argument("--top-k", type=int, default=10, help="teacher logits kept per sample (default 10)")
+    parser.add_argument("--output", required=True, help="the cache folder (an unfinished one is resumed)")
+    parser.add_argument("--temperatures", type=float, nargs="+", default=list(DEFAULT_TEMPERATURES),
+                        help="temperatures whose full-row log-sum-exp is stored (default: 1 4)")
+    parser.add_argument("--values-dtype", default="float16", choices=("float16", "bfloat16", "float32"),
+                        help="dtype of the stored top-k logits (default float16)")
+    parser.add_argument("--shard-samples", type=int, default=DEFAULT_SHARD_SAMPLES,
+                        help=f"samples per shard file (default {DEFAULT_SHARD_SAMPLES})")
+
+
+def _cache_build(args) -> int:
+    from kdfast.cache import build_cache, cache_info
+    from kdfast.config import OPTIONS
+
+    values = {}
+    for name in _CACHE_BUILD_SHARED:
+        value = getattr(args, name)
+        if value is not None:
+            values[name] = OPTIONS[name].check(value, f" ({OPTIONS[name].flag} on the command line)")
+    values.setdefault("data", OPTIONS["data"].default)
+    values.setdefault("workers", 0)
+    manifest = build_cache(output=args.output, epochs=args.epochs, top_k=args.top_k,
+                           temperatures=args.temperatures, values_dtype=args.values_dtype,
+                           shard_samples=args.shard_samples, **values)
+    if manifest.get("complete"):
+        print(*cache_info(args.output), sep="\n")
+    return 0
+
+
+def _cache_verify(args) -> int:
+    from kdfast.cache import verify_cache
+
+    report = verify_cache(args.directory)
+    print(*report.lines(), sep="\n")
+    return 0 if report.ok else 1
+
+
+def _cache_info(args) -> int:
+    from kdfast.cache import cache_info
+
+    print(*cache_info(args.directory), sep="\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdfast", description="kdfast: fast knowledge distillation")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
     verify.add_argument("--output", default=None, help="write the unreadable paths here, one per line")
     verify.set_defaults(handler=_data_verify)
+
+    cache = commands.add_parser("cache", help="offline teacher: record augmentations and top-k teacher outputs")
+    cache_commands = cache.add_subparsers(dest="cache_command", required=True)
+    build = cache_commands.add_parser("build", help="run the teacher over E augmentation epochs and store its top-k "
+                                                    "outputs with each crop (one process or many under torchrun)")
+    _add_cache_arguments(build)
+    build.set_defaults(handler=_cache_build)
+    cache_verify = cache_commands.add_parser("verify", help="check a cache's completeness and checksums (exit 1 "
+                                                            "naming each missing or damaged shard)")
+    cache_verify.add_argument("directory")
+    cache_verify.set_defaults(handler=_cache_verify)
+    info = cache_commands.add_parser("info", help="print a cache's manifest and its bytes per sample per epoch")
+    info.add_argument("directory")
+    info.set_defaults(handler=_cache_info)
     return parser
 
 

@@ -4,7 +4,9 @@ Nothing is downloaded: the digits ship inside scikit-learn. The split is fixed (
 30 % validation, ``random_state=0``), so every run and :func:`write_digits_folder` agree on
 it. In memory, images are one channel, 8×8 (or resized to ``image_size``), normalized by
 the training split's mean and standard deviation; training shifts each image by up to one
-pixel (a seeded, per-sample draw: the same for a given seed, epoch and sample index).
+pixel (a seeded, per-sample draw: the same for a given seed, epoch and sample index;
+:func:`digits_shifts`). A shift is the digits' whole augmentation: as a crop box in source
+pixels it is ``(dx, dy, dx + 8, dy + 8)``, never flipped (what :mod:`kdfast.cache` records).
 """
 
 from __future__ import annotations
@@ -52,24 +54,37 @@ class DigitsLoader(Loader):
         # Kept at 8×8 plus a one-pixel border of background, for the random shifts.
         self._padded = F.pad(images, (1, 1, 1, 1), value=self.background)
 
+    def render(self, indices: torch.Tensor, shifts: np.ndarray | None) -> torch.Tensor:
+        """Normalized float32 images [B, 1, S, S] of the samples ``indices``, each shifted by
+        its row (dy, dx) of ``shifts`` [B, 2] (None: unshifted), then resized to ``image_size``.
+
+        A shift (dy, dx) shows the source pixels ``[dy, dy + 8) × [dx, dx + 8)`` (background
+        outside the 8×8 image): the crop box (left, top, right, bottom) = (dx, dy, dx + 8, dy + 8)."""
+        padded = self._padded[indices]
+        if shifts is not None:
+            rows = torch.from_numpy(1 + shifts[:, 0])[:, None] + torch.arange(NATIVE_SIZE)
+            cols = torch.from_numpy(1 + shifts[:, 1])[:, None] + torch.arange(NATIVE_SIZE)
+            images = padded[torch.arange(len(indices))[:, None, None], 0, rows[:, :, None], cols[:, None, :]]
+        else:
+            images = padded[:, 0, 1:-1, 1:-1]
+        images = images.unsqueeze(1)
+        if self.image_size != NATIVE_SIZE:
+            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
+                                   align_corners=False, antialias=True)
+        return images
+
     def _read(self, indices: np.ndarray, epoch: int, start_batch: int) -> Iterator[Batch]:
         train = self.order.split == "train"
-        if train:  # each sample's shift (dy, dx) in {-1, 0, 1}², drawn per (seed, epoch, sample)
-            shifts = np.random.default_rng([self.order.seed, epoch]).integers(-1, 2, size=(self.num_samples, 2))
+        shifts = digits_shifts(self.order.seed, epoch, self.num_samples) if train else None
         for begin in range(0, len(indices), self.batch_size):
             batch = torch.from_numpy(indices[begin:begin + self.batch_size])
-            padded = self._padded[batch]
-            if train:
-                rows = torch.from_numpy(1 + shifts[batch.numpy(), 0])[:, None] + torch.arange(NATIVE_SIZE)
-                cols = torch.from_numpy(1 + shifts[batch.numpy(), 1])[:, None] + torch.arange(NATIVE_SIZE)
-                images = padded[torch.arange(len(batch))[:, None, None], 0, rows[:, :, None], cols[:, None, :]]
-            else:
-                images = padded[:, 0, 1:-1, 1:-1]
-            images = images.unsqueeze(1)
-            if self.image_size != NATIVE_SIZE:
-                images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
-                                       align_corners=False, antialias=True)
-            yield self._finish(images, batch)
+            yield self._finish(self.render(batch, None if shifts is None else shifts[batch.numpy()]), batch)
+
+
+def digits_shifts(seed: int, epoch: int, num_samples: int) -> np.ndarray:
+    """Every training sample's shift (dy, dx) in {-1, 0, 1}² for ``epoch``: int64 [num_samples, 2],
+    drawn per (seed, epoch) for the whole split (row i is sample i's)."""
+    return np.random.default_rng([seed, epoch]).integers(-1, 2, size=(num_samples, 2))
 
 
 def write_digits_folder(directory: str | os.PathLike, size: int = 32, quality: int = 95) -> dict[str, int]:

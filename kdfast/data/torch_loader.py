@@ -10,7 +10,8 @@ written on Pillow because torchvision is not a dependency):
   ``image_size``" keeps, resized in one step.
 
 Each sample's random crop and flip come from its own generator, seeded by
-``(seed, epoch, sample index)``: the augmentation does not depend on the number of
+``(seed, epoch, sample index)`` (:func:`kdfast.data.augment.train_augmentation`, which the
+offline teacher cache records too): the augmentation does not depend on the number of
 workers, the batch or the rank, and a resumed run sees the same images.
 
 Workers return uint8 HWC images. For a CUDA device the uint8 batch is copied (pinned,
@@ -26,57 +27,16 @@ skipped silently).
 from __future__ import annotations
 
 import gc
-import math
 from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 
+from kdfast.data.augment import (  # noqa: F401 - random_resized_crop_box, to_rgb: imported from here too
+    apply_augmentation, center_crop_box, decode_rgb, random_resized_crop_box, to_rgb, train_augmentation,
+)
 from kdfast.data.common import IMAGENET_MEAN, IMAGENET_STD, Batch, Loader, SampleOrder
-from kdfast.data.folder import EXCLUDE_HINT, DatasetError, SplitIndex
-
-
-def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, area=(0.08, 1.0),
-                            ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) of a random crop covering ``area`` of the image at an
-    aspect ratio drawn log-uniformly from ``ratio``; after ten misses, the largest central
-    crop whose aspect ratio is within ``ratio``."""
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = width * height * rng.uniform(*area)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = round(math.sqrt(target_area * aspect))
-        h = round(math.sqrt(target_area / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return left, top, left + w, top + h
-    image_ratio = width / height
-    if image_ratio < ratio[0]:
-        w, h = width, round(width / ratio[0])
-    elif image_ratio > ratio[1]:
-        w, h = round(height * ratio[1]), height
-    else:
-        w, h = width, height
-    left, top = (width - w) // 2, (height - h) // 2
-    return left, top, left + w, top + h
-
-
-def center_crop_box(width: int, height: int, image_size: int, resize_size: int) -> tuple[float, float, float, float]:
-    """The region of the original image that resize-shorter-side + center-crop keeps."""
-    side = image_size * min(width, height) / resize_size
-    left, top = (width - side) / 2, (height - side) / 2
-    return left, top, left + side, top + side
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """An 8-bit RGB copy of a decoded image. Pillow's own conversion clips 16-bit and 32-bit
-    grayscale (PNG) to 255; these are scaled by 255/65535 instead, as DALI does."""
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        wide = np.asarray(image, dtype=np.int64).clip(0, 65535)
-        image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
-    return image.convert("RGB")
+from kdfast.data.folder import SplitIndex
 
 
 def normalize(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -98,22 +58,12 @@ class _FolderImages(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, epoch = item
-        path = self.files[index]
-        try:
-            with Image.open(path) as image:
-                image = to_rgb(image)  # decodes the whole file: a truncated one raises here
-        except Exception as error:  # noqa: BLE001 - whatever Pillow raises, the file is what to report
-            raise DatasetError(f"cannot decode {path} ({type(error).__name__}: {error}). {EXCLUDE_HINT}") from error
-        size = (self.image_size, self.image_size)
+        image = decode_rgb(self.files[index])
         if self.train:
-            rng = np.random.default_rng([self.seed, epoch, index])
-            image = image.resize(size, Image.BILINEAR, box=random_resized_crop_box(*image.size, rng))
-            if rng.random() < 0.5:
-                image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            box, flip = train_augmentation(self.seed, epoch, index, *image.size)
         else:
-            box = center_crop_box(*image.size, self.image_size, self.resize_size)
-            image = image.resize(size, Image.BILINEAR, box=box)
-        return np.asarray(image), index
+            box, flip = center_crop_box(*image.size, self.image_size, self.resize_size), False
+        return apply_augmentation(image, box, flip, self.image_size), index
 
 
 class _Collate:
