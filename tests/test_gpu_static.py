@@ -161,3 +161,21 @@ def test_bytes_model_traces_pointers_through_the_ir():
     by_param = bytes_model.ptx_param_bytes(ptx)
     assert by_param[0] == {"load_bytes": 18, "store_bytes": 0, "widest_load": 16, "widest_store": 0}
     assert by_param[1]["store_bytes"] == 8
+
+
+def test_readme_gpu_tables_are_generated_from_the_committed_csv():
+    # The README's static tables are written by benchmarks/readme_tables.py from
+    # gpu_static.csv; a CSV regenerated without rewriting them (or a hand edit) fails here.
+    spec = importlib.util.spec_from_file_location(
+        "readme_tables", os.path.join(os.path.dirname(PATH), "readme_tables.py"))
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    assert tables.main(["--check"]) == 0
+
+
+@pytest.mark.parametrize("classes, width, expected", [
+    ("any", 1000, True), ("1000", 1000, True), ("100", 1000, False), ("513-2048", 1000, True),
+    ("1-256", 1000, False), (">8192", 1000, False), (">8192", 8193, True), ("4097-8192", 8192, True),
+])
+def test_the_classes_a_cuda_kernel_serves(gpu_static, classes, width, expected):
+    assert gpu_static.serves(classes, width) is expected
