@@ -25,7 +25,7 @@
 //
 // Audit (what the interpreter-free reading checked; tests/test_gpu_path.py has a GPU test
 // per past defect):
-// * Barriers: block_sum / block_argmax (and the Spearman kernels' rows_block_sum and
+// * Barriers: block_sum / block_argmax (block_sum also at the Spearman kernels' block shapes, and
 //   block_exclusive_segment_scan) start with __syncthreads() before writing their scratch,
 //   so back-to-back reductions never overwrite what a lagging warp still reads; every
 //   thread sums the warp partials in the same order (bit-identical totals). Every branch
@@ -131,8 +131,9 @@ __device__ __forceinline__ __half from_float<__half>(float x) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-// Sums N values over the block; every thread gets the totals. Fixed order: deterministic.
-template <typename T, int N>
+// Sums N values over a block of THREADS threads (kThreads unless a kernel has its own
+// block shape); every thread gets the totals. Fixed order: deterministic.
+template <int THREADS = kThreads, typename T, int N>
 __device__ __forceinline__ void block_sum(T (&v)[N], T* scratch) {
 #pragma unroll
   for (int k = 0; k < N; ++k) {
@@ -149,7 +150,7 @@ __device__ __forceinline__ void block_sum(T (&v)[N], T* scratch) {
 #pragma unroll
   for (int k = 0; k < N; ++k) {
     T total = 0;
-    for (int w = 0; w < kWarps; ++w) total += scratch[w * N + k];
+    for (int w = 0; w < THREADS / 32; ++w) total += scratch[w * N + k];
     v[k] = total;
   }
 }
@@ -548,30 +549,6 @@ struct RankKey<__nv_bfloat16> {
   __device__ static type of(__nv_bfloat16 x) { return ascending_key16(__bfloat16_as_ushort(x)); }
 };
 
-// Sums N doubles over a block of THREADS threads; every thread gets the totals, summed in
-// the same fixed order (deterministic). Starts with a barrier, as block_sum.
-template <int THREADS, int N>
-__device__ __forceinline__ void rows_block_sum(double (&v)[N], double* scratch) {
-#pragma unroll
-  for (int k = 0; k < N; ++k) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) v[k] += __shfl_xor_sync(0xffffffffu, v[k], offset);
-  }
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  __syncthreads();  // a previous reduction may still be reading the scratch
-  if (lane == 0) {
-#pragma unroll
-    for (int k = 0; k < N; ++k) scratch[warp * N + k] = v[k];
-  }
-  __syncthreads();
-#pragma unroll
-  for (int k = 0; k < N; ++k) {
-    double total = 0.0;
-    for (int w = 0; w < THREADS / 32; ++w) total += scratch[w * N + k];
-    v[k] = total;
-  }
-}
-
 // The row's standardization, as spearman_row: ẑ_j = ((s_j − s0) − mean_shift) · z_scale.
 struct Standardization {
   double s0, mean_shift, z_scale;  // z_scale = 0 for a constant row
@@ -666,7 +643,7 @@ __global__ void __launch_bounds__(THREADS, 1) spearman_student_kernel(const s_t*
     x[i] = p < cols ? to_float(s[p]) : 0.0f;
     if (p < cols) moments[0] += x[i] - s0;
   }
-  rows_block_sum<THREADS>(moments, shared.sums);
+  block_sum<THREADS>(moments, shared.sums);
   const double mean_shift = moments[0] * inv_n;
   double variance[1] = {0.0};
 #pragma unroll
@@ -674,7 +651,7 @@ __global__ void __launch_bounds__(THREADS, 1) spearman_student_kernel(const s_t*
     const double d = (x[i] - s0) - mean_shift;
     if (threadIdx.x * ITEMS + i < cols) variance[0] += d * d;
   }
-  rows_block_sum<THREADS>(variance, shared.sums);
+  block_sum<THREADS>(variance, shared.sums);
   const bool varying = variance[0] > 0.0;
   const Standardization z{s0, mean_shift, varying ? 1.0 / sqrt(variance[0] * inv_n) : 0.0};
   if (threadIdx.x == 0) stats[row] = z;
@@ -884,7 +861,7 @@ __global__ void __launch_bounds__(THREADS, 1) spearman_finish_kernel(
       shifts[1] += u_at(first + i) - u0;
     }
   }
-  rows_block_sum<THREADS>(shifts, shared.sums);
+  block_sum<THREADS>(shifts, shared.sums);
   const double r_mean = r0 + shifts[0] * inv_n, u_mean = u0 + shifts[1] * inv_n;
   double m[3] = {0.0, 0.0, 0.0};
 #pragma unroll
@@ -896,7 +873,7 @@ __global__ void __launch_bounds__(THREADS, 1) spearman_finish_kernel(
       m[2] += b * b;
     }
   }
-  rows_block_sum<THREADS>(m, shared.sums);
+  block_sum<THREADS>(m, shared.sums);
   const Correlation corr = correlation(m[0], m[1], m[2]);
   if (threadIdx.x == 0) rho_out[row] = corr.rho;
   if (grad_rho == nullptr) return;  // uniform across the block
@@ -944,7 +921,7 @@ __global__ void __launch_bounds__(THREADS, 1) spearman_finish_kernel(
       gz[1] += rank[i] * z_at(first + i);
     }
   }
-  rows_block_sum<THREADS>(gz, shared.sums);
+  block_sum<THREADS>(gz, shared.sums);
   const double g_mean = gz[0] * inv_n, gz_mean = gz[1] * inv_n;
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
