@@ -266,3 +266,24 @@ def test_constant_rows_in_both_layouts_match_the_float64_reference(case, block):
         got = _loss_and_grads(case, s, t, y, w, "triton", "cpu")
     for name, error in zip(("loss", "grad_student", "grad_teacher"), _relative_errors(got, truth)):
         assert error <= 1e-5, f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("block", [None, 8], ids=["resident", "chunked"])
+def test_rectified_teacher_with_a_row_pearson_term_matches_the_cpu_operator(block):
+    # A setting no public loss makes, which the generic operator allows: DR-KD's rectified
+    # teacher under KL, CE and the row Pearson term, with both gradients. The chunked
+    # layout takes the rectification off the first pass's cross sum in closed form and puts
+    # the two exchanged columns back over the final max.
+    from helpers import teacher_like
+
+    s, t, y = teacher_like(5, 37, generator=torch.Generator().manual_seed(3))
+    s, t = s.float(), t.float()
+    y = (t.argmax(1) + 1 + torch.arange(5)) % 37  # the teacher's argmax is never the target...
+    y[0] = t[0].argmax()  # ...but in a row with nothing to exchange
+    arguments = (2.0, 1.0, 0.5, 1.0, 0.0, 0.0, 1.0, 0, 0.3, True, True, True)
+    expected = torch.ops.kdfast.fused_kd_loss(s, t, y, None, *arguments)
+    with kd_losses.forced_block_size(block) if block else contextlib.nullcontext():
+        got = torch.ops.kdfast.fused_kd_loss_triton(s, t, y, None, *arguments)
+    for ours, theirs in zip(got, expected):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5 * max(theirs.abs().max().item(), 1e-3))
