@@ -2,7 +2,9 @@
 
 One process per device (``torchrun`` starts several; DDP with NCCL on GPUs, gloo on CPUs).
 Each step: the frozen teacher's forward (no grad, autocast), the student's forward, the
-method's loss terms (kdfast's fused losses), backward, optimizer and schedule. The run
+method's loss terms (kdfast's fused losses), backward, optimizer and schedule. With
+``--teacher-cache`` (:mod:`kdfast.cache`) no teacher is built: the loader replays the
+cache's recorded crops and the step reads the teacher's logits of its samples from it. The run
 folder holds ``config.yaml``, ``metrics.jsonl``, ``checkpoint-<step>.pt`` (atomic, with a
 checksum; see :mod:`kdfast.checkpoint`), ``model.pt`` and ``summary.json``; only rank 0
 writes them, under the folder's lock (:class:`kdfast.checkpoint.RunLock`: one run per folder).
@@ -233,8 +235,9 @@ def open_teacher_cache(config: TrainConfig):
     digits = config.data == DIGITS_NAME
     if not Path(config.teacher_cache).is_dir():
         raise CacheError(f"teacher cache {config.teacher_cache} does not exist (build one with `kdfast cache build`)")
+    fingerprint = dataset_fingerprint(config.data, config.exclude)  # indexes the split: DatasetError first
     num_classes = 10 if digits else len(class_names(Path(config.data) / "train"))
-    cache = TeacherCache.open(config.teacher_cache, dataset=dataset_fingerprint(config.data, config.exclude),
+    cache = TeacherCache.open(config.teacher_cache, dataset=fingerprint,
                               num_classes=num_classes, image_size=config.image_size or (NATIVE_SIZE if digits else 224),
                               transform=training_transform(config.data), teacher=config.teacher)
     cache.check_shards()

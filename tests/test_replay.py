@@ -10,6 +10,7 @@ import torch
 import kdfast.train
 from kdfast.cache import CacheError, CacheMismatchError, TeacherCache, build_cache
 from kdfast.checkpoint import save_state_dict
+from kdfast.cli import main as cli_main
 from kdfast.config import resolve_config, resume_changes
 from kdfast.data import make_loader, write_digits_folder
 from kdfast.data.digits import shifts_of_boxes
@@ -129,6 +130,15 @@ def test_digits_replay_matches_online_training(teachers, digits_cache, tmp_path,
     # Teacher blocks of 64 rows in the cache and in training; 1257 samples leave a last block of 41
     # rows in the cache, so a few rows may differ in the last float32 bit.
     assert _max_difference(tmp_path / "online" / "model.pt", tmp_path / "cached" / "model.pt") <= 1e-6
+
+
+def test_the_command_line_trains_from_a_cache(digits_cache, tmp_path, capsys):
+    status = cli_main(["train", "--method", "dist", "--student", "mlp-16", "--teacher-cache", str(digits_cache),
+                       "--epochs", "1", "--batch-size", "256", "--output", str(tmp_path / "run"), "--progress", "none",
+                       "--no-tensorboard", "--eval-every", "0"])
+    printed = capsys.readouterr().out
+    assert status == 0 and f"teacher mlp-64 from cache {digits_cache} (top-10 of 10, 2 epoch(s) recorded)" in printed
+    assert (tmp_path / "run" / "model.pt").is_file()
 
 
 def test_training_beyond_the_recorded_epochs_cycles_and_says_so_once(digits_cache, tmp_path):
