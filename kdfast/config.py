@@ -29,6 +29,9 @@ from kdfast._checks import MAX_TEMPERATURE
 
 METHODS = ("ce", "kd", "dist", "cmkd", "drkd", "pesf", "reskd")
 TEACHER_METHODS = ("kd", "dist", "cmkd", "pesf", "reskd")  # drkd's teacher is the student's own past logits
+#: The methods that can take their teacher's logits from a cache (--teacher-cache); pesf trains an
+#: adapter on the teacher's features, which a cache does not hold.
+CACHE_METHODS = ("kd", "dist", "cmkd", "reskd")
 #: The temperature each method uses when --temperature is not given (the papers' defaults;
 #: DIST uses τ = 1 on ImageNet).
 DEFAULT_TEMPERATURE = {"ce": 1.0, "kd": 4.0, "dist": 1.0, "cmkd": 4.0, "drkd": 4.0, "pesf": 4.0, "reskd": 4.0}
@@ -73,9 +76,13 @@ class TrainConfig:
                                         "verify --output` writes)", kind="path")
     # models
     student: str = _option("resnet8", "student architecture (kdfast.models)")
-    teacher: str | None = _option(None, "teacher architecture (kd, dist, cmkd, pesf, reskd; ignored by ce, drkd)")
+    teacher: str | None = _option(None, "teacher architecture (kd, dist, cmkd, pesf, reskd; ignored by ce, drkd; "
+                                        "with --teacher-cache optional, checked against the cache's)")
     teacher_checkpoint: str | None = _option(None, "teacher weights: a kdfast model.pt/checkpoint or a "
                                                    "torchvision state dict", kind="path")
+    teacher_cache: str | None = _option(None, "an offline teacher (`kdfast cache build`): replay its recorded crops "
+                                              "and take the teacher's logits from it instead of running a teacher "
+                                              "(kd, dist, cmkd, reskd; not with --teacher-checkpoint)", kind="path")
     init_checkpoint: str | None = _option(None, "initial student weights: a kdfast model.pt/checkpoint or a state "
                                                 "dict (default: fresh initialization)", kind="path")
     sync_bn: bool = _option(False, "convert the student's BatchNorm to SyncBatchNorm under DDP (GPUs only)")
@@ -352,9 +359,26 @@ def validate(config: TrainConfig) -> None:
     """Check every option against :data:`OPTIONS` and the rules between options; ValueError naming the first bad one."""
     for name, option in OPTIONS.items():
         setattr(config, name, option.check(getattr(config, name)))
-    if config.method in TEACHER_METHODS and not config.teacher:
-        raise ValueError(f"method {config.method!r} needs a teacher: pass --teacher ARCH --teacher-checkpoint FILE")
-    if config.method in TEACHER_METHODS and not config.teacher_checkpoint:
+    if config.teacher_cache is not None:
+        if config.method == "pesf":
+            raise ValueError("method 'pesf' cannot train from --teacher-cache: its adapter trains on the teacher's "
+                             "pooled features, which a cache does not hold (run the teacher: --teacher-checkpoint)")
+        if config.method not in CACHE_METHODS:
+            reason = (" (DR-KD's teacher is the student's own logits of the previous epoch)"
+                      if config.method == "drkd" else " (it uses no teacher)")
+            raise ValueError(f"teacher_cache is only read by the methods {', '.join(CACHE_METHODS)}, got method "
+                             f"{config.method!r}{reason}")
+        if config.teacher_checkpoint is not None:
+            raise ValueError("teacher_cache and teacher_checkpoint exclude each other: with a cache no teacher is "
+                             "built or run (its logits come from the cache); drop --teacher-checkpoint, or "
+                             "--teacher-cache to run the teacher")
+        if config.loader == "dali":
+            raise ValueError("--teacher-cache with --loader dali is not supported yet: DALI draws its crops inside "
+                             "its pipeline and cannot replay the cache's; use --loader torch (or auto)")
+    elif config.method in TEACHER_METHODS and not config.teacher:
+        raise ValueError(f"method {config.method!r} needs a teacher: pass --teacher ARCH --teacher-checkpoint FILE "
+                         f"(or --teacher-cache DIR, built by `kdfast cache build`)")
+    elif config.method in TEACHER_METHODS and not config.teacher_checkpoint:
         raise ValueError(f"method {config.method!r} needs teacher_checkpoint: the teacher's weights (a frozen "
                          f"random teacher teaches nothing)")
     if config.reskd_chain and config.method != "reskd":

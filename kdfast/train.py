@@ -2,7 +2,9 @@
 
 One process per device (``torchrun`` starts several; DDP with NCCL on GPUs, gloo on CPUs).
 Each step: the frozen teacher's forward (no grad, autocast), the student's forward, the
-method's loss terms (kdfast's fused losses), backward, optimizer and schedule. The run
+method's loss terms (kdfast's fused losses), backward, optimizer and schedule. With
+``--teacher-cache`` (:mod:`kdfast.cache`) no teacher is built: the loader replays the
+cache's recorded crops and the step reads the teacher's logits of its samples from it. The run
 folder holds ``config.yaml``, ``metrics.jsonl``, ``checkpoint-<step>.pt`` (atomic, with a
 checksum; see :mod:`kdfast.checkpoint`), ``model.pt`` and ``summary.json``; only rank 0
 writes them, under the folder's lock (:class:`kdfast.checkpoint.RunLock`: one run per folder).
@@ -198,18 +200,55 @@ def _execution_settings(config: TrainConfig):
 _IMAGE_DTYPES = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def make_loaders(config: TrainConfig, runtime: Runtime):
-    """(train loader, val loader) of this process's shard (without the images listed in ``--exclude``)."""
+def make_loaders(config: TrainConfig, runtime: Runtime, teacher_cache=None):
+    """(train loader, val loader) of this process's shard (without the images listed in ``--exclude``).
+
+    With a ``teacher_cache`` (:class:`kdfast.cache.TeacherCache`) the training loader replays
+    the cache's recorded crops instead of drawing its own (``loader="auto"`` is then the
+    torch loader, for both splits)."""
     from kdfast.data import make_loader
 
     options = dict(batch_size=config.batch_size, device=runtime.device, image_size=config.image_size,
                    dtype=_IMAGE_DTYPES[config.amp], channels_last=config.channels_last, rank=runtime.rank,
                    world_size=runtime.world_size, num_workers=config.workers, seed=config.seed)
     if config.data != "digits":
-        options["loader"] = config.loader
+        options["loader"] = "torch" if teacher_cache is not None and config.loader == "auto" else config.loader
     if config.exclude is not None:
         options["exclude"] = config.exclude
-    return make_loader(config.data, "train", **options), make_loader(config.data, "val", **options)
+    replay = {} if teacher_cache is None else {"augmentation": teacher_cache.augmentation}
+    return make_loader(config.data, "train", **options, **replay), make_loader(config.data, "val", **options)
+
+
+def open_teacher_cache(config: TrainConfig):
+    """The run's :class:`kdfast.cache.TeacherCache` (None without ``--teacher-cache``), checked
+    before anything trains: built for this dataset (its files after ``--exclude``, classes),
+    image size and transform (and ``--teacher`` when given); every shard present and whole;
+    the loss temperature stored when the cache keeps fewer logits than classes.
+    CacheMismatchError / CacheError / ValueError naming what is wrong."""
+    if config.teacher_cache is None:
+        return None
+    from kdfast.cache import CacheError, TeacherCache, dataset_fingerprint
+    from kdfast.cache.build import training_transform
+    from kdfast.data.digits import DIGITS_NAME, NATIVE_SIZE
+    from kdfast.data.folder import class_names
+
+    digits = config.data == DIGITS_NAME
+    if not Path(config.teacher_cache).is_dir():
+        raise CacheError(f"teacher cache {config.teacher_cache} does not exist (build one with `kdfast cache build`)")
+    fingerprint = dataset_fingerprint(config.data, config.exclude)  # indexes the split: DatasetError first
+    num_classes = 10 if digits else len(class_names(Path(config.data) / "train"))
+    cache = TeacherCache.open(config.teacher_cache, dataset=fingerprint,
+                              num_classes=num_classes, image_size=config.image_size or (NATIVE_SIZE if digits else 224),
+                              transform=training_transform(config.data), teacher=config.teacher)
+    cache.check_shards()
+    tau = config.resolved_temperature()
+    if cache.top_k < cache.num_classes and not any(math.isclose(tau, t, rel_tol=1e-6) for t in cache.temperatures):
+        raise ValueError(f"temperature {tau:g} is not stored in teacher cache {config.teacher_cache} (stored: "
+                         f"{', '.join(f'{t:g}' for t in cache.temperatures)}): with top-{cache.top_k} of "
+                         f"{cache.num_classes} classes the teacher's remaining mass is only known at those; train with "
+                         f"--temperature set to one of them, or build the cache with --temperatures including "
+                         f"{tau:g}")
+    return cache
 
 
 def build_model(name: str, loader, config: TrainConfig, runtime: Runtime, weights: str | None = None,
@@ -446,15 +485,17 @@ class KDStep:
     sorting index-put for the bank's ``index_copy_``.)
     """
 
-    def __init__(self, config: TrainConfig, runtime: Runtime, train_loader, load_weights: bool = True):
+    def __init__(self, config: TrainConfig, runtime: Runtime, train_loader, load_weights: bool = True,
+                 teacher_cache=None):
         self.config, self.runtime = config, runtime
+        self.teacher_cache = teacher_cache
         torch.manual_seed(config.seed)
         student = build_model(config.student, train_loader, config, runtime,
                               config.init_checkpoint if load_weights else None, "init_checkpoint")
         if config.method == "reskd":
             student = _reskd_stage(config, runtime, student)
         self.teacher = adapter = None
-        if config.method in TEACHER_METHODS:
+        if config.method in TEACHER_METHODS and teacher_cache is None:
             self.teacher = build_model(config.teacher, train_loader, config, runtime,
                                        config.teacher_checkpoint if load_weights else None,
                                        "teacher_checkpoint").eval().requires_grad_(False)
@@ -487,6 +528,11 @@ class KDStep:
     def __call__(self, images, labels, indices, epoch: int, mark=None) -> dict[str, torch.Tensor]:
         mark = mark or (lambda part: None)
         teacher_logits = teacher_features = None
+        if self.teacher_cache is not None:
+            # The recorded teacher of these samples in this epoch (e mod E), as the loss's dense logits.
+            cached = self.teacher_cache.read(epoch, indices, self.runtime.device)
+            teacher_logits = cached.teacher.dense(self.loss_fn.temperature)
+            mark("teacher from cache")
         with _autocast(self.config, self.runtime.device):
             if self.teacher is not None:
                 with torch.no_grad():
@@ -798,9 +844,10 @@ def _train(config: TrainConfig, runtime: Runtime, print_fn) -> dict:
 
 
 def _train_locked(config: TrainConfig, runtime: Runtime, folder: Path, say) -> dict:
-    train_loader, val_loader = make_loaders(config, runtime)
+    cache = open_teacher_cache(config)
+    train_loader, val_loader = make_loaders(config, runtime, cache)
     steps_per_epoch, total_steps = len(train_loader), len(train_loader) * config.epochs
-    kd_step = KDStep(config, runtime, train_loader)
+    kd_step = KDStep(config, runtime, train_loader, teacher_cache=cache)
     model, optimizer, scheduler, scaler, loss_fn = (kd_step.model, kd_step.optimizer, kd_step.scheduler,
                                                     kd_step.scaler, kd_step.loss_fn)
     student = model.student
@@ -882,10 +929,17 @@ def _train_locked(config: TrainConfig, runtime: Runtime, folder: Path, say) -> d
     metrics = MetricsWriter(folder if runtime.main else None, config.tensorboard)
     progress = Progress(config.progress, total_steps, runtime.main)
     parameters = sum(p.numel() for p in student.parameters())
+    teacher_name = config.teacher if cache is None else cache.manifest["teacher"]["architecture"]
     say(f"kdfast train: {config.method} | student {config.student} ({parameters:,} parameters)"
         + (f" | teacher {config.teacher}" if kd_step.teacher is not None else "")
+        + (f" | teacher {teacher_name} from cache {config.teacher_cache} (top-{cache.top_k} of {cache.num_classes}, "
+           f"{cache.epochs} epoch(s) recorded)" if cache is not None else "")
         + f" | {train_loader.num_samples} train / {val_loader.num_samples} val images, {train_loader.num_classes} "
         f"classes | {runtime.world_size} process(es) on {runtime.device.type} | {steps_per_epoch} steps/epoch")
+
+    if cache is not None and config.epochs > cache.epochs:
+        say(f"teacher cache: {cache.epochs} epoch(s) recorded, training for {config.epochs}: epoch e replays recorded "
+            f"epoch e mod {cache.epochs} (the same crops and teacher outputs again)")
 
     identity = _identity(config, train_loader)
     dataset = {"train_samples": train_loader.num_samples, "val_samples": val_loader.num_samples,
@@ -966,7 +1020,7 @@ def _train_locked(config: TrainConfig, runtime: Runtime, folder: Path, say) -> d
     seconds = elapsed_before + time.perf_counter() - started
     # images/s of the whole run (every step's global batch over its training time, interruptions excluded)
     images = global_step * config.batch_size * runtime.world_size
-    summary = {"method": config.method, "student": config.student, "teacher": config.teacher,
+    summary = {"method": config.method, "student": config.student, "teacher": teacher_name,
                "epochs": config.epochs, "steps": global_step, "top1": last_eval["top1"], "top5": last_eval["top5"],
                "best_top1": best_top1, "val_loss": last_eval["loss"],
                "train_seconds": seconds, "world_size": runtime.world_size, "device": runtime.device.type,

@@ -76,6 +76,23 @@ def dataset_fingerprint(data: str | os.PathLike, exclude=None) -> dict:
     return _open_source(str(data), image_size=None, seed=0, exclude=exclude, fingerprint_only=True).fingerprint
 
 
+def training_transform(data: str | os.PathLike) -> dict:
+    """The training augmentation of ``data`` as a cache's manifest records it (``transform``):
+    the digits' one-pixel shifts, or an image folder's random-resized crop and flip
+    (:data:`kdfast.data.augment.TRAIN_TRANSFORM`). A reader compares it with the manifest's."""
+    if os.fspath(data) == DIGITS_NAME:
+        return {
+            "kind": "digits_shift",
+            "rng": "numpy.random.default_rng([seed, epoch]).integers(-1, 2, size=(N, 2)): (dy, dx) of sample i in row i",
+            "box": "(dx, dy, dx + 8, dy + 8) in the 8x8 source pixels (background outside); no flip",
+            "resize": "torch bilinear (antialiased) from 8 to image_size",
+            "normalization": "the training split's pixel mean and standard deviation",
+        }
+    from kdfast.data.augment import TRAIN_TRANSFORM
+
+    return dict(TRAIN_TRANSFORM, normalization=f"ImageNet mean {list(IMAGENET_MEAN)}, std {list(IMAGENET_STD)}")
+
+
 class _DigitsSource:
     """The digits' training split in memory; each sample's shift is its crop box, never a flip."""
 
@@ -97,13 +114,7 @@ class _DigitsSource:
             self._loader = DigitsLoader(order, image_size=image_size, device="cpu", dtype=torch.float32,
                                         channels_last=False)
             self.image_size = self._loader.image_size
-        self.transform = {
-            "kind": "digits_shift",
-            "rng": "numpy.random.default_rng([seed, epoch]).integers(-1, 2, size=(N, 2)): (dy, dx) of sample i in row i",
-            "box": "(dx, dy, dx + 8, dy + 8) in the 8x8 source pixels (background outside); no flip",
-            "resize": "torch bilinear (antialiased) from 8 to image_size",
-            "normalization": "the training split's pixel mean and standard deviation",
-        }
+        self.transform = training_transform(DIGITS_NAME)
         self._shifts: dict[int, np.ndarray] = {}
 
     def batches(self, blocks):
@@ -151,7 +162,6 @@ class _FolderSource:
 
     def __init__(self, data: str, image_size: int | None, seed: int, exclude, workers: int = 0,
                  fingerprint_only: bool = False):
-        from kdfast.data.augment import TRAIN_TRANSFORM
         from kdfast.data.folder import index_split
 
         index = index_split(data, "train", exclude=exclude)
@@ -162,8 +172,7 @@ class _FolderSource:
         lines += [f"{os.path.relpath(path, root)}\t{os.stat(path).st_size}\t{label}\n"
                   for path, label in zip(index.files, index.labels)]
         self.fingerprint = {"kind": "folder", "split": "train", "samples": len(index), "sha256": _digest_lines(lines)}
-        self.transform = dict(TRAIN_TRANSFORM, normalization=f"ImageNet mean {list(IMAGENET_MEAN)}, std "
-                                                             f"{list(IMAGENET_STD)}")
+        self.transform = training_transform(data)
         self._loader = None
 
     def batches(self, blocks):
@@ -447,7 +456,9 @@ def _record(model, source, todo: list[dict], folder: Path, dtype: np.dtype, mani
                 else torch.autocast(device.type, dtype=image_dtype))
     for (shard, offset), (epoch, indices), (images, boxes, flips) in zip(owners, blocks, source.batches(blocks)):
         count = len(indices)
-        images = images.to(device=device, dtype=image_dtype)
+        # NCHW-contiguous, as the loaders deliver a training batch (without --channels-last): the
+        # memory format picks the convolution kernels, whose float32 results differ in the last bit.
+        images = images.to(device=device, dtype=image_dtype).contiguous()
         with torch.no_grad(), autocast:
             logits = model(images)
         logits = logits.float().cpu()

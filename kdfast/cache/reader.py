@@ -121,24 +121,51 @@ class TeacherCache:
                                                                shard["count"])
         return records
 
-    def read(self, epoch: int, indices: torch.Tensor, device: torch.device | str = "cpu") -> CachedBatch:
-        """The crop boxes, flips and sparse teacher of samples ``indices`` [B] in ``epoch``.
+    def check_shards(self) -> None:
+        """Open every shard (header and size, not the checksums: ``kdfast cache verify`` reads
+        those); CacheError naming each missing, truncated or damaged one. A trainer calls it
+        before its first step, so that a damaged cache stops the run before it starts."""
+        problems = []
+        for number, shard in enumerate(self._plan):
+            try:
+                self._shard(number)
+            except CacheError as error:
+                problems.append(str(error))
+        if problems:
+            raise CacheError(f"teacher cache {self.directory}: {len(problems)} damaged or missing shard(s): "
+                             + "; ".join(problems[:5]) + (" …" if len(problems) > 5 else "")
+                             + f" (`kdfast cache verify {self.directory}` lists them; rerun the same `kdfast cache "
+                             f"build` to rebuild them)")
 
-        A cache records epochs 0 … E − 1; epoch e ≥ E reads the recorded epoch ``e mod E``
-        (the same crops and teacher outputs again: say so in a training log)."""
-        if not isinstance(epoch, int) or epoch < 0:
+    def _records(self, epoch: int, indices) -> tuple[np.ndarray, int]:
+        """(the records of samples ``indices`` in recorded epoch ``epoch mod E``, that epoch)."""
+        if not isinstance(epoch, (int, np.integer)) or epoch < 0:
             raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
         rows = torch.as_tensor(indices).to("cpu", torch.int64).numpy().reshape(-1)
         if len(rows) and (rows.min() < 0 or rows.max() >= self.num_samples):
             raise ValueError(f"indices must be sample indices in [0, {self.num_samples}), got "
                              f"{int(rows[(rows < 0) | (rows >= self.num_samples)][0])}")
-        recorded = epoch % self.epochs
+        recorded = int(epoch) % self.epochs
         per_shard = self.manifest["shard_samples"]
         out = np.empty(len(rows), dtype=self.dtype)
         parts = rows // per_shard
         for part in np.unique(parts):
             where = parts == part
             out[where] = self._shard(recorded * self._parts + int(part))[rows[where] - part * per_shard]
+        return out, recorded
+
+    def augmentation(self, epoch: int, indices) -> tuple[np.ndarray, np.ndarray]:
+        """(boxes int64 [B, 4], flips bool [B]) recorded for samples ``indices`` in ``epoch``
+        (``e mod E``): what a loader replays (``make_loader(..., augmentation=cache.augmentation)``)."""
+        out, _ = self._records(epoch, indices)
+        return out["box"].astype(np.int64), out["flip"].astype(bool)
+
+    def read(self, epoch: int, indices: torch.Tensor, device: torch.device | str = "cpu") -> CachedBatch:
+        """The crop boxes, flips and sparse teacher of samples ``indices`` [B] in ``epoch``.
+
+        A cache records epochs 0 … E − 1; epoch e ≥ E reads the recorded epoch ``e mod E``
+        (the same crops and teacher outputs again: say so in a training log)."""
+        out, recorded = self._records(epoch, indices)
         values = torch.from_numpy(np.ascontiguousarray(out["values"]))
         if self.manifest["values_dtype"] == "bfloat16":
             values = values.view(torch.int16).view(torch.bfloat16)

@@ -42,7 +42,7 @@ def make_loader(data: str | os.PathLike, split: str = "train", *, batch_size: in
                 device: str | torch.device = "cpu", image_size: int | None = None, resize_size: int | None = None,
                 dtype: torch.dtype = torch.float32, channels_last: bool = False, rank: int = 0, world_size: int = 1,
                 num_workers: int | None = None, seed: int = 0, file_list: str | os.PathLike | None = None,
-                exclude=None) -> Loader:
+                exclude=None, augmentation=None) -> Loader:
     """An iterable of :class:`Batch` ``(images, labels, sample_indices)`` for one split and rank.
 
     Args:
@@ -72,6 +72,13 @@ def make_loader(data: str | os.PathLike, split: str = "train", *, batch_size: in
             data verify --output`` writes; ``kdfast train --exclude FILE``, config key
             ``exclude``). Paths are absolute, or relative to ``data`` (or to the current
             directory). Every loader reads the same remaining files, renumbered.
+        augmentation: replay recorded training crops instead of drawing them: a callable
+            ``(epoch, sample_indices int64 [B]) → (boxes [B, 4], flips [B])``, boxes
+            (left, top, right, bottom) in source-image pixels — e.g. a teacher cache's
+            :meth:`kdfast.cache.TeacherCache.augmentation`. The torch loader crops, resizes and
+            flips them with the code that draws its own (the cache builder's), so the
+            images are bit for bit those the cache's teacher saw; the digits take the box as
+            their one-pixel shift. Train split only; not with DALI (``"auto"`` picks torch).
 
     Indexing checks every file (:mod:`kdfast.data.check`; cached per file): a truncated,
     empty, unreadable or non-image file raises :class:`DatasetError` naming each such file
@@ -91,6 +98,17 @@ def make_loader(data: str | os.PathLike, split: str = "train", *, batch_size: in
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
         raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
 
+    if augmentation is not None:
+        if split != "train":
+            raise ValueError(f"augmentation replays training crops; the {split!r} split has none")
+        if not callable(augmentation):
+            raise ValueError(f"augmentation must be a callable (epoch, sample_indices) -> (boxes, flips), got "
+                             f"{type(augmentation).__name__}")
+        if loader == "dali":
+            raise ValueError("loader 'dali' cannot replay recorded crops yet (DALI draws its crops inside its "
+                             "pipeline); use loader 'torch' (or 'auto', which picks it for a replay)")
+        if loader == "auto" and str(data) != DIGITS_NAME:
+            loader = "torch"
     if str(data) == DIGITS_NAME:
         from kdfast.data.digits import DigitsLoader, digits_split
 
@@ -103,7 +121,8 @@ def make_loader(data: str | os.PathLike, split: str = "train", *, batch_size: in
                 f"`kdfast data demo DIR` and pass data=DIR"
             )
         order = SampleOrder(len(digits_split(split)[1]), batch_size, split, rank, world_size, seed)
-        return DigitsLoader(order, image_size=image_size, device=device, dtype=dtype, channels_last=channels_last)
+        return DigitsLoader(order, image_size=image_size, device=device, dtype=dtype, channels_last=channels_last,
+                            augmentation=augmentation)
 
     index = index_split(data, split, file_list=file_list, exclude=exclude)
     order = SampleOrder(len(index), batch_size, split, rank, world_size, seed)
@@ -122,4 +141,4 @@ def make_loader(data: str | os.PathLike, split: str = "train", *, batch_size: in
         return DaliLoader(index, order, num_threads=max(1, num_workers), **options)
     from kdfast.data.torch_loader import TorchLoader
 
-    return TorchLoader(index, order, num_workers=num_workers, **options)
+    return TorchLoader(index, order, num_workers=num_workers, augmentation=augmentation, **options)

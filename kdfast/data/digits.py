@@ -41,8 +41,10 @@ def digits_split(split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 class DigitsLoader(Loader):
     """The digits split held as one tensor; batches are slices of it (no worker, no decode)."""
 
-    def __init__(self, order: SampleOrder, *, image_size: int | None, device, dtype, channels_last: bool):
+    def __init__(self, order: SampleOrder, *, image_size: int | None, device, dtype, channels_last: bool,
+                 augmentation=None):
         images, labels, _ = digits_split(order.split)
+        self.augmentation = augmentation
         super().__init__(order, labels, device, dtype, channels_last)
         self.classes = [str(digit) for digit in range(10)]
         train_images = digits_split("train")[0]
@@ -75,10 +77,31 @@ class DigitsLoader(Loader):
 
     def _read(self, indices: np.ndarray, epoch: int, start_batch: int) -> Iterator[Batch]:
         train = self.order.split == "train"
-        shifts = digits_shifts(self.order.seed, epoch, self.num_samples) if train else None
+        drawn = train and self.augmentation is None
+        shifts = digits_shifts(self.order.seed, epoch, self.num_samples) if drawn else None
         for begin in range(0, len(indices), self.batch_size):
             batch = torch.from_numpy(indices[begin:begin + self.batch_size])
-            yield self._finish(self.render(batch, None if shifts is None else shifts[batch.numpy()]), batch)
+            if train and not drawn:
+                batch_shifts = shifts_of_boxes(*self.augmentation(epoch, batch.numpy()))
+            else:
+                batch_shifts = None if shifts is None else shifts[batch.numpy()]
+            yield self._finish(self.render(batch, batch_shifts), batch)
+
+
+def shifts_of_boxes(boxes: np.ndarray, flips: np.ndarray) -> np.ndarray:
+    """The shifts (dy, dx) [B, 2] of recorded digits crop boxes ``(dx, dy, dx + 8, dy + 8)``
+    (what :mod:`kdfast.cache` records for the digits); ValueError for a box that is not a
+    one-pixel shift or a flip (the digits are never flipped)."""
+    boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+    dx, dy = boxes[:, 0], boxes[:, 1]
+    bad = ((boxes[:, 2] - dx != NATIVE_SIZE) | (boxes[:, 3] - dy != NATIVE_SIZE) | (np.abs(dx) > 1)
+           | (np.abs(dy) > 1) | np.asarray(flips, dtype=bool).reshape(-1))
+    if bad.any():
+        row = int(bad.nonzero()[0][0])
+        raise ValueError(f"a replayed digits augmentation must be a one-pixel shift (dx, dy, dx + 8, dy + 8) with "
+                         f"|dx|, |dy| <= 1 and no flip; row {row} has box {boxes[row].tolist()}, flip "
+                         f"{bool(np.asarray(flips).reshape(-1)[row])}")
+    return np.stack([dy, dx], axis=1)
 
 
 def digits_shifts(seed: int, epoch: int, num_samples: int) -> np.ndarray:

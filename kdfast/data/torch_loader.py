@@ -14,6 +14,12 @@ Each sample's random crop and flip come from its own generator, seeded by
 offline teacher cache records too): the augmentation does not depend on the number of
 workers, the batch or the rank, and a resumed run sees the same images.
 
+Given an ``augmentation`` (``(epoch, sample indices) → (boxes, flips)``, e.g. a teacher
+cache's :meth:`~kdfast.cache.TeacherCache.augmentation`), the training crops are not drawn
+but replayed: each sample's box and flip are looked up and applied by the same
+:func:`~kdfast.data.augment.apply_augmentation` (the images are those the cache's teacher saw,
+bit for bit).
+
 Workers return uint8 HWC images. For a CUDA device the uint8 batch is copied (pinned,
 asynchronously) and normalized on the GPU; for the CPU the workers normalize it.
 
@@ -57,9 +63,11 @@ class _FolderImages(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, item):
-        index, epoch = item
+        index, epoch, *recorded = item
         image = decode_rgb(self.files[index])
-        if self.train:
+        if recorded:  # a replayed augmentation (box, flip), e.g. a teacher cache's
+            box, flip = recorded
+        elif self.train:
             box, flip = train_augmentation(self.seed, epoch, index, *image.size)
         else:
             box, flip = center_crop_box(*image.size, self.image_size, self.resize_size), False
@@ -83,13 +91,26 @@ class _Collate:
 
 
 class _EpochBatches(torch.utils.data.Sampler):
-    """The batches of (sample index, epoch) the loader reads next; reset before each epoch."""
+    """The batches of (sample index, epoch) the loader reads next; reset before each epoch.
 
-    def __init__(self):
-        self.batches: list[list[tuple[int, int]]] = []
+    With an ``augmentation`` (see :func:`kdfast.data.make_loader`), each item also carries
+    its replayed box and flip: (sample index, epoch, box, flip). They are looked up a batch
+    at a time in this process, as the DataLoader asks for the batch (its prefetching
+    included), so the workers never open what the augmentation reads."""
+
+    def __init__(self, augmentation=None):
+        self.augmentation = augmentation
+        self.batches: list[np.ndarray] = []
+        self.epoch = 0
 
     def __iter__(self):
-        return iter(self.batches)
+        for batch in self.batches:
+            if self.augmentation is None:
+                yield [(int(i), self.epoch) for i in batch]
+            else:
+                boxes, flips = self.augmentation(self.epoch, batch)
+                yield [(int(i), self.epoch, tuple(int(v) for v in box), bool(flip))
+                       for i, box, flip in zip(batch, boxes, flips)]
 
     def __len__(self):
         return len(self.batches)
@@ -99,12 +120,12 @@ class TorchLoader(Loader):
     """Batches of an image folder decoded by Pillow in ``torch.utils.data.DataLoader`` workers."""
 
     def __init__(self, index: SplitIndex, order: SampleOrder, *, image_size: int, resize_size: int, device,
-                 dtype, channels_last: bool, num_workers: int):
+                 dtype, channels_last: bool, num_workers: int, augmentation=None):
         super().__init__(order, index.labels, device, dtype, channels_last)
         self.index, self.classes = index, index.classes
         self.image_shape = (3, image_size, image_size)
         self._on_gpu = self.device.type == "cuda"
-        self._batches = _EpochBatches()
+        self._batches = _EpochBatches(augmentation)
         dataset = _FolderImages(index.files, order.split == "train", image_size, resize_size, order.seed)
         self._loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=self._batches, num_workers=num_workers,
@@ -115,7 +136,8 @@ class TorchLoader(Loader):
 
     def _read(self, indices: np.ndarray, epoch: int, start_batch: int) -> Iterator[Batch]:
         size = self.batch_size
-        self._batches.batches = [[(int(i), epoch) for i in indices[b:b + size]] for b in range(0, len(indices), size)]
+        self._batches.batches = [indices[b:b + size] for b in range(0, len(indices), size)]
+        self._batches.epoch = epoch
         for images, sample_indices in self._epoch_iterator():
             if self._on_gpu:  # uint8 over the bus (4× fewer bytes), normalized on the GPU
                 images = normalize(images.to(self.device, non_blocking=True), torch.float32)
