@@ -145,6 +145,25 @@ def _collective(runtime: Runtime, what: str):
         raise DistributedError(f"{message}. PyTorch: {detail}") from error
 
 
+def close_runtime(runtime: Runtime, finished: bool) -> None:
+    """Leave the process group that :func:`init_runtime` joined (nothing for a single process).
+
+    After a finished run every rank first meets the others at a barrier: rank 0 is still writing
+    the model while the other ranks return, and a gloo group torn down by one rank while a peer
+    is still busy has aborted the process ("terminate called without an active exception",
+    seen once in CI). After a failure there is no barrier (a peer may be gone): the group is
+    destroyed at once."""
+    if not runtime.owns_process_group:
+        return
+    try:
+        if finished:
+            with _collective(runtime, "end-of-run barrier (every rank done)"):
+                dist.barrier()
+    finally:
+        dist.destroy_process_group()
+        runtime.owns_process_group = False
+
+
 def _all_reduce_sum(runtime: Runtime, values: torch.Tensor, what: str = "all-reduce") -> torch.Tensor:
     if runtime.distributed:
         with _collective(runtime, what):
@@ -686,12 +705,14 @@ def train(config: TrainConfig, print_fn=print) -> dict:
     validate(config)
     _check_files(config)
     runtime = init_runtime(config.device, config.dist_timeout)
+    finished = False
     try:
         with _execution_settings(config):
-            return _train(config, runtime, print_fn)
+            summary = _train(config, runtime, print_fn)
+        finished = True
+        return summary
     finally:
-        if runtime.owns_process_group:
-            dist.destroy_process_group()
+        close_runtime(runtime, finished)
 
 
 def _check_files(config: TrainConfig) -> None:
@@ -1047,6 +1068,7 @@ def run_eval(config: TrainConfig, print_fn=print) -> dict:
     validate(config)
     _check_files(config)
     runtime = init_runtime(config.device, config.dist_timeout)
+    finished = False
     try:
         with _execution_settings(config):
             _, val_loader = make_loaders(config, runtime)
@@ -1055,7 +1077,7 @@ def run_eval(config: TrainConfig, print_fn=print) -> dict:
         if runtime.main:
             print_fn(f"{config.student} on {config.data} val: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%, "
                      f"loss {result['loss']:.4f} ({result['images']} images)")
+        finished = True
         return result
     finally:
-        if runtime.owns_process_group:
-            dist.destroy_process_group()
+        close_runtime(runtime, finished)
