@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "losses.h"
 
@@ -163,6 +164,34 @@ float upcast_row(const in_t* in, int64_t n, float* x) {
   return max;
 }
 
+// Where the kernels read teacher row i from, as fp32 into an aligned buffer (returning
+// its max, as upcast_row does). Both kinds give the same float row to everything after:
+// the KL, correlations, ranks and rectification never see which one it was.
+template <typename t_t>
+struct DenseTeacherRows {
+  const t_t* logits;  // [B, C]
+  int64_t n;
+  float upcast(int64_t row, float* out) const { return upcast_row(logits + row * n, n, out); }
+};
+
+// A sparse (cached) teacher: k logits per row at k distinct classes, and one fill logit
+// for the other C − k classes (kdfast.sparse_teacher). The row is rebuilt in the thread's
+// scratch buffer, so no dense B×C teacher exists; the indices are range-checked by the
+// operator before any row is built.
+struct SparseTeacherRows {
+  const float* values;    // [B, k]
+  const int32_t* indices;  // [B, k]
+  const float* fill;      // [B]
+  int64_t k, n;
+  float upcast(int64_t row, float* out) const {
+    std::fill(out, out + n, fill[row]);
+    const float* v = values + row * k;
+    const int32_t* c = indices + row * k;
+    for (int64_t j = 0; j < k; ++j) out[c[j]] = v[j];
+    return upcast_row(out, n, out);  // the max by the dense path's own loop
+  }
+};
+
 // exp((x_j − max)·it) of an upcast student row s and teacher row t (aligned buffers) into
 // p and q, and their sums, in one loop (the two exps interleave). The row kernel and the
 // column statistics both compute a row pair's probabilities with it (then scaled by
@@ -187,10 +216,10 @@ inline RowSums exp_rows(const float* s, const float* t, int64_t n, float s_max, 
 
 // A student and teacher row's probabilities softmax(x·it) into p and q, through the same
 // steps as the row kernel (s, t: upcast scratch).
-template <typename s_t, typename t_t>
-void row_probabilities(const s_t* s_in, const t_t* t_in, int64_t n, float it, float* s, float* t, float* p,
-                       float* q) {
-  const float s_max = upcast_row(s_in, n, s), t_max = upcast_row(t_in, n, t);
+template <typename s_t, typename Teacher>
+void row_probabilities(const s_t* s_in, const Teacher& teacher, int64_t row, int64_t n, float it, float* s, float* t,
+                       float* p, float* q) {
+  const float s_max = upcast_row(s_in, n, s), t_max = teacher.upcast(row, t);
   const RowSums sums = exp_rows(s, t, n, s_max, t_max, it, p, q);
   const float s_inv_sum = 1.0f / sums.s, t_inv_sum = 1.0f / sums.t;
 #pragma omp simd
@@ -210,13 +239,13 @@ int64_t column_chunk_rows(int64_t rows) { return std::max<int64_t>(64, (rows + 6
 // vectorized across classes, Welford's running means and co-moments of a = p − p_0 and
 // b = q − q_0 (shifted by row 0, so that a constant column centers to exactly zero);
 // then the chunks are merged in order with Chan et al.'s pairwise update.
-template <typename s_t, typename t_t>
-ColumnStats column_stats(const s_t* student, const t_t* teacher, int64_t rows, int64_t n, const LossConfig& cfg) {
+template <typename s_t, typename Teacher>
+ColumnStats column_stats(const s_t* student, const Teacher& teacher, int64_t rows, int64_t n, const LossConfig& cfg) {
   const float it = cfg.inv_temperature;
   const int64_t chunk = column_chunk_rows(rows);
   const int64_t chunks = (rows + chunk - 1) / chunk;
   Buffer<float> p0(n), q0(n), s0(n), t0(n);
-  row_probabilities(student, teacher, n, it, s0.data(), t0.data(), p0.data(), q0.data());
+  row_probabilities(student, teacher, 0, n, it, s0.data(), t0.data(), p0.data(), q0.data());
   // Per chunk: mean_a, mean_b, Σ (a−ā)(b−b̄), Σ (a−ā)², Σ (b−b̄)², each over its rows.
   Buffer<double> moments;
   moments.assign(chunks * 5 * n, 0.0);
@@ -230,7 +259,7 @@ ColumnStats column_stats(const s_t* student, const t_t* teacher, int64_t rows, i
       double* bb = aa + n;
       int64_t count = 0;
       for (int64_t i = c * chunk; i < std::min(rows, (c + 1) * chunk); ++i) {
-        row_probabilities(student + i * n, teacher + i * n, n, it, se.data(), te.data(), pe.data(), qe.data());
+        row_probabilities(student + i * n, teacher, i, n, it, se.data(), te.data(), pe.data(), qe.data());
         const double inv_count = 1.0 / static_cast<double>(++count);
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) {
@@ -392,8 +421,8 @@ double spearman_row(const float* s, const float* t, int64_t n, float strength, f
 
 // One row of the generic loss: returns ℓ_i and writes grad_scale-scaled gradients of ℓ_i
 // (plus the column term's share of this row, already scaled) into gs / gt.
-template <typename s_t, typename t_t>
-float fused_row(const s_t* s_in, const t_t* t_in, int64_t n, int64_t target, float difficulty,
+template <typename s_t, typename t_t, typename Teacher>
+float fused_row(const s_t* s_in, const Teacher& teacher, int64_t row, int64_t n, int64_t target, float difficulty,
                 const LossConfig& cfg, const ColumnStats* columns, float grad_scale, RowScratch& w, s_t* gs,
                 t_t* gt) {
   float* s = w.s.data();
@@ -412,7 +441,7 @@ float fused_row(const s_t* s_in, const t_t* t_in, int64_t n, int64_t target, flo
     return nan;
   }
 
-  const float s_max = upcast_row(s_in, n, s), t_max = upcast_row(t_in, n, t);
+  const float s_max = upcast_row(s_in, n, s), t_max = teacher.upcast(row, t);
   // DR-KD rectification: the teacher's (first) max logit and the target's logit trade
   // places; the max, the softmax normalizer and everything else of the row are unchanged.
   int64_t t_argmax = 0;
@@ -604,11 +633,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_kd_loss_cpu(
     const at::Tensor& student_in, const at::Tensor& teacher_in, const c10::optional<at::Tensor>& target_in,
     const c10::optional<at::Tensor>& difficulty_in, double temperature, double kl_coef, double ce_coef,
     double pearson_coef, double spearman_coef, double column_coef, double rank_strength, int64_t difficulty_mode,
-    double difficulty_value, bool rectify, bool student_grad, bool teacher_grad) {
+    double difficulty_value, bool rectify, bool student_grad, bool teacher_grad,
+    const c10::optional<at::Tensor>& teacher_indices_in, const c10::optional<at::Tensor>& teacher_fill_in) {
   check_logits("student", student_in);
   check_logits("teacher", teacher_in);
-  TORCH_CHECK(student_in.sizes() == teacher_in.sizes(), "kdfast fused loss: teacher must have shape ",
-              student_in.sizes(), ", got ", teacher_in.sizes());
+  const bool sparse = teacher_indices_in.has_value();
+  if (sparse) {
+    // A sparse teacher: `teacher` holds each row's k logits (fp32), `teacher_indices` their
+    // classes (int32), `teacher_fill` the logit of every other class.
+    TORCH_CHECK(teacher_fill_in.has_value(), "kdfast fused loss: a sparse teacher needs teacher_fill");
+    const at::Tensor& indices = *teacher_indices_in;
+    const at::Tensor& fill = *teacher_fill_in;
+    TORCH_CHECK(teacher_in.scalar_type() == at::kFloat && indices.scalar_type() == at::kInt &&
+                    fill.scalar_type() == at::kFloat,
+                "kdfast fused loss: a sparse teacher is float32 values, int32 teacher_indices and float32 "
+                "teacher_fill, got ", teacher_in.scalar_type(), ", ", indices.scalar_type(), ", ", fill.scalar_type());
+    TORCH_CHECK(indices.device().is_cpu() && fill.device().is_cpu(),
+                "kdfast fused loss (cpu): teacher_indices and teacher_fill must be CPU tensors");
+    TORCH_CHECK(teacher_in.size(0) == student_in.size(0) && teacher_in.size(1) >= 1 &&
+                    teacher_in.size(1) <= student_in.size(1) && indices.sizes() == teacher_in.sizes() &&
+                    fill.dim() == 1 && fill.size(0) == student_in.size(0),
+                "kdfast fused loss: a sparse teacher needs values and teacher_indices [B, k] with 1 <= k <= C and "
+                "teacher_fill [B] for student ", student_in.sizes(), ", got ", teacher_in.sizes(), ", ",
+                indices.sizes(), ", ", fill.sizes());
+    TORCH_CHECK(!teacher_grad, "kdfast fused loss: a sparse teacher has no gradient (teacher_grad must be False)");
+    if (indices.numel() > 0) {
+      TORCH_CHECK(indices.min().item<int32_t>() >= 0 && indices.max().item<int64_t>() < student_in.size(1),
+                  "kdfast fused loss: teacher_indices must be in [0, C=", student_in.size(1), ")");
+    }
+  } else {
+    TORCH_CHECK(student_in.sizes() == teacher_in.sizes(), "kdfast fused loss: teacher must have shape ",
+                student_in.sizes(), ", got ", teacher_in.sizes());
+  }
   // 100 is kdfast._checks.MAX_TEMPERATURE: beyond it fp32 loses the KD loss to cancellation.
   TORCH_CHECK(temperature > 0 && temperature <= 100 && rank_strength > 0,
               "kdfast fused loss: temperature must be in (0, 100] and rank_strength > 0, got ", temperature, " and ",
@@ -643,32 +699,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_kd_loss_cpu(
   const float* difficulty_ptr = difficulty.defined() ? difficulty.data_ptr<float>() : nullptr;
   float column_loss = 0.0f;
 
-  dispatch_logits(student.scalar_type(), [&](auto student_tag) {
+  // The row pass over a teacher source (dense logits of type t_t, or sparse rows).
+  auto run_rows = [&](auto student_tag, const auto& teacher_rows, auto* gt_ptr) {
     using s_t = decltype(student_tag);
+    using t_t = std::remove_pointer_t<decltype(gt_ptr)>;
+    const s_t* s_ptr = student.data_ptr<s_t>();
+    s_t* gs_ptr = student_grad ? grad_student.data_ptr<s_t>() : nullptr;
+    ColumnStats columns;
+    if (column_coef != 0) {
+      columns = column_stats(s_ptr, teacher_rows, rows, n, cfg);
+      column_loss = columns.loss;
+    }
+    const ColumnStats* column_ptr = column_coef != 0 ? &columns : nullptr;
+    const float grad_scale = 1.0f / static_cast<float>(rows);
+    // Rows per task: enough work to amortize a task (a sort makes a row costlier).
+    const int64_t grain = std::max<int64_t>(1, (spearman ? 2048 : 16384) / n);
+    at::parallel_for(0, rows, grain, [&](int64_t first, int64_t last) {
+      RowScratch scratch(n, spearman);
+      for (int64_t i = first; i < last; ++i) {
+        row_loss[i] = fused_row<s_t, t_t>(
+            s_ptr + i * n, teacher_rows, i, n, target_ptr ? target_ptr[i] : -1,
+            difficulty_ptr ? difficulty_ptr[i] : 0.0f, cfg, column_ptr, grad_scale, scratch,
+            gs_ptr ? gs_ptr + i * n : nullptr, gt_ptr ? gt_ptr + i * n : nullptr);
+      }
+    });
+  };
+  dispatch_logits(student.scalar_type(), [&](auto student_tag) {
+    if (sparse) {
+      const at::Tensor indices = teacher_indices_in->contiguous(), fill = teacher_fill_in->contiguous();
+      const SparseTeacherRows teacher_rows{teacher.data_ptr<float>(), indices.data_ptr<int32_t>(),
+                                           fill.data_ptr<float>(), teacher.size(1), n};
+      run_rows(student_tag, teacher_rows, static_cast<float*>(nullptr));
+      return;
+    }
     dispatch_logits(teacher.scalar_type(), [&](auto teacher_tag) {
       using t_t = decltype(teacher_tag);
-      const s_t* s_ptr = student.data_ptr<s_t>();
-      const t_t* t_ptr = teacher.data_ptr<t_t>();
-      s_t* gs_ptr = student_grad ? grad_student.data_ptr<s_t>() : nullptr;
-      t_t* gt_ptr = teacher_grad ? grad_teacher.data_ptr<t_t>() : nullptr;
-      ColumnStats columns;
-      if (column_coef != 0) {
-        columns = column_stats(s_ptr, t_ptr, rows, n, cfg);
-        column_loss = columns.loss;
-      }
-      const ColumnStats* column_ptr = column_coef != 0 ? &columns : nullptr;
-      const float grad_scale = 1.0f / static_cast<float>(rows);
-      // Rows per task: enough work to amortize a task (a sort makes a row costlier).
-      const int64_t grain = std::max<int64_t>(1, (spearman ? 2048 : 16384) / n);
-      at::parallel_for(0, rows, grain, [&](int64_t first, int64_t last) {
-        RowScratch scratch(n, spearman);
-        for (int64_t i = first; i < last; ++i) {
-          row_loss[i] = fused_row<s_t, t_t>(
-              s_ptr + i * n, t_ptr + i * n, n, target_ptr ? target_ptr[i] : -1,
-              difficulty_ptr ? difficulty_ptr[i] : 0.0f, cfg, column_ptr, grad_scale, scratch,
-              gs_ptr ? gs_ptr + i * n : nullptr, gt_ptr ? gt_ptr + i * n : nullptr);
-        }
-      });
+      const DenseTeacherRows<t_t> teacher_rows{teacher.data_ptr<t_t>(), n};
+      run_rows(student_tag, teacher_rows, teacher_grad ? grad_teacher.data_ptr<t_t>() : static_cast<t_t*>(nullptr));
     });
   });
   // A fixed summation order: the loss does not depend on the number of threads.
@@ -685,7 +752,8 @@ TORCH_LIBRARY_FRAGMENT(kdfast, m) {
       "fused_kd_loss(Tensor student, Tensor teacher, Tensor? target, Tensor? difficulty, float temperature, "
       "float kl_coef, float ce_coef, float pearson_coef, float spearman_coef, float column_coef, "
       "float rank_strength, int difficulty_mode, float difficulty_value, bool rectify, bool student_grad, "
-      "bool teacher_grad) -> (Tensor loss, Tensor grad_student, Tensor grad_teacher)");
+      "bool teacher_grad, Tensor? teacher_indices=None, Tensor? teacher_fill=None) "
+      "-> (Tensor loss, Tensor grad_student, Tensor grad_teacher)");
 }
 
 TORCH_LIBRARY_IMPL(kdfast, CPU, m) { m.impl("fused_kd_loss", &fused_kd_loss_cpu); }

@@ -149,16 +149,40 @@ def check_finite(**tensors) -> None:
 
 def check_fused_arguments(where: str, student, teacher, target, difficulty, temperature: float,
                           rank_strength: float, difficulty_mode: int, ce_coef: float, column_coef: float,
-                          rectify: bool) -> None:
+                          rectify: bool, teacher_indices=None, teacher_fill=None, teacher_grad: bool = False) -> None:
     """What every fused-loss operator (``kdfast::fused_kd_loss`` on CUDA, the Triton one)
     checks before it launches, as the CPU operator does: the kernels index with these
-    sizes and trust these invariants. ``where`` names the operator in the messages."""
-    if student.dim() != 2 or teacher.shape != student.shape:
+    sizes and trust these invariants. ``where`` names the operator in the messages.
+
+    A sparse teacher (``teacher_indices`` given): ``teacher`` holds each row's k float32
+    logits, ``teacher_indices`` their int32 classes, ``teacher_fill`` the float32 logit of
+    every other class. Its indices' range and order are the caller's
+    (:meth:`kdfast.sparse_teacher.SparseTeacher.kernel_arguments`): checking them here
+    would cost a device sync; the GPU kernels never index memory with them."""
+    if student.dim() != 2:
+        raise ValueError(f"{where}: student must be [B, C], got {tuple(student.shape)}")
+    if teacher_indices is None and teacher.shape != student.shape:
         raise ValueError(f"{where}: student and teacher must be [B, C] of one shape, got "
                          f"{tuple(student.shape)} and {tuple(teacher.shape)}")
     rows, classes = student.shape
     if rows == 0 or classes == 0:
         raise ValueError(f"{where}: the logits must have at least one row and one class, got {tuple(student.shape)}")
+    if teacher_indices is not None:
+        if teacher_fill is None:
+            raise ValueError(f"{where}: a sparse teacher needs teacher_fill")
+        if (teacher.dtype, teacher_indices.dtype, teacher_fill.dtype) != (torch.float32, torch.int32, torch.float32):
+            raise ValueError(f"{where}: a sparse teacher is float32 values, int32 teacher_indices and float32 "
+                             f"teacher_fill, got {teacher.dtype}, {teacher_indices.dtype}, {teacher_fill.dtype}")
+        if (teacher.dim() != 2 or teacher.shape[0] != rows or not 1 <= teacher.shape[1] <= classes
+                or teacher_indices.shape != teacher.shape or tuple(teacher_fill.shape) != (rows,)):
+            raise ValueError(f"{where}: a sparse teacher needs values and teacher_indices [B, k] with 1 <= k <= C "
+                             f"and teacher_fill [B] for student {tuple(student.shape)}, got {tuple(teacher.shape)}, "
+                             f"{tuple(teacher_indices.shape)}, {tuple(teacher_fill.shape)}")
+        if teacher_grad:
+            raise ValueError(f"{where}: a sparse teacher has no gradient (teacher_grad must be False)")
+        for name, x in (("teacher_indices", teacher_indices), ("teacher_fill", teacher_fill)):
+            if x.device != student.device:
+                raise ValueError(f"{where}: {name} must be on {student.device}, got {x.device}")
     for name, x in (("teacher", teacher), ("target", target), ("difficulty", difficulty)):
         if x is not None and x.device != student.device:
             raise ValueError(f"{where}: {name} must be on {student.device}, got {x.device}")

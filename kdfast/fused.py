@@ -22,6 +22,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kdfast import _checks, _ops
+from kdfast.sparse_teacher import SparseTeacher
 
 #: dtypes the fused kernels read (they accumulate in fp32); fp64 runs on the reference.
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -66,7 +67,7 @@ if _ops.EXTENSION_ERROR is None:
     @torch.library.register_fake("kdfast::fused_kd_loss")
     def _fused_kd_loss_fake(student, teacher, target, difficulty, temperature, kl_coef, ce_coef, pearson_coef,
                             spearman_coef, column_coef, rank_strength, difficulty_mode, difficulty_value, rectify,
-                            student_grad, teacher_grad):
+                            student_grad, teacher_grad, teacher_indices=None, teacher_fill=None):
         loss = student.new_empty((), dtype=torch.float32)
         grad_student = torch.empty_like(student) if student_grad else student.new_empty((0,))
         grad_teacher = torch.empty_like(teacher) if teacher_grad else teacher.new_empty((0,))
@@ -75,14 +76,17 @@ if _ops.EXTENSION_ERROR is None:
 
 def _fused_kd_loss_cuda(student, teacher, target, difficulty, temperature, kl_coef, ce_coef, pearson_coef,
                         spearman_coef, column_coef, rank_strength, difficulty_mode, difficulty_value, rectify,
-                        student_grad, teacher_grad):
+                        student_grad, teacher_grad, teacher_indices=None, teacher_fill=None):
     """CUDA implementation of kdfast::fused_kd_loss: allocates the outputs and workspace with
     PyTorch's caching allocator and launches csrc/cuda/ on the current stream."""
     for name, x in (("student", student), ("teacher", teacher)):
         if x.dtype not in _DTYPE_CODES:
             raise TypeError(f"kdfast fused loss (cuda): {name} must be float32, float16 or bfloat16, got {x.dtype}")
     _checks.check_fused_arguments("kdfast fused loss (cuda)", student, teacher, target, difficulty, temperature,
-                                  rank_strength, difficulty_mode, ce_coef, column_coef, rectify)
+                                  rank_strength, difficulty_mode, ce_coef, column_coef, rectify, teacher_indices,
+                                  teacher_fill, teacher_grad)
+    if teacher_indices is not None:
+        raise NotImplementedError("kdfast fused loss (cuda): sparse teachers are not implemented yet")
     student, teacher = student.contiguous(), teacher.contiguous()
     rows, cols = student.shape
     device = student.device
@@ -164,10 +168,12 @@ class _FusedLoss(torch.autograd.Function):
     returns the loss and the gradients; backward only scales those by grad_output."""
 
     @staticmethod
-    def forward(ctx, student, teacher, target, difficulty, config: FusedConfig, op):
+    def forward(ctx, student, teacher, target, difficulty, config: FusedConfig, op, teacher_indices=None,
+                teacher_fill=None):
         student_grad, teacher_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        sparse = () if teacher_indices is None else (teacher_indices, teacher_fill)
         loss, grad_student, grad_teacher = op(
-            student, teacher, target, difficulty, *config.op_arguments(), student_grad, teacher_grad
+            student, teacher, target, difficulty, *config.op_arguments(), student_grad, teacher_grad, *sparse
         )
         ctx.save_for_backward(grad_student, grad_teacher)
         return loss
@@ -181,6 +187,8 @@ class _FusedLoss(torch.autograd.Function):
         return (
             _scaled(grad_student, grad_output, in_place) if student_grad else None,
             _scaled(grad_teacher, grad_output, in_place) if teacher_grad else None,
+            None,
+            None,
             None,
             None,
             None,
@@ -214,9 +222,14 @@ def losses_for(op) -> dict:
     schema of kdfast::fused_kd_loss), keyed by the loss's name; the implementations a
     fused backend registers in kdfast.dispatch."""
 
-    def run(student, teacher, target, difficulty, config: FusedConfig):
+    def run(student, teacher, target, difficulty, config: FusedConfig, ranks_only: bool = False):
         if target is not None and target.dtype != torch.long:
             target = target.long()
+        if isinstance(teacher, SparseTeacher):
+            # The operator rebuilds each teacher row from its k logits and the fill logit
+            # (at τ; below the top k for the rank-only Spearman loss).
+            values, indices, fill = teacher.kernel_arguments(None if ranks_only else config.temperature)
+            return _FusedLoss.apply(student, values, target, difficulty, config, op, indices, fill)
         return _FusedLoss.apply(student, teacher, target, difficulty, config, op)
 
     def kd_loss(student, teacher, temperature):
@@ -232,7 +245,7 @@ def losses_for(op) -> dict:
 
     def spearman_loss(student, teacher, regularization_strength):
         config = FusedConfig(spearman=1.0, rank_strength=regularization_strength, difficulty_value=1.0)
-        return run(student, teacher, None, None, config)
+        return run(student, teacher, None, None, config, ranks_only=True)
 
     def cmkd_loss(student, teacher, target, temperature, kl_weight, corr_weight, ce_weight, difficulty,
                   regularization_strength):

@@ -10,6 +10,13 @@ teacher logits, and accepts:
 
 * ``backend``: ``None`` (``$KDFAST_BACKEND``, else ``"auto"``), ``"auto"``, ``"torch"``,
   ``"cpu"``, ``"triton"`` or ``"cuda"``;
+* a :class:`~kdfast.sparse_teacher.SparseTeacher` (the offline teacher cache's top-k
+  logits) in place of ``teacher`` (not for :func:`rectify`): every backend computes the loss
+  on its dense row (:meth:`~kdfast.sparse_teacher.SparseTeacher.dense`: exact when k = C,
+  otherwise the top-k probabilities exact and the remaining mass spread evenly, at the
+  loss's temperature, which the cache must have stored; the rank-only
+  :func:`spearman_loss` ties the other classes below the top k). The fused backends rebuild
+  each row where they read it; no dense teacher is made. It takes no gradient;
 * ``check_finite``: when True, raise ``ValueError`` if an input holds NaN/Inf instead of
   returning NaN, and check the targets' range on the host (off by default: on a GPU these
   checks cost a device sync; without them an out-of-range target on a GPU trips a
@@ -22,6 +29,7 @@ import torch
 
 from kdfast import _checks, reference
 from kdfast.dispatch import resolve
+from kdfast.sparse_teacher import SparseTeacher
 
 #: The default regularization strength of the Spearman terms' soft ranks is
 #: ε = SPEARMAN_STRENGTH_SCALE / C, applied to the row-standardized student logits.
@@ -47,6 +55,10 @@ _NO_TEMPERATURE = object()  # the losses without one (a None temperature is a us
 
 def _prepare(student, teacher, target=None, check_finite=False, *, temperature=_NO_TEMPERATURE):
     """Checks shared by all losses; returns the checked temperature (None when the loss has none)."""
+    if isinstance(teacher, SparseTeacher):
+        _check_sparse_teacher(student, teacher, None if temperature is _NO_TEMPERATURE else temperature,
+                              check_finite)
+        teacher = student  # the pair checks below then see the student's own shape
     _checks.check_pair(student, teacher)
     if target is not None:
         _checks.check_targets(target, student.shape[0], student.shape[1], student.device, exact=check_finite)
@@ -55,14 +67,35 @@ def _prepare(student, teacher, target=None, check_finite=False, *, temperature=_
     return None if temperature is _NO_TEMPERATURE else _checks.check_temperature("temperature", temperature)
 
 
+def _check_sparse_teacher(student, teacher: SparseTeacher, temperature, check_finite: bool) -> None:
+    """A sparse (cached) teacher must describe the student's batch and classes, on its device,
+    without a gradient, and (k < C) know the remaining mass at the loss's temperature."""
+    _checks.check_logits("student", student)
+    batch, classes = student.shape
+    if (teacher.batch_size, teacher.num_classes) != (batch, classes):
+        raise ValueError(f"teacher (a SparseTeacher) must describe the student's {batch} rows and {classes} classes, "
+                         f"got {teacher.batch_size} rows and {teacher.num_classes} classes")
+    if teacher.device != student.device:
+        raise ValueError(f"teacher (a SparseTeacher) must be on the student's device {student.device}, got "
+                         f"{teacher.device} (SparseTeacher.to(device) moves it)")
+    if teacher.values.requires_grad:
+        raise ValueError("teacher (a SparseTeacher) cannot take a gradient: its values must not require grad")
+    if temperature is not None and teacher.top_k < classes:
+        teacher.temperature_column(temperature)  # ValueError naming the stored temperatures
+    if check_finite:
+        _checks.check_finite(**{"teacher values": teacher.values, "teacher log_sum_exp": teacher.log_sum_exp})
+
+
 def _class_indices(target):
     """Targets of any integer dtype as the int64 indices every backend indexes with."""
     return None if target is None else target.long()
 
 
 def _run(op, backend, student, teacher, *args):
-    """Runs ``op`` of the backend chosen for these logits' device and dtypes."""
-    implementation = resolve(op, backend, student.device, (student.dtype, teacher.dtype), tuple(student.shape))
+    """Runs ``op`` of the backend chosen for these logits' device and dtypes (a sparse
+    teacher's are float32)."""
+    teacher_dtype = torch.float32 if isinstance(teacher, SparseTeacher) else teacher.dtype
+    implementation = resolve(op, backend, student.device, (student.dtype, teacher_dtype), tuple(student.shape))
     return implementation(student, teacher, *args)
 
 

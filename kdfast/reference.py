@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kdfast.softrank import average_ranks, soft_rank
+from kdfast.sparse_teacher import SparseTeacher
 
 #: Denominator floor of the Pearson correlation: ρ(a, b) = <a−ā, b−b̄> / max(‖a−ā‖‖b−b̄‖, 1e-8).
 PEARSON_EPS = 1e-8
@@ -66,10 +67,14 @@ def standardize_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.where(varying, x_c / std, torch.zeros_like(x_c))
 
 
-def upcast(student, teacher):
+def upcast(student, teacher, temperature=None):
     """Both logits in the compute dtype. Each loss upcasts once, at its entry, so that the
     gradients of all its terms accumulate in that dtype and are rounded to the input's
-    dtype only once."""
+    dtype only once. A :class:`~kdfast.sparse_teacher.SparseTeacher` becomes its dense
+    row at ``temperature`` (None: the rank-only Spearman loss), the row the fused
+    backends rebuild."""
+    if isinstance(teacher, SparseTeacher):
+        teacher = teacher.dense(temperature)
     dtype = compute_dtype(student, teacher)
     return student.to(dtype), teacher.to(dtype)
 
@@ -100,18 +105,18 @@ def _xlogy_terms(log_q: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 def kd_loss(student, teacher, temperature):
-    log_p, log_q = _log_probs(*upcast(student, teacher), temperature)
+    log_p, log_q = _log_probs(*upcast(student, teacher, temperature), temperature)
     return temperature**2 * _kl_rows(log_q, log_p).mean()
 
 
 def pearson_loss(student, teacher, temperature, dim):
-    log_p, log_q = _log_probs(*upcast(student, teacher), temperature)
+    log_p, log_q = _log_probs(*upcast(student, teacher, temperature), temperature)
     rho = pearson(log_p.exp(), log_q.exp(), dim=dim)
     return temperature**2 * (1.0 - rho.mean())
 
 
 def dist_loss(student, teacher, temperature, beta, gamma):
-    log_p, log_q = _log_probs(*upcast(student, teacher), temperature)
+    log_p, log_q = _log_probs(*upcast(student, teacher, temperature), temperature)
     p, q = log_p.exp(), log_q.exp()
     loss = p.new_zeros(())
     if beta != 0:
@@ -142,7 +147,7 @@ def entropy_difficulty(teacher, temperature):
 def cmkd_loss(student, teacher, target, temperature, kl_weight, corr_weight, ce_weight, difficulty,
               regularization_strength):
     """CMKD; ``difficulty`` is the per-sample weight d: a float, a [B] tensor, or None for entropy."""
-    student, teacher = upcast(student, teacher)
+    student, teacher = upcast(student, teacher, temperature)
     log_p, log_q = _log_probs(student, teacher, temperature)
     loss = kl_weight * temperature**2 * _kl_rows(log_q, log_p).mean()
     if corr_weight != 0:
@@ -173,7 +178,7 @@ def rectify(teacher, target):
 
 
 def drkd_loss(student, teacher, target, temperature, ce_weight):
-    student, teacher = upcast(student, teacher)
+    student, teacher = upcast(student, teacher, temperature)
     loss = kd_loss(student, rectify(teacher, target), temperature)
     if ce_weight != 0:
         loss = loss + ce_weight * F.cross_entropy(student, target)

@@ -1236,10 +1236,15 @@ def fused_kd_loss_triton(
     rectify: bool,
     student_grad: bool,
     teacher_grad: bool,
+    teacher_indices: torch.Tensor | None = None,
+    teacher_fill: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The generic fused loss on Triton (same schema and results as kdfast::fused_kd_loss)."""
     check_fused_arguments("kdfast fused loss (triton)", student, teacher, target, difficulty, temperature,
-                          rank_strength, difficulty_mode, ce_coef, column_coef, rectify)
+                          rank_strength, difficulty_mode, ce_coef, column_coef, rectify, teacher_indices,
+                          teacher_fill, teacher_grad)
+    if teacher_indices is not None:
+        raise NotImplementedError("kdfast fused loss (triton): sparse teachers are not implemented yet")
     rows, classes = student.shape
     if classes > MAX_CLASSES:
         raise ValueError(f"kdfast fused loss (triton): at most {MAX_CLASSES} classes (32-bit column offsets), "
@@ -1288,7 +1293,8 @@ def _fused_loss(student, teacher, target, difficulty, temperature, kl_coef, ce_c
 
 @fused_kd_loss_triton.register_fake
 def _(student, teacher, target, difficulty, temperature, kl_coef, ce_coef, pearson_coef, spearman_coef,
-      column_coef, rank_strength, difficulty_mode, difficulty_value, rectify, student_grad, teacher_grad):
+      column_coef, rank_strength, difficulty_mode, difficulty_value, rectify, student_grad, teacher_grad,
+      teacher_indices=None, teacher_fill=None):
     loss = student.new_empty((), dtype=torch.float32)
     grad_student = torch.empty_like(student) if student_grad else student.new_empty((0,))
     grad_teacher = torch.empty_like(teacher) if teacher_grad else teacher.new_empty((0,))

@@ -32,7 +32,7 @@ float32 by option), ``log_sum_exp`` float32[T]. At k = 10, fp16 values and the d
 two temperatures (1 and 4): 8 + 1 + 1 + 4 + 2 + 20 + 20 + 8 = **64 bytes per sample per
 epoch** (ImageNet-1k: 82 MB per epoch).
 
-**What the rest of the row becomes**: :mod:`kdfast.cache.sparse` (uniform remainder,
+**What the rest of the row becomes**: :mod:`kdfast.sparse_teacher` (uniform remainder,
 exact when k = C).
 
 **Determinism and processes**: :mod:`kdfast.cache.build` (bytes identical for any number
@@ -42,7 +42,7 @@ of ranks and across kills and resumes; the teacher batch is part of the settings
 from kdfast.cache.build import build_cache, dataset_fingerprint
 from kdfast.cache.format import CacheError, CacheMismatchError
 from kdfast.cache.reader import CachedBatch, CacheReport, TeacherCache, cache_info, verify_cache
-from kdfast.cache.sparse import SparseTeacher
+from kdfast.sparse_teacher import SparseTeacher
 
 __all__ = ["CacheError", "CacheMismatchError", "CacheReport", "CachedBatch", "SparseTeacher", "TeacherCache",
            "build_cache", "cache_info", "dataset_fingerprint", "verify_cache"]

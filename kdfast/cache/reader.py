@@ -14,7 +14,7 @@ from kdfast.cache.format import (
     CacheError, CacheMismatchError, manifest_record_dtype, open_shard, read_manifest, record_bytes_by_field,
     sha256_file, shard_plan,
 )
-from kdfast.cache.sparse import SparseTeacher
+from kdfast.sparse_teacher import SparseTeacher
 
 
 class CachedBatch(NamedTuple):

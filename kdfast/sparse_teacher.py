@@ -1,5 +1,9 @@
 """The sparse (cached) teacher: a row's top-k logits plus what the loss needs for the rest.
 
+Every kdfast loss accepts a :class:`SparseTeacher` in place of dense teacher logits (the
+offline teacher cache, :mod:`kdfast.cache`, yields one per batch); the fused backends
+rebuild each row from it where they read the teacher, without a dense B×C teacher.
+
 For a row with teacher logits ``t`` (C classes), the cache keeps the k largest logits
 ``v_j`` (their classes ``i_j``) and, for each stored temperature τ, the full row's
 log-sum-exp ``L_τ = log Σ_c exp(t_c / τ)`` (fp32, from the unrounded logits).
@@ -92,10 +96,23 @@ class SparseTeacher:
     def top_k(self) -> int:
         return self.indices.shape[1]
 
+    @property
+    def batch_size(self) -> int:
+        return self.indices.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
     def to(self, device) -> "SparseTeacher":
-        """The same teacher with its tensors on ``device``."""
-        return SparseTeacher(self.indices.to(device), self.values.to(device), self.log_sum_exp.to(device),
-                             self.temperatures, self.num_classes)
+        """The same teacher with its tensors on ``device`` (not checked again: on a GPU the
+        index checks would cost a device sync every step)."""
+        moved = object.__new__(SparseTeacher)
+        for name, value in (("indices", self.indices.to(device)), ("values", self.values.to(device)),
+                            ("log_sum_exp", self.log_sum_exp.to(device)), ("temperatures", self.temperatures),
+                            ("num_classes", self.num_classes)):
+            object.__setattr__(moved, name, value)
+        return moved
 
     def temperature_column(self, temperature: float) -> int:
         """The column of ``log_sum_exp`` that holds ``temperature`` (ValueError when it is not stored)."""
@@ -107,24 +124,43 @@ class SparseTeacher:
                          f"{self.num_classes} the remaining mass is only known at those (build the cache with "
                          f"--temperatures including {temperature:g})")
 
-    def dense(self, temperature: float) -> torch.Tensor:
-        """float32 [B, C] teacher logits under the uniform-remainder treatment at ``temperature``
-        (see the module doc): ``softmax(dense / temperature)`` has the exact top-k
-        probabilities and the remaining mass spread evenly over the other classes.
+    def fill(self, temperature: float | None) -> torch.Tensor:
+        """float32 [B]: the logit every class outside the top k gets.
 
-        When k = C the stored logits themselves are returned, exact at any temperature;
-        otherwise ``temperature`` must be one of :attr:`temperatures`."""
+        At a temperature, the uniform remainder's fill logit ``f`` (module doc). With
+        ``temperature=None`` (the rank-only Spearman loss, which has none) the largest float32
+        below the row's smallest stored logit: the other classes tie below the top k, whose
+        ranks are exact. When k = C no class takes it (zeros)."""
         batch, k = self.indices.shape
-        classes = self.num_classes
         values = self.values.float()
-        if k == classes:
-            return torch.empty(batch, classes, dtype=torch.float32, device=values.device).scatter_(
-                1, self.indices, values)
+        if k == self.num_classes:
+            return torch.zeros(batch, dtype=torch.float32, device=values.device)
+        if temperature is None:
+            lowest = values.min(dim=1).values
+            return torch.nextafter(lowest, torch.full_like(lowest, -math.inf))
         column = self.temperature_column(temperature)
         tau = self.temperatures[column]
-        lse = self.log_sum_exp[:, column:column + 1].double()
-        kept = torch.exp(values.double() / tau - lse).sum(dim=1, keepdim=True)
+        lse = self.log_sum_exp[:, column].double()
+        kept = torch.exp(values.double() / tau - lse[:, None]).sum(dim=1)
         remaining = (1.0 - kept).clamp_min(_TINY)
-        fill = tau * (torch.log(remaining / (classes - k)) + lse)
-        dense = fill.expand(batch, classes).clone().scatter_(1, self.indices, values.double())
-        return dense.float()
+        return (tau * (torch.log(remaining / (self.num_classes - k)) + lse)).float()
+
+    def dense(self, temperature: float | None) -> torch.Tensor:
+        """float32 [B, C] teacher logits: the stored top k and :meth:`fill` elsewhere, so that
+        ``softmax(dense / temperature)`` has the exact top-k probabilities and the remaining
+        mass spread evenly over the other classes (module doc).
+
+        When k = C the stored logits themselves, exact at any temperature; otherwise
+        ``temperature`` must be one of :attr:`temperatures` (or None: ranks only)."""
+        batch, classes = self.batch_size, self.num_classes
+        fill = self.fill(temperature if self.top_k < classes else None)
+        return fill[:, None].expand(batch, classes).clone().scatter_(1, self.indices, self.values.float())
+
+    def kernel_arguments(self, temperature: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the fused operators take for this teacher (their ``teacher``,
+        ``teacher_indices`` and ``teacher_fill``): float32 values [B, k] and int32 indices
+        [B, k], each row sorted by class (the GPU kernels find a class by binary search), and
+        the float32 fill [B] of :meth:`fill`. The row they describe is :meth:`dense`'s."""
+        indices, order = self.indices.sort(dim=1)
+        values = self.values.float().gather(1, order)
+        return values.contiguous(), indices.to(torch.int32).contiguous(), self.fill(temperature).contiguous()
