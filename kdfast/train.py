@@ -547,10 +547,11 @@ class KDStep:
     def __call__(self, images, labels, indices, epoch: int, mark=None) -> dict[str, torch.Tensor]:
         mark = mark or (lambda part: None)
         teacher_logits = teacher_features = None
+        loss_teacher = None
         if self.teacher_cache is not None:
-            # The recorded teacher of these samples in this epoch (e mod E), as the loss's dense logits.
-            cached = self.teacher_cache.read(epoch, indices, self.runtime.device)
-            teacher_logits = cached.teacher.dense(self.loss_fn.temperature)
+            # The recorded teacher of these samples in this epoch (e mod E): a SparseTeacher, whose
+            # rows the losses rebuild where they read them (no dense B×C teacher on the fused backends).
+            loss_teacher = self.teacher_cache.read(epoch, indices, self.runtime.device).teacher
             mark("teacher from cache")
         with _autocast(self.config, self.runtime.device):
             if self.teacher is not None:
@@ -561,8 +562,8 @@ class KDStep:
             with _collective(self.runtime, "DDP's broadcast of the BatchNorm buffers (forward)"):
                 student_logits, adapted = self.step_model(images, teacher_logits, teacher_features)
         mark("student forward")
-        terms = self.loss_fn(student_logits, teacher_logits, adapted, self.model.adapter, labels, indices, epoch,
-                             self.runtime)
+        terms = self.loss_fn(student_logits, teacher_logits if loss_teacher is None else loss_teacher, adapted,
+                             self.model.adapter, labels, indices, epoch, self.runtime)
         loss = sum(terms.values())
         mark("loss")
         self.optimizer.zero_grad(set_to_none=True)
