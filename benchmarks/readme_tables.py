@@ -1,4 +1,4 @@
-"""Writes the README's static GPU tables from ``benchmarks/results/gpu_static.csv``.
+"""Writes the README's generated tables from the result files in ``benchmarks/results/``.
 
     python benchmarks/readme_tables.py [--csv benchmarks/results/gpu_static.csv] [--readme README.md] [--check]
 
@@ -11,7 +11,9 @@ what it would write, for CI). Tables:
   kernel and class count (bf16 Triton rows; every dtype pair of a CUDA kernel, whose
   instantiations are compiled together);
 * ``gpu-bytes``: passes over each input and bytes moved against the floor per loss of the
-  Triton row kernel (bf16, student gradient; with the teacher's in brackets).
+  Triton row kernel (bf16, student gradient; with the teacher's in brackets);
+* ``sparse-error``: each loss's error with a cached top-k teacher, per k
+  (``benchmarks/results/sparse_teacher_error.csv``).
 """
 
 from __future__ import annotations
@@ -136,6 +138,34 @@ def bytes_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def sparse_error_table(rows: list[dict]) -> str:
+    """Relative gradient (and loss) error of each loss with a cached top-k teacher, per k:
+    the last run of ``benchmarks/sparse_teacher_error.py`` (rows of its newest commit)."""
+    latest = [row for row in rows if row["commit"] == rows[-1]["commit"]]
+    names = list(dict.fromkeys(row["loss"] for row in latest))
+    by_key = {(row["loss"], row["k"]): row for row in latest}
+    ks = sorted({int(row["k"]) for row in latest})
+    first = latest[0]
+    lines = ["| k | mass outside the top k, τ = 1 / τ = 4 | " + " | ".join(names) + " |",
+             "| ---: | ---: | " + " | ".join("---:" for _ in names) + " |"]
+    for k in ks:
+        some = by_key[(names[0], str(k))]
+        cells = []
+        for name in names:
+            row = by_key[(name, str(k))]
+            grad, loss = float(row["grad_rel_error_median"]), float(row["loss_rel_error_median"])
+            cells.append("exact" if grad == 0 and loss == 0 else f"{100 * grad:.3g} % ({100 * loss:.3g} %)")
+        lines.append(f"| {k} | {100 * float(some['tail_mass_tau_1']):.2g} % / {100 * float(some['tail_mass_tau_4']):.2g} % | "
+                     + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Median over {first['batches']} batches of {first['batch']} synthetic ImageNet-like rows "
+                 f"(C = {first['classes']}, teacher mean top-1 probability {first['teacher_top1_probability']}): "
+                 f"relative error of the student gradient ‖g_k − g‖/‖g‖ (of the loss |L_k − L|/|L|) against the "
+                 f"dense teacher. {first['device']}, commit {first['commit']}, {first['date']}; "
+                 f"`python benchmarks/sparse_teacher_error.py`.")
+    return "\n".join(lines)
+
+
 def render(readme: str, tables: dict[str, str]) -> str:
     for name, table in tables.items():
         pattern = re.compile(rf"(<!-- {name}:begin -->\n)(?:.*?\n)?(<!-- {name}:end -->)", re.S)
@@ -153,9 +183,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     with open(args.csv, newline="") as handle:
         rows = list(csv.DictReader(handle))
+    with open(os.path.join(ROOT, "benchmarks", "results", "sparse_teacher_error.csv"), newline="") as handle:
+        sparse_rows = list(csv.DictReader(handle))
     with open(args.readme) as handle:
         current = handle.read()
-    updated = render(current, {"gpu-static": static_table(rows), "gpu-bytes": bytes_table(rows)})
+    updated = render(current, {"gpu-static": static_table(rows), "gpu-bytes": bytes_table(rows),
+                               "sparse-error": sparse_error_table(sparse_rows)})
     if args.check:
         if updated != current:
             print(f"{args.readme}: the generated GPU tables differ from {args.csv}; run benchmarks/readme_tables.py")
