@@ -9,6 +9,14 @@ learning-rate schedule. Feeds:
   dali        kdfast's DALI pipeline (GPU decode on a GPU) on a folder of JPEGs
   torch       the PyTorch fallback loader on the same folder
 
+  synthetic+cache, torch+cache, digits+cache
+              the same feeds training from an offline teacher cache (kdfast.cache) instead of
+              running the teacher: the torch loader replays the cache's crops, the step reads
+              the batch's top-k records (--cache-top-k) and the losses take the SparseTeacher.
+              The cache (one epoch, a randomly initialized teacher) is built first, timed:
+              its images/s are reported with the teacher's own inference images/s on the same
+              loader (build_images_per_s, teacher_inference_images_per_s).
+
 The JPEG folder is bench_data.py's (500×375 crops of scikit-learn's photographs).
 Each feed runs --warmup steps, then --repeats timed blocks of --steps steps (the device is
 synchronized at block ends); reported: the median images/s over blocks with the 20/80 %
@@ -30,6 +38,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import os
 import statistics
@@ -45,7 +54,7 @@ from common import append_rows, device_name  # noqa: E402
 
 from kdfast.config import TrainConfig  # noqa: E402
 from kdfast.data import dali_version, write_digits_folder  # noqa: E402
-from kdfast.train import KDStep, Runtime, make_loaders  # noqa: E402
+from kdfast.train import KDStep, Runtime, make_loaders, open_teacher_cache  # noqa: E402
 
 PRESETS = {
     "digits": dict(data="digits", student="resnet8", teacher="resnet20", method="cmkd", batch_size=64,
@@ -55,7 +64,7 @@ PRESETS = {
     "imagenet": dict(data="photos", student="resnet18", teacher="resnet34", method="cmkd", batch_size=256,
                      image_size=224, feeds=["synthetic", "dali", "torch"], amp="bf16", channels_last=True),
 }
-PARTS = ("teacher forward", "student forward", "loss", "backward", "optimizer")
+PARTS = ("teacher forward", "teacher from cache", "student forward", "loss", "backward", "optimizer")
 
 
 def synchronize(device: torch.device) -> None:
@@ -100,6 +109,47 @@ def time_parts(step: KDStep, batch, device, steps: int) -> dict[str, float]:
     return {part: statistics.median(values) for part, values in times.items() if values}
 
 
+def build_teacher_cache(preset: dict, device: torch.device, workers: int, top_k: int, folder: str) -> dict:
+    """Build a one-epoch cache of ``preset``'s teacher (random weights) under ``folder``; returns
+    the cache folder, the build's images/s and the teacher's plain inference images/s on the
+    same loader (decode, crop and forward; nothing stored)."""
+    import shutil
+    import tempfile
+
+    from kdfast.cache import build_cache
+    from kdfast.models import create_model
+
+    config = TrainConfig(**preset, loader="torch", workers=workers, device=device.type, epochs=1, progress="none",
+                         tensorboard=False)
+    runtime = Runtime(0, 1, 0, device)
+    train_loader, _ = make_loaders(config, runtime)
+    channels, height, _ = train_loader.image_shape
+    torch.manual_seed(0)
+    teacher = create_model(config.teacher, train_loader.num_classes, channels, height).to(device).eval()
+    checkpoint = os.path.join(tempfile.mkdtemp(prefix="kdfast-bench-teacher-"), "teacher.pt")
+    torch.save(teacher.state_dict(), checkpoint)
+    output = f"{folder}-cache-{config.teacher}-k{top_k}"
+    shutil.rmtree(output, ignore_errors=True)
+    common = dict(image_size=preset.get("image_size"), amp=config.amp, batch_size=config.batch_size)
+    # The build's deterministic mode makes PyTorch import its compiler once (~1 s here): a
+    # start-up cost, not a per-image one; imported before the clock starts.
+    importlib.import_module("torch._inductor")
+    begin = time.perf_counter()
+    build_cache(config.data, config.teacher, checkpoint, output, epochs=1, top_k=top_k, loader="torch",
+                workers=workers, device=device.type, progress="none", **common)
+    build_rate = train_loader.num_samples / (time.perf_counter() - begin)
+    # The teacher's own inference over the same loader (the samples the build decoded).
+    begin, images = time.perf_counter(), 0
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=config.amp == "bf16"):
+        for batch in train_loader.iterate(0):
+            teacher(batch[0])
+            images += len(batch[0])
+    synchronize(device)
+    inference_rate = images / (time.perf_counter() - begin)
+    return {"folder": output, "build_images_per_s": round(build_rate, 1),
+            "teacher_inference_images_per_s": round(inference_rate, 1)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=list(PRESETS), default="digits")
@@ -115,6 +165,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--compile", action="store_true", help="torch.compile student and teacher")
+    parser.add_argument("--teacher", default=None, help="default: the preset's")
+    parser.add_argument("--cache-top-k", type=int, default=10, help="top-k of the +cache feeds' teacher cache")
     parser.add_argument("--output", default="train.csv", help="CSV under benchmarks/results/ ('' to not write)")
     args = parser.parse_args(argv)
 
@@ -125,6 +177,8 @@ def main(argv=None) -> int:
         preset["method"] = args.method
     if args.batch_size:
         preset["batch_size"] = args.batch_size
+    if args.teacher:
+        preset["teacher"] = args.teacher
     if preset["data"] == "photos":
         preset["data"] = make_photo_folder(args.folder, args.images)
     elif preset["data"] == "digits-jpeg":
@@ -134,27 +188,35 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     runtime = Runtime(0, 1, 0, device)
-    rows, synthetic_rate = [], None
+    rows, synthetic_rate, cache = [], {}, None
     for feed in feeds:
-        if feed == "dali" and dali_version() is None:
+        base, cached = feed.removesuffix("+cache"), feed.endswith("+cache")
+        if base == "dali" and dali_version() is None:
             print(f"{feed}: skipped (DALI is not installed)")
             continue
-        loader_name = feed if feed in ("dali", "torch") else "auto"
+        if cached and cache is None:
+            cache = build_teacher_cache(preset, device, args.workers, args.cache_top_k, args.folder)
+            print(f"cache: built at {cache['build_images_per_s']} images/s (the teacher's own inference on the "
+                  f"loader: {cache['teacher_inference_images_per_s']} images/s)", flush=True)
+        loader_name = base if base in ("dali", "torch") else "torch" if cached else "auto"
         config = TrainConfig(**preset, loader=loader_name, workers=args.workers, compile=args.compile,
-                             device=device.type, epochs=100, progress="none", tensorboard=False)
-        train_loader, _ = make_loaders(config, runtime)
-        step = KDStep(config, runtime, train_loader, load_weights=False)
+                             device=device.type, epochs=100, progress="none", tensorboard=False,
+                             teacher_cache=cache["folder"] if cached else None)
+        teacher_cache = open_teacher_cache(config)
+        train_loader, _ = make_loaders(config, runtime, teacher_cache)
+        step = KDStep(config, runtime, train_loader, load_weights=False, teacher_cache=teacher_cache)
         step.wrap()
         batches = forever(train_loader)
         first = next(batches)
-        if feed == "synthetic":  # one real batch, kept on the device and reused
+        if base == "synthetic":  # one real batch, kept on the device and reused
             batches = itertools.repeat(first)
         rates = time_feed(step, batches, device, args.steps, args.repeats, args.warmup, config.batch_size)
-        parts = time_parts(step, first, device, max(5, args.steps // 2)) if feed == "synthetic" else {}
+        parts = time_parts(step, first, device, max(5, args.steps // 2)) if base == "synthetic" else {}
         median = statistics.median(rates)
         q20, q80 = np.quantile(rates, [0.2, 0.8])
-        synthetic_rate = median if feed == "synthetic" else synthetic_rate
-        share = "" if synthetic_rate is None else round(median / synthetic_rate, 3)
+        if base == "synthetic":
+            synthetic_rate[cached] = median
+        share = "" if cached not in synthetic_rate else round(median / synthetic_rate[cached], 3)
         total = sum(parts.values())
         row = dict(preset=args.preset, feed=feed, method=config.method, student=config.student,
                    teacher=config.teacher, batch_size=config.batch_size, image_size=train_loader.image_shape[1],
@@ -163,10 +225,13 @@ def main(argv=None) -> int:
                    of_synthetic=share,
                    **{f"{part.replace(' ', '_')}_ms": round(parts.get(part, float("nan")), 3) for part in PARTS},
                    loss_share=round(parts["loss"] / total, 4) if parts else "",
+                   cache_top_k=args.cache_top_k if cached else "",
+                   build_images_per_s=cache["build_images_per_s"] if cached else "",
+                   teacher_inference_images_per_s=cache["teacher_inference_images_per_s"] if cached else "",
                    device=device_name(device), torch=torch.__version__)
         rows.append(row)
-        print(f"{feed:10s} {median:9.1f} images/s (20-80%: {q20:.1f}-{q80:.1f})"
-              + (f"  {100 * share:.1f}% of synthetic" if feed != "synthetic" and share != "" else ""), flush=True)
+        print(f"{feed:16s} {median:9.1f} images/s (20-80%: {q20:.1f}-{q80:.1f})"
+              + (f"  {100 * share:.1f}% of synthetic" if base != "synthetic" and share != "" else ""), flush=True)
         for part, ms in parts.items():
             print(f"    {part:16s} {ms:8.3f} ms  {100 * ms / total:5.1f}%")
         del step, train_loader, batches

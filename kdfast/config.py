@@ -372,9 +372,6 @@ def validate(config: TrainConfig) -> None:
             raise ValueError("teacher_cache and teacher_checkpoint exclude each other: with a cache no teacher is "
                              "built or run (its logits come from the cache); drop --teacher-checkpoint, or "
                              "--teacher-cache to run the teacher")
-        if config.loader == "dali":
-            raise ValueError("--teacher-cache with --loader dali is not supported yet: DALI draws its crops inside "
-                             "its pipeline and cannot replay the cache's; use --loader torch (or auto)")
     elif config.method in TEACHER_METHODS and not config.teacher:
         raise ValueError(f"method {config.method!r} needs a teacher: pass --teacher ARCH --teacher-checkpoint FILE "
                          f"(or --teacher-cache DIR, built by `kdfast cache build`)")

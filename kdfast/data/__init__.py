@@ -77,8 +77,10 @@ def make_loader(data: str | os.PathLike, split: str = "train", *, batch_size: in
             (left, top, right, bottom) in source-image pixels — e.g. a teacher cache's
             :meth:`kdfast.cache.TeacherCache.augmentation`. The torch loader crops, resizes and
             flips them with the code that draws its own (the cache builder's), so the
-            images are bit for bit those the cache's teacher saw; the digits take the box as
-            their one-pixel shift. Train split only; not with DALI (``"auto"`` picks torch).
+            images are bit for bit those the cache's teacher saw; DALI decodes exactly the
+            recorded windows with ``fn.decoders.image_slice`` and flips them (its own decode
+            and resize: pixels within a few levels of those); the digits take the box as
+            their one-pixel shift. Train split only; ``"auto"`` picks torch (exact pixels).
 
     Indexing checks every file (:mod:`kdfast.data.check`; cached per file): a truncated,
     empty, unreadable or non-image file raises :class:`DatasetError` naming each such file
@@ -104,9 +106,6 @@ def make_loader(data: str | os.PathLike, split: str = "train", *, batch_size: in
         if not callable(augmentation):
             raise ValueError(f"augmentation must be a callable (epoch, sample_indices) -> (boxes, flips), got "
                              f"{type(augmentation).__name__}")
-        if loader == "dali":
-            raise ValueError("loader 'dali' cannot replay recorded crops yet (DALI draws its crops inside its "
-                             "pipeline); use loader 'torch' (or 'auto', which picks it for a replay)")
         if loader == "auto" and str(data) != DIGITS_NAME:
             loader = "torch"
     if str(data) == DIGITS_NAME:
@@ -138,7 +137,7 @@ def make_loader(data: str | os.PathLike, split: str = "train", *, batch_size: in
     if loader == "dali":
         from kdfast.data.dali_loader import DaliLoader
 
-        return DaliLoader(index, order, num_threads=max(1, num_workers), **options)
+        return DaliLoader(index, order, num_threads=max(1, num_workers), augmentation=augmentation, **options)
     from kdfast.data.torch_loader import TorchLoader
 
     return TorchLoader(index, order, num_workers=num_workers, augmentation=augmentation, **options)

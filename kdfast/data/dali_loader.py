@@ -11,7 +11,13 @@ Transforms (torchvision's ImageNet recipe):
 * train: random-resized crop (area 8–100 %, aspect ratio 3/4–4/3, decoded region of
   interest only), resize to ``image_size`` × ``image_size``, horizontal flip with
   probability ½, normalization;
-* val: resize the shorter side to ``resize_size``, center crop ``image_size``, normalization.
+* val: resize the shorter side to ``resize_size``, center crop ``image_size``, normalization;
+* replay (``augmentation``, e.g. a teacher cache's): each sample's recorded crop box and
+  flip come through the external source with its path; ``fn.decoders.image_slice``
+  decodes just that window (anchor and shape in source pixels, EXIF orientation ignored as
+  Pillow does), then resize, flip and normalization as in training. The window and flip are
+  exactly the recorded ones; the pixels are DALI's decode and resize of them, within a few
+  levels of the torch loader's Pillow pixels that the cache's teacher saw.
 
 An external source hands the pipeline this rank's batches of sample indices in the order
 :class:`~kdfast.data.common.SampleOrder` fixes (DALI reads the files, ``fn.io.file.read``),
@@ -68,14 +74,17 @@ class _BatchFeed:
     and ``fed`` remembers every batch handed out, so that a decode failure reported for the
     k-th batch can be traced to its file."""
 
-    def __init__(self, paths: list[np.ndarray]):
+    def __init__(self, paths: list[np.ndarray], augmentation=None):
         self.paths = paths
+        self.augmentation = augmentation
         self.fed: list[np.ndarray] = []
         self._pending = iter(())
+        self._epoch = 0
 
-    def start(self, batches: list[np.ndarray]) -> None:
+    def start(self, batches: list[np.ndarray], epoch: int) -> None:
         self.fed = []
         self._pending = iter(batches)
+        self._epoch = epoch
 
     def __iter__(self):
         return self
@@ -83,7 +92,17 @@ class _BatchFeed:
     def __next__(self):
         batch = next(self._pending)  # StopIteration ends the epoch
         self.fed.append(batch)
-        return [self.paths[i] for i in batch], [np.array([i], dtype=np.int64) for i in batch]
+        outputs = [self.paths[i] for i in batch], [np.array([i], dtype=np.int64) for i in batch]
+        if self.augmentation is None:
+            return outputs
+        # A replayed augmentation: each sample's recorded box (left, top, right, bottom, in
+        # source pixels) as the decoder's region anchor (x, y) and shape (w, h), and its flip.
+        boxes, flips = self.augmentation(self._epoch, batch)
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(len(batch), 4)
+        anchors = [box[:2].copy() for box in boxes]
+        shapes = [box[2:] - box[:2] for box in boxes]
+        mirrors = [np.array(bool(flip), dtype=np.int32) for flip in np.asarray(flips).reshape(len(batch))]
+        return (*outputs, anchors, shapes, mirrors)
 
 
 def _build_pipeline(feed: _BatchFeed, *, train, image_size, resize_size, device_id, batch_size, num_threads, seed,
@@ -99,10 +118,21 @@ def _build_pipeline(feed: _BatchFeed, *, train, image_size, resize_size, device_
     def pipeline():
         # Batches may be smaller than batch_size (validation's last one): DALI takes
         # variable-sized batches from an external source.
-        paths, indices = fn.external_source(source=feed, num_outputs=2, batch=True, cycle="raise",
-                                            dtype=[types.UINT8, types.INT64])
+        replay = feed.augmentation is not None
+        outputs = fn.external_source(source=feed, num_outputs=5 if replay else 2, batch=True, cycle="raise",
+                                     dtype=[types.UINT8, types.INT64] + ([types.FLOAT, types.FLOAT, types.INT32]
+                                                                         if replay else []))
+        paths, indices = outputs[:2]
         jpegs = fn.io.file.read(paths)
-        if train:
+        if replay:
+            # The recorded crop window, decoded alone (region of interest), in the stored image's
+            # own orientation: Pillow, which drew the boxes and fed the teacher, ignores EXIF.
+            anchors, shapes, mirror = outputs[2:]
+            images = fn.decoders.image_slice(jpegs, anchors, shapes, axis_names="WH", normalized_anchor=False,
+                                             normalized_shape=False, adjust_orientation=False,
+                                             output_type=types.RGB, **decoder_options)
+            images = fn.resize(images, resize_x=image_size, resize_y=image_size)
+        elif train:
             images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, random_area=[0.08, 1.0],
                                                    random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,
                                                    **decoder_options)
@@ -131,7 +161,7 @@ class DaliLoader(Loader):
     """
 
     def __init__(self, index: SplitIndex, order: SampleOrder, *, image_size: int, resize_size: int, device,
-                 dtype, channels_last: bool, num_threads: int):
+                 dtype, channels_last: bool, num_threads: int, augmentation=None):
         if dali_version() is None:
             raise ImportError("loader='dali' needs NVIDIA DALI: pip install nvidia-dali-cuda130 "
                               "(or use loader='torch')")
@@ -139,7 +169,7 @@ class DaliLoader(Loader):
         self.index, self.classes = index, index.classes
         self.image_size, self.resize_size, self.num_threads = image_size, resize_size, num_threads
         self.image_shape = (3, image_size, image_size)
-        self._feed = _BatchFeed([np.frombuffer(path.encode(), dtype=np.uint8) for path in index.files])
+        self._feed = _BatchFeed([np.frombuffer(path.encode(), dtype=np.uint8) for path in index.files], augmentation)
         if self.device.type == "cuda":
             self._device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         else:
@@ -150,7 +180,7 @@ class DaliLoader(Loader):
     def _start(self, batches: list[np.ndarray], epoch: int, start_batch: int):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        self._feed.start(batches)
+        self._feed.start(batches, epoch)
         if self._iterator is not None and not self._reading:
             self._iterator.reset()  # pulls the new epoch's first batches from the feed
             return
