@@ -35,7 +35,8 @@ from common import append_rows, device_name, measure_ms  # noqa: E402
 
 from kdfast.data import make_loader  # noqa: E402
 from kdfast.gate import gate_compact  # noqa: E402
-from kdfast.reskd import demo, load_chain, stage_flops  # noqa: E402
+from kdfast.reskd import load_chain, stage_flops  # noqa: E402
+from kdfast.reskd_demo import demo  # noqa: E402
 
 
 def paired_times(full_fn, gated_fn, reps: int, warmup: int = 5) -> tuple[list[float], list[float]]:

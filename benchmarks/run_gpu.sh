@@ -12,8 +12,9 @@
 #   bash benchmarks/run_gpu.sh full     # stage 2, <= 6 min, after smoke on the same warm machine (the
 #                                       #   build is reused): the other gpu tests, kd_loss at large C
 #                                       #   (--preset gpu-large-c), torch.compile at the headline shape
-#   bash benchmarks/run_gpu.sh full2    # stage 3, <= 5 min: the training step and the input pipelines
-#                                       #   on the GPU (bench_train.py --preset imagenet, bench_data.py);
+#   bash benchmarks/run_gpu.sh full2    # stage 3, <= 7 min: the training step (online and from a teacher
+#                                       #   cache) and the input pipelines on the GPU (bench_train.py
+#                                       #   --preset imagenet, bench_data.py);
 #                                       #   least important, and without DALI it measures only the
 #                                       #   PyTorch loader. A 15-minute lease holds smoke + full, not full2.
 #   bash benchmarks/run_gpu.sh all      # smoke, full, full2 in one go (a machine of your own)
@@ -69,7 +70,7 @@ if [ -z "$STAGE" ]; then
 fi
 if [ "$STAGE" = all ]; then STAGES=(smoke full full2); else STAGES=("$STAGE"); fi
 declare -A BUDGET=([smoke]=${RUN_GPU_BUDGET_SMOKE:-300} [full]=${RUN_GPU_BUDGET_FULL:-360}
-                   [full2]=${RUN_GPU_BUDGET_FULL2:-300})
+                   [full2]=${RUN_GPU_BUDGET_FULL2:-420})
 for stage in smoke full full2; do
   case "${BUDGET[$stage]}" in '' | *[!0-9]*) echo "RUN_GPU_BUDGET_${stage^^}: seconds, got '${BUDGET[$stage]}'" >&2; exit 2 ;; esac
 done
@@ -304,6 +305,9 @@ plan_full2() {
   add_step full2 bench-train 150 30 \
     "$PYQ benchmarks/bench_train.py --preset imagenet --workers 16 --output $OUTQ/train_gpu.csv" \
     "ResNet-34 -> ResNet-18, CMKD, bf16, channels_last, 224 px, batch 256: synthetic vs DALI (if installed) vs PyTorch loader; needs scikit-learn for its photos"
+  add_step full2 bench-train-cache 120 20 \
+    "$PYQ benchmarks/bench_train.py --preset imagenet --method kd --workers 16 --feeds synthetic synthetic+cache torch torch+cache --steps 10 --repeats 3 --output $OUTQ/teacher_cache_gpu.csv" \
+    "KD step from an offline teacher cache (top-10, built first: build vs teacher-inference images/s) vs the online teacher, ResNet-34 -> ResNet-18 bf16 224 px"
   add_step full2 bench-data 90 20 \
     "providers=torch-gpu; $PYQ -c 'import nvidia.dali' 2>/dev/null && providers='dali-gpu torch-gpu'; $PYQ benchmarks/bench_data.py --providers \$providers --workers 16 --batch-size 256 --output $OUTQ/data_gpu.csv" \
     "images/s of the loaders delivering to the GPU; needs scikit-learn for its photos"

@@ -55,7 +55,7 @@ def _eval(args) -> int:
 
 
 def _reskd_demo(args) -> int:
-    from kdfast.reskd import demo
+    from kdfast.reskd_demo import demo
 
     demo(args.output)
     return 0

@@ -400,6 +400,24 @@ def _batches(loader, chain: ResidualChain | None = None, what: str = "loader"):
 
 
 @torch.no_grad()
+def _top1(model: nn.Module, loader) -> float:
+    """Top-1 (in %) of a plain classifier over ``loader``, counted as the trainer's evaluation
+    counts it (the first of the top-min(5, C) classes, float32 logits, eval mode)."""
+    was_training = model.training
+    model.eval()
+    correct = count = 0
+    with torch.no_grad():
+        for images, labels in _batches(loader, what="references' loader"):
+            logits = model(images).float()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices[:, 0]
+            correct += int((top == labels).sum())
+            count += len(labels)
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("the loader yielded no images")
+    return 100 * correct / count
+
+
 def collect(chain: ResidualChain, loader) -> tuple[torch.Tensor, torch.Tensor]:
     """(max probability after each stage but the last [S−1, N] float64, correct after each stage [S, N] bool)."""
     from kdfast.gate import max_probability
@@ -640,12 +658,7 @@ def accuracy_cost_curve(chain: ResidualChain, loader, *, references: dict[str, n
         gated[i] = measured
     prefixes = [{"stages": k, "top1": 100 * correct[k - 1].double().mean().item(), "flops": float(sum(flops[:k]))}
                 for k in range(1, chain.num_stages + 1)]
-    from kdfast.config import TrainConfig
-    from kdfast.train import Runtime, evaluate
-
-    runtime = Runtime(0, 1, 0, device)
-    reference_points = {name: {"top1": evaluate(model, loader, runtime, TrainConfig())["top1"],
-                               "flops": reference_flops[name]}
+    reference_points = {name: {"top1": _top1(model, loader), "flops": reference_flops[name]}
                         for name, model in references.items()}
     return {"stage_flops": flops, "gated": gated, "chain_prefixes": prefixes, "references": reference_points,
             "gated_check": check}
@@ -728,58 +741,3 @@ def two_fold_calibration(chain: ResidualChain, loader, max_accuracy_drop: float)
                       "test_full_chain_top1": full, "test_flops_fraction": measured["flops"] / sum(flops),
                       "stage_fractions": measured["stage_fractions"]})
     return folds
-
-
-def demo(output="runs/reskd", print_fn=print) -> dict:
-    """``kdfast reskd demo``: train a teacher, a plain student and a 3-stage chain on the
-    digits, then write the accuracy-vs-cost curve and a two-fold calibration."""
-    from kdfast.config import resolve_config
-    from kdfast.data import make_loader
-    from kdfast.models import create_model, load_weights
-    from kdfast.train import train
-
-    output = Path(output)
-    common = dict(progress="none", eval_every=0, tensorboard=False)
-    quiet = lambda *_: None  # noqa: E731
-    teacher_file = output / "teacher" / "model.pt"
-    train(resolve_config(student="resnet20", epochs=30, output=str(teacher_file.parent), **common), print_fn=quiet)
-    distill = dict(teacher="resnet20", teacher_checkpoint=str(teacher_file), **common)
-    # The plain student: the base's architecture, trained as long as the whole chain.
-    train(resolve_config(student="resnet8_w4", method="kd", epochs=24, output=str(output / "student"), **distill),
-          print_fn=quiet)
-    chain_file = None
-    for stage, epochs in enumerate((4, 10, 10)):  # a briefly trained base, then two res-students
-        folder = output / f"stage{stage}"
-        train(resolve_config(student="resnet8_w4", method="reskd", epochs=epochs, reskd_chain=chain_file,
-                             output=str(folder), **distill), print_fn=quiet)
-        chain_file = str(folder / "chain.pt")
-    chain, spec = load_chain(chain_file)
-    val = make_loader("digits", "val", batch_size=540)
-    teacher = create_model("resnet20", 10, 1, 8)
-    load_weights(teacher, teacher_file)
-    student = create_model("resnet8_w4", 10, 1, 8)
-    load_weights(student, output / "student" / "model.pt")
-    curve = accuracy_cost_curve(chain, val, references={"teacher": teacher, "student": student})
-    curve["architectures"] = spec["architectures"]
-    curve["two_fold_calibration"] = two_fold_calibration(chain, val, max_accuracy_drop=0.25)
-    json_path, png_path = write_curve(curve, output)
-    teacher_flops = curve["references"]["teacher"]["flops"]
-    print_fn(f"ResKD on digits: chain {' + '.join(spec['architectures'])}")
-    for point in curve["chain_prefixes"]:
-        print_fn(f"  {point['stages']} stage(s): top-1 {point['top1']:.2f}%, {point['flops'] / 1e3:.0f} kFLOPs "
-                 f"({100 * point['flops'] / teacher_flops:.1f}% of the teacher)")
-    for name, point in curve["references"].items():
-        print_fn(f"  {name}: top-1 {point['top1']:.2f}%, {point['flops'] / 1e3:.0f} kFLOPs")
-    folds = curve["two_fold_calibration"]
-    for fold in folds:
-        print_fn(f"  calibrated {fold['folds']} (≤ 0.25 points): top-1 {fold['test_top1']:.2f}% vs full chain "
-                 f"{fold['test_full_chain_top1']:.2f}% at {100 * fold['test_flops_fraction']:.1f}% of its FLOPs")
-    # Every image once, gated with thresholds calibrated on the other half (equal halves).
-    mean = lambda key: sum(fold[key] for fold in folds) / len(folds)  # noqa: E731
-    curve["cross_validated"] = {"top1": mean("test_top1"), "full_chain_top1": mean("test_full_chain_top1"),
-                                "flops_fraction": mean("test_flops_fraction")}
-    json_path.write_text(json.dumps(curve, indent=2) + "\n")
-    print_fn(f"  cross-validated: top-1 {mean('test_top1'):.2f}% vs full chain {mean('test_full_chain_top1'):.2f}% "
-             f"at {100 * mean('test_flops_fraction'):.1f}% of its FLOPs")
-    print_fn(f"curve: {json_path}, {png_path}")
-    return curve
