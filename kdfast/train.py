@@ -58,6 +58,7 @@ from kdfast.checkpoint import (CheckpointError, RunLock, atomic_write_bytes, lat
                                read_checkpoint_file, remove_orphaned_temporaries, save_state_dict, write_checkpoint)
 from kdfast.config import (RESUME_MAY_CHANGE, TEACHER_METHODS, TrainConfig, describe_changes, read_config_file,
                            resume_changes, save_config, validate)
+from kdfast.execution import execution_settings
 from kdfast.models import create_model, load_weights
 from kdfast.nn import TeacherAdapter
 
@@ -196,22 +197,18 @@ def _from_rank0(runtime: Runtime, action, what: str):
 
 
 @contextlib.contextmanager
-def _execution_settings(config: TrainConfig):
-    """Threads and determinism for one run, restored afterwards (the demo runs many in one process)."""
-    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
-             torch.backends.cudnn.benchmark)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    if config.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(config.deterministic)
-    torch.backends.cudnn.benchmark = not config.deterministic
+def _session(config: TrainConfig):
+    """The runtime of one run (the process group joined when launched by torchrun), inside the
+    run's threads and determinism settings (restored afterwards: the demo runs many in one
+    process); the group is left at the end (:func:`close_runtime`)."""
+    runtime = init_runtime(config.device, config.dist_timeout)
+    finished = False
     try:
-        yield
+        with execution_settings(config.threads, config.deterministic):
+            yield runtime
+        finished = True
     finally:
-        torch.set_num_threads(saved[0])
-        torch.use_deterministic_algorithms(saved[1])
-        torch.backends.cudnn.benchmark = saved[2]
+        close_runtime(runtime, finished)
 
 
 # --------------------------------------------------------------------------- data and models
@@ -705,15 +702,8 @@ def train(config: TrainConfig, print_fn=print) -> dict:
     """Run ``kdfast train`` with a resolved configuration; returns the summary (on every rank)."""
     validate(config)
     _check_files(config)
-    runtime = init_runtime(config.device, config.dist_timeout)
-    finished = False
-    try:
-        with _execution_settings(config):
-            summary = _train(config, runtime, print_fn)
-        finished = True
-        return summary
-    finally:
-        close_runtime(runtime, finished)
+    with _session(config) as runtime:
+        return _train(config, runtime, print_fn)
 
 
 def _check_files(config: TrainConfig) -> None:
@@ -1068,17 +1058,11 @@ def run_eval(config: TrainConfig, print_fn=print) -> dict:
         raise ValueError("checkpoint is required by kdfast eval: the weights of --student to evaluate")
     validate(config)
     _check_files(config)
-    runtime = init_runtime(config.device, config.dist_timeout)
-    finished = False
-    try:
-        with _execution_settings(config):
-            _, val_loader = make_loaders(config, runtime)
-            model = build_model(config.student, val_loader, config, runtime, config.checkpoint, "checkpoint")
-            result = evaluate(model, val_loader, runtime, config)
+    with _session(config) as runtime:
+        _, val_loader = make_loaders(config, runtime)
+        model = build_model(config.student, val_loader, config, runtime, config.checkpoint, "checkpoint")
+        result = evaluate(model, val_loader, runtime, config)
         if runtime.main:
             print_fn(f"{config.student} on {config.data} val: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%, "
                      f"loss {result['loss']:.4f} ({result['images']} images)")
-        finished = True
         return result
-    finally:
-        close_runtime(runtime, finished)

@@ -55,3 +55,32 @@ def rectify_loop(teacher, target):
         if j != y:
             out[i, j], out[i, y] = out[i, y], out[i, j]
     return torch.from_numpy(out)
+
+
+def random_teacher_file(folder, arch: str, channels: int, size: int):
+    """A saved randomly initialized zoo model with non-trivial BatchNorm statistics and scales
+    (so that every layer matters in eval mode): the teachers of the cache and replay tests."""
+    from kdfast.checkpoint import save_state_dict
+    from kdfast.models import create_model
+
+    torch.manual_seed(1)
+    model = create_model(arch, 10, channels, size)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+    path = folder / f"{arch}-{channels}-{size}.pt"
+    save_state_dict(path, model.state_dict())
+    return path
+
+
+def small_digits_folder(root, size: int = 16, per_class: int = 12):
+    """The digits as a ``size`` px JPEG folder under ``root`` with ``per_class`` training images per class."""
+    from kdfast.data import write_digits_folder
+
+    write_digits_folder(root, size=size)
+    for class_folder in (root / "train").iterdir():
+        for extra in sorted(class_folder.iterdir())[per_class:]:
+            extra.unlink()
+    return root

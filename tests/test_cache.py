@@ -15,11 +15,11 @@ from PIL import Image
 
 from kdfast.cache import (CacheError, CacheMismatchError, SparseTeacher, TeacherCache, build_cache, cache_info,
                           verify_cache)
-from kdfast.checkpoint import save_state_dict
 from kdfast.cli import main as cli_main
-from kdfast.data import make_loader, write_digits_folder
+from kdfast.data import make_loader
 from kdfast.data.torch_loader import normalize, random_resized_crop_box
 from kdfast.models import create_model
+from helpers import random_teacher_file, small_digits_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -27,35 +27,17 @@ SEED = 3
 PER_CLASS = 12  # JPEG folder: training images kept per class
 
 
-def _teacher(tmp: Path, arch: str, channels: int, size: int) -> Path:
-    torch.manual_seed(1)
-    model = create_model(arch, 10, channels, size)
-    for module in model.modules():  # non-trivial BatchNorm statistics, so every layer matters
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.normal_(0, 0.1)
-            module.running_var.uniform_(0.5, 2.0)
-            module.weight.data.uniform_(0.5, 1.5)
-    path = tmp / f"{arch}-{channels}-{size}.pt"
-    save_state_dict(path, model.state_dict())
-    return path
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """The digits as a 16×16 JPEG folder, PER_CLASS training images per class."""
-    root = tmp_path_factory.mktemp("digits-jpeg")
-    write_digits_folder(root, size=16)
-    for class_folder in (root / "train").iterdir():
-        for extra in sorted(class_folder.iterdir())[PER_CLASS:]:
-            extra.unlink()
-    return root
+    return small_digits_folder(tmp_path_factory.mktemp("digits-jpeg"), 16, PER_CLASS)
 
 
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("teachers")
-    return {"folder": _teacher(tmp, "resnet8", 3, 16), "digits": _teacher(tmp, "resnet8", 1, 8),
-            "mlp": _teacher(tmp, "mlp-32", 1, 8)}
+    return {"folder": random_teacher_file(tmp, "resnet8", 3, 16), "digits": random_teacher_file(tmp, "resnet8", 1, 8),
+            "mlp": random_teacher_file(tmp, "mlp-32", 1, 8)}
 
 
 def _files(directory: Path) -> dict[str, str]:

@@ -10,12 +10,12 @@ import torch
 
 import kdfast.train
 from kdfast.cache import CacheError, CacheMismatchError, TeacherCache, build_cache
-from kdfast.checkpoint import save_state_dict
 from kdfast.cli import main as cli_main
 from kdfast.config import resolve_config, resume_changes
-from kdfast.data import dali_version, make_loader, write_digits_folder
+from kdfast.data import dali_version, make_loader
 from kdfast.data.digits import shifts_of_boxes
 from kdfast.models import create_model
+from helpers import random_teacher_file, small_digits_folder
 from kdfast.train import train
 
 SEED = 5
@@ -26,33 +26,16 @@ def quiet(*_):
     pass
 
 
-def _teacher(tmp: Path, arch: str, channels: int, size: int) -> Path:
-    torch.manual_seed(1)
-    model = create_model(arch, 10, channels, size)
-    for module in model.modules():  # non-trivial BatchNorm statistics, so every layer matters
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.normal_(0, 0.1)
-            module.running_var.uniform_(0.5, 2.0)
-    path = tmp / f"{arch}-{channels}-{size}.pt"
-    save_state_dict(path, model.state_dict())
-    return path
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """The digits as a 16×16 JPEG folder, PER_CLASS training images per class."""
-    root = tmp_path_factory.mktemp("digits-jpeg")
-    write_digits_folder(root, size=16)
-    for class_folder in (root / "train").iterdir():
-        for extra in sorted(class_folder.iterdir())[PER_CLASS:]:
-            extra.unlink()
-    return root
+    return small_digits_folder(tmp_path_factory.mktemp("digits-jpeg"), 16, PER_CLASS)
 
 
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("teachers")
-    return {"folder": _teacher(tmp, "resnet8", 3, 16), "digits": _teacher(tmp, "mlp-64", 1, 8)}
+    return {"folder": random_teacher_file(tmp, "resnet8", 3, 16), "digits": random_teacher_file(tmp, "mlp-64", 1, 8)}
 
 
 @pytest.fixture(scope="module")

@@ -48,6 +48,7 @@ from kdfast.cache.format import (
 )
 from kdfast.data.common import IMAGENET_MEAN, IMAGENET_STD, SampleOrder
 from kdfast.data.digits import DIGITS_NAME, NATIVE_SIZE
+from kdfast.execution import execution_settings
 
 LOGGER = logging.getLogger("kdfast.cache")
 
@@ -229,22 +230,6 @@ def _pick_device(device: str) -> torch.device:
     return torch.device("cpu")
 
 
-@contextlib.contextmanager
-def _deterministic(threads: int | None):
-    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
-    if threads:
-        torch.set_num_threads(threads)
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = False
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved[0])
-        torch.use_deterministic_algorithms(saved[1])
-        torch.backends.cudnn.benchmark = saved[2]
-
-
 class _Progress:
     """One throttled progress line on stderr (rank 0): images done, images/s, ETA."""
 
@@ -394,7 +379,7 @@ def build_cache(data: str | os.PathLike, teacher: str, teacher_checkpoint: str |
     folder.mkdir(parents=True, exist_ok=True)
 
     device_ = _pick_device(device)
-    with _deterministic(threads):
+    with execution_settings(threads, deterministic=True):
         # Not the number of ranks: it changes no byte, and the manifest is the same for any.
         manifest["compute"] = {"device": device_.type, "torch": torch.__version__, "threads": torch.get_num_threads()}
         before = (existing or {}).get("compute") or {}
