@@ -13,7 +13,9 @@ what it would write, for CI). Tables:
 * ``gpu-bytes``: passes over each input and bytes moved against the floor per loss of the
   Triton row kernel (bf16, student gradient; with the teacher's in brackets);
 * ``sparse-error``: each loss's error with a cached top-k teacher, per k
-  (``benchmarks/results/sparse_teacher_error.csv``).
+  (``benchmarks/results/sparse_teacher_error.csv``);
+* ``cache-accuracy``, ``cache-speed``: KD from a teacher cache against online KD, accuracy
+  (``cache_accuracy.csv``) and images/s of the step (``teacher_cache_train.csv``).
 """
 
 from __future__ import annotations
@@ -166,6 +168,57 @@ def sparse_error_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cache_accuracy_table(rows: list[dict]) -> str:
+    """Online KD vs KD from teacher caches (benchmarks/cache_accuracy.py): top-1 per seed, mean ± std."""
+    import statistics
+
+    latest = [row for row in rows if row["commit"] == rows[-1]["commit"]]
+    runs = list(dict.fromkeys(row["run"] for row in latest))
+    lines = ["| teacher | run | top-1 per seed (%) | mean ± std | train s / run | cache build s |",
+             "| --- | --- | --- | ---: | ---: | ---: |"]
+    for run in runs:
+        mine = sorted((row for row in latest if row["run"] == run), key=lambda row: int(row["seed"]))
+        top1 = [float(row["top1"]) for row in mine]
+        spread = statistics.stdev(top1) if len(top1) > 1 else 0.0
+        train_s = statistics.mean(float(row["train_seconds"]) for row in mine)
+        build_s = statistics.mean(float(row["build_seconds"]) for row in mine)
+        lines.append(f"| {mine[0]['teacher']} → {mine[0]['student']} | {run} | "
+                     f"{', '.join(f'{v:.2f}' for v in top1)} | {statistics.mean(top1):.2f} ± {spread:.2f} | "
+                     f"{train_s:.0f} | {'' if run == 'online' else f'{build_s:.0f}'} |")
+    first = latest[0]
+    lines += ["", f"{first['epochs']} epochs, KD at τ = 4, digits as 32 px JPEGs (1257 train / 540 val, torch loader, "
+              f"random-resized crops and flips, deterministic mode); the caches hold that seed's {first['epochs']} "
+              f"epochs in fp16. {first['device']}, commit {first['commit']}, {first['date']}; "
+              f"`python benchmarks/cache_accuracy.py` (times taken while other work shared the CPU: see the speed "
+              f"table for throughput)."]
+    return "\n".join(lines)
+
+
+def cache_speed_table(rows: list[dict]) -> str:
+    """Images/s of the KD step online vs from a teacher cache (bench_train.py's +cache feeds)."""
+    latest = [row for row in rows if row["commit"] == rows[-1]["commit"]]
+    lines = ["| teacher → student | feed | online (images/s) | from the cache | speed-up | cache build | "
+             "teacher inference |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for row in latest:
+        if not row["feed"].endswith("+cache"):
+            continue
+        base = row["feed"].removesuffix("+cache")
+        online = next(r for r in latest if r["feed"] == base and r["teacher"] == row["teacher"])
+        cached, plain = float(row["images_per_s"]), float(online["images_per_s"])
+        lines.append(f"| {row['teacher']} → {row['student']} | {base} | {plain:.0f} | {cached:.0f} | "
+                     f"{cached / plain:.2f}× | {float(row['build_images_per_s']):.0f} | "
+                     f"{float(row['teacher_inference_images_per_s']):.0f} |")
+    first = latest[0]
+    lines += ["", f"Median images/s of the whole KD step ({first['method']}, batch {first['batch_size']}, "
+              f"{first['image_size']} px, top-{first['cache_top_k'] or next(r['cache_top_k'] for r in latest if r['cache_top_k'])} "
+              f"cache); `synthetic` reuses one batch on the device (the step alone), `torch` reads the JPEG folder "
+              f"with the torch loader. Build and teacher inference in images/s over the same loader. "
+              f"{first['device']}, commit {first['commit']}, {first['date']}; `python benchmarks/bench_train.py "
+              f"--preset digits-jpeg --teacher T --feeds synthetic synthetic+cache torch torch+cache "
+              f"--output teacher_cache_train.csv`."]
+    return "\n".join(lines)
+
+
 def render(readme: str, tables: dict[str, str]) -> str:
     for name, table in tables.items():
         pattern = re.compile(rf"(<!-- {name}:begin -->\n)(?:.*?\n)?(<!-- {name}:end -->)", re.S)
@@ -183,12 +236,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     with open(args.csv, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    with open(os.path.join(ROOT, "benchmarks", "results", "sparse_teacher_error.csv"), newline="") as handle:
-        sparse_rows = list(csv.DictReader(handle))
+    def result_rows(name: str) -> list[dict]:
+        with open(os.path.join(ROOT, "benchmarks", "results", name), newline="") as handle:
+            return list(csv.DictReader(handle))
+
     with open(args.readme) as handle:
         current = handle.read()
     updated = render(current, {"gpu-static": static_table(rows), "gpu-bytes": bytes_table(rows),
-                               "sparse-error": sparse_error_table(sparse_rows)})
+                               "sparse-error": sparse_error_table(result_rows("sparse_teacher_error.csv")),
+                               "cache-accuracy": cache_accuracy_table(result_rows("cache_accuracy.csv")),
+                               "cache-speed": cache_speed_table(result_rows("teacher_cache_train.csv"))})
     if args.check:
         if updated != current:
             print(f"{args.readme}: the generated GPU tables differ from {args.csv}; run benchmarks/readme_tables.py")

@@ -5,7 +5,9 @@ Functional API (each loss takes ``backend=None`` and ``check_finite=False``):
 * :func:`kd_loss`, :func:`pearson_loss`, :func:`dist_loss`, :func:`spearman_loss`,
   :func:`cmkd_loss`, :func:`drkd_loss`, :func:`rectify`;
 * :func:`soft_rank`, :func:`soft_sort` (torchsort conventions), :func:`average_ranks`;
-* :func:`backends` reports which backends can run and why not.
+* :func:`backends` reports which backends can run and why not;
+* :class:`SparseTeacher`: a cached top-k teacher, accepted by every loss in place of the
+  teacher logits.
 
 Modules live in :mod:`kdfast.nn`.
 """
@@ -23,11 +25,13 @@ from kdfast.losses import (
     spearman_loss,
 )
 from kdfast.softrank import average_ranks, soft_rank, soft_sort
+from kdfast.sparse_teacher import SparseTeacher
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "SparseTeacher",
     "average_ranks",
     "backends",
     "cmkd_loss",
