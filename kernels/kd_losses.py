@@ -30,6 +30,17 @@ scales them in backward). The pieces:
   thread, no barrier), ``_spearman_finish_kernel`` (one program per row: the soft ranks,
   ρ_S, and the backward through the soft ranks and the standardization with prefix sums),
   writing ρ_S and dρ_S/ds for the row kernel.
+* Sparse (cached) teachers (``teacher_indices``: kdfast.sparse_teacher): a row's k logits
+  at sorted int32 classes and one fill logit for the other classes. Every kernel reads the
+  teacher through ``_teacher_tile``, which rebuilds the row where it is read (a binary
+  search of each column in the row's k indices, then its value or the fill), so no dense
+  B×C teacher exists and every later operation sees the dense row's very floats: the
+  results are bitwise those of the dense row. A kernel is compiled sparse when its
+  ``t_idx_ptr`` is int32 (``SPARSE``, a constexpr of that pointer's type, so that the
+  parameter lists that sm_90 compile harnesses type one by one gain only pointers and
+  integers; a dense launch passes an fp32 placeholder, ``TeacherRows``). The Spearman
+  terms take a sparse teacher's average ranks from its k values (``_sparse_teacher_ranks``,
+  [B, k] sort and searchsorted) into the rank workspace a dense teacher's sort fills.
 
 Floats are runtime arguments (no recompilation per temperature); flags, block sizes and
 the row kernel's C are constexpr (one compile per C). Layouts and warps come from
@@ -41,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 
 import torch
 import triton
@@ -232,6 +244,59 @@ def _probability(x, x_max, log_sum, inv_tau):
 
 
 @triton.jit
+def _sparse_slot(idx_ptr, rows, cols, mask, K, log_k):
+    """Where column ``cols`` of row ``rows`` (broadcast to ``mask``'s shape) lies in a sparse
+    teacher's [B, K] arrays: (rows·K + j, found), j the last position of the row's sorted
+    indices holding a class <= the column (0 if none), found where that class is the column
+    (and ``mask``). A branchless binary search: the window [j, j + n) starts as the row's K
+    indices and halves ``log_k`` = ceil(log2 K) times (n is the same in every lane, so a lane
+    keeps only j), then one more load compares; each a gathered int32 load of the row's K
+    indices (they stay in L1).
+
+    Memory safety, whatever the indices hold: every load is at rows·K + j + half with
+    j + half < j + n <= K (the window stays inside [0, K)) or at rows·K + j with j < K, and
+    only where ``mask`` holds (rows < B); rows·K in int64, j int32 (K <= C < 2^31). An index
+    out of range never equals a column in [0, C); unsorted or repeated indices can only make
+    a column miss or match another slot of its own row (a repeated class: its last slot, as
+    the CPU operator's rebuild, whose later write wins), never address outside the row.
+    Each lane searches alone (no value crosses threads), so no barrier is needed."""
+    _, column = tl.broadcast(mask, cols)
+    base = (rows + tl.zeros((), tl.int64)) * K
+    low = tl.zeros_like(column)
+    n = K
+    for _ in range(log_k):
+        half = n // 2
+        key = tl.load(idx_ptr + base + low + half, mask=mask, other=0)
+        low = tl.where(key <= column, low + half, low)
+        n -= half
+    key = tl.load(idx_ptr + base + low, mask=mask, other=0)
+    return base + low, mask & (key == column)
+
+
+@triton.jit
+def _teacher_tile(t_ptr, offsets, idx_ptr, fill_ptr, rows, row_mask, cols, mask, other, K, log_k,
+                  SPARSE: tl.constexpr):
+    """The teacher logits of a tile, in fp32, ``other`` where ``mask`` is False: every kernel
+    reads the teacher through this. Dense: the [B, C] logits at ``offsets`` (row·C + column,
+    the caller's). Sparse (int32 indices): the row rebuilt where it is read, without a dense
+    B×C teacher, from ``t_ptr`` [B, K] values, ``idx_ptr`` [B, K] their classes (sorted in
+    each row) and ``fill_ptr`` [B] the logit of every other class: values[j] where the binary
+    search (``_sparse_slot``) finds the column, else the row's fill. ``rows`` and ``cols``
+    broadcast to ``mask``'s shape; ``row_mask`` (``rows``' shape) says which rows are < B. A
+    sparse tile's memory safety is ``_sparse_slot``'s: the value is loaded only at a found
+    slot, the fill once per row (not per element: a per-element gather's 64-bit addresses
+    cost the resident kd kernel 11 registers on sm_90) and only where ``row_mask`` holds."""
+    if SPARSE:
+        slot, found = _sparse_slot(idx_ptr, rows, cols, mask, K, log_k)
+        value = tl.load(t_ptr + slot, mask=found, other=0.0)
+        fill = tl.load(fill_ptr + rows, mask=row_mask, other=0.0)
+        t = tl.where(mask, tl.where(found, value, fill), other)
+    else:
+        t = tl.load(t_ptr + offsets, mask=mask, other=other).to(tl.float32)
+    return t
+
+
+@triton.jit
 def _column_value(x, cols, column):
     """x[i, column[i]] for each row i of a tile (a masked sum: NaN or ±inf elsewhere in the
     row does not leak in)."""
@@ -335,17 +400,19 @@ def _gradient_values(s, t, p, q, ce_prob, g_s, g_t, cols, offsets, mask, grad_rh
 
 
 @triton.jit
-def _chunk(s_ptr, t_ptr, row_base, row_mask, start, cols, C, swap_a, swap_b, t_at_a, t_at_b, s_max, s_log_sum, t_max,
-           t_log_sum, inv_tau, RECTIFY: tl.constexpr):
+def _chunk(s_ptr, t_ptr, t_idx_ptr, t_fill_ptr, rows, row_base, row_mask, start, cols, C, K, log_k, swap_a, swap_b,
+           t_at_a, t_at_b, s_max, s_log_sum, t_max, t_log_sum, inv_tau, RECTIFY: tl.constexpr, SPARSE: tl.constexpr):
     """Columns [start, start + BLOCK) of a program's rows for the chunked path's later passes:
-    the logits and p, q. Both rows are read contiguously (vector loads); the rectified
-    teacher's two exchanged columns are put in place from their values t_at_a, t_at_b."""
+    the logits and p, q. Both rows are read contiguously (vector loads; a sparse teacher's
+    chunk is rebuilt by ``_teacher_tile``); the rectified teacher's two exchanged columns are
+    put in place from their values t_at_a, t_at_b."""
     offs = start + cols
     col_mask = offs < C
     mask = row_mask[:, None] & col_mask[None, :]
     offsets = row_base[:, None] + offs[None, :]
     s = tl.load(s_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    t = tl.load(t_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    t = _teacher_tile(t_ptr, offsets, t_idx_ptr, t_fill_ptr, rows[:, None], row_mask[:, None], offs[None, :], mask, 0.0,
+                      K, log_k, SPARSE)
     if RECTIFY:
         t = tl.where(offs[None, :] == swap_a[:, None], t_at_b[:, None],
                      tl.where(offs[None, :] == swap_b[:, None], t_at_a[:, None], t))
@@ -357,7 +424,9 @@ def _chunk(s_ptr, t_ptr, row_base, row_mask, start, cols, C, swap_a, swap_b, t_a
 @triton.jit
 def _fused_row_kernel(
     s_ptr,  # [B, C] student logits
-    t_ptr,  # [B, C] teacher logits
+    t_ptr,  # [B, C] teacher logits; sparse: [B, K] fp32 values (_teacher_tile)
+    t_idx_ptr,  # sparse: [B, K] int32 their classes, sorted in each row (an fp32 placeholder when dense)
+    t_fill_ptr,  # sparse: [B] fp32 the logit of every other class
     target_ptr,  # [B] int64 targets (when HAS_TARGET)
     difficulty_ptr,  # [B] fp32 per-sample difficulty (DIFFICULTY_MODE == 2)
     rho_s_ptr,  # [B] fp64 Spearman correlations (when HAS_SPEARMAN)
@@ -367,8 +436,10 @@ def _fused_row_kernel(
     chunk_max_ptr,  # [B, chunks, 2] fp32 workspace: the chunked first pass's running maxima per chunk
     row_loss_ptr,  # [B] fp32 out: ℓ_i
     gs_ptr,  # [B, C] out: dL/ds, in the student's dtype (STUDENT_GRAD)
-    gt_ptr,  # [B, C] out: dL/dt, in the teacher's dtype (TEACHER_GRAD)
+    gt_ptr,  # [B, C] out: dL/dt, in the teacher's dtype (TEACHER_GRAD; never with a sparse teacher)
     B,
+    K,  # sparse: the values per row
+    log_k,  # sparse: ceil(log2 K), the binary search's halvings
     inv_tau,
     kl_coef,
     ce_coef,
@@ -416,6 +487,14 @@ def _fused_row_kernel(
     # (chunk_max_ptr, int64 row offsets, a row's slots written and read by its own program
     # only): the first pass stores them, a barrier orders those stores before the
     # gradient's pass loads them (a slot may be stored by one thread and loaded by another).
+    #
+    # A sparse teacher (SPARSE, int32 indices) is read only through _teacher_tile, at the
+    # same (row, column) lanes and masks as the dense one: its loads are at rows·K + j of
+    # this program's own rows (int64 row offsets, 0 <= j < K whatever the indices hold:
+    # _sparse_slot) and at fill[row] for unmasked rows, so the dense argument above holds for
+    # the rebuilt row unchanged, the rectification's argmax included (taken over the rebuilt
+    # values: the first max of the dense row). Nothing is written for the teacher.
+    SPARSE: tl.constexpr = t_idx_ptr.dtype.element_ty == tl.int32
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < B
     row_base = rows * C
@@ -444,7 +523,8 @@ def _fused_row_kernel(
         mask = row_mask[:, None] & col_mask[None, :]
         offsets = row_base[:, None] + cols[None, :]
         s = tl.load(s_ptr + offsets, mask=mask, other=-float("inf")).to(tl.float32)
-        t = tl.load(t_ptr + offsets, mask=mask, other=-float("inf")).to(tl.float32)
+        t = _teacher_tile(t_ptr, offsets, t_idx_ptr, t_fill_ptr, rows[:, None], row_mask[:, None], cols[None, :], mask,
+                          -float("inf"), K, log_k, SPARSE)
         e_s1 = s
         if HAS_CE:
             _, s_sum1, e_s1 = _softmax_step(s_max, s_sum1, s, 1.0)
@@ -466,7 +546,8 @@ def _fused_row_kernel(
             offs = start + cols
             mask = row_mask[:, None] & (offs < C)[None, :]
             s = tl.load(s_ptr + row_base[:, None] + offs[None, :], mask=mask, other=-float("inf")).to(tl.float32)
-            t = tl.load(t_ptr + row_base[:, None] + offs[None, :], mask=mask, other=-float("inf")).to(tl.float32)
+            t = _teacher_tile(t_ptr, row_base[:, None] + offs[None, :], t_idx_ptr, t_fill_ptr, rows[:, None],
+                              row_mask[:, None], offs[None, :], mask, -float("inf"), K, log_k, SPARSE)
             if HAS_CE:
                 _, s_sum1, _ = _softmax_step(s_max, s_sum1, s, 1.0)
             new_s_max, s_sum, e_s = _softmax_step(s_max, s_sum, s, inv_tau)
@@ -514,8 +595,10 @@ def _fused_row_kernel(
     t_at_a = zeros  # the chunked layout's rectification: the teacher at the two columns
     t_at_b = zeros
     if RECTIFY and not RESIDENT:
-        t_at_a = tl.load(t_ptr + row_base + swap_a, mask=swap_a >= 0, other=0.0).to(tl.float32)
-        t_at_b = tl.load(t_ptr + row_base + swap_b, mask=swap_b >= 0, other=0.0).to(tl.float32)
+        t_at_a = _teacher_tile(t_ptr, row_base + swap_a, t_idx_ptr, t_fill_ptr, rows, swap_a >= 0, swap_a, swap_a >= 0,
+                               0.0, K, log_k, SPARSE)
+        t_at_b = _teacher_tile(t_ptr, row_base + swap_b, t_idx_ptr, t_fill_ptr, rows, swap_b >= 0, swap_b, swap_b >= 0,
+                               0.0, K, log_k, SPARSE)
 
     # Pass 2: KL, entropy, and the means of p and q shifted by their first element (so that
     # a constant row centers to exactly zero).
@@ -587,7 +670,8 @@ def _fused_row_kernel(
         # from the very fp32 p, q and column statistics the gradient uses.
         first = tl.where(swap_a == 0, swap_b, tl.where(swap_b == 0, swap_a, 0))
         s0 = tl.load(s_ptr + row_base, mask=row_mask, other=0.0).to(tl.float32)
-        t0 = tl.load(t_ptr + row_base + first, mask=row_mask, other=0.0).to(tl.float32)
+        t0 = _teacher_tile(t_ptr, row_base + first, t_idx_ptr, t_fill_ptr, rows, row_mask, first, row_mask, 0.0, K,
+                           log_k, SPARSE)
         p0 = _probability(s0, s_max, s_log_sum, inv_tau)
         q0 = _probability(t0, t_max, t_log_sum, inv_tau)
         kl = zeros.to(tl.float64)
@@ -602,8 +686,8 @@ def _fused_row_kernel(
         for step in range(0, (C + BLOCK - 1) // BLOCK):
             start = _chunk_start(step, C, BLOCK, False)
             offs, col_mask, mask, offsets, s, t, p, q = _chunk(
-                s_ptr, t_ptr, row_base, row_mask, start, cols, C, swap_a, swap_b, t_at_a, t_at_b, s_max, s_log_sum,
-                t_max, t_log_sum, inv_tau, RECTIFY)
+                s_ptr, t_ptr, t_idx_ptr, t_fill_ptr, rows, row_base, row_mask, start, cols, C, K, log_k, swap_a, swap_b,
+                t_at_a, t_at_b, s_max, s_log_sum, t_max, t_log_sum, inv_tau, RECTIFY, SPARSE)
             if HAS_KL or DIFFICULTY_MODE == 1:
                 chunk_kl, chunk_entropy, _, _ = _kl_and_moments(s, t, q, mask, s_max, t_max, t_log_sum,
                                                                 log_sum_difference, inv_tau, p, p0, q0, HAS_KL)
@@ -721,8 +805,8 @@ def _fused_row_kernel(
             for step in range(0, (C + BLOCK - 1) // BLOCK):
                 start = _chunk_start(step, C, BLOCK, True)
                 offs, col_mask, mask, offsets, s, t, p, q = _chunk(
-                    s_ptr, t_ptr, row_base, row_mask, start, cols, C, swap_a, swap_b, t_at_a, t_at_b, s_max, s_log_sum,
-                    t_max, t_log_sum, inv_tau, RECTIFY)
+                    s_ptr, t_ptr, t_idx_ptr, t_fill_ptr, rows, row_base, row_mask, start, cols, C, K, log_k, swap_a,
+                    swap_b, t_at_a, t_at_b, s_max, s_log_sum, t_max, t_log_sum, inv_tau, RECTIFY, SPARSE)
                 p_row = p.to(tl.float64)
                 q_row = q.to(tl.float64)
                 if HAS_PEARSON and not HAS_COLUMN:
@@ -775,14 +859,21 @@ def _fused_row_kernel(
 @triton.jit
 def _softmax_stats_kernel(
     s_ptr,  # [B, C] student logits
-    t_ptr,  # [B, C] teacher logits
+    t_ptr,  # [B, C] teacher logits; sparse: [B, K] fp32 values (_teacher_tile)
+    t_idx_ptr,  # sparse: [B, K] int32 their classes, sorted in each row (an fp32 placeholder when dense)
+    t_fill_ptr,  # sparse: [B] fp32 the logit of every other class
     stats_ptr,  # [B, 4] fp32 out: student max, log-sum, teacher max, log-sum (at τ)
     C,
+    K,  # sparse: the values per row
+    log_k,  # sparse: ceil(log2 K)
     inv_tau,
     BLOCK: tl.constexpr,
 ):
     # One program per row: reads row·C + j (int64 row offset, j < C masked), writes its own
-    # four statistics; nothing is shared between threads but Triton's reductions.
+    # four statistics; nothing is shared between threads but Triton's reductions. A sparse
+    # teacher's row is read by _teacher_tile under the same mask: loads at row·K + j, 0 <= j < K
+    # (int64 row offset), and fill[row], row < B (one program per row).
+    SPARSE: tl.constexpr = t_idx_ptr.dtype.element_ty == tl.int32
     rows = tl.program_id(0).to(tl.int64) + tl.zeros((1,), tl.int64)  # a [1, BLOCK] tile per chunk
     s_max = tl.full((1,), -float("inf"), tl.float32)
     t_max = tl.full((1,), -float("inf"), tl.float32)
@@ -793,7 +884,8 @@ def _softmax_stats_kernel(
         mask = (offs < C)[None, :]
         offsets = rows[:, None] * C + offs[None, :]
         s = tl.load(s_ptr + offsets, mask=mask, other=-float("inf")).to(tl.float32)
-        t = tl.load(t_ptr + offsets, mask=mask, other=-float("inf")).to(tl.float32)
+        t = _teacher_tile(t_ptr, offsets, t_idx_ptr, t_fill_ptr, rows[:, None], rows[:, None] >= 0, offs[None, :], mask,
+                          -float("inf"), K, log_k, SPARSE)  # every program's row is < B
         s_max, s_sum, _ = _softmax_step(s_max, s_sum, s, inv_tau)
         t_max, t_sum, _ = _softmax_step(t_max, t_sum, t, inv_tau)
     tl.store(stats_ptr + rows * 4, s_max)
@@ -805,12 +897,16 @@ def _softmax_stats_kernel(
 @triton.jit
 def _column_moments_kernel(
     s_ptr,  # [B, C] student logits
-    t_ptr,  # [B, C] teacher logits
+    t_ptr,  # [B, C] teacher logits; sparse: [B, K] fp32 values (_teacher_tile)
+    t_idx_ptr,  # sparse: [B, K] int32 their classes, sorted in each row (an fp32 placeholder when dense)
+    t_fill_ptr,  # sparse: [B] fp32 the logit of every other class
     stats_ptr,  # [B, 4] fp32 softmax statistics
     partial_ptr,  # [chunks, 5, C] fp64 out: per chunk of rows, the shifted column sums
     origin_ptr,  # [2, C] fp32 out: p and q of row 0 (chunk 0)
     B,
     C,
+    K,  # sparse: the values per row
+    log_k,  # sparse: ceil(log2 K)
     inv_tau,
     rows_per_chunk,
     BLOCK: tl.constexpr,
@@ -820,7 +916,10 @@ def _column_moments_kernel(
     # 0: a constant column is exactly zero), finished by _finish_columns.
     # Program (column block, chunk of rows) writes only its own columns of its own chunk's
     # partial sums; every thread owns its columns (no shared workspace). Offsets of rows,
-    # of statistics and of partials are int64; column offsets are < C (masked).
+    # of statistics and of partials are int64; column offsets are < C (masked). A sparse
+    # teacher's rows (row 0, then the chunk's rows < B) are read by _teacher_tile under the
+    # same mask: at row·K + j with 0 <= j < K (int64), and fill[row].
+    SPARSE: tl.constexpr = t_idx_ptr.dtype.element_ty == tl.int32
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < C
     chunk = tl.program_id(1)
@@ -830,8 +929,9 @@ def _column_moments_kernel(
     out = partial_ptr + chunk.to(tl.int64) * 5 * wide_c
     center_p = _probability(tl.load(s_ptr + cols, mask=mask, other=0.0).to(tl.float32), tl.load(stats_ptr),
                             tl.load(stats_ptr + 1), inv_tau)
-    center_q = _probability(tl.load(t_ptr + cols, mask=mask, other=0.0).to(tl.float32), tl.load(stats_ptr + 2),
-                            tl.load(stats_ptr + 3), inv_tau)
+    row0 = tl.zeros((), tl.int64)
+    t0 = _teacher_tile(t_ptr, cols, t_idx_ptr, t_fill_ptr, row0, row0 < B, cols, mask, 0.0, K, log_k, SPARSE)
+    center_q = _probability(t0, tl.load(stats_ptr + 2), tl.load(stats_ptr + 3), inv_tau)
     if chunk == 0:
         tl.store(origin_ptr + cols, center_p, mask=mask)
         tl.store(origin_ptr + C + cols, center_q, mask=mask)
@@ -841,11 +941,11 @@ def _column_moments_kernel(
     sum_aa = tl.zeros((BLOCK,), dtype=tl.float64)
     sum_bb = tl.zeros((BLOCK,), dtype=tl.float64)
     s_rows = s_ptr + first * C
-    t_rows = t_ptr + first * C
     st = stats_ptr + first * 4
-    for _ in range(first, last):
+    for row in range(first, last):
         s = tl.load(s_rows + cols, mask=mask, other=0.0).to(tl.float32)
-        t = tl.load(t_rows + cols, mask=mask, other=0.0).to(tl.float32)
+        t = _teacher_tile(t_ptr, row * C + cols, t_idx_ptr, t_fill_ptr, row, row < B, cols, mask, 0.0, K, log_k,
+                          SPARSE)
         a = (_probability(s, tl.load(st), tl.load(st + 1), inv_tau) - center_p).to(tl.float64)
         b = (_probability(t, tl.load(st + 2), tl.load(st + 3), inv_tau) - center_q).to(tl.float64)
         sum_a += a
@@ -854,7 +954,6 @@ def _column_moments_kernel(
         sum_aa += a * a
         sum_bb += b * b
         s_rows += C
-        t_rows += C
         st += 4
     tl.store(out + cols, sum_a, mask=mask)
     tl.store(out + wide_c + cols, sum_b, mask=mask)
@@ -864,13 +963,15 @@ def _column_moments_kernel(
 
 
 @triton.jit
-def _tile_probabilities(s_ptr, t_ptr, rows, row_mask, cols, col_mask, C, inv_tau):
+def _tile_probabilities(s_ptr, t_ptr, t_idx_ptr, t_fill_ptr, rows, row_mask, cols, col_mask, C, K, log_k, inv_tau,
+                        SPARSE: tl.constexpr):
     """A [ROWS, BLOCK] tile of whole rows: its mask, each row's max and log-normalizer for
     the student and the teacher, and p, q (0 outside the mask) by ``_probability``."""
     mask = row_mask[:, None] & col_mask[None, :]
     offsets = rows[:, None] * C + cols[None, :]
     s = tl.load(s_ptr + offsets, mask=mask, other=-float("inf")).to(tl.float32)
-    t = tl.load(t_ptr + offsets, mask=mask, other=-float("inf")).to(tl.float32)
+    t = _teacher_tile(t_ptr, offsets, t_idx_ptr, t_fill_ptr, rows[:, None], row_mask[:, None], cols[None, :], mask,
+                      -float("inf"), K, log_k, SPARSE)
     start = tl.zeros_like(rows).to(tl.float32)
     s_max, s_sum, _ = _softmax_step(start - float("inf"), start, s, inv_tau)
     t_max, t_sum, _ = _softmax_step(start - float("inf"), start, t, inv_tau)
@@ -884,11 +985,15 @@ def _tile_probabilities(s_ptr, t_ptr, rows, row_mask, cols, col_mask, C, inv_tau
 @triton.jit
 def _column_partials_kernel(
     s_ptr,  # [B, C] student logits
-    t_ptr,  # [B, C] teacher logits
+    t_ptr,  # [B, C] teacher logits; sparse: [B, K] fp32 values (_teacher_tile)
+    t_idx_ptr,  # sparse: [B, K] int32 their classes, sorted in each row (an fp32 placeholder when dense)
+    t_fill_ptr,  # sparse: [B] fp32 the logit of every other class
     stats_ptr,  # [B, 4] fp32 out: each row's student max, log-sum, teacher max, log-sum (at τ)
     partial_ptr,  # [programs, 5, C] fp64 out: per program, the shifted column sums
     origin_ptr,  # [2, C] fp32 out: p and q of row 0 (program 0)
     B,
+    K,  # sparse: the values per row
+    log_k,  # sparse: ceil(log2 K)
     inv_tau,
     rows_per_program,
     C: tl.constexpr,
@@ -904,12 +1009,16 @@ def _column_partials_kernel(
     # Program g writes only the statistics of its rows [g·rows_per_program, ...) ∩ [0, B),
     # its own slice of the partial sums and (g = 0) the origin; offsets are int64 for rows,
     # columns < C masked. The only values shared between threads are Triton's reductions.
+    # A sparse teacher's rows are read by _teacher_tile under the same masks (rows < B, or
+    # row 0 alone): at row·K + j with 0 <= j < K (int64), and fill[row].
+    SPARSE: tl.constexpr = t_idx_ptr.dtype.element_ty == tl.int32
     program = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     col_mask = cols < C
     row_offsets = tl.arange(0, ROWS).to(tl.int64)
-    _, _, _, _, _, p_first, q_first = _tile_probabilities(s_ptr, t_ptr, row_offsets, row_offsets < 1, cols,
-                                                          col_mask, C, inv_tau)
+    _, _, _, _, _, p_first, q_first = _tile_probabilities(s_ptr, t_ptr, t_idx_ptr, t_fill_ptr, row_offsets,
+                                                          row_offsets < 1, cols, col_mask, C, K, log_k, inv_tau,
+                                                          SPARSE)
     p0 = tl.sum(p_first, 0)  # row 0 alone (the others are masked to 0)
     q0 = tl.sum(q_first, 0)
     first = program.to(tl.int64) * rows_per_program
@@ -922,8 +1031,8 @@ def _column_partials_kernel(
     for start in range(first, last, ROWS):
         rows = start + row_offsets
         row_mask = rows < last
-        mask, s_max, s_log_sum, t_max, t_log_sum, p, q = _tile_probabilities(s_ptr, t_ptr, rows, row_mask, cols,
-                                                                             col_mask, C, inv_tau)
+        mask, s_max, s_log_sum, t_max, t_log_sum, p, q = _tile_probabilities(
+            s_ptr, t_ptr, t_idx_ptr, t_fill_ptr, rows, row_mask, cols, col_mask, C, K, log_k, inv_tau, SPARSE)
         tl.store(stats_ptr + rows * 4, s_max, mask=row_mask)
         tl.store(stats_ptr + rows * 4 + 1, s_log_sum, mask=row_mask)
         tl.store(stats_ptr + rows * 4 + 2, t_max, mask=row_mask)
@@ -965,12 +1074,17 @@ def _standardization(s_ptr, base, offs, mask, n):
 def _spearman_prepare_kernel(
     s_ptr,  # [B, C] student logits
     s_sorted_ptr,  # [B, C] student logits sorted descending (stable), the student's dtype
-    t_sorted_ptr,  # [B, C] teacher logits sorted ascending (stable), the teacher's dtype
-    t_order_ptr,  # [B, C] int64: their original columns
+    t_sorted_ptr,  # [B, C] teacher logits sorted ascending (stable), the teacher's dtype (dense)
+    t_order_ptr,  # [B, C] int64: their original columns (dense)
+    t_idx_ptr,  # sparse: [B, K] int32 the teacher's classes, sorted in each row (an fp32 placeholder when dense)
+    stored_rank_ptr,  # sparse: [B, K] fp32 the average ranks of the K stored logits in the rebuilt row
+    tail_rank_ptr,  # sparse: [B] fp32 the average rank every other class shares
     theta_ptr,  # [C, B] fp64 out, column-major: θ = ẑ/ε in the student's descending order
     rank_ptr,  # [B, C] fp32 out: teacher average ranks, original order
     B,
     C,
+    K,  # sparse: the values per row
+    log_k,  # sparse: ceil(log2 K)
     strength,
     BLOCK: tl.constexpr,
 ):
@@ -978,24 +1092,33 @@ def _spearman_prepare_kernel(
     # masked), column-major ones j·B + row; the teacher's sort order is a permutation of
     # 0..C−1 (torch.sort of the whole row, NaN and ±inf included). The program writes only
     # its own row's ranks and θ column; nothing it writes is read again in this launch.
+    # A sparse teacher's rank row is itself a sparse row (the K stored logits' ranks, one
+    # rank for the other classes), rebuilt by _teacher_tile: loads at row·K + j with
+    # 0 <= j < K (int64) and tail_rank[row]; each column's rank is stored in place, once.
+    SPARSE: tl.constexpr = t_idx_ptr.dtype.element_ty == tl.int32
     row = tl.program_id(0).to(tl.int64)
     base = row * C
     offs = tl.arange(0, BLOCK)
     mask = offs < C
     s0, mean_shift, z_scale = _standardization(s_ptr, base, offs, mask, C * 1.0)
-    # The teacher's average ranks: tie groups are runs of equal sorted values (NaN equals
-    # nothing, −0 equals +0), their first and last positions by max/min scans, scattered
-    # back to the original columns.
-    t_here = tl.load(t_sorted_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    t_before = tl.load(t_sorted_ptr + base + offs - 1, mask=mask & (offs > 0), other=0.0).to(tl.float32)
-    t_after = tl.load(t_sorted_ptr + base + offs + 1, mask=mask & (offs + 1 < C), other=0.0).to(tl.float32)
-    group_start = mask & ((offs == 0) | (t_before != t_here))
-    group_end = mask & ((offs == C - 1) | (t_after != t_here))
-    starts = tl.associative_scan(tl.where(group_start, offs, 0), 0, _max)
-    ends = tl.associative_scan(tl.where(group_end, offs, BLOCK), 0, _min, reverse=True)
-    average = (starts + ends).to(tl.float32) * 0.5 + 1.0
-    t_index = tl.load(t_order_ptr + base + offs, mask=mask, other=0)
-    tl.store(rank_ptr + base + t_index, average, mask=mask)
+    if SPARSE:
+        average = _teacher_tile(stored_rank_ptr, base + offs, t_idx_ptr, tail_rank_ptr, row, row < B, offs, mask, 0.0,
+                                K, log_k, SPARSE)
+        tl.store(rank_ptr + base + offs, average, mask=mask)
+    else:
+        # The teacher's average ranks: tie groups are runs of equal sorted values (NaN equals
+        # nothing, −0 equals +0), their first and last positions by max/min scans, scattered
+        # back to the original columns.
+        t_here = tl.load(t_sorted_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        t_before = tl.load(t_sorted_ptr + base + offs - 1, mask=mask & (offs > 0), other=0.0).to(tl.float32)
+        t_after = tl.load(t_sorted_ptr + base + offs + 1, mask=mask & (offs + 1 < C), other=0.0).to(tl.float32)
+        group_start = mask & ((offs == 0) | (t_before != t_here))
+        group_end = mask & ((offs == C - 1) | (t_after != t_here))
+        starts = tl.associative_scan(tl.where(group_start, offs, 0), 0, _max)
+        ends = tl.associative_scan(tl.where(group_end, offs, BLOCK), 0, _min, reverse=True)
+        average = (starts + ends).to(tl.float32) * 0.5 + 1.0
+        t_index = tl.load(t_order_ptr + base + offs, mask=mask, other=0)
+        tl.store(rank_ptr + base + t_index, average, mask=mask)
     s_sorted = tl.load(s_sorted_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     z = tl.where(mask, ((s_sorted - s0).to(tl.float64) - mean_shift) * z_scale, 0.0)
     tl.store(theta_ptr + offs.to(tl.int64) * B + row, z / strength, mask=mask)
@@ -1135,7 +1258,38 @@ def _spearman_finish_kernel(
         tl.store(grad_ptr + base + order, grad.to(tl.float32), mask=mask)
 
 
-def _column_statistics(student, teacher, inv_tau, layout: RowLayout):
+@dataclasses.dataclass(frozen=True)
+class TeacherRows:
+    """The teacher as every kernel takes it (``t_ptr, t_idx_ptr, t_fill_ptr`` and ``K, log_k``):
+    dense, the [B, C] logits; sparse, ``values`` [B, K] fp32, ``indices`` [B, K] int32 (sorted
+    in each row) and ``fill`` [B] fp32, each row rebuilt by ``_teacher_tile`` where it is read.
+    A kernel is compiled sparse exactly when its ``t_idx_ptr`` is int32 (a constexpr of the
+    pointer's type), so a dense teacher passes an fp32 placeholder there, and ``K`` = 0."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    fill: torch.Tensor
+    k: int = 0
+
+    @classmethod
+    def dense(cls, teacher: torch.Tensor, placeholder: torch.Tensor) -> "TeacherRows":
+        return cls(teacher, placeholder, placeholder)
+
+    @property
+    def sparse(self) -> bool:
+        return self.indices.dtype == torch.int32
+
+    @property
+    def pointers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.values, self.indices, self.fill
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        """K and ceil(log2 K), the binary search's halvings ((K − 1).bit_length())."""
+        return self.k, max(self.k - 1, 0).bit_length()
+
+
+def _column_statistics(student, teacher: TeacherRows, inv_tau, layout: RowLayout):
     """[5, C] fp32 (mean_p, mean_q, cross, self_p, self_q), the [C] column correlations, and
     the [B, 4] fp32 per-row softmax statistics they were computed with: in the row kernel's
     ``layout``, one read of each input when it is resident and C <= MAX_COLUMN_PARTIALS_CLASSES
@@ -1149,16 +1303,19 @@ def _column_statistics(student, teacher, inv_tau, layout: RowLayout):
         rows_per_chunk = triton.cdiv(rows_per_chunk, layout.rows) * layout.rows
         chunks = triton.cdiv(rows, rows_per_chunk)
         partial = torch.empty(chunks, 5, classes, dtype=torch.float64, device=student.device)
-        _column_partials_kernel[(chunks,)](student, teacher, stats, partial, origin, rows, inv_tau, rows_per_chunk,
-                                           C=classes, ROWS=layout.rows, BLOCK=layout.block, num_warps=layout.warps)
+        _column_partials_kernel[(chunks,)](student, *teacher.pointers, stats, partial, origin, rows, *teacher.sizes,
+                                           inv_tau, rows_per_chunk, C=classes, ROWS=layout.rows, BLOCK=layout.block,
+                                           num_warps=layout.warps)
     else:
         block, warps = chunk_config(classes)
-        _softmax_stats_kernel[(rows,)](student, teacher, stats, classes, inv_tau, BLOCK=block, num_warps=warps)
+        _softmax_stats_kernel[(rows,)](student, *teacher.pointers, stats, classes, *teacher.sizes, inv_tau, BLOCK=block,
+                                       num_warps=warps)
         chunks = triton.cdiv(rows, rows_per_chunk)
         column_block = min(256, triton.next_power_of_2(classes))
         partial = torch.empty(chunks, 5, classes, dtype=torch.float64, device=student.device)
         _column_moments_kernel[(triton.cdiv(classes, column_block), chunks)](
-            student, teacher, stats, partial, origin, rows, classes, inv_tau, rows_per_chunk, BLOCK=column_block)
+            student, *teacher.pointers, stats, partial, origin, rows, classes, *teacher.sizes, inv_tau, rows_per_chunk,
+            BLOCK=column_block)
     return (*_finish_columns(origin, partial.sum(0), rows), stats)
 
 
@@ -1181,12 +1338,48 @@ def _finish_columns(origin, sums, rows):
     return columns.contiguous(), rho
 
 
-def _spearman(student, teacher, strength, with_grad):
+def _sparse_teacher_ranks(values, fill, classes):
+    """A sparse teacher's average ranks (ascending, from 1; a tie group shares the mean of its
+    positions) in its rebuilt rows, without building them: [B, K] fp32 for the K stored logits
+    (in their order) and [B] fp32 shared by the C − K other classes, the fill's tie group
+    (with every stored logit equal to the fill). A number x's group starts after the n_<(x)
+    logits below it and holds the n_=(x) equal to it, both counted over the sorted stored
+    logits (searchsorted) plus C − K copies of the fill; its rank (2·n_< + n_= − 1)·0.5 + 1
+    takes the same integer the dense kernel's (first + last)·0.5 + 1 does, so the ranks are
+    bitwise the dense row's. NaN as in the dense kernel (each NaN alone, after every number,
+    in column order: the stored values are in class order) while the fill is a number; a
+    NaN fill (K < C) makes every NaN class one tie group (the CPU operator, which groups
+    NaNs of one bit pattern, differs from the dense kernel there too). [B, K]-sized work."""
+    k = values.shape[1]
+    tail = classes - k
+    nan = values.isnan()
+    fill = fill[:, None]
+    nan_fill = fill.isnan() & (tail > 0)  # (a fill no class takes is not a NaN class)
+    key = values.masked_fill(nan, math.inf)  # NaN counted apart (an inf key must not count as equal to inf)
+    nans = nan.sum(1, keepdim=True)
+    queries = torch.cat([key, fill.masked_fill(fill.isnan(), 0.0)], 1)
+    ordered = key.sort(dim=1).values
+    below = torch.searchsorted(ordered, queries)
+    equal = torch.searchsorted(ordered, queries, right=True) - below - torch.where(queries == math.inf, nans, 0)
+    first = torch.cat([below[:, :k] + tail * (fill < values), below[:, k:]], 1)
+    size = torch.cat([equal[:, :k] + tail * (fill == values), equal[:, k:] + tail], 1)
+    numbers = (k - nans) + tail * ~nan_fill
+    nan_first = numbers + torch.where(nan_fill, 0, nan.cumsum(1) - nan.long())
+    nan_size = torch.where(nan_fill, nans + tail, 1)
+    is_nan = torch.cat([nan, nan_fill], 1)
+    first = torch.where(is_nan, torch.cat([nan_first, numbers], 1), first)
+    size = torch.where(is_nan, torch.cat([nan_size.expand(-1, k), nans + tail], 1), size)
+    ranks = (2 * first + size - 1).float() * 0.5 + 1.0
+    return ranks[:, :k].contiguous(), ranks[:, k].contiguous()
+
+
+def _spearman(student, teacher: TeacherRows, strength, with_grad):
     """ρ_S per row [B] fp64 and, when asked, dρ_S/ds [B, C] fp32.
 
     The rows are sorted by ``torch.sort`` (stable, ties in column order, a segmented sort
     on the GPU) rather than inside the kernel: a sort network unrolled in the kernel took
-    15–65 s to compile per width, and padding lanes could collide with NaN keys."""
+    15–65 s to compile per width, and padding lanes could collide with NaN keys. A sparse
+    teacher is not sorted: its ranks come from its K values (``_sparse_teacher_ranks``)."""
     rows, classes = student.shape
     if classes > MAX_SPEARMAN_CLASSES:
         raise ValueError(f"the Triton backend computes the Spearman terms for at most {MAX_SPEARMAN_CLASSES} "
@@ -1194,7 +1387,6 @@ def _spearman(student, teacher, strength, with_grad):
     block = triton.next_power_of_2(classes)
     device = student.device
     s_sorted, s_order = torch.sort(student, dim=1, descending=True, stable=True)
-    t_sorted, t_order = torch.sort(teacher, dim=1, stable=True)
     # θ and the PAV stacks column-major ([C, B]: the PAV kernel's lanes are rows), the
     # flags and prefix sums row-major; 32 bytes of workspace per logit.
     theta = torch.empty(classes, rows, dtype=torch.float64, device=device)
@@ -1207,8 +1399,15 @@ def _spearman(student, teacher, strength, with_grad):
     rho = torch.empty(rows, dtype=torch.float64, device=device)
     grad = torch.empty(rows, classes, dtype=torch.float32, device=device) if with_grad else rho
     warps = spearman_warps(classes)
-    _spearman_prepare_kernel[(rows,)](student, s_sorted, t_sorted, t_order, theta, ranks, rows, classes, strength,
-                                      BLOCK=block, num_warps=warps)
+    if teacher.sparse:
+        stored_rank, tail_rank = _sparse_teacher_ranks(teacher.values, teacher.fill, classes)
+        _spearman_prepare_kernel[(rows,)](student, s_sorted, ranks, ranks, teacher.indices, stored_rank, tail_rank,
+                                          theta, ranks, rows, classes, *teacher.sizes, strength, BLOCK=block,
+                                          num_warps=warps)
+    else:
+        t_sorted, t_order = torch.sort(teacher.values, dim=1, stable=True)
+        _spearman_prepare_kernel[(rows,)](student, s_sorted, t_sorted, t_order, ranks, ranks, ranks, theta, ranks, rows,
+                                          classes, *teacher.sizes, strength, BLOCK=block, num_warps=warps)
     _pav_kernel[(triton.cdiv(rows, PAV_ROWS),)](theta, stack_start, stack_a, stack_b, counts, rows, classes,
                                                 ROWS=PAV_ROWS, num_warps=1)
     # θ is no longer needed: its storage holds the prefix sums of the backward.
@@ -1239,12 +1438,14 @@ def fused_kd_loss_triton(
     teacher_indices: torch.Tensor | None = None,
     teacher_fill: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The generic fused loss on Triton (same schema and results as kdfast::fused_kd_loss)."""
+    """The generic fused loss on Triton (same schema and results as kdfast::fused_kd_loss).
+
+    With ``teacher_indices`` (a sparse teacher: ``teacher`` [B, k] fp32 values, int32 indices
+    sorted in each row, ``teacher_fill`` [B] fp32) every kernel rebuilds the teacher's rows
+    where it reads them (``_teacher_tile``); no dense B×C teacher is made."""
     check_fused_arguments("kdfast fused loss (triton)", student, teacher, target, difficulty, temperature,
                           rank_strength, difficulty_mode, ce_coef, column_coef, rectify, teacher_indices,
                           teacher_fill, teacher_grad)
-    if teacher_indices is not None:
-        raise NotImplementedError("kdfast fused loss (triton): sparse teachers are not implemented yet")
     rows, classes = student.shape
     if classes > MAX_CLASSES:
         raise ValueError(f"kdfast fused loss (triton): at most {MAX_CLASSES} classes (32-bit column offsets), "
@@ -1252,18 +1453,23 @@ def fused_kd_loss_triton(
     with on_device_of(student):
         return _fused_loss(student.contiguous(), teacher.contiguous(), target, difficulty, temperature, kl_coef,
                            ce_coef, pearson_coef, spearman_coef, column_coef, rank_strength, difficulty_mode,
-                           difficulty_value, rectify, student_grad, teacher_grad)
+                           difficulty_value, rectify, student_grad, teacher_grad, teacher_indices, teacher_fill)
 
 
 def _fused_loss(student, teacher, target, difficulty, temperature, kl_coef, ce_coef, pearson_coef, spearman_coef,
-                column_coef, rank_strength, difficulty_mode, difficulty_value, rectify, student_grad, teacher_grad):
+                column_coef, rank_strength, difficulty_mode, difficulty_value, rectify, student_grad, teacher_grad,
+                teacher_indices, teacher_fill):
     """The launches of :func:`fused_kd_loss_triton`, on the inputs' device (checked inputs)."""
     rows, classes = student.shape
     inv_tau = 1.0 / temperature
     device = student.device
     row_loss = torch.empty(rows, dtype=torch.float32, device=device)
+    if teacher_indices is None:
+        teacher = TeacherRows.dense(teacher, row_loss)
+    else:
+        teacher = TeacherRows(teacher, teacher_indices.contiguous(), teacher_fill.contiguous(), teacher.shape[1])
     grad_student = torch.empty_like(student) if student_grad else student.new_empty((0,))
-    grad_teacher = torch.empty_like(teacher) if teacher_grad else teacher.new_empty((0,))
+    grad_teacher = torch.empty_like(teacher.values) if teacher_grad else teacher.values.new_empty((0,))
     layout = launch_config(classes, (pearson_coef != 0) + (column_coef != 0) + (spearman_coef != 0))
     columns, column_rho, stats = (_column_statistics(student, teacher, inv_tau, layout) if column_coef != 0
                                   else (row_loss, None, row_loss))
@@ -1276,10 +1482,11 @@ def _fused_loss(student, teacher, target, difficulty, temperature, kl_coef, ce_c
     target = target.long().contiguous() if target is not None else row_loss
     difficulty = difficulty.float().contiguous() if difficulty is not None else row_loss
     _fused_row_kernel[(triton.cdiv(rows, layout.rows),)](
-        student, teacher, target, difficulty, spearman_rho,
+        student, *teacher.pointers, target, difficulty, spearman_rho,
         spearman_grad if spearman_grad is not None else row_loss, columns, stats, chunk_max, row_loss,
         grad_student if student_grad else row_loss, grad_teacher if teacher_grad else row_loss,
-        rows, inv_tau, kl_coef, ce_coef, pearson_coef, spearman_coef, column_coef, difficulty_value, 1.0 / rows,
+        rows, *teacher.sizes, inv_tau, kl_coef, ce_coef, pearson_coef, spearman_coef, column_coef, difficulty_value,
+        1.0 / rows,
         C=classes, HAS_TARGET=target is not row_loss, HAS_KL=kl_coef != 0, HAS_CE=ce_coef != 0, HAS_PEARSON=pearson_coef != 0,
         HAS_SPEARMAN=spearman_coef != 0, HAS_COLUMN=column_coef != 0, RECTIFY=rectify,
         DIFFICULTY_MODE=difficulty_mode, STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad,
