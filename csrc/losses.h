@@ -6,11 +6,16 @@
 //   L = (1/B) Σ_i ℓ_i  +  column_coef · (1 − (1/C) Σ_c ρ(p_:,c, q_:,c))
 //   ℓ_i = kl_coef·KL(q_i ‖ p_i) + ce_coef·CE(s_i, y_i)
 //         + pearson_coef·(1 − d_i)·(1 − ρ(p_i, q_i)) + spearman_coef·d_i·(1 − ρ_S,i)
+//         + tckd_coef·KL(b̂_i ‖ b_i) + nckd_coef·KL(q̃_i ‖ p̃_i)
 //
 // with p = softmax(s/τ), q = softmax(t/τ) (t rectified first when `rectify`), d_i the
 // per-sample difficulty, ρ_S,i the soft Spearman correlation of the standardized student
 // row against the teacher's average ranks. The caller folds τ² into the coefficients.
 // A kernel computes L and, in the same pass over each row, dL/ds and dL/dt.
+//
+// DKD: b = [p_y, 1 − p_y], p̃ the softmax over the classes other than y. With
+// `standardize`, p and q (and the ranks, the rectification) come from the rows z-scored,
+// (x − mean)/(std + 1e-7) with the unbiased std; CE keeps the raw student logits.
 #pragma once
 
 #include <cstdint>
@@ -38,7 +43,15 @@ struct LossConfig {
   float difficulty_value;
   bool rectify;
   bool student_grad, teacher_grad;
+  // DKD's terms (need a target): tckd_coef·KL(b̂‖b) on the target / non-target split and
+  // nckd_coef·KL(q̃‖p̃) on the non-target classes renormalized.
+  float tckd_coef = 0.0f, nckd_coef = 0.0f;
+  // Logit standardization: every term but CE sees each row as (x − mean)/(std + 1e-7).
+  bool standardize = false;
 };
+
+// Logit standardization's ε, added to the unbiased standard deviation (the authors' code).
+constexpr double kStandardizeEps = 1e-7;
 
 // A Pearson correlation from centered moments <a,b>, <a,a>, <b,b> (accumulated in double:
 // near ρ = 1 the loss term 1 − ρ is ill-conditioned), with the coefficients of its

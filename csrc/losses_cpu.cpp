@@ -73,7 +73,7 @@ class Buffer {
 
 // Per-thread buffers for one row at a time (allocated once per parallel task).
 struct RowScratch {
-  Buffer<float> s, t, p, q, softmax1, grad;
+  Buffer<float> s, t, p, q, softmax1, grad, out;
   // Spearman terms: sort keys and orders, soft ranks in sorted order, teacher ranks in
   // original order, the PAV stack.
   Buffer<uint64_t> items, items_tmp;
@@ -84,7 +84,7 @@ struct RowScratch {
   Buffer<int32_t> block_of;
   Buffer<double> block_a, block_b;
 
-  RowScratch(int64_t n, bool spearman) : s(n), t(n), p(n), q(n), softmax1(n), grad(n) {
+  RowScratch(int64_t n, bool spearman) : s(n), t(n), p(n), q(n), softmax1(n), grad(n), out(n) {
     if (spearman) {
       items.resize(n), items_tmp.resize(n), order.resize(n), ranks.resize(n), teacher_ranks.resize(n);
       u_sorted.resize(n), z_sorted.resize(n);
@@ -164,6 +164,49 @@ float upcast_row(const in_t* in, int64_t n, float* x) {
   return max;
 }
 
+// Logit standardization of one upcast row, in place: x_j ← (x_j − mean)·a with
+// a = 1/(std + 1e-7) and the unbiased std (moments in double). Returns what the gradient
+// needs and the new max. A constant row becomes zeros.
+struct Standardization {
+  float scale = 1.0f;          // a
+  double inv_std_dof = 0.0;    // 1/((n − 1)·std), 0 for a constant row (std's gradient taken as 0)
+};
+
+inline float standardize_row(float* x, int64_t n, Standardization* out) {
+  double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) sum += x[j];
+  const double mean = sum / static_cast<double>(n);
+  double squares = 0.0;
+#pragma omp simd reduction(+ : squares)
+  for (int64_t j = 0; j < n; ++j) squares += (x[j] - mean) * (x[j] - mean);
+  const double std = std::sqrt(squares / static_cast<double>(n - 1));
+  const double scale = 1.0 / (std + kStandardizeEps);
+  float max = -kInf;
+#pragma omp simd reduction(max : max)
+  for (int64_t j = 0; j < n; ++j) {
+    x[j] = static_cast<float>((x[j] - mean) * scale);
+    max = x[j] > max ? x[j] : max;
+  }
+  out->scale = static_cast<float>(scale);
+  out->inv_std_dof = std > 0.0 ? 1.0 / (static_cast<double>(n - 1) * std) : 0.0;
+  return max;
+}
+
+// The gradient through standardize_row: g holds dL/dz for z the standardized row, and
+// becomes dL/dx = a·(g − ḡ) − z·<g, z>/((n − 1)·std).
+inline void standardize_backward(const float* z, int64_t n, const Standardization& st, float* g) {
+  double g_sum = 0.0, gz = 0.0;
+#pragma omp simd reduction(+ : g_sum, gz)
+  for (int64_t j = 0; j < n; ++j) {
+    g_sum += g[j];
+    gz += static_cast<double>(g[j]) * z[j];
+  }
+  const double g_mean = g_sum / static_cast<double>(n), factor = gz * st.inv_std_dof;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) g[j] = static_cast<float>(st.scale * (g[j] - g_mean) - z[j] * factor);
+}
+
 // Where the kernels read teacher row i from, as fp32 into an aligned buffer (returning
 // its max, as upcast_row does). Both kinds give the same float row to everything after:
 // the KL, correlations, ranks and rectification never see which one it was.
@@ -217,9 +260,14 @@ inline RowSums exp_rows(const float* s, const float* t, int64_t n, float s_max, 
 // A student and teacher row's probabilities softmax(x·it) into p and q, through the same
 // steps as the row kernel (s, t: upcast scratch).
 template <typename s_t, typename Teacher>
-void row_probabilities(const s_t* s_in, const Teacher& teacher, int64_t row, int64_t n, float it, float* s, float* t,
-                       float* p, float* q) {
-  const float s_max = upcast_row(s_in, n, s), t_max = teacher.upcast(row, t);
+void row_probabilities(const s_t* s_in, const Teacher& teacher, int64_t row, int64_t n, float it, bool standardize,
+                       float* s, float* t, float* p, float* q) {
+  float s_max = upcast_row(s_in, n, s), t_max = teacher.upcast(row, t);
+  if (standardize) {  // as the row kernel does (same steps, same bits)
+    Standardization unused;
+    s_max = standardize_row(s, n, &unused);
+    t_max = standardize_row(t, n, &unused);
+  }
   const RowSums sums = exp_rows(s, t, n, s_max, t_max, it, p, q);
   const float s_inv_sum = 1.0f / sums.s, t_inv_sum = 1.0f / sums.t;
 #pragma omp simd
@@ -245,7 +293,7 @@ ColumnStats column_stats(const s_t* student, const Teacher& teacher, int64_t row
   const int64_t chunk = column_chunk_rows(rows);
   const int64_t chunks = (rows + chunk - 1) / chunk;
   Buffer<float> p0(n), q0(n), s0(n), t0(n);
-  row_probabilities(student, teacher, 0, n, it, s0.data(), t0.data(), p0.data(), q0.data());
+  row_probabilities(student, teacher, 0, n, it, cfg.standardize, s0.data(), t0.data(), p0.data(), q0.data());
   // Per chunk: mean_a, mean_b, Σ (a−ā)(b−b̄), Σ (a−ā)², Σ (b−b̄)², each over its rows.
   Buffer<double> moments;
   moments.assign(chunks * 5 * n, 0.0);
@@ -259,7 +307,8 @@ ColumnStats column_stats(const s_t* student, const Teacher& teacher, int64_t row
       double* bb = aa + n;
       int64_t count = 0;
       for (int64_t i = c * chunk; i < std::min(rows, (c + 1) * chunk); ++i) {
-        row_probabilities(student + i * n, teacher, i, n, it, se.data(), te.data(), pe.data(), qe.data());
+        row_probabilities(student + i * n, teacher, i, n, it, cfg.standardize, se.data(), te.data(), pe.data(),
+                          qe.data());
         const double inv_count = 1.0 / static_cast<double>(++count);
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) {
@@ -432,7 +481,8 @@ float fused_row(const s_t* s_in, const Teacher& teacher, int64_t row, int64_t n,
   const float it = cfg.inv_temperature;
   const float inv_n = 1.0f / static_cast<float>(n);
   const bool has_target = target >= 0 && target < n;
-  if ((cfg.ce_coef != 0.0f || cfg.rectify) && !has_target) {
+  const bool dkd = cfg.tckd_coef != 0.0f || cfg.nckd_coef != 0.0f;
+  if ((cfg.ce_coef != 0.0f || cfg.rectify || dkd) && !has_target) {
     // Only reachable when the caller skipped the range check (a compiled graph asserts
     // it on the device): NaN everywhere rather than an out-of-bounds read.
     constexpr float nan = std::numeric_limits<float>::quiet_NaN();
@@ -441,7 +491,27 @@ float fused_row(const s_t* s_in, const Teacher& teacher, int64_t row, int64_t n,
     return nan;
   }
 
-  const float s_max = upcast_row(s_in, n, s), t_max = teacher.upcast(row, t);
+  float s_max = upcast_row(s_in, n, s), t_max = teacher.upcast(row, t);
+  // CE sees the raw student logits: its softmax at τ = 1 is taken before any standardization.
+  float* softmax1 = w.softmax1.data();
+  float ce_loss = 0.0f;
+  if (cfg.ce_coef != 0.0f) {
+    float sum1 = 0.0f;
+#pragma omp simd reduction(+ : sum1)
+    for (int64_t j = 0; j < n; ++j) {
+      softmax1[j] = vexp(s[j] - s_max);
+      sum1 += softmax1[j];
+    }
+    const float inv_sum1 = 1.0f / sum1;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) softmax1[j] *= inv_sum1;
+    ce_loss = cfg.ce_coef * (std::log(sum1) + s_max - s[target]);
+  }
+  Standardization s_standard, t_standard;
+  if (cfg.standardize) {
+    s_max = standardize_row(s, n, &s_standard);
+    t_max = standardize_row(t, n, &t_standard);
+  }
   // DR-KD rectification: the teacher's (first) max logit and the target's logit trade
   // places; the max, the softmax normalizer and everything else of the row are unchanged.
   int64_t t_argmax = 0;
@@ -485,22 +555,38 @@ float fused_row(const s_t* s_in, const Teacher& teacher, int64_t row, int64_t n,
     for (int64_t j = 0; j < n; ++j) entropy -= q[j] > 0.0f ? q[j] * ((t[j] - t_max) * it - t_log_sum) : 0.0f;
   }
 
-  float loss = 0.0f;
+  float loss = ce_loss;
   // KL ≥ 0; rounding can take a near-zero row below it at a large τ (the gradient below
   // keeps the unclamped kl, as every backend does).
   if (cfg.kl_coef != 0.0f) loss += cfg.kl_coef * static_cast<float>(kl < 0.0 ? 0.0 : kl);  // NaN stays NaN
-  float* softmax1 = w.softmax1.data();  // softmax(s) at temperature 1, for the CE term
-  if (cfg.ce_coef != 0.0f) {
-    float sum1 = 0.0f;
-#pragma omp simd reduction(+ : sum1)
+
+  // DKD. The non-target masses 1 − P and 1 − Q are summed directly (no cancellation when
+  // the target holds almost all of it); logs in double, from the logits where they exist.
+  double p_rest = 0.0, q_rest = 0.0, log_p_rest = 0.0, log_q_rest = 0.0, log_p_target = 0.0, log_q_target = 0.0;
+  double nckd = 0.0;
+  if (dkd) {
+#pragma omp simd reduction(+ : p_rest, q_rest)
     for (int64_t j = 0; j < n; ++j) {
-      softmax1[j] = vexp(s[j] - s_max);
-      sum1 += softmax1[j];
+      p_rest += j != target ? p[j] : 0.0f;
+      q_rest += j != target ? q[j] : 0.0f;
     }
-    const float inv_sum1 = 1.0f / sum1;
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) softmax1[j] *= inv_sum1;
-    loss += cfg.ce_coef * (std::log(sum1) + s_max - s[target]);
+    log_p_rest = std::log(p_rest), log_q_rest = std::log(q_rest);
+    log_p_target = static_cast<double>(s[target] - s_max) * it - std::log(static_cast<double>(s_sum));
+    log_q_target = static_cast<double>(t[target] - t_max) * it - std::log(static_cast<double>(t_sum));
+    const double q_target = q[target];
+    double tckd = 0.0;
+    if (q_target > 0.0) tckd += q_target * (log_q_target - log_p_target);
+    if (q_rest > 0.0) tckd += q_rest * (log_q_rest - log_p_rest);
+    // KL(q̃ ‖ p̃) = Σ_{j≠y} q̃_j (log q_j − log p_j − log(1−Q) + log(1−P)); a teacher without
+    // non-target mass has nothing to match there (0, never 0·∞).
+    if (q_rest > 0.0) {
+      const double shift = log_p_rest - log_q_rest, inv_q_rest = 1.0 / q_rest;
+#pragma omp simd reduction(+ : nckd)
+      for (int64_t j = 0; j < n; ++j) {
+        nckd += j != target && q[j] > 0.0f ? q[j] * inv_q_rest * (log_ratio(j) + shift) : 0.0;
+      }
+    }
+    loss += cfg.tckd_coef * static_cast<float>(tckd) + cfg.nckd_coef * static_cast<float>(nckd < 0.0 ? 0.0 : nckd);
   }
 
   float d = cfg.difficulty_value;
@@ -572,38 +658,67 @@ float fused_row(const s_t* s_in, const Teacher& teacher, int64_t row, int64_t n,
   };
   const float* col_mean_p = columns ? columns->mean_p.data() : nullptr;
   const float* col_mean_q = columns ? columns->mean_q.data() : nullptr;
+  // DKD's gradients, each side's dℓ/dz (z = x/τ) before the factor τ⁻¹·coefficients:
+  //   student: TCKD (P − Q) at y, p̃_j (Q − P) elsewhere; NCKD p̃_j − q̃_j off y;
+  //   teacher: TCKD ℓ_b·Q·(1 − Q) at y, −ℓ_b·Q·q_j elsewhere, with
+  //   ℓ_b = log(Q/(1−Q)) − log(P/(1−P)); NCKD q̃_j (log q̃_j − log p̃_j − NCKD) off y.
+  const float tckd_grad = cfg.tckd_coef * grad_scale * it, nckd_grad = cfg.nckd_coef * grad_scale * it;
+  const float p_target = dkd ? p[target] : 0.0f, q_target = dkd ? q[target] : 0.0f;
+  const float inv_p_rest = p_rest > 0.0 ? static_cast<float>(1.0 / p_rest) : 0.0f;
+  const float inv_q_rest = q_rest > 0.0 ? static_cast<float>(1.0 / q_rest) : 0.0f;
+  float* out = w.out.data();  // one side's gradient at a time (s and t still hold the rows)
   if (cfg.teacher_grad) {
-    // log q − log p needs both rows of logits: this side goes first, then their buffers
-    // are reused for the outputs.
-    float* out = w.t.data();
     // Without a KL term, or where q_j = 0 (a −inf teacher logit), the KL part is zero: computed,
     // it would be 0·(±inf) = NaN for −inf logits.
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      g[j] = kl_grad != 0.0f && q[j] > 0.0f ? kl_grad * q[j] * static_cast<float>(log_ratio(j) - kl) : 0.0f;
+      out[j] = kl_grad != 0.0f && q[j] > 0.0f ? kl_grad * q[j] * static_cast<float>(log_ratio(j) - kl) : 0.0f;
     }
-    std::copy(g, g + n, out);
     side_gradient(q, p, q_mean, p_mean, row_corr.self_b, col_mean_q, col_mean_p,
                   columns ? columns->self_q.data() : nullptr, out);
+    if (dkd) {
+      const bool split = q_target > 0.0f && q_rest > 0.0;  // otherwise TCKD is flat in Q
+      const double binary = (log_q_target - log_q_rest) - (log_p_target - log_p_rest);
+      const float binary_grad = split ? static_cast<float>(binary * q_target) * tckd_grad : 0.0f;
+      const double shift = log_p_rest - log_q_rest;
+      for (int64_t j = 0; j < n; ++j) {
+        if (j == target) {
+          out[j] += binary_grad * static_cast<float>(q_rest);
+        } else {
+          out[j] -= binary_grad * q[j];
+          if (q[j] > 0.0f) out[j] += nckd_grad * q[j] * inv_q_rest * static_cast<float>(log_ratio(j) + shift - nckd);
+        }
+      }
+    }
+    if (cfg.standardize) standardize_backward(t, n, t_standard, out);
     if (swapped) std::swap(out[t_argmax], out[target]);  // back to the unrectified positions
     for (int64_t j = 0; j < n; ++j) gt[j] = static_cast<t_t>(out[j]);
   }
   if (cfg.student_grad) {
-    float* out = w.s.data();
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) out[j] = kl_grad * (p[j] - q[j]);
     side_gradient(p, q, p_mean, q_mean, row_corr.self_a, col_mean_p, col_mean_q,
                   columns ? columns->self_p.data() : nullptr, out);
-    if (cfg.ce_coef != 0.0f) {
-      const float ce_grad = cfg.ce_coef * grad_scale;
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) out[j] += ce_grad * softmax1[j];
-      out[target] -= ce_grad;
-    }
     if (spearman_grad) {
       const float* grad_z = w.grad_z.data();
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) out[j] += grad_z[j];
+    }
+    if (dkd) {
+      const float gap = q_target - p_target;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const float tilde_p = p[j] * inv_p_rest, tilde_q = q[j] * inv_q_rest;
+        out[j] += j == target ? -tckd_grad * gap
+                              : tckd_grad * tilde_p * gap + (q_rest > 0.0 ? nckd_grad * (tilde_p - tilde_q) : 0.0f);
+      }
+    }
+    if (cfg.standardize) standardize_backward(s, n, s_standard, out);
+    if (cfg.ce_coef != 0.0f) {  // on the raw logits, after the standardization's chain rule
+      const float ce_grad = cfg.ce_coef * grad_scale;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) out[j] += ce_grad * softmax1[j];
+      out[target] -= ce_grad;
     }
     for (int64_t j = 0; j < n; ++j) gs[j] = static_cast<s_t>(out[j]);
   }
@@ -634,7 +749,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_kd_loss_cpu(
     const c10::optional<at::Tensor>& difficulty_in, double temperature, double kl_coef, double ce_coef,
     double pearson_coef, double spearman_coef, double column_coef, double rank_strength, int64_t difficulty_mode,
     double difficulty_value, bool rectify, bool student_grad, bool teacher_grad,
-    const c10::optional<at::Tensor>& teacher_indices_in, const c10::optional<at::Tensor>& teacher_fill_in) {
+    const c10::optional<at::Tensor>& teacher_indices_in, const c10::optional<at::Tensor>& teacher_fill_in,
+    double tckd_coef, double nckd_coef, bool standardize) {
   check_logits("student", student_in);
   check_logits("teacher", teacher_in);
   const bool sparse = teacher_indices_in.has_value();
@@ -679,7 +795,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_kd_loss_cpu(
     target = target_in->to(at::kLong).contiguous();
     TORCH_CHECK(target.dim() == 1 && target.size(0) == rows, "kdfast fused loss: target must have shape [B]");
   }
-  TORCH_CHECK(!(ce_coef != 0 || rectify) || target.defined(), "kdfast fused loss: the CE term and rectification need a target");
+  const bool dkd = tckd_coef != 0 || nckd_coef != 0;
+  TORCH_CHECK(!(ce_coef != 0 || rectify || dkd) || target.defined(),
+              "kdfast fused loss: the CE and DKD terms and rectification need a target");
+  TORCH_CHECK(!(dkd || standardize) || n >= 2,
+              "kdfast fused loss: the DKD terms and logit standardization need at least 2 classes, got ", n);
   at::Tensor difficulty;
   if (difficulty_mode == kDifficultyPerSample) {
     TORCH_CHECK(difficulty_in.has_value(), "kdfast fused loss: per-sample difficulty needs the difficulty tensor");
@@ -687,10 +807,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_kd_loss_cpu(
     TORCH_CHECK(difficulty.dim() == 1 && difficulty.size(0) == rows, "kdfast fused loss: difficulty must have shape [B]");
   }
 
-  const LossConfig cfg{static_cast<float>(1.0 / temperature), static_cast<float>(kl_coef), static_cast<float>(ce_coef),
-                       static_cast<float>(pearson_coef), static_cast<float>(spearman_coef),
-                       static_cast<float>(column_coef), static_cast<float>(rank_strength), difficulty_mode,
-                       static_cast<float>(difficulty_value), rectify, student_grad, teacher_grad};
+  LossConfig cfg{static_cast<float>(1.0 / temperature), static_cast<float>(kl_coef), static_cast<float>(ce_coef),
+                 static_cast<float>(pearson_coef), static_cast<float>(spearman_coef),
+                 static_cast<float>(column_coef), static_cast<float>(rank_strength), difficulty_mode,
+                 static_cast<float>(difficulty_value), rectify, student_grad, teacher_grad};
+  cfg.tckd_coef = static_cast<float>(tckd_coef);
+  cfg.nckd_coef = static_cast<float>(nckd_coef);
+  cfg.standardize = standardize;
   at::Tensor grad_student = student_grad ? at::empty_like(student) : at::empty({0}, student.options());
   at::Tensor grad_teacher = teacher_grad ? at::empty_like(teacher) : at::empty({0}, teacher.options());
   Buffer<float> row_loss(rows);
@@ -752,7 +875,8 @@ TORCH_LIBRARY_FRAGMENT(kdfast, m) {
       "fused_kd_loss(Tensor student, Tensor teacher, Tensor? target, Tensor? difficulty, float temperature, "
       "float kl_coef, float ce_coef, float pearson_coef, float spearman_coef, float column_coef, "
       "float rank_strength, int difficulty_mode, float difficulty_value, bool rectify, bool student_grad, "
-      "bool teacher_grad, Tensor? teacher_indices=None, Tensor? teacher_fill=None) "
+      "bool teacher_grad, Tensor? teacher_indices=None, Tensor? teacher_fill=None, float tckd_coef=0.0, "
+      "float nckd_coef=0.0, bool standardize=False) "
       "-> (Tensor loss, Tensor grad_student, Tensor grad_teacher)");
 }
 

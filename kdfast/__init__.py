@@ -3,7 +3,7 @@
 Functional API (each loss takes ``backend=None`` and ``check_finite=False``):
 
 * :func:`kd_loss`, :func:`pearson_loss`, :func:`dist_loss`, :func:`spearman_loss`,
-  :func:`cmkd_loss`, :func:`drkd_loss`, :func:`rectify`;
+  :func:`cmkd_loss`, :func:`drkd_loss`, :func:`dkd_loss`, :func:`rectify`;
 * :func:`soft_rank`, :func:`soft_sort` (torchsort conventions), :func:`average_ranks`;
 * :func:`backends` reports which backends can run and why not;
 * :class:`SparseTeacher`: a cached top-k teacher, accepted by every loss in place of the
@@ -18,6 +18,7 @@ from kdfast.losses import (
     cmkd_loss,
     default_spearman_strength,
     dist_loss,
+    dkd_loss,
     drkd_loss,
     kd_loss,
     pearson_loss,
@@ -37,6 +38,7 @@ __all__ = [
     "cmkd_loss",
     "default_spearman_strength",
     "dist_loss",
+    "dkd_loss",
     "drkd_loss",
     "kd_loss",
     "nn",

@@ -76,7 +76,7 @@ def auto_preference(op: str, device: torch.device, gpu_name: str | None = None) 
     return order
 
 #: The losses every backend provides (ResKD's gate_compact has torch, cpu and triton ones).
-OPS = ("kd_loss", "pearson_loss", "dist_loss", "spearman_loss", "cmkd_loss", "drkd_loss")
+OPS = ("kd_loss", "pearson_loss", "dist_loss", "spearman_loss", "cmkd_loss", "drkd_loss", "dkd_loss")
 
 
 class BackendUnavailableError(RuntimeError):

@@ -4,6 +4,11 @@ All kdfast losses are settings of one generic loss (csrc/losses.h)::
 
     L = (1/B) Σ_i ℓ_i + column · (1 − (1/C) Σ_c ρ(p_:,c, q_:,c))
     ℓ_i = kl·KL(q_i‖p_i) + ce·CE(s_i, y_i) + pearson·(1−d_i)(1−ρ(p_i,q_i)) + spearman·d_i·(1−ρ_S,i)
+          + tckd·KL(b̂_i‖b_i) + nckd·KL(q̃_i‖p̃_i)
+
+(DKD's terms: ``b`` the target / non-target split of ``p``, ``p̃`` the non-target classes
+renormalized), with p = softmax(z_s/τ), q = softmax(z_t/τ), where z are the logits or, with
+``standardize``, their rows z-scored (logit standardization; CE keeps the raw logits).
 
 The operator computes L and, in the same pass over each row, dL/ds (and dL/dt when the
 teacher requires grad); backward only scales those saved gradients by ``grad_output``,
@@ -56,10 +61,18 @@ class FusedConfig:
     difficulty_mode: int = DIFFICULTY_CONSTANT
     difficulty_value: float = 0.0
     rectify: bool = False
+    tckd: float = 0.0
+    nckd: float = 0.0
+    standardize: bool = False
 
     def op_arguments(self) -> tuple:
+        """The operator's arguments from ``temperature`` to ``rectify``."""
         return (self.temperature, self.kl, self.ce, self.pearson, self.spearman, self.column,
                 self.rank_strength, self.difficulty_mode, self.difficulty_value, self.rectify)
+
+    def trailing_arguments(self) -> tuple:
+        """The operator's arguments after ``teacher_fill``."""
+        return self.tckd, self.nckd, self.standardize
 
 
 if _ops.EXTENSION_ERROR is None:
@@ -67,7 +80,8 @@ if _ops.EXTENSION_ERROR is None:
     @torch.library.register_fake("kdfast::fused_kd_loss")
     def _fused_kd_loss_fake(student, teacher, target, difficulty, temperature, kl_coef, ce_coef, pearson_coef,
                             spearman_coef, column_coef, rank_strength, difficulty_mode, difficulty_value, rectify,
-                            student_grad, teacher_grad, teacher_indices=None, teacher_fill=None):
+                            student_grad, teacher_grad, teacher_indices=None, teacher_fill=None, tckd_coef=0.0,
+                            nckd_coef=0.0, standardize=False):
         loss = student.new_empty((), dtype=torch.float32)
         grad_student = torch.empty_like(student) if student_grad else student.new_empty((0,))
         grad_teacher = torch.empty_like(teacher) if teacher_grad else teacher.new_empty((0,))
@@ -171,9 +185,9 @@ class _FusedLoss(torch.autograd.Function):
     def forward(ctx, student, teacher, target, difficulty, config: FusedConfig, op, teacher_indices=None,
                 teacher_fill=None):
         student_grad, teacher_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        sparse = () if teacher_indices is None else (teacher_indices, teacher_fill)
         loss, grad_student, grad_teacher = op(
-            student, teacher, target, difficulty, *config.op_arguments(), student_grad, teacher_grad, *sparse
+            student, teacher, target, difficulty, *config.op_arguments(), student_grad, teacher_grad, teacher_indices,
+            teacher_fill, *config.trailing_arguments()
         )
         ctx.save_for_backward(grad_student, grad_teacher)
         return loss
@@ -232,15 +246,16 @@ def losses_for(op) -> dict:
             return _FusedLoss.apply(student, values, target, difficulty, config, op, indices, fill)
         return _FusedLoss.apply(student, teacher, target, difficulty, config, op)
 
-    def kd_loss(student, teacher, temperature):
-        return run(student, teacher, None, None, FusedConfig(temperature, kl=temperature**2))
+    def kd_loss(student, teacher, temperature, standardize=False):
+        return run(student, teacher, None, None, FusedConfig(temperature, kl=temperature**2, standardize=standardize))
 
     def pearson_loss(student, teacher, temperature, dim):
         weight = {"pearson": temperature**2} if dim == 1 else {"column": temperature**2}
         return run(student, teacher, None, None, FusedConfig(temperature, **weight))
 
-    def dist_loss(student, teacher, temperature, beta, gamma):
-        config = FusedConfig(temperature, pearson=beta * temperature**2, column=gamma * temperature**2)
+    def dist_loss(student, teacher, temperature, beta, gamma, standardize=False):
+        config = FusedConfig(temperature, pearson=beta * temperature**2, column=gamma * temperature**2,
+                             standardize=standardize)
         return run(student, teacher, None, None, config)
 
     def spearman_loss(student, teacher, regularization_strength):
@@ -248,7 +263,7 @@ def losses_for(op) -> dict:
         return run(student, teacher, None, None, config, ranks_only=True)
 
     def cmkd_loss(student, teacher, target, temperature, kl_weight, corr_weight, ce_weight, difficulty,
-                  regularization_strength):
+                  regularization_strength, standardize=False):
         # difficulty: None (entropy weighting), a float (fixed), or a [B] tensor (no gradient).
         per_sample = None
         if difficulty is None:
@@ -261,11 +276,17 @@ def losses_for(op) -> dict:
         tau2 = temperature**2
         config = FusedConfig(temperature, kl=kl_weight * tau2, ce=ce_weight if target is not None else 0.0,
                              pearson=corr_weight * tau2, spearman=corr_weight * tau2,
-                             rank_strength=regularization_strength, difficulty_mode=mode, difficulty_value=value)
+                             rank_strength=regularization_strength, difficulty_mode=mode, difficulty_value=value,
+                             standardize=standardize)
         return run(student, teacher, target, per_sample, config)
 
-    def drkd_loss(student, teacher, target, temperature, ce_weight):
-        config = FusedConfig(temperature, kl=temperature**2, ce=ce_weight, rectify=True)
+    def drkd_loss(student, teacher, target, temperature, ce_weight, standardize=False):
+        config = FusedConfig(temperature, kl=temperature**2, ce=ce_weight, rectify=True, standardize=standardize)
+        return run(student, teacher, target, None, config)
+
+    def dkd_loss(student, teacher, target, alpha, beta, temperature, standardize=False):
+        tau2 = temperature**2
+        config = FusedConfig(temperature, tckd=alpha * tau2, nckd=beta * tau2, standardize=standardize)
         return run(student, teacher, target, None, config)
 
     return {
@@ -275,6 +296,7 @@ def losses_for(op) -> dict:
         "spearman_loss": spearman_loss,
         "cmkd_loss": cmkd_loss,
         "drkd_loss": drkd_loss,
+        "dkd_loss": dkd_loss,
     }
 
 

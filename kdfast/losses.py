@@ -105,20 +105,24 @@ def _spearman_strength(regularization_strength, num_classes: int) -> float:
     return _checks.check_positive("regularization_strength", regularization_strength)
 
 
-def kd_loss(student, teacher, temperature=4.0, *, backend=None, check_finite=False):
+def kd_loss(student, teacher, temperature=4.0, *, standardize=False, backend=None, check_finite=False):
     """Hinton KD loss: ``τ² · (1/B) Σ_i KL(q_i ‖ p_i)``.
 
     Args:
         student: ``[B, C]`` student logits (fp16, bf16, fp32 or fp64).
         teacher: ``[B, C]`` teacher logits, same shape and device.
         temperature: τ in (0, 100] (default 4.0).
+        standardize: logit standardization (Sun et al., CVPR 2024): each row of both
+            logits becomes ``(z − mean) / (std + 1e-7)`` (unbiased std) before the
+            temperature; needs C ≥ 2. Gradients flow through it.
 
     Returns:
         Scalar loss. (Hinton, Vinyals, Dean: "Distilling the Knowledge in a Neural
         Network", 2015.)
     """
     temperature = _prepare(student, teacher, check_finite=check_finite, temperature=temperature)
-    return _run("kd_loss", backend, student, teacher, temperature)
+    standardize = _standardize_option(standardize, student)
+    return _run("kd_loss", backend, student, teacher, temperature, standardize)
 
 
 def pearson_loss(student, teacher, temperature=1.0, dim=1, *, backend=None, check_finite=False):
@@ -143,7 +147,8 @@ def pearson_loss(student, teacher, temperature=1.0, dim=1, *, backend=None, chec
     return _run("pearson_loss", backend, student, teacher, temperature, dim)
 
 
-def dist_loss(student, teacher, temperature=1.0, beta=1.0, gamma=1.0, *, backend=None, check_finite=False):
+def dist_loss(student, teacher, temperature=1.0, beta=1.0, gamma=1.0, *, standardize=False, backend=None,
+              check_finite=False):
     """DIST loss: ``β · L_inter + γ · L_intra``.
 
     ``L_inter = τ² (1 − (1/B) Σ_i ρ(p_i, q_i))`` correlates each sample's class
@@ -156,6 +161,7 @@ def dist_loss(student, teacher, temperature=1.0, beta=1.0, gamma=1.0, *, backend
             (for B = 1 pass ``gamma=0``).
         temperature: τ in (0, 100] (default 1.0).
         beta, gamma: weights ≥ 0 of the inter- and intra-class terms, not both 0.
+        standardize: logit standardization before the temperature (see :func:`kd_loss`).
 
     Returns:
         Scalar loss.
@@ -171,7 +177,8 @@ def dist_loss(student, teacher, temperature=1.0, beta=1.0, gamma=1.0, *, backend
         _checks.check_correlation_length(
             "dist_loss (intra-class, gamma != 0; pass gamma=0 for B=1)", student.shape[0], "the batch"
         )
-    return _run("dist_loss", backend, student, teacher, temperature, beta, gamma)
+    standardize = _standardize_option(standardize, student)
+    return _run("dist_loss", backend, student, teacher, temperature, beta, gamma, standardize)
 
 
 def spearman_loss(student, teacher, regularization_strength=None, *, backend=None, check_finite=False):
@@ -211,6 +218,7 @@ def cmkd_loss(
     weighting="entropy",
     regularization_strength=None,
     *,
+    standardize=False,
     backend=None,
     check_finite=False,
 ):
@@ -235,6 +243,8 @@ def cmkd_loss(
             weights (normally in [0, 1]). No gradient flows through ``d``.
         regularization_strength: ε of the soft ranks (``None``: ``2 / C``, as in
             :func:`spearman_loss`).
+        standardize: logit standardization of the KL, correlation and difficulty terms'
+            logits (see :func:`kd_loss`); CE keeps the raw logits.
 
     Returns:
         Scalar loss.
@@ -248,7 +258,9 @@ def cmkd_loss(
         _checks.check_finite(weighting=difficulty)
     target = _class_indices(target)
     strength = _spearman_strength(regularization_strength, student.shape[1])
-    return _run("cmkd_loss", backend, student, teacher, target, temperature, *weights, difficulty, strength)
+    standardize = _standardize_option(standardize, student)
+    return _run("cmkd_loss", backend, student, teacher, target, temperature, *weights, difficulty, strength,
+                standardize)
 
 
 def _difficulty(weighting, student):
@@ -287,7 +299,8 @@ def rectify(teacher, target, *, check_finite=False):
     return reference.rectify(teacher, target)
 
 
-def drkd_loss(student, teacher, target, temperature=4.0, ce_weight=0.0, *, backend=None, check_finite=False):
+def drkd_loss(student, teacher, target, temperature=4.0, ce_weight=0.0, *, standardize=False, backend=None,
+              check_finite=False):
     """DR-KD loss: KD against the rectified teacher, ``τ² (1/B) Σ_i KL(softmax(rectify(t)_i/τ) ‖ p_i)``.
 
     Plus ``ce_weight · CE(s, y)``. In self-distillation the "teacher" is the student's own
@@ -299,6 +312,8 @@ def drkd_loss(student, teacher, target, temperature=4.0, ce_weight=0.0, *, backe
         target: ``[B]`` integer class indices in [0, C) (required: it drives rectification).
         temperature: τ in (0, 100] (default 4.0).
         ce_weight: weight ≥ 0 of the cross-entropy term (default 0).
+        standardize: logit standardization of the KL term's logits (see :func:`kd_loss`;
+            it commutes with rectification); CE keeps the raw logits.
 
     Returns:
         Scalar loss.
@@ -307,4 +322,49 @@ def drkd_loss(student, teacher, target, temperature=4.0, ce_weight=0.0, *, backe
         raise ValueError("target is required by drkd_loss: it decides which rows are rectified")
     temperature = _prepare(student, teacher, target, check_finite, temperature=temperature)
     ce_weight = _checks.check_nonnegative("ce_weight", ce_weight)
-    return _run("drkd_loss", backend, student, teacher, _class_indices(target), temperature, ce_weight)
+    standardize = _standardize_option(standardize, student)
+    return _run("drkd_loss", backend, student, teacher, _class_indices(target), temperature, ce_weight, standardize)
+
+
+def dkd_loss(student, teacher, target, alpha=1.0, beta=8.0, temperature=4.0, *, standardize=False, backend=None,
+             check_finite=False):
+    """DKD: ``τ² · (1/B) Σ_i (α·TCKD_i + β·NCKD_i)`` (Zhao, Cui, Song, Qiu, Liang: "Decoupled
+    Knowledge Distillation", CVPR 2022).
+
+    ``TCKD_i = KL(b̂_i ‖ b_i)`` with ``b = [p_y, 1 − p_y]`` (the binary target / non-target
+    split of ``p = softmax(s/τ)``, ``b̂`` the teacher's); ``NCKD_i = KL(q̃_i ‖ p̃_i)`` with ``p̃``,
+    ``q̃`` the softmax over the classes other than the target. Exact: the authors' code
+    subtracts 1000 from the target logit instead of removing it; the two agree wherever a
+    logit gap below 1000·τ keeps that trick exact.
+
+    Args:
+        student, teacher: ``[B, C]`` logits, C ≥ 2.
+        target: ``[B]`` integer class indices in [0, C) (required: it splits the classes).
+        alpha, beta: weights ≥ 0 of TCKD and NCKD (default 1 and 8, the authors' CIFAR-100
+            setting; they use β = 0.5 on ImageNet).
+        temperature: τ in (0, 100] (default 4.0).
+        standardize: logit standardization before the temperature (see :func:`kd_loss`).
+
+    Returns:
+        Scalar loss.
+    """
+    if target is None:
+        raise ValueError("target is required by dkd_loss: it splits target from non-target classes")
+    temperature = _prepare(student, teacher, target, check_finite, temperature=temperature)
+    alpha = _checks.check_nonnegative("alpha", alpha)
+    beta = _checks.check_nonnegative("beta", beta)
+    if student.shape[1] < 2:
+        raise ValueError(f"dkd_loss needs at least 2 classes (the target and the others), got C={student.shape[1]}")
+    standardize = _standardize_option(standardize, student)
+    return _run("dkd_loss", backend, student, teacher, _class_indices(target), alpha, beta, temperature,
+                standardize)
+
+
+def _standardize_option(standardize, student) -> bool:
+    """``standardize`` as a bool; logit standardization needs C ≥ 2 (an unbiased std)."""
+    if not isinstance(standardize, bool):
+        raise TypeError(f"standardize must be True or False, got {standardize!r}")
+    if standardize and student.shape[1] < 2:
+        raise ValueError(f"standardize=True needs at least 2 classes (each row's unbiased std), got "
+                         f"C={student.shape[1]}")
+    return standardize

@@ -83,6 +83,29 @@ def _log_probs(student, teacher, temperature):
     return F.log_softmax(student / temperature, dim=1), F.log_softmax(teacher / temperature, dim=1)
 
 
+#: Added to the unbiased standard deviation by logit standardization (the authors' code).
+STANDARDIZE_EPS = 1e-7
+
+
+def standardize_logits(x: torch.Tensor) -> torch.Tensor:
+    """Logit standardization (Sun et al., CVPR 2024): each row as ``(x − mean) / (std + 1e-7)``
+    with the unbiased std, as the authors' code computes it; differentiable. A constant row
+    becomes zeros; there the std, whose gradient is undefined (0/0), passes none."""
+    centered = x - x.mean(dim=1, keepdim=True)
+    variance = (centered * centered).sum(dim=1, keepdim=True) / (x.shape[1] - 1)
+    positive = variance > 0
+    std = torch.where(positive, torch.where(positive, variance, torch.ones_like(variance)).sqrt(),
+                      torch.zeros_like(variance))
+    return centered / (std + STANDARDIZE_EPS)
+
+
+def _standardized(student, teacher, standardize: bool):
+    """The logits the KL and correlation terms see: standardized rows when asked."""
+    if not standardize:
+        return student, teacher
+    return standardize_logits(student), standardize_logits(teacher)
+
+
 def _kl_rows(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
     # KL(q ‖ p) per row from log-probabilities: an underflowed q_c = 0 contributes
     # 0 · finite = 0 (log_softmax stays finite), and a class the teacher masks out (a −inf
@@ -104,8 +127,8 @@ def _xlogy_terms(log_q: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return torch.where(present, safe_log_q.exp() * safe_factor, torch.zeros_like(log_q))
 
 
-def kd_loss(student, teacher, temperature):
-    log_p, log_q = _log_probs(*upcast(student, teacher, temperature), temperature)
+def kd_loss(student, teacher, temperature, standardize=False):
+    log_p, log_q = _log_probs(*_standardized(*upcast(student, teacher, temperature), standardize), temperature)
     return temperature**2 * _kl_rows(log_q, log_p).mean()
 
 
@@ -115,8 +138,8 @@ def pearson_loss(student, teacher, temperature, dim):
     return temperature**2 * (1.0 - rho.mean())
 
 
-def dist_loss(student, teacher, temperature, beta, gamma):
-    log_p, log_q = _log_probs(*upcast(student, teacher, temperature), temperature)
+def dist_loss(student, teacher, temperature, beta, gamma, standardize=False):
+    log_p, log_q = _log_probs(*_standardized(*upcast(student, teacher, temperature), standardize), temperature)
     p, q = log_p.exp(), log_q.exp()
     loss = p.new_zeros(())
     if beta != 0:
@@ -145,18 +168,19 @@ def entropy_difficulty(teacher, temperature):
 
 
 def cmkd_loss(student, teacher, target, temperature, kl_weight, corr_weight, ce_weight, difficulty,
-              regularization_strength):
+              regularization_strength, standardize=False):
     """CMKD; ``difficulty`` is the per-sample weight d: a float, a [B] tensor, or None for entropy."""
     student, teacher = upcast(student, teacher, temperature)
-    log_p, log_q = _log_probs(student, teacher, temperature)
+    z_s, z_t = _standardized(student, teacher, standardize)  # the CE term keeps the raw logits
+    log_p, log_q = _log_probs(z_s, z_t, temperature)
     loss = kl_weight * temperature**2 * _kl_rows(log_q, log_p).mean()
     if corr_weight != 0:
         if difficulty is None:
-            difficulty = entropy_difficulty(teacher, temperature)
+            difficulty = entropy_difficulty(z_t, temperature)
         elif isinstance(difficulty, torch.Tensor):
             difficulty = difficulty.detach().to(log_p.dtype)
         rho = pearson(log_p.exp(), log_q.exp(), dim=1)
-        rho_s = spearman_rows(student, teacher, regularization_strength)
+        rho_s = spearman_rows(z_s, z_t, regularization_strength)
         per_sample = (1.0 - difficulty) * (1.0 - rho) + difficulty * (1.0 - rho_s)
         loss = loss + corr_weight * temperature**2 * per_sample.mean()
     if target is not None and ce_weight != 0:
@@ -177,9 +201,34 @@ def rectify(teacher, target):
     return teacher.gather(1, permutation)
 
 
-def drkd_loss(student, teacher, target, temperature, ce_weight):
+def drkd_loss(student, teacher, target, temperature, ce_weight, standardize=False):
     student, teacher = upcast(student, teacher, temperature)
-    loss = kd_loss(student, rectify(teacher, target), temperature)
+    # Standardization commutes with the rectifying permutation; CE keeps the raw logits.
+    loss = kd_loss(student, rectify(teacher, target), temperature, standardize)
     if ce_weight != 0:
         loss = loss + ce_weight * F.cross_entropy(student, target)
     return loss
+
+
+def _log_non_target(log_probs: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """log(1 − prob of the target) per row [B, 1], as the log-sum-exp of the other classes'
+    log-probabilities (no cancellation when the target holds almost all the mass)."""
+    return log_probs.masked_fill(target_mask, -math.inf).logsumexp(dim=1, keepdim=True)
+
+
+def dkd_loss(student, teacher, target, alpha, beta, temperature, standardize=False):
+    """DKD (Zhao et al., CVPR 2022), exactly: TCKD on the binary target / non-target split,
+    NCKD on the non-target classes renormalized (the target removed, not pushed down by the
+    authors' −1000), ``τ² (1/B) Σ_i (α TCKD_i + β NCKD_i)``."""
+    student, teacher = upcast(student, teacher, temperature)
+    log_p, log_q = _log_probs(*_standardized(student, teacher, standardize), temperature)
+    target_mask = F.one_hot(target.long(), log_p.shape[1]).bool()
+    index = target.long()[:, None]
+    log_p_rest, log_q_rest = _log_non_target(log_p, target_mask), _log_non_target(log_q, target_mask)
+    binary_p = torch.cat([log_p.gather(1, index), log_p_rest], dim=1)
+    binary_q = torch.cat([log_q.gather(1, index), log_q_rest], dim=1)
+    tckd = _kl_rows(binary_q, binary_p)
+    # log p̃_j = log p_j − log(1 − p_y) over j ≠ y; the target's entry is −inf (probability 0).
+    nckd = _kl_rows((log_q - log_q_rest).masked_fill(target_mask, -math.inf),
+                    (log_p - log_p_rest).masked_fill(target_mask, -math.inf))
+    return temperature**2 * (alpha * tckd + beta * nckd).mean()

@@ -1437,6 +1437,9 @@ def fused_kd_loss_triton(
     teacher_grad: bool,
     teacher_indices: torch.Tensor | None = None,
     teacher_fill: torch.Tensor | None = None,
+    tckd_coef: float = 0.0,
+    nckd_coef: float = 0.0,
+    standardize: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The generic fused loss on Triton (same schema and results as kdfast::fused_kd_loss).
 
@@ -1450,6 +1453,9 @@ def fused_kd_loss_triton(
     if classes > MAX_CLASSES:
         raise ValueError(f"kdfast fused loss (triton): at most {MAX_CLASSES} classes (32-bit column offsets), "
                          f"got C={classes}")
+    if tckd_coef != 0 or nckd_coef != 0 or standardize:
+        raise NotImplementedError("kdfast fused loss (triton): the DKD terms and logit standardization are not "
+                                  "implemented yet")
     with on_device_of(student):
         return _fused_loss(student.contiguous(), teacher.contiguous(), target, difficulty, temperature, kl_coef,
                            ce_coef, pearson_coef, spearman_coef, column_coef, rank_strength, difficulty_mode,
@@ -1501,7 +1507,7 @@ def _fused_loss(student, teacher, target, difficulty, temperature, kl_coef, ce_c
 @fused_kd_loss_triton.register_fake
 def _(student, teacher, target, difficulty, temperature, kl_coef, ce_coef, pearson_coef, spearman_coef,
       column_coef, rank_strength, difficulty_mode, difficulty_value, rectify, student_grad, teacher_grad,
-      teacher_indices=None, teacher_fill=None):
+      teacher_indices=None, teacher_fill=None, tckd_coef=0.0, nckd_coef=0.0, standardize=False):
     loss = student.new_empty((), dtype=torch.float32)
     grad_student = torch.empty_like(student) if student_grad else student.new_empty((0,))
     grad_teacher = torch.empty_like(teacher) if teacher_grad else teacher.new_empty((0,))
