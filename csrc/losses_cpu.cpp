@@ -73,7 +73,7 @@ class Buffer {
 
 // Per-thread buffers for one row at a time (allocated once per parallel task).
 struct RowScratch {
-  Buffer<float> s, t, p, q, softmax1, grad, out;
+  Buffer<float> s, t, p, q, softmax1, grad, out, tilde_p, tilde_q;
   // Spearman terms: sort keys and orders, soft ranks in sorted order, teacher ranks in
   // original order, the PAV stack.
   Buffer<uint64_t> items, items_tmp;
@@ -84,7 +84,8 @@ struct RowScratch {
   Buffer<int32_t> block_of;
   Buffer<double> block_a, block_b;
 
-  RowScratch(int64_t n, bool spearman) : s(n), t(n), p(n), q(n), softmax1(n), grad(n), out(n) {
+  RowScratch(int64_t n, bool spearman)
+      : s(n), t(n), p(n), q(n), softmax1(n), grad(n), out(n), tilde_p(n), tilde_q(n) {
     if (spearman) {
       items.resize(n), items_tmp.resize(n), order.resize(n), ranks.resize(n), teacher_ranks.resize(n);
       u_sorted.resize(n), z_sorted.resize(n);
@@ -560,32 +561,55 @@ float fused_row(const s_t* s_in, const Teacher& teacher, int64_t row, int64_t n,
   // keeps the unclamped kl, as every backend does).
   if (cfg.kl_coef != 0.0f) loss += cfg.kl_coef * static_cast<float>(kl < 0.0 ? 0.0 : kl);  // NaN stays NaN
 
-  // DKD. The non-target masses 1 − P and 1 − Q are summed directly (no cancellation when
-  // the target holds almost all of it); logs in double, from the logits where they exist.
-  double p_rest = 0.0, q_rest = 0.0, log_p_rest = 0.0, log_q_rest = 0.0, log_p_target = 0.0, log_q_target = 0.0;
-  double nckd = 0.0;
+  // DKD. The non-target distributions p̃, q̃ are softmaxes of their own logits (relative to
+  // the non-target maximum), so they stay exact when the target holds all but an
+  // underflowing sliver of the mass (a logit gap beyond ~87·τ), and every log comes from
+  // logits: log P, log(1 − P) = log Σ_{j≠y} e^{z_j} − log Σ_j e^{z_j}, in double.
+  double log_p_target = 0.0, log_q_target = 0.0, log_p_rest = 0.0, log_q_rest = 0.0, q_rest = 0.0, nckd = 0.0;
+  double rest_shift = 0.0;  // log Σ_{j≠y} e^{(s_j − s_rest_max)·it} − the teacher's
+  float s_rest_max = -kInf, t_rest_max = -kInf;
+  float* tilde_p = w.tilde_p.data();
+  float* tilde_q = w.tilde_q.data();
+  // log q̃_j − log p̃_j, from the logits.
+  auto rest_ratio = [&](int64_t j) {
+    return (static_cast<double>(t[j] - t_rest_max) - static_cast<double>(s[j] - s_rest_max)) * it + rest_shift;
+  };
   if (dkd) {
-#pragma omp simd reduction(+ : p_rest, q_rest)
     for (int64_t j = 0; j < n; ++j) {
-      p_rest += j != target ? p[j] : 0.0f;
-      q_rest += j != target ? q[j] : 0.0f;
+      if (j == target) continue;
+      s_rest_max = s[j] > s_rest_max ? s[j] : s_rest_max;
+      t_rest_max = t[j] > t_rest_max ? t[j] : t_rest_max;
     }
-    log_p_rest = std::log(p_rest), log_q_rest = std::log(q_rest);
-    log_p_target = static_cast<double>(s[target] - s_max) * it - std::log(static_cast<double>(s_sum));
-    log_q_target = static_cast<double>(t[target] - t_max) * it - std::log(static_cast<double>(t_sum));
-    const double q_target = q[target];
+    float s_rest_sum = 0.0f, t_rest_sum = 0.0f;
+#pragma omp simd reduction(+ : s_rest_sum, t_rest_sum)
+    for (int64_t j = 0; j < n; ++j) {
+      tilde_p[j] = j != target ? vexp((s[j] - s_rest_max) * it) : 0.0f;
+      tilde_q[j] = j != target ? vexp((t[j] - t_rest_max) * it) : 0.0f;
+      s_rest_sum += tilde_p[j];
+      t_rest_sum += tilde_q[j];
+    }
+    const float inv_s_rest = 1.0f / s_rest_sum, inv_t_rest = 1.0f / t_rest_sum;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      tilde_p[j] *= inv_s_rest;
+      tilde_q[j] *= inv_t_rest;
+    }
+    const double s_log_total = std::log(static_cast<double>(s_sum)), t_log_total = std::log(static_cast<double>(t_sum));
+    const double s_rest_log = std::log(static_cast<double>(s_rest_sum)), t_rest_log = std::log(static_cast<double>(t_rest_sum));
+    log_p_target = static_cast<double>(s[target] - s_max) * it - s_log_total;
+    log_q_target = static_cast<double>(t[target] - t_max) * it - t_log_total;
+    log_p_rest = static_cast<double>(s_rest_max - s_max) * it + s_rest_log - s_log_total;
+    log_q_rest = static_cast<double>(t_rest_max - t_max) * it + t_rest_log - t_log_total;
+    q_rest = std::exp(log_q_rest);
+    const double q_target = std::exp(log_q_target);
+    // TCKD: KL of the two-class splits; a zero-probability side adds 0 (never 0·∞).
     double tckd = 0.0;
     if (q_target > 0.0) tckd += q_target * (log_q_target - log_p_target);
     if (q_rest > 0.0) tckd += q_rest * (log_q_rest - log_p_rest);
-    // KL(q̃ ‖ p̃) = Σ_{j≠y} q̃_j (log q_j − log p_j − log(1−Q) + log(1−P)); a teacher without
-    // non-target mass has nothing to match there (0, never 0·∞).
-    if (q_rest > 0.0) {
-      const double shift = log_p_rest - log_q_rest, inv_q_rest = 1.0 / q_rest;
+    // NCKD = Σ_{j≠y} q̃_j (log q̃_j − log p̃_j).
+    rest_shift = s_rest_log - t_rest_log;
 #pragma omp simd reduction(+ : nckd)
-      for (int64_t j = 0; j < n; ++j) {
-        nckd += j != target && q[j] > 0.0f ? q[j] * inv_q_rest * (log_ratio(j) + shift) : 0.0;
-      }
-    }
+    for (int64_t j = 0; j < n; ++j) nckd += tilde_q[j] > 0.0f ? tilde_q[j] * rest_ratio(j) : 0.0;
     loss += cfg.tckd_coef * static_cast<float>(tckd) + cfg.nckd_coef * static_cast<float>(nckd < 0.0 ? 0.0 : nckd);
   }
 
@@ -660,12 +684,10 @@ float fused_row(const s_t* s_in, const Teacher& teacher, int64_t row, int64_t n,
   const float* col_mean_q = columns ? columns->mean_q.data() : nullptr;
   // DKD's gradients, each side's dℓ/dz (z = x/τ) before the factor τ⁻¹·coefficients:
   //   student: TCKD (P − Q) at y, p̃_j (Q − P) elsewhere; NCKD p̃_j − q̃_j off y;
-  //   teacher: TCKD ℓ_b·Q·(1 − Q) at y, −ℓ_b·Q·q_j elsewhere, with
+  //   teacher: TCKD ℓ_b·Q·(1 − Q) at y, −ℓ_b·Q·(1 − Q)·q̃_j elsewhere, with
   //   ℓ_b = log(Q/(1−Q)) − log(P/(1−P)); NCKD q̃_j (log q̃_j − log p̃_j − NCKD) off y.
   const float tckd_grad = cfg.tckd_coef * grad_scale * it, nckd_grad = cfg.nckd_coef * grad_scale * it;
-  const float p_target = dkd ? p[target] : 0.0f, q_target = dkd ? q[target] : 0.0f;
-  const float inv_p_rest = p_rest > 0.0 ? static_cast<float>(1.0 / p_rest) : 0.0f;
-  const float inv_q_rest = q_rest > 0.0 ? static_cast<float>(1.0 / q_rest) : 0.0f;
+  const float target_gap = dkd ? static_cast<float>(std::exp(log_q_target) - std::exp(log_p_target)) : 0.0f;
   float* out = w.out.data();  // one side's gradient at a time (s and t still hold the rows)
   if (cfg.teacher_grad) {
     // Without a KL term, or where q_j = 0 (a −inf teacher logit), the KL part is zero: computed,
@@ -677,16 +699,17 @@ float fused_row(const s_t* s_in, const Teacher& teacher, int64_t row, int64_t n,
     side_gradient(q, p, q_mean, p_mean, row_corr.self_b, col_mean_q, col_mean_p,
                   columns ? columns->self_q.data() : nullptr, out);
     if (dkd) {
-      const bool split = q_target > 0.0f && q_rest > 0.0;  // otherwise TCKD is flat in Q
-      const double binary = (log_q_target - log_q_rest) - (log_p_target - log_p_rest);
-      const float binary_grad = split ? static_cast<float>(binary * q_target) * tckd_grad : 0.0f;
-      const double shift = log_p_rest - log_q_rest;
+      // Q·(1 − Q) from logs (either factor may be tiny); ℓ_b is finite wherever both are > 0.
+      const double q_target = std::exp(log_q_target), q_mass = q_target * q_rest;
+      const float binary_grad =
+          q_mass > 0.0 ? static_cast<float>((log_q_target - log_q_rest - log_p_target + log_p_rest) * q_mass) * tckd_grad
+                       : 0.0f;
       for (int64_t j = 0; j < n; ++j) {
         if (j == target) {
-          out[j] += binary_grad * static_cast<float>(q_rest);
+          out[j] += binary_grad;
         } else {
-          out[j] -= binary_grad * q[j];
-          if (q[j] > 0.0f) out[j] += nckd_grad * q[j] * inv_q_rest * static_cast<float>(log_ratio(j) + shift - nckd);
+          out[j] -= binary_grad * tilde_q[j];
+          if (tilde_q[j] > 0.0f) out[j] += nckd_grad * tilde_q[j] * static_cast<float>(rest_ratio(j) - nckd);
         }
       }
     }
@@ -705,12 +728,10 @@ float fused_row(const s_t* s_in, const Teacher& teacher, int64_t row, int64_t n,
       for (int64_t j = 0; j < n; ++j) out[j] += grad_z[j];
     }
     if (dkd) {
-      const float gap = q_target - p_target;
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
-        const float tilde_p = p[j] * inv_p_rest, tilde_q = q[j] * inv_q_rest;
-        out[j] += j == target ? -tckd_grad * gap
-                              : tckd_grad * tilde_p * gap + (q_rest > 0.0 ? nckd_grad * (tilde_p - tilde_q) : 0.0f);
+        out[j] += j == target ? -tckd_grad * target_gap
+                              : tckd_grad * tilde_p[j] * target_gap + nckd_grad * (tilde_p[j] - tilde_q[j]);
       }
     }
     if (cfg.standardize) standardize_backward(s, n, s_standard, out);

@@ -27,14 +27,15 @@ from pathlib import Path
 
 from kdfast._checks import MAX_TEMPERATURE
 
-METHODS = ("ce", "kd", "dist", "cmkd", "drkd", "pesf", "reskd")
-TEACHER_METHODS = ("kd", "dist", "cmkd", "pesf", "reskd")  # drkd's teacher is the student's own past logits
+METHODS = ("ce", "kd", "dist", "cmkd", "dkd", "drkd", "pesf", "reskd")
+TEACHER_METHODS = ("kd", "dist", "cmkd", "dkd", "pesf", "reskd")  # drkd's teacher is the student's own past logits
 #: The methods that can take their teacher's logits from a cache (--teacher-cache); pesf trains an
 #: adapter on the teacher's features, which a cache does not hold.
-CACHE_METHODS = ("kd", "dist", "cmkd", "reskd")
+CACHE_METHODS = ("kd", "dist", "cmkd", "dkd", "reskd")
 #: The temperature each method uses when --temperature is not given (the papers' defaults;
 #: DIST uses τ = 1 on ImageNet).
-DEFAULT_TEMPERATURE = {"ce": 1.0, "kd": 4.0, "dist": 1.0, "cmkd": 4.0, "drkd": 4.0, "pesf": 4.0, "reskd": 4.0}
+DEFAULT_TEMPERATURE = {"ce": 1.0, "kd": 4.0, "dist": 1.0, "cmkd": 4.0, "dkd": 4.0, "drkd": 4.0, "pesf": 4.0,
+                       "reskd": 4.0}
 #: The default of --dist-timeout in seconds: how long a collective (DDP's gradient all-reduce,
 #: the metrics' reduction …) waits for the other processes before the run fails.
 DEFAULT_DIST_TIMEOUT = 600.0
@@ -88,7 +89,7 @@ class TrainConfig:
     sync_bn: bool = _option(False, "convert the student's BatchNorm to SyncBatchNorm under DDP (GPUs only)")
     # method and loss
     method: str = _option("ce", "training method", choices=METHODS)
-    temperature: float | None = _option(None, "τ (default per method: kd/cmkd/drkd/pesf/reskd 4, dist 1)", low=0,
+    temperature: float | None = _option(None, "τ (default per method: kd/cmkd/dkd/drkd/pesf/reskd 4, dist 1)", low=0,
                                         low_open=True, high=MAX_TEMPERATURE)
     ce_weight: float = _option(1.0, "weight of the cross-entropy term", low=0)
     kd_weight: float = _option(1.0, "weight of the distillation term", low=0)
@@ -97,6 +98,14 @@ class TrainConfig:
     cmkd_kl_weight: float = _option(1.0, "CMKD weight of its KL term", low=0)
     cmkd_corr_weight: float = _option(1.0, "CMKD weight of its correlation terms", low=0)
     cmkd_weighting: str = _option("entropy", "CMKD per-sample difficulty", choices=("entropy", "fixed"))
+    dkd_alpha: float = _option(1.0, "DKD weight α of TCKD (target vs non-target)", low=0)
+    dkd_beta: float = _option(8.0, "DKD weight β of NCKD (the non-target classes; the authors: 8 on CIFAR-100, "
+                                   "0.5 on ImageNet)", low=0)
+    dkd_warmup_epochs: float = _option(20.0, "DKD: the term ramps linearly from 0 over these epochs (the authors' "
+                                             "CIFAR-100 setting; 0: none)", low=0)
+    logit_standardization: bool = _option(False, "z-score each row of student and teacher logits before the "
+                                                 "temperature (Sun et al., CVPR 2024; kd, dist, cmkd, dkd, drkd, "
+                                                 "reskd)")
     spearman_strength: float | None = _option(None, "ε of the soft ranks (default 2/C)", low=0, low_open=True)
     adapter_hidden: int | None = _option(None, "PESF adapter hidden width (default: the teacher's feature size)",
                                          low=1)
@@ -378,6 +387,9 @@ def validate(config: TrainConfig) -> None:
     elif config.method in TEACHER_METHODS and not config.teacher_checkpoint:
         raise ValueError(f"method {config.method!r} needs teacher_checkpoint: the teacher's weights (a frozen "
                          f"random teacher teaches nothing)")
+    if config.logit_standardization and config.method not in ("kd", "dist", "cmkd", "dkd", "drkd", "reskd"):
+        raise ValueError(f"logit_standardization applies to the methods kd, dist, cmkd, dkd, drkd, reskd, got method "
+                         f"{config.method!r}")
     if config.reskd_chain and config.method != "reskd":
         raise ValueError(f"reskd_chain is only read by method 'reskd', got method {config.method!r}")
     if config.schedule == "step" and not config.milestones:

@@ -121,7 +121,7 @@ def kd_loss(student, teacher, temperature=4.0, *, standardize=False, backend=Non
         Network", 2015.)
     """
     temperature = _prepare(student, teacher, check_finite=check_finite, temperature=temperature)
-    standardize = _standardize_option(standardize, student)
+    standardize = _standardize_option(standardize, student, teacher)
     return _run("kd_loss", backend, student, teacher, temperature, standardize)
 
 
@@ -177,7 +177,7 @@ def dist_loss(student, teacher, temperature=1.0, beta=1.0, gamma=1.0, *, standar
         _checks.check_correlation_length(
             "dist_loss (intra-class, gamma != 0; pass gamma=0 for B=1)", student.shape[0], "the batch"
         )
-    standardize = _standardize_option(standardize, student)
+    standardize = _standardize_option(standardize, student, teacher)
     return _run("dist_loss", backend, student, teacher, temperature, beta, gamma, standardize)
 
 
@@ -258,7 +258,7 @@ def cmkd_loss(
         _checks.check_finite(weighting=difficulty)
     target = _class_indices(target)
     strength = _spearman_strength(regularization_strength, student.shape[1])
-    standardize = _standardize_option(standardize, student)
+    standardize = _standardize_option(standardize, student, teacher)
     return _run("cmkd_loss", backend, student, teacher, target, temperature, *weights, difficulty, strength,
                 standardize)
 
@@ -322,7 +322,7 @@ def drkd_loss(student, teacher, target, temperature=4.0, ce_weight=0.0, *, stand
         raise ValueError("target is required by drkd_loss: it decides which rows are rectified")
     temperature = _prepare(student, teacher, target, check_finite, temperature=temperature)
     ce_weight = _checks.check_nonnegative("ce_weight", ce_weight)
-    standardize = _standardize_option(standardize, student)
+    standardize = _standardize_option(standardize, student, teacher)
     return _run("drkd_loss", backend, student, teacher, _class_indices(target), temperature, ce_weight, standardize)
 
 
@@ -355,15 +355,20 @@ def dkd_loss(student, teacher, target, alpha=1.0, beta=8.0, temperature=4.0, *, 
     beta = _checks.check_nonnegative("beta", beta)
     if student.shape[1] < 2:
         raise ValueError(f"dkd_loss needs at least 2 classes (the target and the others), got C={student.shape[1]}")
-    standardize = _standardize_option(standardize, student)
+    standardize = _standardize_option(standardize, student, teacher)
     return _run("dkd_loss", backend, student, teacher, _class_indices(target), alpha, beta, temperature,
                 standardize)
 
 
-def _standardize_option(standardize, student) -> bool:
-    """``standardize`` as a bool; logit standardization needs C ≥ 2 (an unbiased std)."""
+def _standardize_option(standardize, student, teacher=None) -> bool:
+    """``standardize`` as a bool; logit standardization needs C ≥ 2 (an unbiased std) and,
+    with a sparse teacher, every class (the tail's stored mass is that of the raw logits)."""
     if not isinstance(standardize, bool):
         raise TypeError(f"standardize must be True or False, got {standardize!r}")
+    if standardize and isinstance(teacher, SparseTeacher) and teacher.top_k < teacher.num_classes:
+        raise ValueError(f"standardize=True needs the teacher's whole rows: a SparseTeacher with k={teacher.top_k} < "
+                         f"C={teacher.num_classes} knows the remaining mass of the raw logits only (build the cache "
+                         f"with --top-k {teacher.num_classes})")
     if standardize and student.shape[1] < 2:
         raise ValueError(f"standardize=True needs at least 2 classes (each row's unbiased std), got "
                          f"C={student.shape[1]}")

@@ -398,7 +398,7 @@ class LogitBank:
 
 
 def drkd_bank_loss(student: torch.Tensor, previous: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor,
-                   temperature: float, backend: str | None = None) -> torch.Tensor:
+                   temperature: float, backend: str | None = None, standardize: bool = False) -> torch.Tensor:
     """DR-KD against the bank, over the rows with a previous-epoch logit, with no data-dependent shape.
 
     Equals ``(n_valid / B) · drkd_loss(student[valid], previous[valid], labels[valid])`` (0
@@ -415,7 +415,8 @@ def drkd_bank_loss(student: torch.Tensor, previous: torch.Tensor, valid: torch.T
     rows = valid[:, None]
     teacher = torch.where(rows, previous.float(), own.float())
     target = torch.where(valid, labels, teacher.argmax(dim=1))
-    return kdfast.drkd_loss(torch.where(rows, student, own), teacher, target, temperature, backend=backend)
+    return kdfast.drkd_loss(torch.where(rows, student, own), teacher, target, temperature, standardize=standardize,
+                            backend=backend)
 
 
 class MethodLoss:
@@ -432,22 +433,29 @@ class MethodLoss:
         c, tau, backend = self.config, self.temperature, self.backend
         s = student_logits
         terms = {"ce": c.ce_weight * F.cross_entropy(s.float(), labels)}
+        standardize = c.logit_standardization
         if self.method in ("kd", "reskd"):  # reskd: s is the stage's logits (frozen chain + new res-student)
-            terms["kd"] = c.kd_weight * kdfast.kd_loss(s, teacher_logits, tau, backend=backend)
+            terms["kd"] = c.kd_weight * kdfast.kd_loss(s, teacher_logits, tau, standardize=standardize,
+                                                       backend=backend)
         elif self.method == "dist":
             terms["dist"] = c.kd_weight * kdfast.dist_loss(s, teacher_logits, tau, c.dist_beta, c.dist_gamma,
-                                                           backend=backend)
+                                                           standardize=standardize, backend=backend)
         elif self.method == "cmkd":
             terms["cmkd"] = c.kd_weight * kdfast.cmkd_loss(
                 s, teacher_logits, None, tau, c.cmkd_kl_weight, c.cmkd_corr_weight, 0.0, c.cmkd_weighting,
-                c.spearman_strength, backend=backend)
+                c.spearman_strength, standardize=standardize, backend=backend)
+        elif self.method == "dkd":
+            # The authors' ramp: the term times min(e / warm-up, 1) in (1-based) epoch e.
+            ramp = 1.0 if c.dkd_warmup_epochs == 0 else min(1.0, (epoch + 1) / c.dkd_warmup_epochs)
+            terms["dkd"] = ramp * c.kd_weight * kdfast.dkd_loss(s, teacher_logits, labels, c.dkd_alpha, c.dkd_beta,
+                                                                tau, standardize=standardize, backend=backend)
         elif self.method == "drkd":
             # Rows without a previous-epoch logit get CE only (all of them in the first epoch).
             if epoch == 0:  # nothing in the bank is from epoch -1
                 terms["drkd"] = s.new_zeros((), dtype=torch.float32)
             else:
                 previous, valid = self.bank.read(indices, epoch)
-                terms["drkd"] = c.kd_weight * drkd_bank_loss(s, previous, valid, labels, tau, backend)
+                terms["drkd"] = c.kd_weight * drkd_bank_loss(s, previous, valid, labels, tau, backend, standardize)
             self.bank.write(indices, s, epoch, runtime)
         elif self.method == "pesf":
             targets = adapter.student_targets(adapted, labels)
