@@ -7,7 +7,7 @@ Functional API (each loss takes ``backend=None`` and ``check_finite=False``):
 * :func:`soft_rank`, :func:`soft_sort` (torchsort conventions), :func:`average_ranks`;
 * :func:`backends` reports which backends can run and why not;
 * :class:`SparseTeacher`: a cached top-k teacher, accepted by every loss in place of the
-  teacher logits.
+  teacher logits; :func:`combine_teachers`: several teachers' logits as one.
 
 Modules live in :mod:`kdfast.nn`.
 """
@@ -27,6 +27,7 @@ from kdfast.losses import (
 )
 from kdfast.softrank import average_ranks, soft_rank, soft_sort
 from kdfast.sparse_teacher import SparseTeacher
+from kdfast.teachers import combine_teachers
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,7 @@ __all__ = [
     "average_ranks",
     "backends",
     "cmkd_loss",
+    "combine_teachers",
     "default_spearman_strength",
     "dist_loss",
     "dkd_loss",
