@@ -17,6 +17,7 @@ The temporary file of a write that was killed is an orphan, ``.<name>.<random>.t
 
 from __future__ import annotations
 
+import argparse
 import errno
 import hashlib
 import io
@@ -100,8 +101,10 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
 def read_checkpoint_file(path: str | os.PathLike, *, what: str = "checkpoint"):
     """Load a kdfast checkpoint (verifying its checksum) or a plain ``torch.save`` file.
 
-    Always ``weights_only=True`` and onto the CPU. Raises :class:`CheckpointError` naming
-    the file and what is wrong with it.
+    Always ``weights_only=True`` and onto the CPU; ``argparse.Namespace`` (a holder of plain
+    values) is allowed besides, since RepDistiller's training scripts save their options with
+    the model (``{'opt': …, 'model': …}``, their ``<model>_last.pth``). Raises
+    :class:`CheckpointError` naming the file and what is wrong with it.
     """
     path = Path(path)
     try:
@@ -117,7 +120,8 @@ def read_checkpoint_file(path: str | os.PathLike, *, what: str = "checkpoint"):
                                   f"{len(data)} bytes)")
         data = payload
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises RuntimeError, pickle errors, EOFError … for a bad file
         raise CheckpointError(f"{what} {path} is not a readable PyTorch file ({type(error).__name__}: "
                               f"{str(error).splitlines()[0] if str(error) else ''})") from None

@@ -11,8 +11,10 @@ Every model is a :class:`Classifier`: ``model(x)`` returns logits, and
   and the 4×-wide ``resnet8x4``, ``resnet32x4`` (and narrower ``resnet<depth>_w<width>``,
   e.g. ``resnet8_w8``, for light res-students), with the key names of the CRD/RepDistiller
   model zoo that most KD papers report on (Tian et al., 2020).
-* Wide ResNets ``wrn_16_2``, ``wrn_40_2`` … (``wrn_<depth>_<widen>``, Zagoruyko &
-  Komodakis, 2016), pre-activation, no dropout.
+* Wide ResNets ``wrn_16_2``, ``wrn_40_1``, ``wrn_40_2`` … (``wrn_<depth>_<widen>``,
+  Zagoruyko & Komodakis, 2016), pre-activation, no dropout, with the key names of the same
+  zoo (each stage holds its blocks in ``.layer``: ``block1.layer.0.bn1.weight``); files that
+  kdfast wrote before (``block1.0.bn1.weight``) still load.
 * ``mlp-<width>-<width>…``: a multilayer perceptron on the flattened image, for the
   embedded 8×8 digits (e.g. ``mlp-256-256`` teacher, ``mlp-32`` student).
 
@@ -168,8 +170,63 @@ class _WideBlock(nn.Module):
         return out + (x if self.equal else self.convShortcut(activated))
 
 
+class _WideStage(nn.Module):
+    """A stage of a wide ResNet, its blocks in ``.layer``: the ``NetworkBlock`` of the CRD/RepDistiller
+    and mdistiller code (``models/wrn.py``), so that the state-dict keys are theirs
+    (``block1.layer.0.bn1.weight``) and their teacher files load as is."""
+
+    def __init__(self, blocks: list[nn.Module]):
+        super().__init__()
+        self.layer = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+# kdfast's wide ResNets held a stage's blocks directly (``block1.0.bn1.weight``) until they
+# took the field's names (``block1.layer.0.bn1.weight``); the files written before (model.pt,
+# checkpoints, ResKD chains) are renamed on loading. Both names of a key cannot be confused:
+# the stage's only child is ``layer``.
+_OLD_WIDE_KEY = re.compile(r"(block[123])\.(?=\d+\.)")
+
+
+def _upgrade_wide_keys(state: dict, prefix: str = "") -> dict:
+    """Rename in place the old kdfast keys ``<prefix>blockN.<i>.…`` of a wide ResNet to
+    ``<prefix>blockN.layer.<i>.…`` (where the new key is not there already); returns ``state``."""
+    for key in [key for key in state if key.startswith(prefix)]:
+        if (match := _OLD_WIDE_KEY.match(key, len(prefix))) is not None:
+            renamed = f"{key[:match.end(1)]}.layer.{key[match.end():]}"
+            if renamed not in state:
+                state[renamed] = state.pop(key)
+    return state
+
+
+def _upgrade_wide_keys_hook(module, state_dict, prefix, *args) -> None:
+    # load_state_dict's pre-hook: the rename wherever a state dict reaches a wide ResNet
+    # (of the model itself or of a module holding it: a ResKD chain's stages, the trainer's wrapper).
+    _upgrade_wide_keys(state_dict, prefix)
+
+
+def _upgrade_old_keys(model: nn.Module, state: dict) -> dict:
+    """Rename in place the old kdfast keys in ``state`` (a state dict of ``model``) of the wide
+    ResNets that ``model`` is or holds; returns ``state``. For code that compares a state
+    dict's keys with the model's before ``load_state_dict`` (whose hook renames them too)."""
+    for name, module in model.named_modules():
+        if isinstance(module, WideResNet):
+            _upgrade_wide_keys(state, f"{name}." if name else "")
+    return state
+
+
 class WideResNet(Classifier):
-    """WRN-depth-widen: three stages of (depth − 4)/6 pre-activation blocks, widths 16k, 32k, 64k."""
+    """WRN-depth-widen: three stages of (depth − 4)/6 pre-activation blocks, widths 16k, 32k, 64k.
+
+    The architecture and key names of ``models/wrn.py`` in CRD/RepDistiller and mdistiller
+    (without dropout): ``conv1``; ``block1``–``block3`` (each a stage whose ``.layer`` holds
+    its blocks, the first of stages 2 and 3 of stride 2); the final ``bn1`` and ReLU; global
+    average pooling; ``fc``. A block is BN-ReLU-conv3×3-BN-ReLU-conv3×3; where its input and
+    output widths differ, a 1×1 ``convShortcut`` on the activated input is its shortcut,
+    otherwise the input itself.
+    """
 
     def __init__(self, depth: int, widen: int, num_classes: int, in_channels: int = 3):
         super().__init__()
@@ -181,7 +238,7 @@ class WideResNet(Classifier):
         for stage in range(3):
             layers = [_WideBlock(widths[stage] if index == 0 else widths[stage + 1], widths[stage + 1],
                                  (1 if stage == 0 else 2) if index == 0 else 1) for index in range(blocks)]
-            setattr(self, f"block{stage + 1}", nn.Sequential(*layers))
+            setattr(self, f"block{stage + 1}", _WideStage(layers))
         self.bn1 = nn.BatchNorm2d(widths[3])
         self.relu = nn.ReLU(inplace=True)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -191,6 +248,7 @@ class WideResNet(Classifier):
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
         nn.init.zeros_(self.fc.bias)
+        self.register_load_state_dict_pre_hook(_upgrade_wide_keys_hook)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.block3(self.block2(self.block1(self.conv1(x))))
@@ -281,17 +339,25 @@ def _weights_of(state, path, what: str) -> tuple[dict, str]:
     A training checkpoint holds the trainer's wrapper (``student.`` and, for PESF-KD,
     ``adapter.``; for ResKD ``student.`` is the stage: ``student.chain.`` the frozen chain,
     ``student.student.`` the new res-student, which is what the run's ``model.pt`` holds); a
-    ResKD chain file holds one state dict per stage. Prefixes that DDP or ``torch.compile``
-    add (``module.``, ``_orig_mod.``) are removed.
+    ResKD chain file holds one state dict per stage. The files of the field's training
+    scripts hold the model's state dict under ``"model"`` too (CRD/RepDistiller's teachers
+    ``{'model': …, 'epoch': 240, 'optimizer': …}``, mdistiller's ``{'model': …}``). Prefixes
+    that DDP or ``torch.compile`` add (``module.``, ``_orig_mod.``) are removed.
     """
     source = ""
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a kdfast training checkpoint
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        # A kdfast training checkpoint (its "identity" and "config" name the student), or a
+        # CRD/RepDistiller/mdistiller file (neither; its "epoch", when an int, is named).
         identity = state.get("identity") if isinstance(state.get("identity"), dict) else {}
         config = state.get("config") if isinstance(state.get("config"), dict) else {}
         student = identity.get("student", config.get("student"))
         classes = identity.get("num_classes")
+        epoch = state.get("epoch")
         if student:
             source = f" (a training checkpoint of a {student} student" + (f", {classes} classes)" if classes else ")")
+        elif "identity" not in state and "config" not in state:
+            source = " (the state dict under its 'model' key" + (
+                f", epoch {epoch})" if isinstance(epoch, int) and not isinstance(epoch, bool) else ")")
         state = state["model"]
     elif isinstance(state, dict) and "architectures" in state and "state_dicts" in state:  # a ResKD chain file
         architectures, states = state["architectures"], state["state_dicts"]
@@ -323,16 +389,22 @@ def _weights_of(state, path, what: str) -> tuple[dict, str]:
 
 def load_weights(model: nn.Module, path, *, what: str = "teacher checkpoint") -> None:
     """Load weights into ``model`` from a file: a plain state dict (e.g. torchvision's
-    ``resnet34-*.pth``), a kdfast run's ``model.pt``, a kdfast training checkpoint
-    (``checkpoint-<step>.pt``: its student) or a one-stage ResKD chain file (its base).
+    ``resnet34-*.pth``), a CRD/RepDistiller or mdistiller teacher file (``{'model': state
+    dict, 'epoch': …}``, e.g. ``resnet32x4_vanilla/ckpt_epoch_240.pth``), a kdfast run's
+    ``model.pt``, a kdfast training checkpoint (``checkpoint-<step>.pt``: its student) or a
+    one-stage ResKD chain file (its base).
 
     Prefixes that DDP or ``torch.compile`` add (``module.``, ``_orig_mod.``) and the
-    trainer's own (``student.``) are removed. Raises ValueError naming the missing,
-    unexpected or mis-shaped keys.
+    trainer's own (``student.``) are removed; the wide-ResNet keys of files kdfast wrote
+    before it took the field's names (``block1.0.…``) are renamed (``block1.layer.0.…``).
+    Raises ValueError naming the missing, unexpected or mis-shaped keys.
     """
     from kdfast.checkpoint import read_checkpoint_file
 
     cleaned, source = _weights_of(read_checkpoint_file(path, what=what), path, what)
+    # Old kdfast wide-ResNet names, renamed before the comparison below (load_state_dict's
+    # hook would rename them too, but only after it).
+    _upgrade_old_keys(model, cleaned)
     expected = model.state_dict()
     # Checkpoints older than PyTorch 0.4 (torchvision's own ResNet files among them) have no
     # BatchNorm step counters; they are not weights, so they may be missing.
