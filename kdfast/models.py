@@ -207,7 +207,7 @@ def _upgrade_wide_keys_hook(module, state_dict, prefix, *args) -> None:
     _upgrade_wide_keys(state_dict, prefix)
 
 
-def _upgrade_old_keys(model: nn.Module, state: dict) -> dict:
+def upgrade_old_keys(model: nn.Module, state: dict) -> dict:
     """Rename in place the old kdfast keys in ``state`` (a state dict of ``model``) of the wide
     ResNets that ``model`` is or holds; returns ``state``. For code that compares a state
     dict's keys with the model's before ``load_state_dict`` (whose hook renames them too)."""
@@ -404,7 +404,7 @@ def load_weights(model: nn.Module, path, *, what: str = "teacher checkpoint") ->
     cleaned, source = _weights_of(read_checkpoint_file(path, what=what), path, what)
     # Old kdfast wide-ResNet names, renamed before the comparison below (load_state_dict's
     # hook would rename them too, but only after it).
-    _upgrade_old_keys(model, cleaned)
+    upgrade_old_keys(model, cleaned)
     expected = model.state_dict()
     # Checkpoints older than PyTorch 0.4 (torchvision's own ResNet files among them) have no
     # BatchNorm step counters; they are not weights, so they may be missing.

@@ -59,7 +59,7 @@ from kdfast.checkpoint import (CheckpointError, RunLock, atomic_write_bytes, lat
 from kdfast.config import (RESUME_MAY_CHANGE, TEACHER_METHODS, TrainConfig, describe_changes, read_config_file,
                            resume_changes, save_config, validate)
 from kdfast.execution import execution_settings
-from kdfast.models import create_model, load_weights
+from kdfast.models import create_model, load_weights, upgrade_old_keys
 from kdfast.nn import TeacherAdapter
 
 LOGGER = logging.getLogger("kdfast.train")
@@ -766,6 +766,7 @@ def _checkpoint_checker(config: TrainConfig, runtime: Runtime, kd_step: "KDStep"
         if not isinstance(model_state, dict):
             raise CheckpointError(f"checkpoint {path} is not a kdfast training checkpoint: its model is a "
                                   f"{type(model_state).__name__}")
+        upgrade_old_keys(kd_step.model, model_state)  # a wide ResNet's keys of before kdfast took the field's
         missing = sorted(set(expected) - set(model_state))
         unexpected = sorted(set(model_state) - set(expected))
         mis_shaped = [key for key in expected if key in model_state and getattr(model_state[key], "shape", None)

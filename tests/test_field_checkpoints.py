@@ -248,8 +248,8 @@ def test_old_kdfast_wrn_files_still_load(tmp_path):
     wrapper.load_state_dict({f"student.{k}": v for k, v in old.items()})
     assert_loaded(wrapper.student, state)
     # the rename for code that compares keys before loading (as the trainer's resume check does)
-    from kdfast.models import _upgrade_old_keys
-    renamed = _upgrade_old_keys(wrapper, {f"student.{k}": v for k, v in old.items()} | {"adapter.w": state["fc.bias"]})
+    from kdfast.models import upgrade_old_keys
+    renamed = upgrade_old_keys(wrapper, {f"student.{k}": v for k, v in old.items()} | {"adapter.w": state["fc.bias"]})
     assert set(renamed) == {f"student.{k}" for k in state} | {"adapter.w"}
     ckpt.save_state_dict(tmp_path / "chain.pt", {"architectures": ["wrn_16_2"], "num_classes": 10, "in_channels": 3,
                                                  "image_size": 32, "state_dicts": [old]})
@@ -394,3 +394,25 @@ def test_field_files_through_teacher_init_and_eval(tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint .*wrn_16_1.pth \(the state dict under its 'model' key, "
                                          r"epoch 240\) does not match the model"):
         run_eval(resolve_config(**common, student="wrn_16_2", checkpoint=str(teacher)))
+
+
+def test_a_run_checkpointed_under_the_old_wrn_names_resumes(tmp_path):
+    """--resume of a kdfast training checkpoint written before the WRN keys changed."""
+    from kdfast.config import resolve_config
+    from kdfast.train import train
+
+    options = dict(student="wrn_16_1", epochs=1, batch_size=64, progress="none", tensorboard=False, eval_every=0,
+                   output=str(tmp_path / "run"))
+    train(resolve_config(**options), print_fn=lambda *_: None)
+    [checkpoint] = ckpt.list_checkpoints(tmp_path / "run")
+    state = ckpt.read_checkpoint_file(checkpoint)
+    state["model"] = {re.sub(r"^(student\.block[123])\.layer\.", r"\1.", key): value
+                      for key, value in state["model"].items()}
+    assert any(key.startswith("student.block1.0.") for key in state["model"])
+    step = int(checkpoint.stem.split("-")[1])
+    checkpoint.unlink()
+    ckpt.write_checkpoint(tmp_path / "run", state, step)
+    lines = []
+    summary = train(resolve_config(**{**options, "epochs": 2}, resume=True), print_fn=lines.append)
+    assert summary["epochs"] == 2 and summary["steps"] == 2 * step
+    assert any("resum" in line for line in lines)
