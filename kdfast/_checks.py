@@ -113,6 +113,13 @@ def check_temperature(name: str, value) -> float:
     return value
 
 
+def check_bool(name: str, value) -> bool:
+    """``value`` must be True or False (not a truthy stand-in such as 1 or "yes")."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_nonnegative(name: str, value) -> float:
     """A finite real number >= 0 (loss weights)."""
     value = _number(name, value)

@@ -363,8 +363,7 @@ def dkd_loss(student, teacher, target, alpha=1.0, beta=8.0, temperature=4.0, *, 
 def _standardize_option(standardize, student, teacher=None) -> bool:
     """``standardize`` as a bool; logit standardization needs C ≥ 2 (an unbiased std) and,
     with a sparse teacher, every class (the tail's stored mass is that of the raw logits)."""
-    if not isinstance(standardize, bool):
-        raise TypeError(f"standardize must be True or False, got {standardize!r}")
+    _checks.check_bool("standardize", standardize)
     if standardize and isinstance(teacher, SparseTeacher) and teacher.top_k < teacher.num_classes:
         raise ValueError(f"standardize=True needs the teacher's whole rows: a SparseTeacher with k={teacher.top_k} < "
                          f"C={teacher.num_classes} knows the remaining mass of the raw logits only (build the cache "

@@ -12,42 +12,48 @@ from torch import nn
 
 from kdfast import _checks, losses
 
+__all__ = ["CMKDLoss", "DISTLoss", "DKDLoss", "DRKDLoss", "KDLoss", "TeacherAdapter"]
+
 
 class KDLoss(nn.Module):
     """Hinton KD loss module; ``forward(student, teacher)`` is :func:`kdfast.kd_loss`."""
 
-    def __init__(self, temperature: float = 4.0, *, backend: str | None = None, check_finite: bool = False):
+    def __init__(self, temperature: float = 4.0, *, standardize: bool = False, backend: str | None = None,
+                 check_finite: bool = False):
         super().__init__()
         self.temperature = _checks.check_temperature("temperature", temperature)
+        self.standardize = _checks.check_bool("standardize", standardize)
         self.backend = backend
         self.check_finite = check_finite
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return losses.kd_loss(student, teacher, self.temperature, backend=self.backend,
+        return losses.kd_loss(student, teacher, self.temperature, standardize=self.standardize, backend=self.backend,
                               check_finite=self.check_finite)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}"
+        return f"temperature={self.temperature}, standardize={self.standardize}"
 
 
 class DISTLoss(nn.Module):
     """DIST loss module; ``forward(student, teacher)`` is :func:`kdfast.dist_loss`."""
 
     def __init__(self, temperature: float = 1.0, beta: float = 1.0, gamma: float = 1.0, *,
-                 backend: str | None = None, check_finite: bool = False):
+                 standardize: bool = False, backend: str | None = None, check_finite: bool = False):
         super().__init__()
         self.temperature = _checks.check_temperature("temperature", temperature)
         self.beta = _checks.check_nonnegative("beta", beta)
         self.gamma = _checks.check_nonnegative("gamma", gamma)
+        self.standardize = _checks.check_bool("standardize", standardize)
         self.backend = backend
         self.check_finite = check_finite
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return losses.dist_loss(student, teacher, self.temperature, self.beta, self.gamma,
-                                backend=self.backend, check_finite=self.check_finite)
+                                standardize=self.standardize, backend=self.backend, check_finite=self.check_finite)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, beta={self.beta}, gamma={self.gamma}"
+        return (f"temperature={self.temperature}, beta={self.beta}, gamma={self.gamma}, "
+                f"standardize={self.standardize}")
 
 
 class CMKDLoss(nn.Module):
@@ -59,7 +65,7 @@ class CMKDLoss(nn.Module):
 
     def __init__(self, temperature: float = 4.0, kl_weight: float = 1.0, corr_weight: float = 1.0,
                  ce_weight: float = 1.0, weighting: str = "entropy", regularization_strength: float | None = None,
-                 *, backend: str | None = None, check_finite: bool = False):
+                 *, standardize: bool = False, backend: str | None = None, check_finite: bool = False):
         super().__init__()
         self.temperature = _checks.check_temperature("temperature", temperature)
         self.kl_weight = _checks.check_nonnegative("kl_weight", kl_weight)
@@ -71,6 +77,7 @@ class CMKDLoss(nn.Module):
         if regularization_strength is not None:
             _checks.check_positive("regularization_strength", regularization_strength)
         self.regularization_strength = regularization_strength
+        self.standardize = _checks.check_bool("standardize", standardize)
         self.backend = backend
         self.check_finite = check_finite
 
@@ -79,31 +86,54 @@ class CMKDLoss(nn.Module):
         return losses.cmkd_loss(
             student, teacher, target, self.temperature, self.kl_weight, self.corr_weight, self.ce_weight,
             self.weighting if weighting is None else weighting, self.regularization_strength,
-            backend=self.backend, check_finite=self.check_finite,
+            standardize=self.standardize, backend=self.backend, check_finite=self.check_finite,
         )
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, kl_weight={self.kl_weight}, corr_weight={self.corr_weight}, "
-                f"ce_weight={self.ce_weight}, weighting={self.weighting!r}")
+                f"ce_weight={self.ce_weight}, weighting={self.weighting!r}, standardize={self.standardize}")
 
 
 class DRKDLoss(nn.Module):
     """DR-KD loss module; ``forward(student, teacher, target)`` is :func:`kdfast.drkd_loss`."""
 
-    def __init__(self, temperature: float = 4.0, ce_weight: float = 0.0, *, backend: str | None = None,
-                 check_finite: bool = False):
+    def __init__(self, temperature: float = 4.0, ce_weight: float = 0.0, *, standardize: bool = False,
+                 backend: str | None = None, check_finite: bool = False):
         super().__init__()
         self.temperature = _checks.check_temperature("temperature", temperature)
         self.ce_weight = _checks.check_nonnegative("ce_weight", ce_weight)
+        self.standardize = _checks.check_bool("standardize", standardize)
         self.backend = backend
         self.check_finite = check_finite
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return losses.drkd_loss(student, teacher, target, self.temperature, self.ce_weight,
-                                backend=self.backend, check_finite=self.check_finite)
+                                standardize=self.standardize, backend=self.backend, check_finite=self.check_finite)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, ce_weight={self.ce_weight}"
+        return f"temperature={self.temperature}, ce_weight={self.ce_weight}, standardize={self.standardize}"
+
+
+class DKDLoss(nn.Module):
+    """DKD loss module; ``forward(student, teacher, target)`` is :func:`kdfast.dkd_loss`."""
+
+    def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, *, standardize: bool = False,
+                 backend: str | None = None, check_finite: bool = False):
+        super().__init__()
+        self.alpha = _checks.check_nonnegative("alpha", alpha)
+        self.beta = _checks.check_nonnegative("beta", beta)
+        self.temperature = _checks.check_temperature("temperature", temperature)
+        self.standardize = _checks.check_bool("standardize", standardize)
+        self.backend = backend
+        self.check_finite = check_finite
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return losses.dkd_loss(student, teacher, target, self.alpha, self.beta, self.temperature,
+                               standardize=self.standardize, backend=self.backend, check_finite=self.check_finite)
+
+    def extra_repr(self) -> str:
+        return (f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, "
+                f"standardize={self.standardize}")
 
 
 class TeacherAdapter(nn.Module):
