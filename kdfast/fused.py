@@ -92,16 +92,23 @@ def _fused_kd_loss_cuda(student, teacher, target, difficulty, temperature, kl_co
                         spearman_coef, column_coef, rank_strength, difficulty_mode, difficulty_value, rectify,
                         student_grad, teacher_grad, teacher_indices=None, teacher_fill=None):
     """CUDA implementation of kdfast::fused_kd_loss: allocates the outputs and workspace with
-    PyTorch's caching allocator and launches csrc/cuda/ on the current stream."""
+    PyTorch's caching allocator and launches csrc/cuda/ on the current stream.
+
+    A sparse teacher (``teacher_indices`` given, as SparseTeacher.kernel_arguments makes
+    them): ``teacher`` is its float32 values [B, k], ``teacher_indices`` their int32 classes
+    [B, k] (ascending within a row), ``teacher_fill`` the float32 logit [B] of every other
+    class; the kernels rebuild each row where they read it (no dense B×C teacher), with the
+    dense teacher's workspace."""
     for name, x in (("student", student), ("teacher", teacher)):
         if x.dtype not in _DTYPE_CODES:
             raise TypeError(f"kdfast fused loss (cuda): {name} must be float32, float16 or bfloat16, got {x.dtype}")
     _checks.check_fused_arguments("kdfast fused loss (cuda)", student, teacher, target, difficulty, temperature,
                                   rank_strength, difficulty_mode, ce_coef, column_coef, rectify, teacher_indices,
                                   teacher_fill, teacher_grad)
-    if teacher_indices is not None:
-        raise NotImplementedError("kdfast fused loss (cuda): sparse teachers are not implemented yet")
     student, teacher = student.contiguous(), teacher.contiguous()
+    sparse = teacher_indices is not None
+    if sparse:
+        teacher_indices, teacher_fill = teacher_indices.contiguous(), teacher_fill.contiguous()
     rows, cols = student.shape
     device = student.device
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -129,7 +136,10 @@ def _fused_kd_loss_cuda(student, teacher, target, difficulty, temperature, kl_co
         _C_cuda.fused_loss(pointer(student), _DTYPE_CODES[student.dtype], pointer(teacher),
                            _DTYPE_CODES[teacher.dtype], pointer(target), pointer(difficulty), rows, cols, config,
                            pointer(loss), pointer(grad_student), pointer(grad_teacher), pointer(workspace), index,
-                           torch.cuda.current_stream(device).cuda_stream)
+                           torch.cuda.current_stream(device).cuda_stream,
+                           teacher_indices=pointer(teacher_indices) if sparse else 0,
+                           teacher_fill=pointer(teacher_fill) if sparse else 0,
+                           teacher_k=teacher.shape[1] if sparse else 0)
     return loss, grad_student, grad_teacher
 
 

@@ -81,6 +81,14 @@
 //   writes outside its row. Grids of the per-row Spearman kernels: R ≤ B blocks; PAV:
 //   ⌈R / 32⌉. Grids: 1-D x ≤ 2^31 − 1 (checked), the column kernels' y is
 //   at most 64 chunks.
+// * Teacher reads: every kernel reads the teacher only through its accessor
+//   (DenseTeacherRows / SparseTeacherRows, section 0), one template per kernel for both. A
+//   sparse teacher's reads stay in its row's k entries (at row·k, int64) and fill, whatever
+//   its indices hold (out of range, duplicated: the accessor's comment); it is never
+//   written (no race) and no B×C copy of it exists; the workspace and every write are the
+//   dense path's. The rebuilt floats are its dense fp32 row's and every sum runs in the
+//   dense path's order, so it gives bit for bit what that dense row gives
+//   (tests/test_sparse_cuda.py compares the two on a GPU).
 // * Terms are switched on by their coefficients, never by the value of a weight (a NaN
 //   difficulty times 0 would otherwise read unallocated Spearman buffers).
 // * Workspace: 256-byte aligned regions, rank rows a multiple of 16 bytes; every region is
@@ -188,6 +196,158 @@ struct Scratch {
   int64_t i[kWarps];
 };
 
+constexpr int kVector = 8;  // classes per run: 16 bytes of a half type, 32 of float
+
+// kVector classes from j0 on as floats: one or two 16-byte loads when `vector` (then the
+// run is whole: C % kVector == 0), else masked scalar loads (0 past the row's end).
+template <typename T>
+__device__ __forceinline__ void load_run(const T* row, int64_t j0, int64_t cols, bool vector, float (&out)[kVector]) {
+  if (vector && j0 + kVector <= cols) {
+    if constexpr (sizeof(T) == 2) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(row + j0);
+      const T* h = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int w = 0; w < kVector; ++w) out[w] = to_float(h[w]);
+    } else {
+      const float4 a = reinterpret_cast<const float4*>(row + j0)[0], b = reinterpret_cast<const float4*>(row + j0)[1];
+      out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
+    }
+  } else {
+#pragma unroll
+    for (int w = 0; w < kVector; ++w) out[w] = j0 + w < cols ? to_float(row[j0 + w]) : 0.0f;
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// 0. Reading the teacher.
+//
+// Every read of the teacher, in every kernel, goes through one of two accessors, so that
+// each kernel is one template for both kinds of teacher (csrc/losses_cpu.cpp's
+// DenseTeacherRows / SparseTeacherRows on the CPU):
+// * DenseTeacherRows<T>: the logits [B, C] of type T (fp32, fp16, bf16);
+// * SparseTeacherRows: a cached teacher (kdfast.sparse_teacher): k fp32 logits per row at
+//   k int32 classes (ascending and distinct, as SparseTeacher.kernel_arguments gives them)
+//   and one fp32 fill logit per row for the other C − k classes. It describes the dense
+//   row t[c] = values[p] where indices[p] == c, else fill, which is rebuilt where a kernel
+//   reads it and never stored (no B×C teacher, no workspace holding it).
+// view(row, offset) (offset = row·C: where a dense row starts) gives the row's view:
+//   load(j)                      class j's logit as float;
+//   run(j0, cols, vector, out)   kVector classes from j0 as floats, 0 past the row's end (the
+//                                row kernel's runs: load_run's 16-byte vector loads for a
+//                                dense teacher, unchanged; one search and a walk for a sparse);
+//   gather<N>(j0, cols, out)     N classes from j0 in value_type (the in-block sorts' items:
+//                                their 16-bit keys read a half teacher's own bits).
+// Both also have load(row, col), and on the host rows_from(first) (the Spearman chunks'
+// rows) and aligned16() (whether the row kernel may use vector loads).
+template <typename T>
+struct DenseTeacherRows {
+  using value_type = T;
+  using grad_type = T;  // the teacher's gradient, when it has one
+  static constexpr bool kSparse = false;
+  const T* logits;  // [B, C]
+  int64_t cols;
+
+  struct Row {
+    const T* logits;  // the row's C logits
+    __device__ __forceinline__ float load(int64_t j) const { return to_float(logits[j]); }
+    __device__ __forceinline__ void run(int64_t j0, int64_t cols, bool vector, float (&out)[kVector]) const {
+      load_run(logits, j0, cols, vector, out);
+    }
+    template <int N>
+    __device__ __forceinline__ void gather(int64_t j0, int64_t cols, T (&out)[N]) const {
+#pragma unroll
+      for (int i = 0; i < N; ++i) out[i] = j0 + i < cols ? logits[j0 + i] : T();
+    }
+  };
+  __device__ __forceinline__ Row view(int64_t, int64_t offset) const { return {logits + offset}; }
+  __device__ __forceinline__ float load(int64_t row, int64_t col) const { return to_float(logits[row * cols + col]); }
+  DenseTeacherRows rows_from(int64_t first) const { return {logits + first * cols, cols}; }
+  bool aligned16() const { return reinterpret_cast<uintptr_t>(logits) % 16 == 0; }
+};
+
+// The sparse teacher's lookup. Class c of a row is values[p] for p = lower_bound(indices,
+// c) (the first position whose index is ≥ c) when p < k and indices[p] == c, else the
+// fill. Why no access leaves the row's k entries, whatever the indices hold (out of range,
+// duplicated, unsorted — the operator trusts the caller's order and range and checks
+// neither, so that it costs no device sync):
+// * lower_bound is branch-free: base starts at the row's first entry with n = k ≥ 1
+//   (fused_loss checks 1 ≤ k ≤ C) and each step either keeps base and shrinks n, or moves
+//   base by half = n/2 < n and shrinks n by half, so base + n ≤ indices + k throughout and
+//   every read, base[half] and the final base[0], is an entry of the row (n ≥ 1 at the
+//   end); the result is in 0..k. Its ⌈log2 k⌉ steps depend on k alone (no divergence).
+// * values[p] and indices[p] are read only under p < k; an index that is out of range
+//   (negative, or ≥ C) is never equal to a class c in 0..C−1 that a kernel asks for, so it
+//   is simply never matched; indices are only compared, never used as addresses.
+// * gather searches once per run of N classes: p = lower_bound(j0), then class c takes
+//   entry p when p < k and indices[p] == c, and p moves past it (so p stays in 0..k). For
+//   ascending distinct indices p is lower_bound(c) at every class (indices[p] ≥ c, and
+//   after a match indices[p + 1] > c), so a run's classes equal load()'s, out-of-range
+//   indices included (negative ones sort first, ones ≥ C last); for duplicated or unsorted
+//   indices only which entry (or the fill) a class gets may differ, never the bounds.
+//   (Of the walks tried, this one spilled in no layout; stepping p while indices[p] < c
+//   took the 2-run resident layout to 152 registers on sm_80, and stepping it once made the
+//   chunked one spill on sm_90.)
+// * Offsets: a row's entries start at row·k in int64 (B·k may pass 2^31); k ≤ C < 2^31
+//   fits the int32 positions.
+// * Nothing is written: the accessor only reads values, indices and fill, so no two
+//   threads race on it (every thread may read any row's entries).
+struct SparseTeacherRows {
+  using value_type = float;
+  using grad_type = float;  // never written: a sparse teacher has no gradient (fused_loss refuses it)
+  static constexpr bool kSparse = true;
+  const float* values;     // [B, k]
+  const int32_t* indices;  // [B, k]: ascending, distinct, in 0..C−1 (not relied on for safety)
+  const float* fill;       // [B]
+  int64_t k;
+
+  struct Row {
+    const float* values;     // the row's k logits
+    const int32_t* indices;  // their classes
+    int32_t k;
+    float fill;
+    __device__ __forceinline__ int32_t lower_bound(int64_t c) const {
+      const int32_t* base = indices;
+      for (int32_t n = k; n > 1;) {
+        const int32_t half = n >> 1;
+        base = base[half] < c ? base + half : base;
+        n -= half;
+      }
+      return static_cast<int32_t>(base - indices) + (base[0] < c ? 1 : 0);
+    }
+    __device__ __forceinline__ float load(int64_t j) const {
+      const int32_t p = lower_bound(j);
+      return p < k && indices[p] == j ? values[p] : fill;
+    }
+    template <int N>
+    __device__ __forceinline__ void gather(int64_t j0, int64_t cols, float (&out)[N]) const {
+      if (j0 >= cols) {  // wholly past the row's end (the resident layout's last runs): no search
+#pragma unroll
+        for (int i = 0; i < N; ++i) out[i] = 0.0f;
+        return;
+      }
+      int32_t p = lower_bound(j0);
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        const int64_t c = j0 + i;
+        const bool hit = p < k && indices[p] == c;
+        out[i] = c < cols ? (hit ? values[p] : fill) : 0.0f;
+        p += hit ? 1 : 0;
+      }
+    }
+    __device__ __forceinline__ void run(int64_t j0, int64_t cols, bool, float (&out)[kVector]) const {
+      gather(j0, cols, out);
+    }
+  };
+  __device__ __forceinline__ Row view(int64_t row, int64_t) const {
+    return {values + row * k, indices + row * k, static_cast<int32_t>(k), fill[row]};
+  }
+  __device__ __forceinline__ float load(int64_t row, int64_t col) const { return view(row, 0).load(col); }
+  SparseTeacherRows rows_from(int64_t first) const {
+    return {values + first * k, indices + first * k, fill + first, k};
+  }
+  bool aligned16() const { return true; }  // never read by vector loads
+};
+
 // ---------------------------------------------------------------------------------
 // 1. Column statistics (the intra-class term).
 
@@ -195,17 +355,19 @@ struct SoftmaxStats {
   float max, log_sum;
 };
 
-template <typename s_t, typename t_t>
-__global__ void __launch_bounds__(kThreads) row_softmax_stats_kernel(const s_t* student, const t_t* teacher,
+// The teacher's classes through its row view (one row per block, the view's reads stay in
+// the row: see SparseTeacherRows); one writer per row of stats (thread 0).
+template <typename s_t, typename Teacher>
+__global__ void __launch_bounds__(kThreads) row_softmax_stats_kernel(const s_t* student, Teacher teacher,
                                                                      int64_t cols, float it, SoftmaxStats* stats) {
   __shared__ Scratch scratch;
   const int64_t row = blockIdx.x;
   const s_t* s = student + row * cols;
-  const t_t* t = teacher + row * cols;
+  const auto t = teacher.view(row, row * cols);
   float s_max = -INFINITY, t_max = -INFINITY;
   int64_t unused_s = 0, unused_t = 0;
   for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
-    const float a = to_float(s[j]), b = to_float(t[j]);
+    const float a = to_float(s[j]), b = t.load(j);
     s_max = a > s_max ? a : s_max;
     t_max = b > t_max ? b : t_max;
   }
@@ -214,7 +376,7 @@ __global__ void __launch_bounds__(kThreads) row_softmax_stats_kernel(const s_t* 
   float sums[2] = {0.0f, 0.0f};
   for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
     sums[0] += expf((to_float(s[j]) - s_max) * it);
-    sums[1] += expf((to_float(t[j]) - t_max) * it);
+    sums[1] += expf((t.load(j) - t_max) * it);
   }
   block_sum(sums, scratch.f);
   if (threadIdx.x == 0) {
@@ -225,24 +387,25 @@ __global__ void __launch_bounds__(kThreads) row_softmax_stats_kernel(const s_t* 
 
 // One thread per column, one blockIdx.y per chunk of rows. pass 0: Σ (p − p_0), Σ (q − q_0)
 // (shifted by row 0, so that a constant column centers to exactly zero); pass 1: centered
-// Σ ab, Σ aa, Σ bb with the means found by pass 0.
-template <typename s_t, typename t_t>
-__global__ void __launch_bounds__(kThreads) column_moments_kernel(const s_t* student, const t_t* teacher, int64_t rows,
+// Σ ab, Σ aa, Σ bb with the means found by pass 0. The teacher through teacher.load(i, j):
+// row i's own entries only (SparseTeacherRows), i < rows, j < cols.
+template <typename s_t, typename Teacher>
+__global__ void __launch_bounds__(kThreads) column_moments_kernel(const s_t* student, Teacher teacher, int64_t rows,
                                                                   int64_t cols, float it, const SoftmaxStats* stats,
                                                                   int64_t chunk, int pass, const float* means,
                                                                   double* partial) {
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (j >= cols) return;
-  auto prob = [&](auto x, SoftmaxStats st) { return expf((to_float(x) - st.max) * it - st.log_sum); };
+  auto prob = [&](float x, SoftmaxStats st) { return expf((x - st.max) * it - st.log_sum); };
   const int64_t first = static_cast<int64_t>(blockIdx.y) * chunk;
   const int64_t last = first + chunk < rows ? first + chunk : rows;
   double* out = partial + static_cast<int64_t>(blockIdx.y) * 3 * cols;
   if (pass == 0) {
-    const float p0 = prob(student[j], stats[0]), q0 = prob(teacher[j], stats[1]);
+    const float p0 = prob(to_float(student[j]), stats[0]), q0 = prob(teacher.load(0, j), stats[1]);
     double sp = 0.0, sq = 0.0;
     for (int64_t i = first; i < last; ++i) {
-      sp += prob(student[i * cols + j], stats[2 * i]) - p0;
-      sq += prob(teacher[i * cols + j], stats[2 * i + 1]) - q0;
+      sp += prob(to_float(student[i * cols + j]), stats[2 * i]) - p0;
+      sq += prob(teacher.load(i, j), stats[2 * i + 1]) - q0;
     }
     out[j] = sp;
     out[cols + j] = sq;
@@ -250,8 +413,8 @@ __global__ void __launch_bounds__(kThreads) column_moments_kernel(const s_t* stu
     const float mean_p = means[j], mean_q = means[cols + j];
     double ab = 0.0, aa = 0.0, bb = 0.0;
     for (int64_t i = first; i < last; ++i) {
-      const double a = prob(student[i * cols + j], stats[2 * i]) - mean_p;
-      const double b = prob(teacher[i * cols + j], stats[2 * i + 1]) - mean_q;
+      const double a = prob(to_float(student[i * cols + j]), stats[2 * i]) - mean_p;
+      const double b = prob(teacher.load(i, j), stats[2 * i + 1]) - mean_q;
       ab += a * b;
       aa += a * a;
       bb += b * b;
@@ -263,14 +426,15 @@ __global__ void __launch_bounds__(kThreads) column_moments_kernel(const s_t* stu
 }
 
 // Reduces the chunks' partials in order. pass 0 writes the column means; pass 1 the
-// correlation's gradient coefficients and ρ per column.
+// correlation's gradient coefficients and ρ per column (the teacher's row 0 through
+// teacher.load(0, j), j < cols).
 struct ColumnStats {
   float *mean_p, *mean_q, *cross, *self_p, *self_q;
   double* rho;
 };
 
-template <typename s_t, typename t_t>
-__global__ void __launch_bounds__(kThreads) column_finalize_kernel(const s_t* student, const t_t* teacher,
+template <typename s_t, typename Teacher>
+__global__ void __launch_bounds__(kThreads) column_finalize_kernel(const s_t* student, Teacher teacher,
                                                                    int64_t rows, int64_t cols, float it,
                                                                    const SoftmaxStats* stats, int64_t chunks, int pass,
                                                                    const double* partial, ColumnStats columns) {
@@ -282,7 +446,7 @@ __global__ void __launch_bounds__(kThreads) column_finalize_kernel(const s_t* st
   }
   if (pass == 0) {
     const float p0 = expf((to_float(student[j]) - stats[0].max) * it - stats[0].log_sum);
-    const float q0 = expf((to_float(teacher[j]) - stats[1].max) * it - stats[1].log_sum);
+    const float q0 = expf((teacher.load(0, j) - stats[1].max) * it - stats[1].log_sum);
     columns.mean_p[j] = static_cast<float>(p0 + sums[0] / static_cast<double>(rows));
     columns.mean_q[j] = static_cast<float>(q0 + sums[1] / static_cast<double>(rows));
   } else {
@@ -297,15 +461,22 @@ __global__ void __launch_bounds__(kThreads) column_finalize_kernel(const s_t* st
 // ---------------------------------------------------------------------------------
 // 2. The Spearman term.
 
-template <typename s_t, typename t_t>
-__global__ void __launch_bounds__(kThreads) prepare_sort_kernel(const s_t* student, const t_t* teacher, int64_t rows,
+// The segmented sorts' keys: the chunk's logits as floats, the teacher's through its row
+// view (a sparse teacher's rebuilt row: the sort keys are the workspace the dense path
+// already fills, nothing more; a dense view at offset e − col reads address e, as
+// before). Element e < rows·cols is row e / cols < rows, class e % cols: every read is of
+// that row (SparseTeacherRows: its own entries), every write at e or at offsets[row ≤ rows].
+template <typename s_t, typename Teacher>
+__global__ void __launch_bounds__(kThreads) prepare_sort_kernel(const s_t* student, Teacher teacher, int64_t rows,
                                                                 int64_t cols, float* s_keys, float* t_keys,
                                                                 int32_t* iota, int32_t* offsets) {
   const int64_t total = rows * cols;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * kThreads) {
     s_keys[e] = to_float(student[e]);
-    t_keys[e] = to_float(teacher[e]);
+    // (This form of the row and class left the dense kernels' code as it was.)
+    const int64_t row = e / cols, col = e - row * cols;
+    t_keys[e] = teacher.view(row, e - col).load(col);
     iota[e] = static_cast<int32_t>(e % cols);
     if (e % cols == 0) offsets[e / cols] = static_cast<int32_t>(e);
   }
@@ -555,9 +726,14 @@ struct Standardization {
   __device__ double z(float x) const { return ((x - s0) - mean_shift) * z_scale; }
 };
 
-template <typename t_t, int THREADS, int ITEMS>
-__global__ void __launch_bounds__(THREADS, 1) spearman_teacher_kernel(const t_t* teacher, int64_t cols, float* t_rank) {
-  using Key = typename RankKey<t_t>::type;
+// The teacher's items through its row view: gather reads the row's own entries only
+// (SparseTeacherRows), one search and a walk per thread's ITEMS consecutive positions; a
+// sparse teacher's fp32 logits take the 32-bit keys of a dense fp32 teacher, so its ranks
+// are the dense row's.
+template <typename Teacher, int THREADS, int ITEMS>
+__global__ void __launch_bounds__(THREADS, 1) spearman_teacher_kernel(Teacher teacher, int64_t cols, float* t_rank) {
+  using Value = typename Teacher::value_type;
+  using Key = typename RankKey<Value>::type;
   using Sort = cub::BlockRadixSort<Key, THREADS, ITEMS, uint16_t>;
   using Scan = cub::BlockScan<int32_t, THREADS>;
   constexpr int kCapacity = THREADS * ITEMS;
@@ -572,16 +748,17 @@ __global__ void __launch_bounds__(THREADS, 1) spearman_teacher_kernel(const t_t*
     } ranks;
   } shared;
   const int64_t row = blockIdx.x;
-  const t_t* t = teacher + row * cols;
   // Blocked arrangement: thread i holds positions i·ITEMS .. i·ITEMS + ITEMS − 1. Past the
   // row's end, the largest key (after every real one: the sort is stable and their
   // positions come last).
+  Value logits[ITEMS];
+  teacher.view(row, row * cols).gather(static_cast<int64_t>(threadIdx.x) * ITEMS, cols, logits);
   Key keys[ITEMS];
   uint16_t index[ITEMS];
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
     const int p = threadIdx.x * ITEMS + i;
-    keys[i] = p < cols ? RankKey<t_t>::of(t[p]) : RankKey<t_t>::kPad;
+    keys[i] = p < cols ? RankKey<Value>::of(logits[i]) : RankKey<Value>::kPad;
     index[i] = static_cast<uint16_t>(p);
   }
   Sort(shared.sort).Sort(keys, index);  // ascending, stable: index[i] is a permutation of 0..capacity−1
@@ -955,7 +1132,6 @@ struct RowInputs {
   float* row_loss;
 };
 
-constexpr int kVector = 8;  // classes per run: 16 bytes of a half type, 32 of float
 constexpr int64_t kMaxResidentClasses = 2048;
 
 // Sums and maxima over the threads of a row. GROUP == 32: the row has `width` (8, 16 or
@@ -1002,26 +1178,6 @@ struct RowGroup {
     }
   }
 };
-
-// kVector classes from j0 on as floats: one or two 16-byte loads when `vector` (then the
-// run is whole: C % kVector == 0), else masked scalar loads (0 past the row's end).
-template <typename T>
-__device__ __forceinline__ void load_run(const T* row, int64_t j0, int64_t cols, bool vector, float (&out)[kVector]) {
-  if (vector && j0 + kVector <= cols) {
-    if constexpr (sizeof(T) == 2) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(row + j0);
-      const T* h = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-      for (int w = 0; w < kVector; ++w) out[w] = to_float(h[w]);
-    } else {
-      const float4 a = reinterpret_cast<const float4*>(row + j0)[0], b = reinterpret_cast<const float4*>(row + j0)[1];
-      out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
-    }
-  } else {
-#pragma unroll
-    for (int w = 0; w < kVector; ++w) out[w] = j0 + w < cols ? to_float(row[j0 + w]) : 0.0f;
-  }
-}
 
 template <typename T>
 __device__ __forceinline__ void store_run(T* row, int64_t j0, int64_t cols, bool vector, const float (&v)[kVector]) {
@@ -1095,12 +1251,14 @@ struct ResidentRow {
 
   __device__ int64_t first(int v) const { return (static_cast<int64_t>(v) * group + lane) * kVector; }
 
-  template <typename s_t, typename t_t>
-  __device__ void load(const s_t* s_row, const t_t* t_row) {
+  // t_row: the teacher's row view (DenseTeacherRows::Row: load_run as the student; or
+  // SparseTeacherRows::Row: a search and a walk per run, in the row's entries only).
+  template <typename s_t, typename TeacherRow>
+  __device__ void load(const s_t* s_row, const TeacherRow& t_row) {
 #pragma unroll
     for (int v = 0; v < VECTORS; ++v) {
       load_run(s_row, first(v), cols, vector, s[v]);
-      load_run(t_row, first(v), cols, vector, t[v]);
+      t_row.run(first(v), cols, vector, t[v]);
     }
   }
   // f(j, student, teacher) for every class of the row this thread holds.
@@ -1248,23 +1406,37 @@ __device__ __forceinline__ void block_merge(Moments& m, Scratch& scratch) {
 // loads and stores when `vector` (as the resident layout). Passes alternate direction —
 // the first forward, the next from the row's end — so each starts on the classes the one
 // before read last, the likeliest still in L2.
-template <typename s_t, typename t_t>
+template <typename s_t, typename Teacher>
 struct ChunkedRow {
+  using t_t = typename Teacher::grad_type;
   static constexpr bool kStreamed = true;
   // The launch's arrays (kernel parameters) and the row's offset in them: a pass forms its
   // row addresses per run from these (opaque_offset), so that the loops hold one offset and
-  // not five row pointers (they held 128 registers and spilled).
+  // not five row pointers (they held 128 registers and spilled). The teacher's row view is
+  // formed per run too (a dense one from the offset; a sparse one from the row: its entries
+  // at row·k, int64).
   const s_t* student;
-  const t_t* teacher;
+  Teacher teacher;
   s_t* grad_student;
   t_t* grad_teacher;
   const float* rank_grad;  // dρ_S/ds of the launch's rows, or null
   int64_t base;            // row · cols
+  int64_t row;
   int64_t cols;
   bool vector;
   float s_max = 0.0f, t_max = 0.0f;
   Swap swap;
 
+  // The row a run's teacher view is formed from: a sparse view's addresses from an opaque
+  // row (as `at` below), not hoisted into registers the loop would hold (hoisted, they
+  // spilled on sm_90); a dense view ignores it.
+  __device__ __forceinline__ int64_t view_row() const {
+    if constexpr (Teacher::kSparse) {
+      return opaque_offset(row);
+    } else {
+      return row;
+    }
+  }
   // f(at, j0, s, t) for each of this thread's runs (at: the row's offset, opaque; s, t: raw
   // logits, zeros past the row's end), from the row's end when BACKWARD (a compile-time direction: the first pass runs
   // forward, the store backward). Steps count in int: C < 2^31, so fewer than 2^20.
@@ -1278,7 +1450,7 @@ struct ChunkedRow {
       const int64_t at = opaque_offset(base);
       float s[kVector], t[kVector];
       load_run(student + at, j0, cols, vector, s);
-      load_run(teacher + at, j0, cols, vector, t);
+      teacher.view(view_row(), at).run(j0, cols, vector, t);
       f(at, j0, s, t);
     }
   }
@@ -1471,9 +1643,13 @@ enum RowTerms : int { kTermsByConfig = 0, kColumnTerm = 1, kNoColumnTerm = 2 };
 // The loss of one row and its gradients. Every reduction sits under a condition that is
 // uniform across the kernel (the config's coefficients and gradient flags); what differs
 // per row (a missing target, the difficulty, the rectification) only selects values.
-template <int TERMS, int GROUP, typename Row, typename s_t, typename t_t>
+// t_row is the teacher's row view (DenseTeacherRows or SparseTeacherRows::Row): every
+// teacher logit below, the layouts' loads and the single classes (0, the target, the
+// argmax, all in 0..C−1), comes through it, so the rectification swaps the rebuilt row's
+// first maximum with the target in both layouts.
+template <int TERMS, int GROUP, typename Row, typename s_t, typename TeacherRow, typename t_t>
 __device__ void fused_row(Row& r, RowGroup<GROUP> reduce, int64_t row, bool active, bool leader, const s_t* s_row,
-                          const t_t* t_row, const LossConfig& cfg, float grad_scale, const RowInputs& in,
+                          const TeacherRow& t_row, const LossConfig& cfg, float grad_scale, const RowInputs& in,
                           s_t* gs_row, t_t* gt_row, Scratch& scratch) {
   const int64_t cols = r.cols;
   const float it = cfg.inv_temperature;
@@ -1520,8 +1696,8 @@ __device__ void fused_row(Row& r, RowGroup<GROUP> reduce, int64_t row, bool acti
   if (swap.on) {  // the rectified teacher: the argmax and the target trade places
     swap.t_arg = t_arg;
     swap.target = target;
-    swap.at_t_arg = to_float(t_row[target]);
-    swap.at_target = to_float(t_row[t_arg]);
+    swap.at_t_arg = t_row.load(target);
+    swap.at_target = t_row.load(t_arg);
   }
   r.center(s_max, t_max, swap);
 
@@ -1577,7 +1753,7 @@ __device__ void fused_row(Row& r, RowGroup<GROUP> reduce, int64_t row, bool acti
       // max, the row Pearson sums shifted by p_0, q_0 (double from the float p, q: a
       // constant row stays exactly zero) and the column term's share of the dots.
       const bool pearson = cfg.pearson_coef != 0.0f, ce = cfg.ce_coef != 0.0f;
-      const double p0 = p_of(to_float(s_row[0]) - s_max), q0 = q_of(to_float(t_row[0]) - t_max);
+      const double p0 = p_of(to_float(s_row[0]) - s_max), q0 = q_of(t_row.load(0) - t_max);
       double acc[3] = {0.0, 0.0, 0.0};  // KL, entropy, Σ exp(s − s_max)
       r.each([&](int64_t j, float s, float t) {
         const float p = p_of(s), q = q_of(t);
@@ -1658,7 +1834,7 @@ __device__ void fused_row(Row& r, RowGroup<GROUP> reduce, int64_t row, bool acti
         // Triton kernel's chunked layout). With the float p, q in the sums, the dots'
         // moments are exact too: Σp(q − q̄) = Σ(a + p_0)(b − d_q) = Σab − d_q Σa + p_0 Σb −
         // C p_0 d_q, and so on (a constant row's are exactly 0: b = 0, d_q = 0).
-        const double p0 = p_of(to_float(s_row[0]) - s_max), q0 = q_of(to_float(t_row[0]) - t_max);
+        const double p0 = p_of(to_float(s_row[0]) - s_max), q0 = q_of(t_row.load(0) - t_max);
         p_mean = static_cast<float>(p0 + shifted[0] * inv_n);
         q_mean = static_cast<float>(q0 + shifted[1] * inv_n);
         const double d_p = p_mean - p0, d_q = q_mean - q0, n = static_cast<double>(cols);
@@ -1678,7 +1854,7 @@ __device__ void fused_row(Row& r, RowGroup<GROUP> reduce, int64_t row, bool acti
         double co = moments.co;
         if (swap.on) {
           auto e_s = [&](int64_t j) { return static_cast<double>(expf((to_float(s_row[j]) - s_max) * it)); };
-          auto e_t = [&](int64_t j) { return static_cast<double>(expf((to_float(t_row[j]) - t_max) * it)); };
+          auto e_t = [&](int64_t j) { return static_cast<double>(expf((t_row.load(j) - t_max) * it)); };
           co -= (e_s(t_arg) - e_s(target)) * (e_t(t_arg) - e_t(target));
         }
         const double inv_s = 1.0 / streamed[2], inv_t = 1.0 / streamed[3];
@@ -1790,13 +1966,27 @@ __device__ void fused_row(Row& r, RowGroup<GROUP> reduce, int64_t row, bool acti
 
 // GROUP == 32: the resident layout with `group` (8, 16, 32) lanes of a warp per row;
 // GROUP == kThreads: a block per row, resident (VECTORS > 0) or chunked (VECTORS == 0).
-// `vector`: every row of every buffer starts 16-byte aligned.
-template <int GROUP, int VECTORS, typename s_t, typename t_t>
-__global__ void __launch_bounds__(kThreads) fused_row_kernel(const s_t* student, const t_t* teacher, int64_t rows,
+// `vector`: every row of every buffer starts 16-byte aligned (a sparse teacher is never
+// read by vector loads: it takes no part in the condition).
+// Teacher: DenseTeacherRows<t_t> or SparseTeacherRows. The teacher's reads stay in row
+// `(active ? row : 0)`'s own entries (its view: the row's C logits at row·C, or its k
+// entries at row·k, int64, and its fill), whatever the indices hold (SparseTeacherRows);
+// the writes are those of the dense path. A sparse teacher has no gradient: its
+// instantiations take grad_teacher and teacher_grad as null and false at compile time, so
+// the teacher's gradient code is not even compiled into them (fused_loss also refuses
+// the combination).
+template <int GROUP, int VECTORS, typename s_t, typename Teacher>
+__global__ void __launch_bounds__(kThreads) fused_row_kernel(const s_t* student, Teacher teacher, int64_t rows,
                                                              int64_t cols, LossConfig cfg, float grad_scale,
-                                                             RowInputs in, s_t* grad_student, t_t* grad_teacher,
-                                                             int group, bool vector) {
+                                                             RowInputs in, s_t* grad_student,
+                                                             typename Teacher::grad_type* grad_teacher, int group,
+                                                             bool vector) {
+  using t_t = typename Teacher::grad_type;
   __shared__ Scratch scratch;
+  if constexpr (Teacher::kSparse) {
+    grad_teacher = nullptr;
+    cfg.teacher_grad = false;
+  }
   if constexpr (GROUP == kThreads) group = kThreads;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads / group) + threadIdx.x / group;
   const int lane = static_cast<int>(threadIdx.x % group);
@@ -1804,12 +1994,13 @@ __global__ void __launch_bounds__(kThreads) fused_row_kernel(const s_t* student,
   const bool active = row < rows;
   const int64_t base = (active ? row : 0) * cols;  // int64: B·C may pass 2^31
   const s_t* s_row = student + base;
-  const t_t* t_row = teacher + base;
+  const auto t_row = teacher.view(active ? row : 0, base);
   s_t* gs_row = grad_student ? grad_student + base : nullptr;
   t_t* gt_row = grad_teacher ? grad_teacher + base : nullptr;
   if constexpr (VECTORS == 0) {
     static_assert(GROUP == kThreads, "the chunked layout takes a block per row");
-    ChunkedRow<s_t, t_t> r{student, teacher, grad_student, grad_teacher, in.spearman_grad, base, cols, vector};
+    ChunkedRow<s_t, Teacher> r{student, teacher, grad_student, grad_teacher, in.spearman_grad, base, active ? row : 0,
+                               cols, vector};
     if (cfg.column_coef != 0.0f) {  // kernel-uniform
       fused_row<kColumnTerm>(r, row_group, row, active, lane == 0, s_row, t_row, cfg, grad_scale, in, gs_row, gt_row,
                              scratch);
@@ -1870,8 +2061,8 @@ struct Layout {
 // ranks, student sort, PAV, finish), THREADS threads per row in the sorts and the plan's
 // finish_threads in the finish (plan_spearman). Grids: n ≤ spearman_chunk_rows ≤ 2^24
 // blocks for the per-row kernels, ⌈n / 32⌉ for PAV.
-template <int THREADS, typename s_t, typename t_t>
-void launch_spearman_rows(const s_t* student, const t_t* teacher, int64_t n, int64_t cols, float strength, char* ws,
+template <int THREADS, typename s_t, typename Teacher>
+void launch_spearman_rows(const s_t* student, const Teacher& teacher, int64_t n, int64_t cols, float strength, char* ws,
                           const Layout& l, double* rho, float* grad_rho, cudaStream_t stream) {
   constexpr int kItems = kSpearmanItems;
   constexpr SpearmanPlan kPlan = plan_spearman(int64_t{THREADS} * kItems);
@@ -1884,7 +2075,7 @@ void launch_spearman_rows(const s_t* student, const t_t* teacher, int64_t n, int
   int32_t* block_count = reinterpret_cast<int32_t*>(ws + l.block_count);
   auto* standardization = reinterpret_cast<Standardization*>(ws + l.standardization);
   const auto blocks = static_cast<unsigned>(n);
-  spearman_teacher_kernel<t_t, THREADS, kItems><<<blocks, THREADS, 0, stream>>>(teacher, cols, t_rank);
+  spearman_teacher_kernel<Teacher, THREADS, kItems><<<blocks, THREADS, 0, stream>>>(teacher, cols, t_rank);
   check(cudaGetLastError(), "the Spearman teacher ranks");
   spearman_student_kernel<s_t, THREADS, kItems><<<blocks, THREADS, 0, stream>>>(student, n, cols, strength, theta,
                                                                                 order, standardization);
@@ -1899,8 +2090,8 @@ void launch_spearman_rows(const s_t* student, const t_t* teacher, int64_t n, int
 
 // The Spearman steps of a chunk of n longer rows: CUB's segmented sorts of the chunk
 // (n · C ≤ max(kSpearmanChunkLogits, C) < 2^31 logits: int offsets), then one block per row.
-template <typename s_t, typename t_t>
-void launch_spearman_long_rows(const s_t* student, const t_t* teacher, int64_t n, int64_t cols, float strength,
+template <typename s_t, typename Teacher>
+void launch_spearman_long_rows(const s_t* student, const Teacher& teacher, int64_t n, int64_t cols, float strength,
                                char* ws, const Layout& l, double* rho, float* grad_rho, cudaStream_t stream) {
   float* s_keys = reinterpret_cast<float*>(ws + l.s_keys);
   float* t_keys = reinterpret_cast<float*>(ws + l.t_keys);
@@ -1994,14 +2185,14 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 // The row kernel's layout by C: the resident layouts hold a row in registers (GROUP
 // threads × VECTORS runs of kVector classes), the smallest that fits; longer rows take the
 // chunked layout. Grids: ⌈B / rows per block⌉ ≤ B ≤ 2^31 − 1 blocks (check_sizes).
-template <typename s_t, typename t_t>
-void launch_row_kernel(const s_t* student, const t_t* teacher, int64_t rows, int64_t cols, const LossConfig& cfg,
-                       float grad_scale, const RowInputs& in, s_t* grad_student, t_t* grad_teacher,
-                       cudaStream_t stream) {
+template <typename s_t, typename Teacher>
+void launch_row_kernel(const s_t* student, const Teacher& teacher, int64_t rows, int64_t cols, const LossConfig& cfg,
+                       float grad_scale, const RowInputs& in, s_t* grad_student,
+                       typename Teacher::grad_type* grad_teacher, cudaStream_t stream) {
   // Vector loads and stores need every row of every buffer read or written by runs to
   // start 16-byte aligned: C a multiple of kVector (8 · 2 bytes, 8 · 4 bytes) and the
   // buffers aligned (the workspace's regions are 256-byte aligned).
-  const bool vector = cols % kVector == 0 && aligned16(student) && aligned16(teacher) &&
+  const bool vector = cols % kVector == 0 && aligned16(student) && teacher.aligned16() &&
                       aligned16(grad_student) && aligned16(grad_teacher) && aligned16(in.spearman_grad);
   auto go = [&](auto kernel, int group) {
     const int64_t rows_per_block = kThreads / group;
@@ -2010,24 +2201,25 @@ void launch_row_kernel(const s_t* student, const t_t* teacher, int64_t rows, int
                                             grad_teacher, group, vector);
   };
   if (cols <= 32 * kVector) {  // 8, 16 or 32 lanes per row: the fewest that hold it
-    go(fused_row_kernel<32, 1, s_t, t_t>, cols <= 8 * kVector ? 8 : (cols <= 16 * kVector ? 16 : 32));
+    go(fused_row_kernel<32, 1, s_t, Teacher>, cols <= 8 * kVector ? 8 : (cols <= 16 * kVector ? 16 : 32));
   } else if (cols <= 32 * 2 * kVector) {
-    go(fused_row_kernel<32, 2, s_t, t_t>, 32);
+    go(fused_row_kernel<32, 2, s_t, Teacher>, 32);
   } else if (cols <= kMaxResidentClasses) {
     static_assert(kThreads * kVector == kMaxResidentClasses, "the largest resident layout");
-    go(fused_row_kernel<kThreads, 1, s_t, t_t>, kThreads);
+    go(fused_row_kernel<kThreads, 1, s_t, Teacher>, kThreads);
   } else {
-    go(fused_row_kernel<kThreads, 0, s_t, t_t>, kThreads);
+    go(fused_row_kernel<kThreads, 0, s_t, Teacher>, kThreads);
   }
 }
 
-template <typename s_t, typename t_t>
-void launch(const FusedLossArgs& a, const Layout& l) {
+// Teacher: the accessor of the teacher's rows (DenseTeacherRows<t_t> or SparseTeacherRows).
+template <typename s_t, typename Teacher>
+void launch(const FusedLossArgs& a, const Layout& l, const Teacher& teacher) {
+  using t_t = typename Teacher::grad_type;
   const LossConfig& cfg = a.config;
   char* ws = static_cast<char*>(a.workspace);
   cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
   const s_t* student = static_cast<const s_t*>(a.student);
-  const t_t* teacher = static_cast<const t_t*>(a.teacher);
   const int64_t rows = a.rows, cols = a.cols;
   const unsigned column_blocks = static_cast<unsigned>((cols + kThreads - 1) / kThreads);
 
@@ -2067,22 +2259,23 @@ void launch(const FusedLossArgs& a, const Layout& l) {
     const int64_t n = std::min<int64_t>(l.spearman_rows, rows - first);
     const int64_t at = first * cols;  // int64: B·C may pass 2^31
     const s_t* chunk_student = student + at;
+    const Teacher chunk_teacher = teacher.rows_from(first);
     double* rho = reinterpret_cast<double*>(ws + l.rho);
     float* grad_rho = cfg.student_grad ? reinterpret_cast<float*>(ws + l.grad_rho) : nullptr;
     if (l.spearman.block_sort) {
       switch (l.spearman.threads) {
-        case 128: launch_spearman_rows<128>(chunk_student, teacher + at, n, cols, cfg.rank_strength, ws, l, rho,
+        case 128: launch_spearman_rows<128>(chunk_student, chunk_teacher, n, cols, cfg.rank_strength, ws, l, rho,
                                             grad_rho, stream); break;
-        case 256: launch_spearman_rows<256>(chunk_student, teacher + at, n, cols, cfg.rank_strength, ws, l, rho,
+        case 256: launch_spearman_rows<256>(chunk_student, chunk_teacher, n, cols, cfg.rank_strength, ws, l, rho,
                                             grad_rho, stream); break;
-        case 512: launch_spearman_rows<512>(chunk_student, teacher + at, n, cols, cfg.rank_strength, ws, l, rho,
+        case 512: launch_spearman_rows<512>(chunk_student, chunk_teacher, n, cols, cfg.rank_strength, ws, l, rho,
                                             grad_rho, stream); break;
-        case 1024: launch_spearman_rows<1024>(chunk_student, teacher + at, n, cols, cfg.rank_strength, ws, l, rho,
+        case 1024: launch_spearman_rows<1024>(chunk_student, chunk_teacher, n, cols, cfg.rank_strength, ws, l, rho,
                                               grad_rho, stream); break;
         default: throw std::runtime_error("kdfast CUDA fused loss: no Spearman kernels for this plan");
       }
     } else {
-      launch_spearman_long_rows(chunk_student, teacher + at, n, cols, cfg.rank_strength, ws, l, rho, grad_rho,
+      launch_spearman_long_rows(chunk_student, chunk_teacher, n, cols, cfg.rank_strength, ws, l, rho, grad_rho,
                                 stream);
     }
     RowInputs chunk_in = in;
@@ -2092,7 +2285,7 @@ void launch(const FusedLossArgs& a, const Layout& l) {
     chunk_in.row_loss = in.row_loss + first;
     chunk_in.spearman_rho = rho;
     chunk_in.spearman_grad = grad_rho;
-    launch_row_kernel(chunk_student, teacher + at, n, cols, cfg, grad_scale, chunk_in,
+    launch_row_kernel(chunk_student, chunk_teacher, n, cols, cfg, grad_scale, chunk_in,
                       grad_student ? grad_student + at : nullptr, grad_teacher ? grad_teacher + at : nullptr, stream);
     check(cudaGetLastError(), "the row kernel");
   }
@@ -2130,6 +2323,30 @@ void check_sizes(int64_t rows, int64_t cols) {
     throw std::runtime_error("kdfast CUDA fused loss: at most 2^31 - 1 rows and 2^31 - 1 classes");
   }
 }
+
+// A sparse teacher's arguments (the kernels' bounds rest on 1 ≤ k ≤ C: SparseTeacherRows).
+// Host-only, before any device call.
+void check_sparse_teacher(const FusedLossArgs& a) {
+  const char* where = "kdfast CUDA fused loss: ";
+  if (a.teacher_indices == nullptr) {
+    if (a.teacher_fill != nullptr || a.teacher_k != 0) {
+      throw std::runtime_error(std::string(where) + "teacher_fill and teacher_k are for a sparse teacher only "
+                               "(teacher_indices is null)");
+    }
+    return;
+  }
+  if (a.teacher_fill == nullptr) throw std::runtime_error(std::string(where) + "a sparse teacher needs teacher_fill");
+  if (a.teacher_type != LogitType::kFloat32) {
+    throw std::runtime_error(std::string(where) + "a sparse teacher's values must be float32");
+  }
+  if (a.teacher_k < 1 || a.teacher_k > a.cols) {
+    throw std::runtime_error(std::string(where) + "a sparse teacher needs 1 <= k <= C, got k=" +
+                             std::to_string(a.teacher_k) + " for C=" + std::to_string(a.cols));
+  }
+  if (a.config.teacher_grad || a.grad_teacher != nullptr) {
+    throw std::runtime_error(std::string(where) + "a sparse teacher has no gradient (teacher_grad must be false)");
+  }
+}
 }  // namespace
 
 // The Spearman steps' part is bounded at any B (fused_loss_cuda.h: spearman_chunk_rows).
@@ -2141,6 +2358,7 @@ size_t fused_loss_workspace_bytes(int64_t rows, int64_t cols, const LossConfig& 
 
 void fused_loss(const FusedLossArgs& args) {
   check_sizes(args.rows, args.cols);
+  check_sparse_teacher(args);
   // The chunked row layout takes the column term's rows without an argmax (as every
   // entry point already refuses the combination).
   if (args.config.rectify && args.config.column_coef != 0.0f) {
@@ -2151,8 +2369,17 @@ void fused_loss(const FusedLossArgs& args) {
   // torch.cuda.device(...), which restores PyTorch's current device afterwards.
   check(cudaSetDevice(args.device), "selecting the tensors' device");
   const Layout l = layout(args.rows, args.cols, args.config, args.device);
+  if (args.teacher_indices != nullptr) {
+    const SparseTeacherRows teacher{static_cast<const float*>(args.teacher), args.teacher_indices, args.teacher_fill,
+                                    args.teacher_k};
+    dispatch(args.student_type, [&](auto s_tag) { launch<decltype(s_tag)>(args, l, teacher); });
+    return;
+  }
   dispatch(args.student_type, [&](auto s_tag) {
-    dispatch(args.teacher_type, [&](auto t_tag) { launch<decltype(s_tag), decltype(t_tag)>(args, l); });
+    dispatch(args.teacher_type, [&](auto t_tag) {
+      using t_t = decltype(t_tag);
+      launch<decltype(s_tag)>(args, l, DenseTeacherRows<t_t>{static_cast<const t_t*>(args.teacher), args.cols});
+    });
   });
 }
 

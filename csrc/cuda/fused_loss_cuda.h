@@ -18,8 +18,18 @@ enum class LogitType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 struct FusedLossArgs {
   const void* student;  // [rows, cols], contiguous
   LogitType student_type;
-  const void* teacher;  // [rows, cols], contiguous
+  const void* teacher;  // [rows, cols], contiguous; a sparse teacher's values: [rows, teacher_k] float32
   LogitType teacher_type;
+  // A sparse (cached) teacher, or null, null, 0 for a dense one (the contract of
+  // kdfast.sparse_teacher.SparseTeacher.kernel_arguments): row i's classes
+  // teacher_indices[i, :] (int32, ascending and distinct; an index out of 0..cols−1 never
+  // matches a class, and no index is ever used as an address) hold the logits teacher[i, :],
+  // every other class teacher_fill[i]. 1 ≤ teacher_k ≤ cols; no teacher gradient. The
+  // kernels rebuild each row where they read it: no dense teacher is stored, and the
+  // workspace is the dense teacher's (fused_loss_workspace_bytes does not depend on it).
+  const int32_t* teacher_indices;  // [rows, teacher_k], contiguous, or null
+  const float* teacher_fill;       // [rows], or null
+  int64_t teacher_k;
   const int64_t* target;     // [rows] or null
   const float* difficulty;   // [rows] or null (per-sample difficulty)
   int64_t rows, cols;
@@ -97,7 +107,8 @@ int cuda_driver_version();
 size_t fused_loss_workspace_bytes(int64_t rows, int64_t cols, const LossConfig& config, int device);
 
 // Launches the kernels on args.stream; throws std::runtime_error naming the step whose
-// launch failed (every launch is checked).
+// launch failed (every launch is checked), or, before any device call, naming what is
+// wrong with the sizes or the sparse teacher's arguments.
 void fused_loss(const FusedLossArgs& args);
 
 }  // namespace cuda

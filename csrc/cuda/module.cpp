@@ -42,16 +42,23 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("cuda_driver_version", &kdfast::cuda::cuda_driver_version);
   m.def("fused_loss_workspace_bytes", &kdfast::cuda::fused_loss_workspace_bytes, py::arg("rows"), py::arg("cols"),
         py::arg("config"), py::arg("device"));
+  // A sparse teacher (kdfast.sparse_teacher): `teacher` its values [rows, teacher_k] (float32),
+  // teacher_indices [rows, teacher_k] (int32) and teacher_fill [rows] (float32) device
+  // pointers; all three 0 for a dense teacher.
   m.def(
       "fused_loss",
       [](uintptr_t student, int student_type, uintptr_t teacher, int teacher_type, uintptr_t target,
          uintptr_t difficulty, int64_t rows, int64_t cols, const LossConfig& config, uintptr_t loss,
-         uintptr_t grad_student, uintptr_t grad_teacher, uintptr_t workspace, int device, uintptr_t stream) {
+         uintptr_t grad_student, uintptr_t grad_teacher, uintptr_t workspace, int device, uintptr_t stream,
+         uintptr_t teacher_indices, uintptr_t teacher_fill, int64_t teacher_k) {
         kdfast::cuda::FusedLossArgs args{};
         args.student = reinterpret_cast<const void*>(student);
         args.student_type = static_cast<kdfast::cuda::LogitType>(student_type);
         args.teacher = reinterpret_cast<const void*>(teacher);
         args.teacher_type = static_cast<kdfast::cuda::LogitType>(teacher_type);
+        args.teacher_indices = reinterpret_cast<const int32_t*>(teacher_indices);
+        args.teacher_fill = reinterpret_cast<const float*>(teacher_fill);
+        args.teacher_k = teacher_k;
         args.target = reinterpret_cast<const int64_t*>(target);
         args.difficulty = reinterpret_cast<const float*>(difficulty);
         args.rows = rows;
@@ -68,5 +75,6 @@ PYBIND11_MODULE(_C_cuda, m) {
       py::call_guard<py::gil_scoped_release>(), py::arg("student"), py::arg("student_type"), py::arg("teacher"),
       py::arg("teacher_type"), py::arg("target"), py::arg("difficulty"), py::arg("rows"), py::arg("cols"),
       py::arg("config"), py::arg("loss"), py::arg("grad_student"), py::arg("grad_teacher"), py::arg("workspace"),
-      py::arg("device"), py::arg("stream"));
+      py::arg("device"), py::arg("stream"), py::arg("teacher_indices") = 0, py::arg("teacher_fill") = 0,
+      py::arg("teacher_k") = 0);
 }
