@@ -90,7 +90,8 @@ if _ops.EXTENSION_ERROR is None:
 
 def _fused_kd_loss_cuda(student, teacher, target, difficulty, temperature, kl_coef, ce_coef, pearson_coef,
                         spearman_coef, column_coef, rank_strength, difficulty_mode, difficulty_value, rectify,
-                        student_grad, teacher_grad, teacher_indices=None, teacher_fill=None):
+                        student_grad, teacher_grad, teacher_indices=None, teacher_fill=None, tckd_coef=0.0,
+                        nckd_coef=0.0, standardize=False):
     """CUDA implementation of kdfast::fused_kd_loss: allocates the outputs and workspace with
     PyTorch's caching allocator and launches csrc/cuda/ on the current stream.
 
@@ -105,6 +106,9 @@ def _fused_kd_loss_cuda(student, teacher, target, difficulty, temperature, kl_co
     _checks.check_fused_arguments("kdfast fused loss (cuda)", student, teacher, target, difficulty, temperature,
                                   rank_strength, difficulty_mode, ce_coef, column_coef, rectify, teacher_indices,
                                   teacher_fill, teacher_grad)
+    if tckd_coef != 0 or nckd_coef != 0 or standardize:
+        raise NotImplementedError("kdfast fused loss (cuda): the DKD terms and logit standardization are not "
+                                  "implemented in the CUDA kernels yet (backend='triton' or 'torch' runs them)")
     student, teacher = student.contiguous(), teacher.contiguous()
     sparse = teacher_indices is not None
     if sparse:
