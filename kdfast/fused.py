@@ -99,16 +99,23 @@ def _fused_kd_loss_cuda(student, teacher, target, difficulty, temperature, kl_co
     them): ``teacher`` is its float32 values [B, k], ``teacher_indices`` their int32 classes
     [B, k] (ascending within a row), ``teacher_fill`` the float32 logit [B] of every other
     class; the kernels rebuild each row where they read it (no dense B×C teacher), with the
-    dense teacher's workspace."""
+    dense teacher's workspace.
+
+    DKD (``tckd_coef``, ``nckd_coef``: need a target and C >= 2) and logit standardization
+    (``standardize``: C >= 2; its workspace holds the standardized rows) reach the kernels
+    through the LossConfig."""
     for name, x in (("student", student), ("teacher", teacher)):
         if x.dtype not in _DTYPE_CODES:
             raise TypeError(f"kdfast fused loss (cuda): {name} must be float32, float16 or bfloat16, got {x.dtype}")
     _checks.check_fused_arguments("kdfast fused loss (cuda)", student, teacher, target, difficulty, temperature,
                                   rank_strength, difficulty_mode, ce_coef, column_coef, rectify, teacher_indices,
                                   teacher_fill, teacher_grad)
-    if tckd_coef != 0 or nckd_coef != 0 or standardize:
-        raise NotImplementedError("kdfast fused loss (cuda): the DKD terms and logit standardization are not "
-                                  "implemented in the CUDA kernels yet (backend='triton' or 'torch' runs them)")
+    dkd = tckd_coef != 0 or nckd_coef != 0
+    if dkd and target is None:
+        raise ValueError("kdfast fused loss (cuda): the DKD terms need a target")
+    if (dkd or standardize) and student.shape[1] < 2:
+        raise ValueError("kdfast fused loss (cuda): the DKD terms and logit standardization need at least 2 classes, "
+                         f"got {student.shape[1]}")
     student, teacher = student.contiguous(), teacher.contiguous()
     sparse = teacher_indices is not None
     if sparse:
@@ -122,6 +129,7 @@ def _fused_kd_loss_cuda(student, teacher, target, difficulty, temperature, kl_co
     config.spearman_coef, config.column_coef, config.rank_strength = spearman_coef, column_coef, rank_strength
     config.difficulty_mode, config.difficulty_value, config.rectify = difficulty_mode, difficulty_value, rectify
     config.student_grad, config.teacher_grad = student_grad, teacher_grad
+    config.tckd_coef, config.nckd_coef, config.standardize = tckd_coef, nckd_coef, bool(standardize)
     loss = torch.empty((), dtype=torch.float32, device=device)
     grad_student = torch.empty_like(student) if student_grad else student.new_empty((0,))
     grad_teacher = torch.empty_like(teacher) if teacher_grad else teacher.new_empty((0,))

@@ -2,7 +2,17 @@
 // as csrc/losses_cpu.cpp. The row kernel holds rows of up to 2048 classes in registers
 // (8 to 32 lanes of a warp per row up to 512 classes, a block per row beyond) and reads
 // each input once; longer rows take a block each and two reads whatever the terms (a first
-// pass gathering every statistic, then the gradients').
+// pass gathering every statistic, then the gradients'), plus three with DKD's terms (the
+// non-target maxima, their normalizers, NCKD: five reads in all).
+//
+// DKD (tckd_coef, nckd_coef) is a compile-time switch of the row kernel (fused_row's DKD,
+// chosen per launch from the config): the instances without it are the code they were.
+// Logit standardization (standardize) is one step around the whole pipeline (section 3b):
+// the rows z-scored once into fp32 workspace rows, steps 1–3 unchanged on them (so the
+// column statistics, the Spearman sorts and ranks, the rectification, the entropy
+// difficulty and both row layouts see the standardized rows, dense or sparse teacher),
+// then the standardization's gradient and CE on the raw logits; the kernels of the
+// unstandardized path are untouched by it.
 //
 // The steps, all on the caller's stream:
 //   1. (column term)   per-row softmax statistics, then per-column moments over fixed
@@ -94,8 +104,18 @@
 // * Workspace: 256-byte aligned regions, rank rows a multiple of 16 bytes; every region is
 //   written before it is read (the PAV slots a row's finish kernel reads, 0..count − 1, were
 //   all written by its PAV thread). Bounded at any B (fused_loss_cuda.h: the Spearman
-//   chunks' bound). Shared memory: static only, under the 48 KiB that needs no opt-in
+//   chunks' bound), except with logit standardization, whose standardized rows and
+//   gradients take 8 B per logit and 4 more per gradient (section 3b). Shared memory: static only, under the 48 KiB that needs no opt-in
 //   (largest: the 1024-thread teacher sort of float rows, 45 KB).
+// * DKD (fused_row): its three passes are three more each() over the row (the resident
+//   layouts' registers, the chunked layout's runs: the reads, bounds and offsets of its first
+//   pass), each reduction (maxima, then sums) under the compile-time DKD, so every lane of a
+//   warp and every thread of a block reaches them; what is per row (a missing target)
+//   selects values only, and the target's class is loaded only when in 0..C−1 (else class
+//   0 of the row, whose loss and gradients are NaN anyway). The gradients are the store's
+//   existing per-class expressions plus terms of the thread's own class: no new memory
+//   access but the target's logit (s_row[y], t_row.load(y): the row's own).
+// * Standardization (section 3b): its kernels' own argument is written there.
 // * Streams: every launch and both CUB sorts run on the caller's stream; no atomics, so
 //   results repeat bit for bit (block scans and sums in a fixed order).
 #include <cuda_bf16.h>
@@ -109,6 +129,7 @@
 #include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "fused_loss_cuda.h"
 
@@ -1647,7 +1668,10 @@ enum RowTerms : int { kTermsByConfig = 0, kColumnTerm = 1, kNoColumnTerm = 2 };
 // teacher logit below, the layouts' loads and the single classes (0, the target, the
 // argmax, all in 0..C−1), comes through it, so the rectification swaps the rebuilt row's
 // first maximum with the target in both layouts.
-template <int TERMS, int GROUP, typename Row, typename s_t, typename TeacherRow, typename t_t>
+// DKD: whether the row has DKD's terms, a compile-time switch (the launch picks the instance
+// from the config), so that the instances without them are the code they were (same
+// registers) and those with them hold DKD's state only where it is used.
+template <bool DKD, int TERMS, int GROUP, typename Row, typename s_t, typename TeacherRow, typename t_t>
 __device__ void fused_row(Row& r, RowGroup<GROUP> reduce, int64_t row, bool active, bool leader, const s_t* s_row,
                           const TeacherRow& t_row, const LossConfig& cfg, float grad_scale, const RowInputs& in,
                           s_t* gs_row, t_t* gt_row, Scratch& scratch) {
@@ -1690,7 +1714,8 @@ __device__ void fused_row(Row& r, RowGroup<GROUP> reduce, int64_t row, bool acti
   if (t_arg >= cols) t_arg = 0;  // an all-NaN row
   const int64_t target = active && in.target ? in.target[row] : -1;
   const bool has_target = target >= 0 && target < cols;
-  const bool invalid = (cfg.ce_coef != 0.0f || cfg.rectify) && !has_target;  // its loss and gradients are NaN
+  constexpr bool dkd = DKD;  // the launch sets it from cfg.tckd_coef, cfg.nckd_coef
+  const bool invalid = (cfg.ce_coef != 0.0f || cfg.rectify || dkd) && !has_target;  // its loss and gradients are NaN
   Swap swap;
   swap.on = rectify && has_target && t_arg != target;
   if (swap.on) {  // the rectified teacher: the argmax and the target trade places
@@ -1808,6 +1833,71 @@ __device__ void fused_row(Row& r, RowGroup<GROUP> reduce, int64_t row, bool acti
   double loss = 0.0;
   if (cfg.kl_coef != 0.0f) loss += cfg.kl_coef * (kl < 0.0 ? 0.0 : kl);  // KL ≥ 0 despite rounding; NaN stays
   if (cfg.ce_coef != 0.0f && has_target) loss += cfg.ce_coef * (logf(sums[2]) + s_max - to_float(s_row[target]));
+
+  // DKD (csrc/losses_cpu.cpp's fused_row, the same formulas): the non-target softmaxes p̃,
+  // q̃ over their own maxima (exact when the target holds all but an underflowing sliver of
+  // the mass), every log from logits, in double. Three passes over the row under the
+  // kernel-uniform `dkd` (over registers in the resident layouts; three more reads of the
+  // row in the chunked one): the non-target maxima, their normalizers, NCKD. Values are
+  // the centered (and rectified) logits the layouts hand to each(); the target's class is
+  // read only when the row has one (y: an address-safe class otherwise, the row is NaN).
+  // Every reduction is under `dkd` (kernel-uniform); a missing target only selects values.
+  float s_rest_max = -INFINITY, t_rest_max = -INFINITY;  // centered: (max over j ≠ y) − row max
+  float s_rest_log = 0.0f, t_rest_log = 0.0f;            // log Σ_{j≠y} e^{(x_j − x_rest_max)·it}
+  double rest_shift = 0.0, nckd = 0.0;
+  double log_p_target = 0.0, log_q_target = 0.0, log_p_rest = 0.0, log_q_rest = 0.0;
+  auto rest_ratio = [&](float s, float t) {  // log q̃_j − log p̃_j
+    return (static_cast<double>(t - t_rest_max) - static_cast<double>(s - s_rest_max)) * it + rest_shift;
+  };
+  auto tilde_p_of = [&](float s) { return expf((s - s_rest_max) * it - s_rest_log); };
+  auto tilde_q_of = [&](float t) { return expf((t - t_rest_max) * it - t_rest_log); };
+  if (dkd) {
+    r.each([&](int64_t j, float s, float t) {
+      if (j != target) {  // NaN ignored, as the CPU's comparisons
+        s_rest_max = s > s_rest_max ? s : s_rest_max;
+        t_rest_max = t > t_rest_max ? t : t_rest_max;
+      }
+    });
+    int64_t unused_arg = 0;
+    reduce.maxima(s_rest_max, t_rest_max, unused_arg, scratch);
+    double rest[2] = {0.0, 0.0};
+    r.each([&](int64_t j, float s, float t) {
+      if (j != target) {
+        rest[0] += expf((s - s_rest_max) * it);
+        rest[1] += expf((t - t_rest_max) * it);
+      }
+    });
+    reduce.sum(rest, scratch);
+    const double s_rest_log_d = log(rest[0]), t_rest_log_d = log(rest[1]);
+    s_rest_log = static_cast<float>(s_rest_log_d);
+    t_rest_log = static_cast<float>(t_rest_log_d);
+    rest_shift = s_rest_log_d - t_rest_log_d;
+    double nckd_sum[1] = {0.0};
+    r.each([&](int64_t j, float s, float t) {
+      if (j != target) {
+        const float tq = tilde_q_of(t);
+        if (tq > 0.0f) nckd_sum[0] += tq * rest_ratio(s, t);
+      }
+    });
+    reduce.sum(nckd_sum, scratch);
+    nckd = nckd_sum[0];
+    // The normalizers over all classes (the column term's are step 1's).
+    const double s_log_total = columns ? static_cast<double>(s_log_sum) : log(static_cast<double>(sums[0]));
+    const double t_log_total = columns ? static_cast<double>(t_log_sum) : log(static_cast<double>(sums[1]));
+    const int64_t y = has_target ? target : 0;
+    const float s_y = to_float(s_row[y]) - s_max;
+    const float t_y = (swap.on ? swap.at_target : t_row.load(y)) - t_max;  // the rectified teacher at y
+    log_p_target = static_cast<double>(s_y) * it - s_log_total;
+    log_q_target = static_cast<double>(t_y) * it - t_log_total;
+    log_p_rest = static_cast<double>(s_rest_max) * it + s_rest_log_d - s_log_total;
+    log_q_rest = static_cast<double>(t_rest_max) * it + t_rest_log_d - t_log_total;
+    const double q_target = exp(log_q_target), q_rest = exp(log_q_rest);
+    double tckd = 0.0;  // a zero-probability side adds 0 (never 0·∞)
+    if (q_target > 0.0) tckd += q_target * (log_q_target - log_p_target);
+    if (q_rest > 0.0) tckd += q_rest * (log_q_rest - log_p_rest);
+    loss += cfg.tckd_coef * tckd + cfg.nckd_coef * (nckd < 0.0 ? 0.0 : nckd);
+  }
+
   float d = cfg.difficulty_value;
   if (cfg.difficulty_mode == kDifficultyEntropy) {
     d = static_cast<float>(fmin(1.0, fmax(0.0, entropy / log(static_cast<double>(cols)))));
@@ -1931,12 +2021,30 @@ __device__ void fused_row(Row& r, RowGroup<GROUP> reduce, int64_t row, bool acti
     });
     reduce.sum(dots, scratch);
   }
+  // DKD's gradients (the CPU kernel's comment block), each side's dℓ/dz before the factor
+  // τ⁻¹·coefficients: student TCKD (P − Q) at y, p̃_j (Q − P) elsewhere, NCKD p̃_j − q̃_j
+  // off y; teacher TCKD ℓ_b·Q·(1 − Q) at y, −ℓ_b·Q·(1 − Q)·q̃_j elsewhere, with ℓ_b =
+  // log(Q/(1−Q)) − log(P/(1−P)) and Q·(1 − Q) from logs; NCKD q̃_j (log q̃_j − log p̃_j −
+  // NCKD) off y. Zero when `dkd` is off (the scalars below are then all 0).
+  const float tckd_grad = cfg.tckd_coef * grad_scale * it, nckd_grad = cfg.nckd_coef * grad_scale * it;
+  const float target_gap = dkd ? static_cast<float>(exp(log_q_target) - exp(log_p_target)) : 0.0f;
+  float binary_grad = 0.0f;
+  if (dkd) {
+    const double q_mass = exp(log_q_target) * exp(log_q_rest);
+    binary_grad = q_mass > 0.0 ? static_cast<float>((log_q_target - log_q_rest - log_p_target + log_p_rest) * q_mass) *
+                                     tckd_grad
+                               : 0.0f;
+  }
   auto gradient_s = [&](int64_t j, float s, float t, float rank_grad) {
     const float p = p_of(s), q = q_of(t);
     float v = kl_grad * (p - q);
     if (correlations) v += it * p * (g_student(j, p, q) - dots[0]);
     if (ce_grad != 0.0f) v += ce_grad * (expf(s) * inv_sum1 - (j == target ? 1.0f : 0.0f));
     if (spearman_grad != 0.0f) v += spearman_grad * rank_grad;
+    if (dkd) {
+      const float tp = tilde_p_of(s), tq = tilde_q_of(t);
+      v += j == target ? -tckd_grad * target_gap : tckd_grad * tp * target_gap + nckd_grad * (tp - tq);
+    }
     return invalid ? NAN : v;
   };
   auto rectified_gradient_t = [&](int64_t j, float s, float t) {
@@ -1947,6 +2055,15 @@ __device__ void fused_row(Row& r, RowGroup<GROUP> reduce, int64_t row, bool acti
     const bool kl_on = Row::kStreamed ? kl_grad != 0.0f : kl_term;
     float v = kl_on && q > 0.0f ? kl_grad * q * static_cast<float>(log_ratio(s, t) - kl) : 0.0f;
     if (correlations) v += it * q * (g_teacher(j, p, q) - dots[1]);
+    if (dkd) {
+      if (j == target) {
+        v += binary_grad;
+      } else {
+        const float tq = tilde_q_of(t);
+        v -= binary_grad * tq;
+        if (tq > 0.0f) v += nckd_grad * tq * static_cast<float>(rest_ratio(s, t) - nckd);
+      }
+    }
     return v;
   };
   if (swap.on && cfg.teacher_grad) {
@@ -1975,7 +2092,8 @@ __device__ void fused_row(Row& r, RowGroup<GROUP> reduce, int64_t row, bool acti
 // instantiations take grad_teacher and teacher_grad as null and false at compile time, so
 // the teacher's gradient code is not even compiled into them (fused_loss also refuses
 // the combination).
-template <int GROUP, int VECTORS, typename s_t, typename Teacher>
+// DKD: the row has DKD's terms (fused_row; the launch picks it from the config).
+template <int GROUP, int VECTORS, bool DKD, typename s_t, typename Teacher>
 __global__ void __launch_bounds__(kThreads) fused_row_kernel(const s_t* student, Teacher teacher, int64_t rows,
                                                              int64_t cols, LossConfig cfg, float grad_scale,
                                                              RowInputs in, s_t* grad_student,
@@ -2002,10 +2120,10 @@ __global__ void __launch_bounds__(kThreads) fused_row_kernel(const s_t* student,
     ChunkedRow<s_t, Teacher> r{student, teacher, grad_student, grad_teacher, in.spearman_grad, base, active ? row : 0,
                                cols, vector};
     if (cfg.column_coef != 0.0f) {  // kernel-uniform
-      fused_row<kColumnTerm>(r, row_group, row, active, lane == 0, s_row, t_row, cfg, grad_scale, in, gs_row, gt_row,
+      fused_row<DKD, kColumnTerm>(r, row_group, row, active, lane == 0, s_row, t_row, cfg, grad_scale, in, gs_row, gt_row,
                              scratch);
     } else {
-      fused_row<kNoColumnTerm>(r, row_group, row, active, lane == 0, s_row, t_row, cfg, grad_scale, in, gs_row,
+      fused_row<DKD, kNoColumnTerm>(r, row_group, row, active, lane == 0, s_row, t_row, cfg, grad_scale, in, gs_row,
                                gt_row, scratch);
     }
   } else {
@@ -2014,7 +2132,135 @@ __global__ void __launch_bounds__(kThreads) fused_row_kernel(const s_t* student,
     r.group = group;
     r.lane = lane;
     r.vector = vector;
-    fused_row<kTermsByConfig>(r, row_group, row, active, lane == 0, s_row, t_row, cfg, grad_scale, in, gs_row, gt_row, scratch);
+    fused_row<DKD, kTermsByConfig>(r, row_group, row, active, lane == 0, s_row, t_row, cfg, grad_scale, in, gs_row, gt_row, scratch);
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// 3b. Logit standardization (cfg.standardize): every term but CE sees each row z-scored,
+// (x − mean)/(std + 1e-7) with the unbiased std, moments in double (csrc/losses_cpu.cpp's
+// standardize_row / standardize_backward). One generic path for every kernel: the rows
+// are standardized once into fp32 rows in the workspace (standardize_rows_kernel), and
+// the whole pipeline of steps 1–3 — column statistics, Spearman sorts and ranks, the row
+// kernel in every layout, dense or sparse teacher alike — runs unchanged on them (a
+// float student and a DenseTeacherRows<float> teacher: instantiations that exist anyway),
+// without its CE term and writing fp32 gradients dL/dz into the workspace; then
+// standardize_backward_kernel takes each row's gradient back through the standardization,
+// dL/dx = a·(g − ḡ) − z·<g, z>/((n − 1)·std) (0 for a constant row), adds CE on the raw
+// student logits (its loss into the row's loss, its gradient after the chain rule) and
+// rounds once to the logits' dtypes. So rectification, the Spearman ranks, the entropy
+// difficulty and the column statistics all see the standardized rows, as on the CPU.
+// Costs: two fp32 B×C rows (and one per gradient) of workspace; the standardization reads
+// each input row three times (sum, squares, the write), the backward reads z and g twice
+// and the raw student twice more with CE (max, normalizer; then the store).
+// Races/bounds: one block per row (grid = B ≤ 2^31 − 1, checked), row offsets row·C in
+// int64, element loops j = threadIdx.x, + kThreads, < C: every block reads and writes only
+// its own row of each buffer (the teacher through its accessor: the row's own entries,
+// SparseTeacherRows), and thread 0 alone writes the row's scalars (stats[row],
+// row_loss[row]); block_sum/block_argmax begin with a barrier before reusing the scratch,
+// and every branch around them is block-uniform (the config, null-ness of the buffers, the
+// row's target). row_loss[row] was written by the row kernel earlier on the same stream.
+
+// What the gradient of a row's standardization needs (Standardization on the CPU).
+struct RowStandardization {
+  double inv_std_dof_s, inv_std_dof_t;  // 1/((n − 1)·std), 0 for a constant row
+  float scale_s, scale_t;               // a = 1/(std + 1e-7)
+};
+
+template <typename s_t, typename Teacher>
+__global__ void __launch_bounds__(kThreads) standardize_rows_kernel(const s_t* student, Teacher teacher, int64_t cols,
+                                                                    float* z_s, float* z_t,
+                                                                    RowStandardization* stats) {
+  __shared__ Scratch scratch;
+  const int64_t row = blockIdx.x;
+  const int64_t base = row * cols;  // int64: B·C may pass 2^31
+  const s_t* s = student + base;
+  const auto t = teacher.view(row, base);
+  const double n = static_cast<double>(cols);
+  double sums[2] = {0.0, 0.0};
+  for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
+    sums[0] += to_float(s[j]);
+    sums[1] += t.load(j);
+  }
+  block_sum(sums, scratch.d);
+  const double mean_s = sums[0] / n, mean_t = sums[1] / n;
+  double squares[2] = {0.0, 0.0};
+  for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
+    const double a = to_float(s[j]) - mean_s, b = t.load(j) - mean_t;
+    squares[0] += a * a;
+    squares[1] += b * b;
+  }
+  block_sum(squares, scratch.d);
+  const double std_s = sqrt(squares[0] / (n - 1.0)), std_t = sqrt(squares[1] / (n - 1.0));
+  const double scale_s = 1.0 / (std_s + kStandardizeEps), scale_t = 1.0 / (std_t + kStandardizeEps);
+  for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
+    z_s[base + j] = static_cast<float>((to_float(s[j]) - mean_s) * scale_s);
+    z_t[base + j] = static_cast<float>((t.load(j) - mean_t) * scale_t);
+  }
+  if (threadIdx.x == 0) {
+    stats[row] = {std_s > 0.0 ? 1.0 / ((n - 1.0) * std_s) : 0.0, std_t > 0.0 ? 1.0 / ((n - 1.0) * std_t) : 0.0,
+                  static_cast<float>(scale_s), static_cast<float>(scale_t)};
+  }
+}
+
+// One side's dL/dx from g = dL/dz (fp32, the row kernel's) and z, the block's totals
+// <1, g> and <g, z> in double; `extra(j)` adds what comes after the chain rule (CE).
+template <typename T, typename F>
+__device__ __forceinline__ void standardize_backward_row(const float* z, const float* g, int64_t cols, float scale,
+                                                         double inv_std_dof, bool invalid, Scratch& scratch, T* out,
+                                                         F&& extra) {
+  double sums[2] = {0.0, 0.0};
+  for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
+    sums[0] += g[j];
+    sums[1] += static_cast<double>(g[j]) * z[j];
+  }
+  block_sum(sums, scratch.d);
+  const double g_mean = sums[0] / static_cast<double>(cols), factor = sums[1] * inv_std_dof;
+  for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
+    const float v = static_cast<float>(scale * (g[j] - g_mean) - z[j] * factor) + extra(j);
+    out[j] = from_float<T>(invalid ? NAN : v);
+  }
+}
+
+template <typename s_t, typename t_t>
+__global__ void __launch_bounds__(kThreads) standardize_backward_kernel(
+    const s_t* student, const float* z_s, const float* z_t, const float* g_s, const float* g_t,
+    const RowStandardization* stats, const int64_t* target, int64_t cols, float ce_coef, float grad_scale,
+    float* row_loss, s_t* grad_student, t_t* grad_teacher) {
+  __shared__ Scratch scratch;
+  const int64_t row = blockIdx.x;
+  const int64_t base = row * cols;  // int64
+  const s_t* s = student + base;
+  const RowStandardization st = stats[row];
+  const int64_t y = target ? target[row] : -1;
+  const bool has_target = y >= 0 && y < cols;
+  const bool ce = ce_coef != 0.0f;
+  const bool invalid = ce && !has_target;  // (the row kernel's own terms set their NaN themselves)
+  // CE on the raw student logits: the max, the normalizer at τ = 1 (block-uniform under ce).
+  float s_max = -INFINITY, inv_sum1 = 0.0f;
+  if (ce) {
+    int64_t unused = 0;
+    for (int64_t j = threadIdx.x; j < cols; j += kThreads) s_max = fmaxf(s_max, to_float(s[j]));
+    block_argmax(s_max, unused, scratch.f, scratch.i);
+    float sum1[1] = {0.0f};
+    for (int64_t j = threadIdx.x; j < cols; j += kThreads) sum1[0] += expf(to_float(s[j]) - s_max);
+    block_sum(sum1, scratch.f);
+    inv_sum1 = 1.0f / sum1[0];
+    if (threadIdx.x == 0) {
+      row_loss[row] = invalid ? NAN : row_loss[row] + ce_coef * (logf(sum1[0]) + s_max - to_float(s[y]));
+    }
+  }
+  const float ce_grad = ce_coef * grad_scale;
+  if (grad_student != nullptr) {
+    standardize_backward_row(z_s + base, g_s + base, cols, st.scale_s, st.inv_std_dof_s, invalid, scratch,
+                             grad_student + base, [&](int64_t j) {
+                               return ce ? ce_grad * (expf(to_float(s[j]) - s_max) * inv_sum1 - (j == y ? 1.0f : 0.0f))
+                                         : 0.0f;
+                             });
+  }
+  if (grad_teacher != nullptr) {
+    standardize_backward_row(z_t + base, g_t + base, cols, st.scale_t, st.inv_std_dof_t, invalid, scratch,
+                             grad_teacher + base, [](int64_t) { return 0.0f; });
   }
 }
 
@@ -2051,6 +2297,9 @@ struct Layout {
   size_t s_keys = 0, t_keys = 0, s_sorted = 0, t_sorted = 0, iota = 0, s_order = 0, t_order = 0, offsets = 0;
   size_t sort_temp = 0, sort_temp_bytes = 0, rank_rows = 0;
   size_t rho = 0, grad_rho = 0;
+  // Logit standardization (section 3b): the standardized rows, the gradients dL/dz, the
+  // rows' RowStandardization.
+  size_t z_s = 0, z_t = 0, g_s = 0, g_t = 0, standardized = 0;
   size_t total = 0;
   int64_t chunk = 0, chunks = 0, spearman_grid = 0;
   int64_t spearman_rows = 0;  // rows per Spearman chunk (spearman_chunk_rows: its workspace holds that many)
@@ -2176,6 +2425,14 @@ Layout layout(int64_t rows, int64_t cols, const LossConfig& cfg, int device) {
     l.rho = take(l.spearman_rows * sizeof(double));
     if (cfg.student_grad) l.grad_rho = take(elements * sizeof(float));
   }
+  if (cfg.standardize) {
+    const size_t elements = static_cast<size_t>(rows) * static_cast<size_t>(cols);
+    l.z_s = take(elements * sizeof(float));
+    l.z_t = take(elements * sizeof(float));
+    if (cfg.student_grad) l.g_s = take(elements * sizeof(float));
+    if (cfg.teacher_grad) l.g_t = take(elements * sizeof(float));
+    l.standardized = take(rows * sizeof(RowStandardization));
+  }
   l.total = at;
   return l;
 }
@@ -2200,21 +2457,31 @@ void launch_row_kernel(const s_t* student, const Teacher& teacher, int64_t rows,
     kernel<<<blocks, kThreads, 0, stream>>>(student, teacher, rows, cols, cfg, grad_scale, in, grad_student,
                                             grad_teacher, group, vector);
   };
-  if (cols <= 32 * kVector) {  // 8, 16 or 32 lanes per row: the fewest that hold it
-    go(fused_row_kernel<32, 1, s_t, Teacher>, cols <= 8 * kVector ? 8 : (cols <= 16 * kVector ? 16 : 32));
-  } else if (cols <= 32 * 2 * kVector) {
-    go(fused_row_kernel<32, 2, s_t, Teacher>, 32);
-  } else if (cols <= kMaxResidentClasses) {
-    static_assert(kThreads * kVector == kMaxResidentClasses, "the largest resident layout");
-    go(fused_row_kernel<kThreads, 1, s_t, Teacher>, kThreads);
+  auto by_layout = [&](auto dkd_tag) {
+    constexpr bool kDkd = decltype(dkd_tag)::value;
+    if (cols <= 32 * kVector) {  // 8, 16 or 32 lanes per row: the fewest that hold it
+      go(fused_row_kernel<32, 1, kDkd, s_t, Teacher>, cols <= 8 * kVector ? 8 : (cols <= 16 * kVector ? 16 : 32));
+    } else if (cols <= 32 * 2 * kVector) {
+      go(fused_row_kernel<32, 2, kDkd, s_t, Teacher>, 32);
+    } else if (cols <= kMaxResidentClasses) {
+      static_assert(kThreads * kVector == kMaxResidentClasses, "the largest resident layout");
+      go(fused_row_kernel<kThreads, 1, kDkd, s_t, Teacher>, kThreads);
+    } else {
+      go(fused_row_kernel<kThreads, 0, kDkd, s_t, Teacher>, kThreads);
+    }
+  };
+  if (cfg.tckd_coef != 0.0f || cfg.nckd_coef != 0.0f) {
+    by_layout(std::true_type{});
   } else {
-    go(fused_row_kernel<kThreads, 0, s_t, Teacher>, kThreads);
+    by_layout(std::false_type{});
   }
 }
 
 // Teacher: the accessor of the teacher's rows (DenseTeacherRows<t_t> or SparseTeacherRows).
+// Steps 1–3, then (finalize) step 4; returns the column correlations' array (or null) for
+// a caller that finalizes itself (the standardized path, section 3b).
 template <typename s_t, typename Teacher>
-void launch(const FusedLossArgs& a, const Layout& l, const Teacher& teacher) {
+double* launch(const FusedLossArgs& a, const Layout& l, const Teacher& teacher, bool finalize = true) {
   using t_t = typename Teacher::grad_type;
   const LossConfig& cfg = a.config;
   char* ws = static_cast<char*>(a.workspace);
@@ -2289,7 +2556,57 @@ void launch(const FusedLossArgs& a, const Layout& l, const Teacher& teacher) {
                       grad_student ? grad_student + at : nullptr, grad_teacher ? grad_teacher + at : nullptr, stream);
     check(cudaGetLastError(), "the row kernel");
   }
-  finalize_loss_kernel<<<1, kThreads, 0, stream>>>(in.row_loss, rows, column_rho, cols, cfg.column_coef, a.loss);
+  if (finalize) {
+    finalize_loss_kernel<<<1, kThreads, 0, stream>>>(in.row_loss, rows, column_rho, cols, cfg.column_coef, a.loss);
+    check(cudaGetLastError(), "the loss reduction");
+  }
+  return column_rho;
+}
+
+// Logit standardization (section 3b): the rows standardized into the workspace, steps 1–3
+// on them (a float student, a dense float teacher, no CE, fp32 gradients dL/dz into the
+// workspace), the standardization's backward with CE on the raw logits, then step 4.
+// The inner pipeline's workspace regions are the layout's own (l holds both).
+template <typename s_t, typename Teacher>
+void launch_standardized(const FusedLossArgs& a, const Layout& l, const Teacher& teacher) {
+  using t_t = typename Teacher::grad_type;
+  const LossConfig& cfg = a.config;
+  char* ws = static_cast<char*>(a.workspace);
+  cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
+  const int64_t rows = a.rows, cols = a.cols;
+  float* z_s = reinterpret_cast<float*>(ws + l.z_s);
+  float* z_t = reinterpret_cast<float*>(ws + l.z_t);
+  auto* stats = reinterpret_cast<RowStandardization*>(ws + l.standardized);
+  const s_t* student = static_cast<const s_t*>(a.student);
+  standardize_rows_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(student, teacher, cols, z_s, z_t,
+                                                                                 stats);
+  check(cudaGetLastError(), "the logit standardization");
+  s_t* grad_student = cfg.student_grad ? static_cast<s_t*>(a.grad_student) : nullptr;
+  t_t* grad_teacher = cfg.teacher_grad ? static_cast<t_t*>(a.grad_teacher) : nullptr;
+  float* g_s = grad_student ? reinterpret_cast<float*>(ws + l.g_s) : nullptr;
+  float* g_t = grad_teacher ? reinterpret_cast<float*>(ws + l.g_t) : nullptr;
+  FusedLossArgs inner = a;
+  inner.student = z_s;
+  inner.student_type = LogitType::kFloat32;
+  inner.teacher = z_t;
+  inner.teacher_type = LogitType::kFloat32;
+  inner.teacher_indices = nullptr;
+  inner.teacher_fill = nullptr;
+  inner.teacher_k = 0;
+  inner.config.ce_coef = 0.0f;  // on the raw logits, below
+  inner.config.standardize = false;
+  inner.config.student_grad = g_s != nullptr;
+  inner.config.teacher_grad = g_t != nullptr;
+  inner.grad_student = g_s;
+  inner.grad_teacher = g_t;
+  double* column_rho = launch<float>(inner, l, DenseTeacherRows<float>{z_t, cols}, false);
+  const float grad_scale = 1.0f / static_cast<float>(rows);
+  float* row_loss = reinterpret_cast<float*>(ws + l.row_loss);
+  standardize_backward_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+      student, z_s, z_t, g_s, g_t, stats, a.target, cols, cfg.ce_coef, grad_scale, row_loss, grad_student,
+      grad_teacher);
+  check(cudaGetLastError(), "the logit standardization's gradient");
+  finalize_loss_kernel<<<1, kThreads, 0, stream>>>(row_loss, rows, column_rho, cols, cfg.column_coef, a.loss);
   check(cudaGetLastError(), "the loss reduction");
 }
 
@@ -2364,21 +2681,36 @@ void fused_loss(const FusedLossArgs& args) {
   if (args.config.rectify && args.config.column_coef != 0.0f) {
     throw std::runtime_error("kdfast CUDA fused loss: rectification does not combine with the column term");
   }
+  const bool dkd = args.config.tckd_coef != 0.0f || args.config.nckd_coef != 0.0f;
+  if ((dkd || args.config.standardize) && args.cols < 2) {
+    throw std::runtime_error("kdfast CUDA fused loss: the DKD terms and logit standardization need at least 2 "
+                             "classes, got " + std::to_string(args.cols));
+  }
+  if (dkd && args.target == nullptr) throw std::runtime_error("kdfast CUDA fused loss: the DKD terms need a target");
   // This module links the CUDA runtime statically; selecting the device makes that
   // device's primary context (PyTorch's too) current. The Python caller runs this inside
   // torch.cuda.device(...), which restores PyTorch's current device afterwards.
   check(cudaSetDevice(args.device), "selecting the tensors' device");
   const Layout l = layout(args.rows, args.cols, args.config, args.device);
+  const bool standardize = args.config.standardize;
+  auto run = [&](auto s_tag, const auto& teacher) {
+    using s_t = decltype(s_tag);
+    if (standardize) {
+      launch_standardized<s_t>(args, l, teacher);
+    } else {
+      launch<s_t>(args, l, teacher);
+    }
+  };
   if (args.teacher_indices != nullptr) {
     const SparseTeacherRows teacher{static_cast<const float*>(args.teacher), args.teacher_indices, args.teacher_fill,
                                     args.teacher_k};
-    dispatch(args.student_type, [&](auto s_tag) { launch<decltype(s_tag)>(args, l, teacher); });
+    dispatch(args.student_type, [&](auto s_tag) { run(s_tag, teacher); });
     return;
   }
   dispatch(args.student_type, [&](auto s_tag) {
     dispatch(args.teacher_type, [&](auto t_tag) {
       using t_t = decltype(t_tag);
-      launch<decltype(s_tag)>(args, l, DenseTeacherRows<t_t>{static_cast<const t_t*>(args.teacher), args.cols});
+      run(s_tag, DenseTeacherRows<t_t>{static_cast<const t_t*>(args.teacher), args.cols});
     });
   });
 }

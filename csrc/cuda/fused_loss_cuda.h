@@ -104,6 +104,8 @@ int cuda_driver_version();
 // a Spearman term its Spearman part is one chunk's (spearman_chunk_rows above): at most
 // ~1 GiB for C ≤ kSpearmanBlockSortMax and ~1.3 GiB for longer rows up to 2^24 classes,
 // whatever B; the other terms add O(B + C) (the row losses, the column statistics).
+// Logit standardization (config.standardize) adds B·C·(8 + 4 per gradient) bytes: the
+// standardized student and teacher rows and the gradients through them, in fp32.
 size_t fused_loss_workspace_bytes(int64_t rows, int64_t cols, const LossConfig& config, int device);
 
 // Launches the kernels on args.stream; throws std::runtime_error naming the step whose

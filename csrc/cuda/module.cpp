@@ -26,7 +26,10 @@ PYBIND11_MODULE(_C_cuda, m) {
       .def_readwrite("difficulty_value", &LossConfig::difficulty_value)
       .def_readwrite("rectify", &LossConfig::rectify)
       .def_readwrite("student_grad", &LossConfig::student_grad)
-      .def_readwrite("teacher_grad", &LossConfig::teacher_grad);
+      .def_readwrite("teacher_grad", &LossConfig::teacher_grad)
+      .def_readwrite("tckd_coef", &LossConfig::tckd_coef)
+      .def_readwrite("nckd_coef", &LossConfig::nckd_coef)
+      .def_readwrite("standardize", &LossConfig::standardize);
   py::class_<kdfast::cuda::SpearmanPlan>(m, "SpearmanPlan")
       .def_readonly("block_sort", &kdfast::cuda::SpearmanPlan::block_sort)
       .def_readonly("threads", &kdfast::cuda::SpearmanPlan::threads)
