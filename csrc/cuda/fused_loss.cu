@@ -105,8 +105,9 @@
 //   written before it is read (the PAV slots a row's finish kernel reads, 0..count − 1, were
 //   all written by its PAV thread). Bounded at any B (fused_loss_cuda.h: the Spearman
 //   chunks' bound), except with logit standardization, whose standardized rows and
-//   gradients take 8 B per logit and 4 more per gradient (section 3b). Shared memory: static only, under the 48 KiB that needs no opt-in
-//   (largest: the 1024-thread teacher sort of float rows, 45 KB).
+//   gradients take 8 B per logit and 4 more per gradient (section 3b). Shared memory:
+//   static only, under the 48 KiB that needs no opt-in (largest: the 1024-thread teacher
+//   sort of float rows, 45 KB).
 // * DKD (fused_row): its three passes are three more each() over the row (the resident
 //   layouts' registers, the chunked layout's runs: the reads, bounds and offsets of its first
 //   pass), each reduction (maxima, then sums) under the compile-time DKD, so every lane of a
