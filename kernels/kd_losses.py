@@ -2,12 +2,19 @@
 
 The same generic loss as the C++ and CUDA kernels (csrc/losses.h)::
 
-    L = (1/B) Σ_i [kl·KL_i + ce·CE_i + pearson·(1−d_i)(1−ρ_i) + spearman·d_i·(1−ρ_S,i)]
+    L = (1/B) Σ_i [kl·KL_i + ce·CE_i + pearson·(1−d_i)(1−ρ_i) + spearman·d_i·(1−ρ_S,i)
+                   + tckd·KL(b̂_i‖b_i) + nckd·KL(q̃_i‖p̃_i)]
         + column·(1 − (1/C) Σ_c ρ(p_:,c, q_:,c))
 
 computed with its gradients in one pass per row: every public loss is a setting of it
 (kdfast.fused.losses_for maps them; its autograd Function saves the gradients and only
-scales them in backward). The pieces:
+scales them in backward). DKD's terms (``HAS_DKD``): b = [p_y, 1 − p_y] and p̃ the softmax
+over the classes other than the target y, each non-target mass a sum (or log-sum-exp) of
+its own classes, never 1 − p_y. Logit standardization (``STANDARDIZE``): every term but
+CE sees each row, student and teacher, as (x − mean)/(std + 1e-7) (unbiased std, moments
+in fp64), the rectification, the ranks and the entropy difficulty included; CE keeps the
+raw student logits, its gradient added after the standardization's chain rule
+dL/dx = a·(g − ḡ) − z·<g, z>/((C − 1)·std). The pieces:
 
 * ``_fused_row_kernel``: KL, CE, Pearson, the per-sample difficulty, DR-KD's rectification
   (a swap of two columns), the shares of the Spearman and column terms, and the gradients,
@@ -17,7 +24,20 @@ scales them in backward). The pieces:
   *chunked* (longer rows), one row per program, an online softmax over chunks of 4096
   columns that also takes KL, the entropy and the row Pearson term's moments, then the
   gradient's pass: every loss reads a row twice (the column term's statistics need two
-  reads of the batch of their own first, the Spearman term its sorts).
+  reads of the batch of their own first, the Spearman term its sorts). DKD's non-target
+  statistics are taken in the same passes (an online softmax over the classes other than
+  y, NCKD as the KL's online sum); only a rectified teacher (no public loss combines it
+  with DKD) costs one more pass, after its argmax is known. Standardization: the resident
+  layout takes each row's moments in registers (no extra read); the chunked one reads the
+  rows' statistics from ``_standardize_kernel`` (one more read of each input, before the
+  softmax) and, with a gradient, takes <g, 1> and <g, z> in one more pass before the
+  gradient's: four reads of each input instead of two.
+* ``_standardize_kernel`` (STANDARDIZE in the chunked layout, or with the column or
+  Spearman terms): each row's mean, a = 1/(std + 1e-7) and 1/((C − 1)·std) in fp64, by
+  chunks merged pairwise (exactly the two-pass moments when the row is one chunk), which
+  every later kernel reads, so that all of them standardize a row into the same floats;
+  for the Spearman terms also the standardized rows themselves (fp32), which the Spearman
+  kernels rank and sort in place of the logits.
 * The intra-class term's column statistics, over fixed chunks of rows (deterministic), as
   shifted sums in one pass finished with a few [C]-sized PyTorch operations: in the
   resident layout ``_column_partials_kernel`` (one read of each input, which also writes
@@ -40,7 +60,13 @@ scales them in backward). The pieces:
   parameter lists that sm_90 compile harnesses type one by one gain only pointers and
   integers; a dense launch passes an fp32 placeholder, ``TeacherRows``). The Spearman
   terms take a sparse teacher's average ranks from its k values (``_sparse_teacher_ranks``,
-  [B, k] sort and searchsorted) into the rank workspace a dense teacher's sort fills.
+  [B, k] sort and searchsorted) into the rank workspace a dense teacher's sort fills. With
+  standardization the rebuilt row is what is standardized (and a Spearman term ranks the
+  dense standardized rows ``_standardize_kernel`` wrote).
+* The flags DKD and standardization add to kernels that sm_90 compile harnesses type
+  argument by argument follow ``SPARSE``: ``HAS_DKD`` is the row kernel's ``dkd_ptr`` being
+  fp64 (a [B, 2] output of each row's TCKD and NCKD), ``STANDARDIZE`` a kernel's
+  ``standard_ptr`` being fp64 (the [B, 6] row statistics); fp32 placeholders otherwise.
 
 Floats are runtime arguments (no recompilation per temperature); flags, block sizes and
 the row kernel's C are constexpr (one compile per C). Layouts and warps come from
@@ -84,6 +110,8 @@ MAX_ROW_BLOCK = 4096
 #: 64-bit), and a chunk's offsets reach C + MAX_ROW_BLOCK.
 MAX_CLASSES = 2**31 - 1 - MAX_ROW_BLOCK
 PEARSON_EPS = 1e-8
+#: Logit standardization's ε, added to the unbiased standard deviation (csrc/losses.h).
+STANDARDIZE_EPS = 1e-7
 DIFFICULTY_CONSTANT, DIFFICULTY_ENTROPY, DIFFICULTY_PER_SAMPLE = 0, 1, 2
 
 _forced_block = None
@@ -244,6 +272,160 @@ def _probability(x, x_max, log_sum, inv_tau):
 
 
 @triton.jit
+def _standard_scales(m2, n):
+    """A row's standardization from Σ(x − mean)² (fp64) over its n logits: a = 1/(std + 1e-7)
+    with the unbiased std, and 1/((n − 1)·std), 0 for a constant row (whose std passes no
+    gradient), both fp64 — csrc/losses_cpu.cpp's standardize_row. (The literals take the
+    fp64 type of their operand from the exact Python value.)"""
+    std = tl.sqrt(m2 / (n - 1))
+    scale = 1.0 / (std + 1e-7)
+    varying = std > 0.0
+    dof = tl.where(varying, 1.0 / ((n - 1) * tl.where(varying, std, 1.0)), 0.0)
+    return scale, dof
+
+
+@triton.jit
+def _row_moments(x, mask, x0, n):
+    """A resident [ROWS, BLOCK] tile's per-row mean and Σ(x − mean)² in fp64, in one pass over
+    the registers: d = x − x_0 (``x0``: each row's first logit; exact in fp64), mean =
+    x_0 + Σd/n, Σ(x − mean)² = Σd² − (Σd)²/n. (Not standardize_row's two passes: those keep
+    an fp64 copy of the tile live across a reduction, 16 registers a side at 8 elements per
+    thread. The shift by a logit of the row bounds the cancellation: (x_0 − mean)² <=
+    (n − 1)·var, so Σd² = Σ(x − mean)² + n(x_0 − mean)² <= (n + 1)·Σ(x − mean)², and the
+    fp64 rounding of the sums, at most ~n·2^-53 of Σd², stays below 1e-8 of Σ(x − mean)²
+    for n <= 8192, the widest resident row. A constant row: every d = 0, mean = x_0 and
+    Σ = 0 exactly.) Lanes outside ``mask`` count nothing: x_0 there."""
+    d = tl.where(mask, x, x0[:, None]).to(tl.float64) - x0.to(tl.float64)[:, None]
+    d_sum = tl.sum(d, 1)
+    squares = tl.maximum(tl.sum(d * d, 1) - d_sum * d_sum / n, 0.0)
+    return x0.to(tl.float64) + d_sum / n, squares
+
+
+@triton.jit
+def _moments_step(count, mean, m2, x, mask):
+    """Folds a chunk of rows (``mask``: its real lanes, at least one per row) into their
+    running count, mean and Σ(x − mean)² (fp64): the chunk's own two-pass moments, merged by
+    Chan et al.'s pairwise update. From count = 0 the result is exactly the chunk's two-pass
+    moments (share = 1, no cross term), so a one-chunk row gets _row_moments' formulas."""
+    x64 = tl.where(mask, x.to(tl.float64), 0.0)
+    chunk_count = tl.sum(mask.to(tl.float64), 1)
+    chunk_mean = tl.sum(x64, 1) / chunk_count
+    centered = tl.where(mask, x64 - chunk_mean[:, None], 0.0)
+    chunk_m2 = tl.sum(centered * centered, 1)
+    total = count + chunk_count
+    share = chunk_count / total
+    delta = chunk_mean - mean
+    return total, mean + delta * share, m2 + chunk_m2 + delta * delta * count * share
+
+
+@triton.jit
+def _standardized(x, mean, scale):
+    """(x − mean)·a in fp64, rounded once to fp32 (standardize_row's expression). Elementwise
+    from the row's fp64 statistics, so every kernel that holds them turns a logit into the
+    same float (a constant row into exact zeros)."""
+    return ((x.to(tl.float64) - mean) * scale).to(tl.float32)
+
+
+@triton.jit
+def _load_standard(standard_ptr, rows, row_mask):
+    """The [B, 6] fp64 statistics ``_standardize_kernel`` wrote for ``rows`` (int64): the
+    student's mean, a, 1/((C − 1)·std), then the teacher's; loads at rows·6 + k only where
+    ``row_mask`` holds."""
+    base = standard_ptr + rows * 6
+    return (tl.load(base, mask=row_mask, other=0.0), tl.load(base + 1, mask=row_mask, other=1.0),
+            tl.load(base + 2, mask=row_mask, other=0.0), tl.load(base + 3, mask=row_mask, other=0.0),
+            tl.load(base + 4, mask=row_mask, other=1.0), tl.load(base + 5, mask=row_mask, other=0.0))
+
+
+@triton.jit
+def _standardize_sums(v, z, mask):
+    """A tile's share of <g, 1> and <g, z> per row (fp64), for the standardization's chain
+    rule; lanes outside ``mask`` add nothing (z is −inf or anything there)."""
+    v64 = tl.where(mask, v, 0.0).to(tl.float64)
+    return tl.sum(v64, 1), tl.sum(v64 * tl.where(mask, z, 0.0).to(tl.float64), 1)
+
+
+@triton.jit
+def _standardize_gradient(v, z, scale, g_sum, gz, dof, n):
+    """dL/dx = a·(g − ḡ) − z·<g, z>/((n − 1)·std) of a tile from g = dL/dz (``v``), the row's
+    sums (_standardize_sums) and statistics, in fp64 rounded once (standardize_backward's;
+    a itself rounded to fp32 first, as that kernel keeps it). Where std = 0, dof = 0: the
+    second term is 0."""
+    g_mean = g_sum / n
+    factor = gz * dof
+    a = scale.to(tl.float32).to(tl.float64)
+    return (a[:, None] * (v.to(tl.float64) - g_mean[:, None]) - z.to(tl.float64) * factor[:, None]).to(tl.float32)
+
+
+@triton.jit
+def _rest_step(s_rest_max, s_rest_sum, t_rest_max, t_rest_sum, weighted, s, t, rest, inv_tau):
+    """Folds a tile into DKD's non-target statistics: running maxima and Σ exp((x − max)/τ)
+    over the lanes ``rest`` (real columns other than the target) of the student and the
+    teacher, and NCKD's online sum W = Σ ẽ_j (t_j − s_j)/τ over the teacher's (fp64,
+    _online_kl_step's): at the end NCKD = W/T̃ + (s̃_max − t̃_max)/τ + log S̃ − log T̃."""
+    new_s_max, s_rest_sum, _ = _softmax_step(s_rest_max, s_rest_sum, tl.where(rest, s, -float("inf")), inv_tau)
+    new_t_max, new_t_sum, e_t = _softmax_step(t_rest_max, t_rest_sum, tl.where(rest, t, -float("inf")), inv_tau)
+    weighted, _ = _online_kl_step(t_rest_max, t_rest_sum, new_t_max, e_t, weighted, tl.zeros_like(t_rest_sum), s, t,
+                                  inv_tau)
+    return new_s_max, s_rest_sum, new_t_max, new_t_sum, weighted
+
+
+@triton.jit
+def _dkd_terms(s_y, t_y, s_max, t_max, s_log, t_log, s_rest_max, s_rest_sum, t_rest_max, t_rest_sum, inv_tau):
+    """DKD's per-row logs (fp64, from logits: exact where a probability underflows) and TCKD:
+    log P = (s_y − s_max)/τ − log S, log(1 − P) = (s̃_max − s_max)/τ + log S̃ − log S (the
+    non-target mass summed, never 1 − P), the same for the teacher, and
+    TCKD = Q (log Q − log P) + (1 − Q)(log(1 − Q) − log(1 − P)), a side of zero mass adding 0.
+    ``s_log``, ``t_log``: the fp64 log-normalizers. Returns (log P, log Q, log(1 − P),
+    log(1 − Q), TCKD, log S̃ − log T̃)."""
+    s_rest_log = tl.log(s_rest_sum.to(tl.float64))
+    t_rest_log = tl.log(t_rest_sum.to(tl.float64))
+    log_p_target = (s_y - s_max).to(tl.float64) * inv_tau - s_log
+    log_q_target = (t_y - t_max).to(tl.float64) * inv_tau - t_log
+    log_p_rest = (s_rest_max - s_max).to(tl.float64) * inv_tau + s_rest_log - s_log
+    log_q_rest = (t_rest_max - t_max).to(tl.float64) * inv_tau + t_rest_log - t_log
+    q_target = tl.exp(log_q_target)
+    q_rest = tl.exp(log_q_rest)
+    tckd = tl.where(q_target > 0.0, q_target * (log_q_target - log_p_target), 0.0) \
+        + tl.where(q_rest > 0.0, q_rest * (log_q_rest - log_p_rest), 0.0)
+    return log_p_target, log_q_target, log_p_rest, log_q_rest, tckd, s_rest_log - t_rest_log
+
+
+@triton.jit
+def _rest_probabilities(s, t, mask, cols, target, s_rest_max, inv_s_rest, t_rest_max, inv_t_rest, inv_tau):
+    """A tile's target lanes and DKD's p̃ = exp((s − s̃_max)/τ)/S̃, q̃ likewise, over the real
+    non-target lanes (0 at the target and outside ``mask``). The gradient recomputes them
+    (two exponentials per element) rather than keep the forward's tiles in registers."""
+    is_target = cols[None, :] == target[:, None]
+    rest = mask & (cols[None, :] != target[:, None])
+    tilde_p = tl.where(rest, tl.exp((s - s_rest_max[:, None]) * inv_tau) * inv_s_rest[:, None], 0.0)
+    tilde_q = tl.where(rest, tl.exp((t - t_rest_max[:, None]) * inv_tau) * inv_t_rest[:, None], 0.0)
+    return is_target, tilde_p, tilde_q
+
+
+@triton.jit
+def _dkd_gradients(s, t, tilde_p, tilde_q, is_target, t_rest_max, s_rest_max, rest_shift, nckd, target_gap,
+                   binary_grad, tckd_grad, nckd_grad, inv_tau, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr):
+    """DKD's share of dL/dz of a tile (the CPU kernel's "DKD's gradients"), z = the logits
+    the loss sees: student TCKD (P − Q)/τ at y, p̃_j (Q − P)/τ elsewhere, NCKD (p̃_j − q̃_j)/τ
+    off y (``target_gap`` = Q − P; the coefficients and 1/τ in ``tckd_grad``, ``nckd_grad``);
+    teacher ``binary_grad`` = ℓ_b·Q(1 − Q)·tckd_grad at y, −binary_grad·q̃_j elsewhere, and
+    NCKD q̃_j (log q̃_j − log p̃_j − NCKD)/τ where q̃_j > 0 (the log ratio from logits, fp64).
+    p̃ and q̃ are 0 at the target and outside the row."""
+    d_s = tilde_p  # placeholders where a gradient is not asked for
+    d_t = tilde_q
+    if STUDENT_GRAD:
+        d_s = tl.where(is_target, -tckd_grad * target_gap[:, None],
+                       tckd_grad * tilde_p * target_gap[:, None] + nckd_grad * (tilde_p - tilde_q))
+    if TEACHER_GRAD:
+        ratio = ((t - t_rest_max[:, None]).to(tl.float64) - (s - s_rest_max[:, None]).to(tl.float64)) * inv_tau \
+            + rest_shift[:, None]
+        nckd_part = tl.where(tilde_q > 0.0, nckd_grad * tilde_q * (ratio - nckd[:, None]).to(tl.float32), 0.0)
+        d_t = tl.where(is_target, binary_grad[:, None], nckd_part - binary_grad[:, None] * tilde_q)
+    return d_s, d_t
+
+
+@triton.jit
 def _sparse_slot(idx_ptr, rows, cols, mask, K, log_k):
     """Where column ``cols`` of row ``rows`` (broadcast to ``mask``'s shape) lies in a sparse
     teacher's [B, K] arrays: (rows·K + j, found), j the last position of the row's sorted
@@ -374,14 +556,20 @@ def _correlation_gradients(p, q, p_row, q_row, cols, col_mask, col_ptr, C, cente
 def _gradient_values(s, t, p, q, ce_prob, g_s, g_t, cols, offsets, mask, grad_rho_ptr, s_max, t_max, kl, p_dot, q_dot,
                      log_sum_difference, target, valid, inv_tau, kl_grad, ce_grad, spearman_grad,
                      HAS_KL: tl.constexpr, HAS_CE: tl.constexpr, HAS_SPEARMAN: tl.constexpr,
-                     HAS_TARGET: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr):
+                     HAS_TARGET: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
+                     PQ_TERMS: tl.constexpr = True):
     """dL/ds and dL/dt of a tile: (p/τ)(g − <p, g>) for g = dℓ/dp from the correlations, the
     KL part in closed form, (p − q)/τ for the student and (q/τ)(log q − log p − KL) for the
-    teacher, CE's softmax at τ = 1 (``ce_prob``) − one-hot, and the Spearman kernel's dρ_S/ds."""
+    teacher, CE's softmax at τ = 1 (``ce_prob``) − one-hot, and the Spearman kernel's dρ_S/ds.
+    Without KL and correlations (PQ_TERMS False: DKD's loss) the terms in p and q are left
+    out, so that p and q need not be formed."""
     v_s = p  # placeholders of the right shape where a gradient is not asked for
     v_t = q
     if STUDENT_GRAD:
-        v_s = kl_grad * (p - q) + inv_tau * p * (g_s - p_dot[:, None])
+        if PQ_TERMS:
+            v_s = kl_grad * (p - q) + inv_tau * p * (g_s - p_dot[:, None])
+        else:
+            v_s = tl.zeros_like(s)
         if HAS_CE:
             v_s += ce_grad * (ce_prob - tl.where(cols[None, :] == target[:, None], 1.0, 0.0))
         if HAS_SPEARMAN:
@@ -389,7 +577,10 @@ def _gradient_values(s, t, p, q, ce_prob, g_s, g_t, cols, offsets, mask, grad_rh
         if HAS_TARGET:
             v_s = tl.where(valid[:, None], v_s, float("nan"))
     if TEACHER_GRAD:
-        v_t = inv_tau * q * (g_t - q_dot[:, None])
+        if PQ_TERMS:
+            v_t = inv_tau * q * (g_t - q_dot[:, None])
+        else:
+            v_t = tl.zeros_like(t)
         if HAS_KL:
             ratio = ((t - t_max[:, None]).to(tl.float64) - (s - s_max[:, None]).to(tl.float64)) * inv_tau \
                 + log_sum_difference[:, None]
@@ -401,24 +592,98 @@ def _gradient_values(s, t, p, q, ce_prob, g_s, g_t, cols, offsets, mask, grad_rh
 
 @triton.jit
 def _chunk(s_ptr, t_ptr, t_idx_ptr, t_fill_ptr, rows, row_base, row_mask, start, cols, C, K, log_k, swap_a, swap_b,
-           t_at_a, t_at_b, s_max, s_log_sum, t_max, t_log_sum, inv_tau, RECTIFY: tl.constexpr, SPARSE: tl.constexpr):
+           t_at_a, t_at_b, s_max, s_log_sum, t_max, t_log_sum, inv_tau, standard, RECTIFY: tl.constexpr,
+           SPARSE: tl.constexpr, STANDARDIZE: tl.constexpr):
     """Columns [start, start + BLOCK) of a program's rows for the chunked path's later passes:
-    the logits and p, q. Both rows are read contiguously (vector loads; a sparse teacher's
-    chunk is rebuilt by ``_teacher_tile``); the rectified teacher's two exchanged columns are
-    put in place from their values t_at_a, t_at_b."""
+    the raw student logits (CE's), the logits the loss sees and p, q. Both rows are read
+    contiguously (vector loads; a sparse teacher's chunk is rebuilt by ``_teacher_tile``),
+    standardized (STANDARDIZE) by the rows' statistics ``standard`` = (student mean, a,
+    teacher mean, a); the rectified teacher's two exchanged columns are put in place from
+    their values t_at_a, t_at_b (standardized already)."""
     offs = start + cols
     col_mask = offs < C
     mask = row_mask[:, None] & col_mask[None, :]
     offsets = row_base[:, None] + offs[None, :]
-    s = tl.load(s_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    s_raw = tl.load(s_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    s = s_raw
     t = _teacher_tile(t_ptr, offsets, t_idx_ptr, t_fill_ptr, rows[:, None], row_mask[:, None], offs[None, :], mask, 0.0,
                       K, log_k, SPARSE)
+    if STANDARDIZE:
+        s_mean, s_scale, t_mean, t_scale = standard
+        s = _standardized(s_raw, s_mean[:, None], s_scale[:, None])
+        t = _standardized(t, t_mean[:, None], t_scale[:, None])
     if RECTIFY:
         t = tl.where(offs[None, :] == swap_a[:, None], t_at_b[:, None],
                      tl.where(offs[None, :] == swap_b[:, None], t_at_a[:, None], t))
     p = tl.where(mask, _probability(s, s_max[:, None], s_log_sum[:, None], inv_tau), 0.0)
     q = tl.where(mask, _probability(t, t_max[:, None], t_log_sum[:, None], inv_tau), 0.0)
-    return offs, col_mask, mask, offsets, s, t, p, q
+    return offs, col_mask, mask, offsets, s_raw, s, t, p, q
+
+
+@triton.jit
+def _chunk_gradient(s_ptr, t_ptr, t_idx_ptr, t_fill_ptr, grad_rho_ptr, col_ptr, chunk_max_ptr, rows, row_base,
+                    row_mask, start, cols, C, K, log_k, swap_a, swap_b, t_at_a, t_at_b, s_max, s_log_sum, t_max,
+                    t_log_sum, inv_tau, standard, moment_s, moment_t, weighted_centers, cross, self_p, self_q,
+                    pearson_grad, column_grad, ce_max, s_sum1, kl, p_dot, q_dot, log_sum_difference, target, valid,
+                    kl_grad, ce_grad, spearman_grad, dkd, HAS_KL: tl.constexpr, HAS_CE: tl.constexpr,
+                    HAS_PEARSON: tl.constexpr, HAS_SPEARMAN: tl.constexpr, HAS_COLUMN: tl.constexpr,
+                    HAS_TARGET: tl.constexpr, HAS_DKD: tl.constexpr, RECTIFY: tl.constexpr, SPARSE: tl.constexpr,
+                    STANDARDIZE: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """The chunked layout's gradient of columns [start, start + BLOCK) of a row: dL/dz for the
+    logits z the loss sees (with CE's part unless STANDARDIZE, where CE is added after the
+    standardization's chain rule), for the student and the teacher (the teacher's at the
+    rectified positions). Returns the chunk's offsets, mask, addresses, raw student logits,
+    z_s, z_t, dL/dz_s, dL/dz_t. ``dkd`` = (s̃_max, 1/S̃, t̃_max, 1/T̃, log S̃ − log T̃, NCKD,
+    Q − P, ℓ_b·Q(1 − Q)·tckd_grad, tckd_grad, nckd_grad). Reads only this row's chunk (masked
+    by j < C), its chunk maxima and the column statistics at columns < C."""
+    offs, col_mask, mask, offsets, s_raw, s, t, p, q = _chunk(
+        s_ptr, t_ptr, t_idx_ptr, t_fill_ptr, rows, row_base, row_mask, start, cols, C, K, log_k, swap_a, swap_b,
+        t_at_a, t_at_b, s_max, s_log_sum, t_max, t_log_sum, inv_tau, standard, RECTIFY, SPARSE, STANDARDIZE)
+    p_row = p.to(tl.float64)
+    q_row = q.to(tl.float64)
+    if HAS_PEARSON and not HAS_COLUMN:
+        # p and q as the first pass summed them: e over the running max of the
+        # chunk's turn (the same fp32 exponentials), times exp((m_k − max)/τ)/S in
+        # fp64. The rectified teacher's two moved columns are taken over the final
+        # max (over m_k an exchanged maximum could overflow).
+        slot = chunk_max_ptr + (rows * ((C + BLOCK - 1) // BLOCK) + start // BLOCK) * 2
+        chunk_s_max = tl.load(slot, mask=row_mask, other=0.0)
+        chunk_t_max = tl.load(slot + 1, mask=row_mask, other=0.0)
+        e_s = tl.exp((s - tl.where(chunk_s_max > -float("inf"), chunk_s_max, 0.0)[:, None]) * inv_tau)
+        e_t = tl.exp((t - tl.where(chunk_t_max > -float("inf"), chunk_t_max, 0.0)[:, None]) * inv_tau)
+        scale_s = _rescale(chunk_s_max, s_max, inv_tau) / moment_s
+        scale_t = _rescale(chunk_t_max, t_max, inv_tau) / moment_t
+        p_row = tl.where(mask, e_s.to(tl.float64) * scale_s[:, None], 0.0)
+        q_row = tl.where(mask, e_t.to(tl.float64) * scale_t[:, None], 0.0)
+        if RECTIFY:
+            moved = (offs[None, :] == swap_a[:, None]) | (offs[None, :] == swap_b[:, None])
+            q_moved = tl.exp((t - t_max[:, None]) * inv_tau).to(tl.float64) / moment_t[:, None]
+            q_row = tl.where(moved & mask, q_moved, q_row)
+        p = p_row.to(tl.float32)
+        q = q_row.to(tl.float32)
+    g_s, g_t = _correlation_gradients(p, q, p_row, q_row, offs, col_mask, col_ptr, C, weighted_centers,
+                                      cross, self_p, self_q, pearson_grad, column_grad, HAS_COLUMN)
+    ce_prob = p
+    if HAS_CE:
+        ce_prob = tl.exp(s_raw - ce_max[:, None]) / s_sum1[:, None]
+    v_s, v_t = _gradient_values(s, t, p, q, ce_prob, g_s, g_t, offs, offsets, mask, grad_rho_ptr, s_max,
+                                t_max, kl, p_dot, q_dot, log_sum_difference, target, valid, inv_tau,
+                                kl_grad, ce_grad, spearman_grad, HAS_KL, HAS_CE and not STANDARDIZE, HAS_SPEARMAN,
+                                HAS_TARGET, STUDENT_GRAD, TEACHER_GRAD,
+                                HAS_KL or HAS_PEARSON or HAS_COLUMN or not HAS_DKD)
+    if HAS_DKD:
+        s_rest_max, inv_s_rest, t_rest_max, inv_t_rest, rest_shift, nckd, target_gap, binary_grad, tckd_grad, \
+            nckd_grad = dkd
+        is_target, tilde_p, tilde_q = _rest_probabilities(s, t, mask, offs, target, s_rest_max, inv_s_rest,
+                                                          t_rest_max, inv_t_rest, inv_tau)
+        d_s, d_t = _dkd_gradients(s, t, tilde_p, tilde_q, is_target, t_rest_max, s_rest_max, rest_shift, nckd,
+                                  target_gap, binary_grad, tckd_grad, nckd_grad, inv_tau, STUDENT_GRAD, TEACHER_GRAD)
+        if STUDENT_GRAD:
+            v_s += d_s
+        if TEACHER_GRAD:
+            v_t += d_t
+    return offs, mask, offsets, s_raw, s, t, v_s, v_t
 
 
 @triton.jit
@@ -430,11 +695,13 @@ def _fused_row_kernel(
     target_ptr,  # [B] int64 targets (when HAS_TARGET)
     difficulty_ptr,  # [B] fp32 per-sample difficulty (DIFFICULTY_MODE == 2)
     rho_s_ptr,  # [B] fp64 Spearman correlations (when HAS_SPEARMAN)
-    grad_rho_ptr,  # [B, C] fp32 dρ_S/ds (when HAS_SPEARMAN and STUDENT_GRAD)
+    grad_rho_ptr,  # [B, C] fp32 dρ_S/ds (when HAS_SPEARMAN and STUDENT_GRAD; dρ_S/dz_s with STANDARDIZE)
     col_ptr,  # [5, C] fp32 column statistics: mean_p, mean_q, cross, self_p, self_q (HAS_COLUMN)
     stats_ptr,  # [B, 4] fp32 the rows' softmax statistics the column statistics used (HAS_COLUMN)
+    standard_ptr,  # [B, 6] fp64 the rows' standardization (STANDARDIZE: fp64, else an fp32 placeholder)
     chunk_max_ptr,  # [B, chunks, 2] fp32 workspace: the chunked first pass's running maxima per chunk
     row_loss_ptr,  # [B] fp32 out: ℓ_i
+    dkd_ptr,  # [B, 2] fp64 out: each row's TCKD and NCKD (HAS_DKD: fp64, else an fp32 placeholder)
     gs_ptr,  # [B, C] out: dL/ds, in the student's dtype (STUDENT_GRAD)
     gt_ptr,  # [B, C] out: dL/dt, in the teacher's dtype (TEACHER_GRAD; never with a sparse teacher)
     B,
@@ -446,6 +713,8 @@ def _fused_row_kernel(
     pearson_coef,
     spearman_coef,
     column_coef,
+    tckd_coef,
+    nckd_coef,
     difficulty_value,
     grad_scale,
     C: tl.constexpr,
@@ -469,10 +738,25 @@ def _fused_row_kernel(
     # loads and stores), the exponentials computed once and kept in registers for every
     # later pass, the gradient written once. Chunked (C > BLOCK, ROWS = 1): two reads of
     # each input, whatever the loss: a first pass over chunks of BLOCK columns (an online
-    # softmax that also folds in KL, the entropy and the row Pearson moments; with the
-    # column term, whose kernel already wrote the rows' statistics, a direct pass for KL,
-    # the moments and the column term's <p, g>), then the gradient's pass, backward (it
-    # starts on the chunks the first pass read last, the likeliest still in L2).
+    # softmax that also folds in KL, the entropy, the row Pearson moments and DKD's
+    # non-target statistics; with the column term, whose kernel already wrote the rows'
+    # statistics, a direct pass for KL, the moments, DKD's statistics and the column term's
+    # <p, g>), then the gradient's pass, backward (it starts on the chunks the first pass
+    # read last, the likeliest still in L2). Two settings add a pass: DKD with a rectified
+    # teacher (its non-target classes are known only after the argmax: a pass over the
+    # rectified row, backward), and STANDARDIZE with a gradient (<g, 1> and <g, z> of the
+    # chain rule before any gradient is written: a sums pass, backward, then the gradient's
+    # pass forward); with STANDARDIZE the rows' statistics come from _standardize_kernel,
+    # which read the row once more before this kernel.
+    #
+    # DKD (HAS_DKD): the non-target statistics are an online softmax over the lanes
+    # j != y (_rest_step), in the resident layout one over the registers; TCKD from logs of
+    # logits (_dkd_terms), NCKD from the KL's online sum (chunked) or a masked sum (resident).
+    # STANDARDIZE: every row the loss sees is z = (x − mean)·a (_standardized, from fp64
+    # statistics: taken in registers by _row_moments in the resident layout unless another
+    # kernel standardized the rows too (READ_STANDARD), else read from standard_ptr); the
+    # rectification's argmax, the entropy and the Spearman gradient are the standardized
+    # rows'; CE's softmax, max and target logit are the raw student's.
     #
     # Memory safety: rows i = program·ROWS + r are masked by i < B (the last program's
     # surplus rows load nothing and store nothing); row offsets i·C are int64, column offsets
@@ -487,14 +771,26 @@ def _fused_row_kernel(
     # (chunk_max_ptr, int64 row offsets, a row's slots written and read by its own program
     # only): the first pass stores them, a barrier orders those stores before the
     # gradient's pass loads them (a slot may be stored by one thread and loaded by another).
+    # DKD and standardization add only row reductions and per-row values: the target
+    # column's logits are taken by a masked sum over the row's lanes (resident) or loaded
+    # at row·C + y only where 0 <= y < C (chunked); the statistics are loaded at rows·6 + k
+    # and TCKD, NCKD stored at rows·2 + k (int64) for rows < B; no workspace is shared.
+    # The standardization's sums pass and the gradient's pass both read the inputs only,
+    # and the gradient is stored once, by the last.
     #
     # A sparse teacher (SPARSE, int32 indices) is read only through _teacher_tile, at the
     # same (row, column) lanes and masks as the dense one: its loads are at rows·K + j of
     # this program's own rows (int64 row offsets, 0 <= j < K whatever the indices hold:
     # _sparse_slot) and at fill[row] for unmasked rows, so the dense argument above holds for
     # the rebuilt row unchanged, the rectification's argmax included (taken over the rebuilt
-    # values: the first max of the dense row). Nothing is written for the teacher.
+    # values: the first max of the dense row), and so does the standardization (of the
+    # rebuilt row). Nothing is written for the teacher.
     SPARSE: tl.constexpr = t_idx_ptr.dtype.element_ty == tl.int32
+    HAS_DKD: tl.constexpr = dkd_ptr.dtype.element_ty == tl.float64
+    STANDARDIZE: tl.constexpr = standard_ptr.dtype.element_ty == tl.float64
+    # The statistics _standardize_kernel wrote (the launcher runs it exactly then), so that
+    # the column statistics and the Spearman terms, which read them too, see these floats.
+    READ_STANDARD: tl.constexpr = STANDARDIZE and (not RESIDENT or HAS_COLUMN or HAS_SPEARMAN)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < B
     row_base = rows * C
@@ -506,6 +802,15 @@ def _fused_row_kernel(
         target64 = tl.load(target_ptr + rows, mask=row_mask, other=0)
         valid = row_mask & (target64 >= 0) & (target64 < C)  # in int64: 2^32 + 3 is not class 3
         target = tl.where(valid, target64, 0).to(tl.int32)
+    # Each row's standardization (fp64): mean, a = 1/(std + 1e-7), 1/((C − 1)·std).
+    s_mean = zeros.to(tl.float64)
+    s_scale = s_mean + 1.0
+    s_dof = s_mean
+    t_mean = s_mean
+    t_scale = s_scale
+    t_dof = s_mean
+    if READ_STANDARD:
+        s_mean, s_scale, s_dof, t_mean, t_scale, t_dof = _load_standard(standard_ptr, rows, row_mask)
 
     # Pass 1: per-row max and softmax normalizers (at τ, and at 1 for the CE term), and the
     # teacher's first argmax for the rectification.
@@ -514,10 +819,17 @@ def _fused_row_kernel(
     s_sum = zeros
     t_sum = zeros
     s_sum1 = zeros
+    ce_max = zeros - float("inf")  # CE's max, of the raw logits (STANDARDIZE; otherwise s_max)
     t_arg = tl.zeros((ROWS,), tl.int32)
     t_best = zeros - float("inf")
     weighted = zeros.to(tl.float64)  # the chunked layout's online KL and entropy
     centered = zeros
+    # DKD's non-target statistics (_rest_step; the chunked layout's NCKD sum)
+    s_rest_max = zeros - float("inf")
+    s_rest_sum = zeros
+    t_rest_max = zeros - float("inf")
+    t_rest_sum = zeros
+    weighted_rest = zeros.to(tl.float64)
     if RESIDENT:
         col_mask = cols < C
         mask = row_mask[:, None] & col_mask[None, :]
@@ -527,7 +839,20 @@ def _fused_row_kernel(
                           -float("inf"), K, log_k, SPARSE)
         e_s1 = s
         if HAS_CE:
-            _, s_sum1, e_s1 = _softmax_step(s_max, s_sum1, s, 1.0)
+            ce_max, s_sum1, e_s1 = _softmax_step(s_max, s_sum1, s, 1.0)
+        if STANDARDIZE:
+            if not READ_STANDARD:
+                # The shift: each row's first logit, loaded again (a cached scalar, the tile's
+                # very float) rather than reduced out of the tile.
+                s_first = tl.load(s_ptr + row_base, mask=row_mask, other=0.0).to(tl.float32)
+                t_first = _teacher_tile(t_ptr, row_base, t_idx_ptr, t_fill_ptr, rows, row_mask, target * 0, row_mask,
+                                        0.0, K, log_k, SPARSE)
+                s_mean, s_squares = _row_moments(s, mask, s_first, C)
+                t_mean, t_squares = _row_moments(t, mask, t_first, C)
+                s_scale, s_dof = _standard_scales(s_squares, C)
+                t_scale, t_dof = _standard_scales(t_squares, C)
+            s = tl.where(mask, _standardized(s, s_mean[:, None], s_scale[:, None]), -float("inf"))
+            t = tl.where(mask, _standardized(t, t_mean[:, None], t_scale[:, None]), -float("inf"))
         s_max, s_sum, e_s = _softmax_step(s_max, s_sum, s, inv_tau)
         t_max, t_sum, e_t = _softmax_step(t_max, t_sum, t, inv_tau)
         if RECTIFY:
@@ -549,7 +874,13 @@ def _fused_row_kernel(
             t = _teacher_tile(t_ptr, row_base[:, None] + offs[None, :], t_idx_ptr, t_fill_ptr, rows[:, None],
                               row_mask[:, None], offs[None, :], mask, -float("inf"), K, log_k, SPARSE)
             if HAS_CE:
-                _, s_sum1, _ = _softmax_step(s_max, s_sum1, s, 1.0)
+                if STANDARDIZE:
+                    ce_max, s_sum1, _ = _softmax_step(ce_max, s_sum1, s, 1.0)
+                else:
+                    _, s_sum1, _ = _softmax_step(s_max, s_sum1, s, 1.0)
+            if STANDARDIZE:
+                s = tl.where(mask, _standardized(s, s_mean[:, None], s_scale[:, None]), -float("inf"))
+                t = tl.where(mask, _standardized(t, t_mean[:, None], t_scale[:, None]), -float("inf"))
             new_s_max, s_sum, e_s = _softmax_step(s_max, s_sum, s, inv_tau)
             if RECTIFY:
                 t_ordered = tl.where(t == t, t, -float("inf"))  # NaN never wins the argmax
@@ -569,6 +900,10 @@ def _fused_row_kernel(
                 slot = chunk_max_ptr + (rows * ((C + BLOCK - 1) // BLOCK) + start // BLOCK) * 2
                 tl.store(slot, new_s_max, mask=row_mask)
                 tl.store(slot + 1, new_max, mask=row_mask)
+            if HAS_DKD and not RECTIFY:  # (a rectified teacher's non-target classes: a pass below)
+                rest = mask & (offs[None, :] != target[:, None])
+                s_rest_max, s_rest_sum, t_rest_max, t_rest_sum, weighted_rest = _rest_step(
+                    s_rest_max, s_rest_sum, t_rest_max, t_rest_sum, weighted_rest, s, t, rest, inv_tau)
             s_max = new_s_max
             t_max = new_max
             t_sum = new_sum
@@ -579,6 +914,8 @@ def _fused_row_kernel(
     # The logs in fp64: at τ = 100 an fp32 log's rounding alone, times τ², moves the loss of
     # two nearly equal rows by ~6e-4 (two scalar fp64 logs per row: no cost).
     log_sum_difference = tl.log(s_sum.to(tl.float64)) - tl.log(t_sum.to(tl.float64))
+    s_log64 = tl.log(s_sum.to(tl.float64))  # (DKD's)
+    t_log64 = tl.log(t_sum.to(tl.float64))
     if HAS_COLUMN:
         # The column statistics were computed from these rows' p and q: the row kernel uses
         # the very same values (the same statistics, the same formula), or a constant
@@ -589,6 +926,8 @@ def _fused_row_kernel(
         t_max = tl.load(stats + 2, mask=row_mask, other=0.0)
         t_log_sum = tl.load(stats + 3, mask=row_mask, other=0.0)
         log_sum_difference = s_log_sum.to(tl.float64) - t_log_sum.to(tl.float64)
+        s_log64 = s_log_sum.to(tl.float64)
+        t_log64 = t_log_sum.to(tl.float64)
     # Rectified teacher: column t_arg and the target trade places (no-op when equal).
     swap_a = tl.where(RECTIFY & valid, t_arg, -1)
     swap_b = tl.where(RECTIFY & valid, target, -1)
@@ -599,6 +938,10 @@ def _fused_row_kernel(
                                0.0, K, log_k, SPARSE)
         t_at_b = _teacher_tile(t_ptr, row_base + swap_b, t_idx_ptr, t_fill_ptr, rows, swap_b >= 0, swap_b, swap_b >= 0,
                                0.0, K, log_k, SPARSE)
+        if STANDARDIZE:
+            t_at_a = _standardized(t_at_a, t_mean, t_scale)
+            t_at_b = _standardized(t_at_b, t_mean, t_scale)
+    standard = (s_mean, s_scale, t_mean, t_scale)  # what _chunk standardizes with
 
     # Pass 2: KL, entropy, and the means of p and q shifted by their first element (so that
     # a constant row centers to exactly zero).
@@ -634,6 +977,9 @@ def _fused_row_kernel(
             swapped = swap_a != swap_b
             s_a = tl.load(s_ptr + row_base + swap_a, mask=swapped, other=0.0).to(tl.float32)
             s_b = tl.load(s_ptr + row_base + swap_b, mask=swapped, other=0.0).to(tl.float32)
+            if STANDARDIZE:
+                s_a = _standardized(s_a, s_mean, s_scale)
+                s_b = _standardized(s_b, s_mean, s_scale)
             q_a = tl.exp((t_at_a - t_max) * inv_tau - t_log_sum)
             q_b = tl.exp((t_at_b - t_max) * inv_tau - t_log_sum)
             kl += tl.where(swapped, ((q_a - q_b) * (s_a - s_b)).to(tl.float64) * inv_tau, 0.0)
@@ -666,12 +1012,16 @@ def _fused_row_kernel(
         # The rows' statistics are known (the column statistics' kernel wrote them), so one
         # pass takes KL and the entropy directly, CE's normalizer, the row's sums shifted by
         # its first element, Σa, Σb, Σab, Σa², Σb² for a = p − p_0, b = q − q_0 (fp64; a
-        # constant row stays exactly zero), and the column term's share of <p, g>, <q, g>
-        # from the very fp32 p, q and column statistics the gradient uses.
+        # constant row stays exactly zero), the column term's share of <p, g>, <q, g>
+        # from the very fp32 p, q and column statistics the gradient uses, and DKD's
+        # non-target statistics.
         first = tl.where(swap_a == 0, swap_b, tl.where(swap_b == 0, swap_a, 0))
         s0 = tl.load(s_ptr + row_base, mask=row_mask, other=0.0).to(tl.float32)
         t0 = _teacher_tile(t_ptr, row_base + first, t_idx_ptr, t_fill_ptr, rows, row_mask, first, row_mask, 0.0, K,
                            log_k, SPARSE)
+        if STANDARDIZE:
+            s0 = _standardized(s0, s_mean, s_scale)
+            t0 = _standardized(t0, t_mean, t_scale)
         p0 = _probability(s0, s_max, s_log_sum, inv_tau)
         q0 = _probability(t0, t_max, t_log_sum, inv_tau)
         kl = zeros.to(tl.float64)
@@ -685,16 +1035,19 @@ def _fused_row_kernel(
         column_dot_t = zeros
         for step in range(0, (C + BLOCK - 1) // BLOCK):
             start = _chunk_start(step, C, BLOCK, False)
-            offs, col_mask, mask, offsets, s, t, p, q = _chunk(
+            offs, col_mask, mask, offsets, s_raw, s, t, p, q = _chunk(
                 s_ptr, t_ptr, t_idx_ptr, t_fill_ptr, rows, row_base, row_mask, start, cols, C, K, log_k, swap_a, swap_b,
-                t_at_a, t_at_b, s_max, s_log_sum, t_max, t_log_sum, inv_tau, RECTIFY, SPARSE)
+                t_at_a, t_at_b, s_max, s_log_sum, t_max, t_log_sum, inv_tau, standard, RECTIFY, SPARSE, STANDARDIZE)
             if HAS_KL or DIFFICULTY_MODE == 1:
                 chunk_kl, chunk_entropy, _, _ = _kl_and_moments(s, t, q, mask, s_max, t_max, t_log_sum,
                                                                 log_sum_difference, inv_tau, p, p0, q0, HAS_KL)
                 kl += chunk_kl
                 entropy += chunk_entropy
             if HAS_CE:
-                s_sum1 += tl.sum(tl.where(mask, tl.exp(s - s_max[:, None]), 0.0), 1)
+                if STANDARDIZE:  # the raw logits' own online normalizer
+                    ce_max, s_sum1, _ = _softmax_step(ce_max, s_sum1, tl.where(mask, s_raw, -float("inf")), 1.0)
+                else:
+                    s_sum1 += tl.sum(tl.where(mask, tl.exp(s - s_max[:, None]), 0.0), 1)
             if HAS_PEARSON:
                 # In fp64 from the fp32 values (exact): the centering below cancels Σa·Σb/C
                 # against Σab, and a rounded a would pass its error on, magnified.
@@ -705,6 +1058,10 @@ def _fused_row_kernel(
                 sum_ab += tl.sum(a * b, 1)
                 sum_aa += tl.sum(a * a, 1)
                 sum_bb += tl.sum(b * b, 1)
+            if HAS_DKD:
+                rest = mask & (offs[None, :] != target[:, None])
+                s_rest_max, s_rest_sum, t_rest_max, t_rest_sum, weighted_rest = _rest_step(
+                    s_rest_max, s_rest_sum, t_rest_max, t_rest_sum, weighted_rest, s, t, rest, inv_tau)
             # the column part of g alone (row coefficients 0, column weight 1)
             c_s, c_t = _correlation_gradients(p, q, p, q, offs, col_mask, col_ptr, C, (zeros, zeros, zeros, zeros),
                                               zeros, zeros, zeros, zeros, 1.0, HAS_COLUMN)
@@ -730,15 +1087,68 @@ def _fused_row_kernel(
             total_q = C * q064 + sum_b
             weighted_centers = (p064 + (sum_aa + p064 * sum_a) / total_p, q064 + (sum_ab + p064 * sum_b) / total_p,
                                 p064 + (sum_ab + q064 * sum_a) / total_q, q064 + (sum_bb + q064 * sum_b) / total_q)
+    if not RESIDENT and HAS_DKD and RECTIFY:
+        # DKD's non-target classes of the rectified row (known only now): one more pass.
+        for step in range(0, (C + BLOCK - 1) // BLOCK):
+            start = _chunk_start(step, C, BLOCK, True)
+            offs, col_mask, mask, offsets, s_raw, s, t, p, q = _chunk(
+                s_ptr, t_ptr, t_idx_ptr, t_fill_ptr, rows, row_base, row_mask, start, cols, C, K, log_k, swap_a, swap_b,
+                t_at_a, t_at_b, s_max, s_log_sum, t_max, t_log_sum, inv_tau, standard, RECTIFY, SPARSE, STANDARDIZE)
+            rest = mask & (offs[None, :] != target[:, None])
+            s_rest_max, s_rest_sum, t_rest_max, t_rest_sum, weighted_rest = _rest_step(
+                s_rest_max, s_rest_sum, t_rest_max, t_rest_sum, weighted_rest, s, t, rest, inv_tau)
     p_mean = p0 + p_shift / C
     q_mean = q0 + q_shift / C
+
+    # DKD's terms: TCKD from logs of logits, NCKD over the non-target classes (the rectified
+    # teacher's when RECTIFY: its target column holds the argmax's logit).
+    tckd = zeros.to(tl.float64)
+    nckd = zeros.to(tl.float64)
+    log_p_target = tckd
+    log_q_target = tckd
+    log_p_rest = tckd
+    log_q_rest = tckd
+    rest_shift = tckd
+    if HAS_DKD:
+        if RESIDENT:
+            rest = mask & (cols[None, :] != target[:, None])
+            s_rest_max, s_rest_sum, _ = _softmax_step(s_rest_max, s_rest_sum, tl.where(rest, s, -float("inf")), inv_tau)
+            t_rest_max, t_rest_sum, e_rest_t = _softmax_step(t_rest_max, t_rest_sum,
+                                                             tl.where(rest, t, -float("inf")), inv_tau)
+            tilde_q = e_rest_t * (1.0 / t_rest_sum)[:, None]
+            s_y = _column_value(s, cols, target)
+            t_y = _column_value(t, cols, target)
+        else:
+            s_y = tl.load(s_ptr + row_base + target, mask=valid, other=0.0).to(tl.float32)
+            t_y = _teacher_tile(t_ptr, row_base + target, t_idx_ptr, t_fill_ptr, rows, valid, target, valid, 0.0, K,
+                                log_k, SPARSE)
+            if STANDARDIZE:
+                s_y = _standardized(s_y, s_mean, s_scale)
+                t_y = _standardized(t_y, t_mean, t_scale)
+            if RECTIFY:
+                t_y = t_at_a
+        log_p_target, log_q_target, log_p_rest, log_q_rest, tckd, rest_shift = _dkd_terms(
+            s_y, t_y, s_max, t_max, s_log64, t_log64, s_rest_max, s_rest_sum, t_rest_max, t_rest_sum, inv_tau)
+        if RESIDENT:
+            ratio = ((t - t_rest_max[:, None]).to(tl.float64) - (s - s_rest_max[:, None]).to(tl.float64)) * inv_tau \
+                + rest_shift[:, None]
+            nckd = tl.sum(tl.where(rest & (tilde_q > 0.0), tilde_q.to(tl.float64) * ratio, 0.0), 1)
+        else:
+            nckd = weighted_rest / t_rest_sum.to(tl.float64) + (s_rest_max - t_rest_max).to(tl.float64) * inv_tau \
+                + rest_shift
+        tl.store(dkd_ptr + rows * 2, tckd, mask=row_mask)
+        tl.store(dkd_ptr + rows * 2 + 1, nckd, mask=row_mask)
 
     loss = zeros.to(tl.float64)
     if HAS_KL:  # KL ≥ 0 despite rounding at a large τ (the gradient keeps the unclamped kl)
         loss += kl_coef * tl.where(kl < 0.0, 0.0, kl)  # NaN stays NaN
+    if not STANDARDIZE:
+        ce_max = s_max
     if HAS_CE:
-        s_y = tl.load(s_ptr + row_base + target, mask=valid, other=0.0).to(tl.float32)
-        loss += ce_coef * (tl.log(s_sum1) + s_max - s_y)
+        s_y_raw = tl.load(s_ptr + row_base + target, mask=valid, other=0.0).to(tl.float32)
+        loss += ce_coef * (tl.log(s_sum1) + ce_max - s_y_raw)
+    if HAS_DKD:  # NCKD ≥ 0 despite rounding, as KL
+        loss += tckd_coef * tckd + nckd_coef * tl.where(nckd < 0.0, 0.0, nckd)
     d = zeros + difficulty_value
     if DIFFICULTY_MODE == 1:
         d = tl.minimum(1.0, tl.maximum(0.0, entropy / tl.log(zeros + C)))
@@ -775,6 +1185,18 @@ def _fused_row_kernel(
         kl_grad = kl_coef * grad_scale * inv_tau
         ce_grad = ce_coef * grad_scale
         spearman_grad = spearman_weight * grad_scale
+        # DKD's per-row gradient factors (the CPU kernel's): Q − P, and ℓ_b·Q·(1 − Q)·tckd_grad
+        # with Q·(1 − Q) from logs (either factor may be tiny), 0 where it underflows.
+        tckd_grad = tckd_coef * grad_scale * inv_tau
+        nckd_grad = nckd_coef * grad_scale * inv_tau
+        target_gap = zeros
+        binary_grad = zeros
+        if HAS_DKD:
+            q_target = tl.exp(log_q_target)
+            target_gap = (q_target - tl.exp(log_p_target)).to(tl.float32)
+            q_mass = q_target * tl.exp(log_q_rest)
+            binary_grad = tl.where(q_mass > 0.0, ((log_q_target - log_q_rest - log_p_target + log_p_rest) * q_mass)
+                                   .to(tl.float32) * tckd_grad, 0.0)
         if RESIDENT:
             g_s, g_t = _correlation_gradients(p, q, p, q, cols, col_mask, col_ptr, C, (p_mean, q_mean, p_mean, q_mean),
                                               cross, self_p, self_q, pearson_grad, column_grad, HAS_COLUMN)
@@ -786,11 +1208,31 @@ def _fused_row_kernel(
             ce_prob = e_s1 * (1.0 / s_sum1)[:, None]
             v_s, v_t = _gradient_values(s, t, p, q, ce_prob, g_s, g_t, cols, offsets, mask, grad_rho_ptr, s_max,
                                         t_max, kl, p_dot, q_dot, log_sum_difference, target, valid, inv_tau, kl_grad,
-                                        ce_grad, spearman_grad, HAS_KL, HAS_CE, HAS_SPEARMAN, HAS_TARGET,
-                                        STUDENT_GRAD, TEACHER_GRAD)
+                                        ce_grad, spearman_grad, HAS_KL, HAS_CE and not STANDARDIZE, HAS_SPEARMAN,
+                                        HAS_TARGET, STUDENT_GRAD, TEACHER_GRAD,
+                                        HAS_KL or HAS_PEARSON or HAS_COLUMN or not HAS_DKD)
+            if HAS_DKD:
+                is_target, tilde_p, tilde_q = _rest_probabilities(s, t, mask, cols, target, s_rest_max,
+                                                                  1.0 / s_rest_sum, t_rest_max, 1.0 / t_rest_sum,
+                                                                  inv_tau)
+                d_s, d_t = _dkd_gradients(s, t, tilde_p, tilde_q, is_target, t_rest_max, s_rest_max, rest_shift, nckd,
+                                          target_gap, binary_grad, tckd_grad, nckd_grad, inv_tau, STUDENT_GRAD,
+                                          TEACHER_GRAD)
+                if STUDENT_GRAD:
+                    v_s += d_s
+                if TEACHER_GRAD:
+                    v_t += d_t
             if STUDENT_GRAD:
+                if STANDARDIZE:  # dL/dz → dL/ds, then CE's part on the raw logits
+                    s_g_sum, s_gz = _standardize_sums(v_s, s, mask)
+                    v_s = _standardize_gradient(v_s, s, s_scale, s_g_sum, s_gz, s_dof, C)
+                    if HAS_CE:
+                        v_s += ce_grad * (ce_prob - tl.where(cols[None, :] == target[:, None], 1.0, 0.0))
                 tl.store(gs_ptr + offsets, v_s.to(gs_ptr.dtype.element_ty), mask=mask)
             if TEACHER_GRAD:
+                if STANDARDIZE:  # at the rectified positions, as z_t is held
+                    t_g_sum, t_gz = _standardize_sums(v_t, t, mask)
+                    v_t = _standardize_gradient(v_t, t, t_scale, t_g_sum, t_gz, t_dof, C)
                 if RECTIFY:  # back to the unrectified positions (the swap is its own inverse)
                     v_t = _swap_columns(v_t, cols, swap_a, swap_b)
                 tl.store(gt_ptr + offsets, v_t.to(gt_ptr.dtype.element_ty), mask=mask)
@@ -802,45 +1244,51 @@ def _fused_row_kernel(
             if HAS_COLUMN:
                 p_dot += column_grad * column_dot_s
                 q_dot += column_grad * column_dot_t
+            dkd = (s_rest_max, 1.0 / s_rest_sum, t_rest_max, 1.0 / t_rest_sum, rest_shift, nckd, target_gap,
+                   binary_grad, tckd_grad, nckd_grad)
+            # STANDARDIZE: the chain rule's <g, 1>, <g, z> before any gradient is stored.
+            s_g_sum = zeros.to(tl.float64)
+            s_gz = zeros.to(tl.float64)
+            t_g_sum = zeros.to(tl.float64)
+            t_gz = zeros.to(tl.float64)
+            if STANDARDIZE:
+                for step in range(0, (C + BLOCK - 1) // BLOCK):
+                    start = _chunk_start(step, C, BLOCK, True)
+                    offs, mask, offsets, s_raw, s, t, v_s, v_t = _chunk_gradient(
+                        s_ptr, t_ptr, t_idx_ptr, t_fill_ptr, grad_rho_ptr, col_ptr, chunk_max_ptr, rows, row_base,
+                        row_mask, start, cols, C, K, log_k, swap_a, swap_b, t_at_a, t_at_b, s_max, s_log_sum, t_max,
+                        t_log_sum, inv_tau, standard, moment_s, moment_t, weighted_centers, cross, self_p, self_q,
+                        pearson_grad, column_grad, ce_max, s_sum1, kl, p_dot, q_dot, log_sum_difference, target,
+                        valid, kl_grad, ce_grad, spearman_grad, dkd, HAS_KL, HAS_CE, HAS_PEARSON, HAS_SPEARMAN,
+                        HAS_COLUMN, HAS_TARGET, HAS_DKD, RECTIFY, SPARSE, STANDARDIZE, STUDENT_GRAD, TEACHER_GRAD,
+                        BLOCK)
+                    if STUDENT_GRAD:
+                        chunk_sum, chunk_z = _standardize_sums(v_s, s, mask)
+                        s_g_sum += chunk_sum
+                        s_gz += chunk_z
+                    if TEACHER_GRAD:
+                        chunk_sum, chunk_z = _standardize_sums(v_t, t, mask)
+                        t_g_sum += chunk_sum
+                        t_gz += chunk_z
             for step in range(0, (C + BLOCK - 1) // BLOCK):
-                start = _chunk_start(step, C, BLOCK, True)
-                offs, col_mask, mask, offsets, s, t, p, q = _chunk(
-                    s_ptr, t_ptr, t_idx_ptr, t_fill_ptr, rows, row_base, row_mask, start, cols, C, K, log_k, swap_a,
-                    swap_b, t_at_a, t_at_b, s_max, s_log_sum, t_max, t_log_sum, inv_tau, RECTIFY, SPARSE)
-                p_row = p.to(tl.float64)
-                q_row = q.to(tl.float64)
-                if HAS_PEARSON and not HAS_COLUMN:
-                    # p and q as the first pass summed them: e over the running max of the
-                    # chunk's turn (the same fp32 exponentials), times exp((m_k − max)/τ)/S in
-                    # fp64. The rectified teacher's two moved columns are taken over the final
-                    # max (over m_k an exchanged maximum could overflow).
-                    slot = chunk_max_ptr + (rows * ((C + BLOCK - 1) // BLOCK) + start // BLOCK) * 2
-                    chunk_s_max = tl.load(slot, mask=row_mask, other=0.0)
-                    chunk_t_max = tl.load(slot + 1, mask=row_mask, other=0.0)
-                    e_s = tl.exp((s - tl.where(chunk_s_max > -float("inf"), chunk_s_max, 0.0)[:, None]) * inv_tau)
-                    e_t = tl.exp((t - tl.where(chunk_t_max > -float("inf"), chunk_t_max, 0.0)[:, None]) * inv_tau)
-                    scale_s = _rescale(chunk_s_max, s_max, inv_tau) / moment_s
-                    scale_t = _rescale(chunk_t_max, t_max, inv_tau) / moment_t
-                    p_row = tl.where(mask, e_s.to(tl.float64) * scale_s[:, None], 0.0)
-                    q_row = tl.where(mask, e_t.to(tl.float64) * scale_t[:, None], 0.0)
-                    if RECTIFY:
-                        moved = (offs[None, :] == swap_a[:, None]) | (offs[None, :] == swap_b[:, None])
-                        q_moved = tl.exp((t - t_max[:, None]) * inv_tau).to(tl.float64) / moment_t[:, None]
-                        q_row = tl.where(moved & mask, q_moved, q_row)
-                    p = p_row.to(tl.float32)
-                    q = q_row.to(tl.float32)
-                g_s, g_t = _correlation_gradients(p, q, p_row, q_row, offs, col_mask, col_ptr, C, weighted_centers,
-                                                  cross, self_p, self_q, pearson_grad, column_grad, HAS_COLUMN)
-                ce_prob = p
-                if HAS_CE:
-                    ce_prob = tl.exp(s - s_max[:, None]) / s_sum1[:, None]
-                v_s, v_t = _gradient_values(s, t, p, q, ce_prob, g_s, g_t, offs, offsets, mask, grad_rho_ptr, s_max,
-                                            t_max, kl, p_dot, q_dot, log_sum_difference, target, valid, inv_tau,
-                                            kl_grad, ce_grad, spearman_grad, HAS_KL, HAS_CE, HAS_SPEARMAN,
-                                            HAS_TARGET, STUDENT_GRAD, TEACHER_GRAD)
+                start = _chunk_start(step, C, BLOCK, not STANDARDIZE)
+                offs, mask, offsets, s_raw, s, t, v_s, v_t = _chunk_gradient(
+                    s_ptr, t_ptr, t_idx_ptr, t_fill_ptr, grad_rho_ptr, col_ptr, chunk_max_ptr, rows, row_base,
+                    row_mask, start, cols, C, K, log_k, swap_a, swap_b, t_at_a, t_at_b, s_max, s_log_sum, t_max,
+                    t_log_sum, inv_tau, standard, moment_s, moment_t, weighted_centers, cross, self_p, self_q,
+                    pearson_grad, column_grad, ce_max, s_sum1, kl, p_dot, q_dot, log_sum_difference, target, valid,
+                    kl_grad, ce_grad, spearman_grad, dkd, HAS_KL, HAS_CE, HAS_PEARSON, HAS_SPEARMAN, HAS_COLUMN,
+                    HAS_TARGET, HAS_DKD, RECTIFY, SPARSE, STANDARDIZE, STUDENT_GRAD, TEACHER_GRAD, BLOCK)
                 if STUDENT_GRAD:
+                    if STANDARDIZE:  # dL/dz → dL/ds, then CE's part on the raw logits
+                        v_s = _standardize_gradient(v_s, tl.where(mask, s, 0.0), s_scale, s_g_sum, s_gz, s_dof, C)
+                        if HAS_CE:
+                            ce_prob = tl.exp(s_raw - ce_max[:, None]) / s_sum1[:, None]
+                            v_s += ce_grad * (ce_prob - tl.where(offs[None, :] == target[:, None], 1.0, 0.0))
                     tl.store(gs_ptr + offsets, v_s.to(gs_ptr.dtype.element_ty), mask=mask)
                 if TEACHER_GRAD:
+                    if STANDARDIZE:
+                        v_t = _standardize_gradient(v_t, tl.where(mask, t, 0.0), t_scale, t_g_sum, t_gz, t_dof, C)
                     v_t = v_t.to(gt_ptr.dtype.element_ty)
                     if RECTIFY:
                         # Back to the unrectified positions: rectified columns a and b hold the
@@ -863,6 +1311,7 @@ def _softmax_stats_kernel(
     t_idx_ptr,  # sparse: [B, K] int32 their classes, sorted in each row (an fp32 placeholder when dense)
     t_fill_ptr,  # sparse: [B] fp32 the logit of every other class
     stats_ptr,  # [B, 4] fp32 out: student max, log-sum, teacher max, log-sum (at τ)
+    standard_ptr,  # [B, 6] fp64 the rows' standardization (STANDARDIZE: fp64, else an fp32 placeholder)
     C,
     K,  # sparse: the values per row
     log_k,  # sparse: ceil(log2 K)
@@ -872,9 +1321,14 @@ def _softmax_stats_kernel(
     # One program per row: reads row·C + j (int64 row offset, j < C masked), writes its own
     # four statistics; nothing is shared between threads but Triton's reductions. A sparse
     # teacher's row is read by _teacher_tile under the same mask: loads at row·K + j, 0 <= j < K
-    # (int64 row offset), and fill[row], row < B (one program per row).
+    # (int64 row offset), and fill[row], row < B (one program per row). STANDARDIZE: the
+    # softmax of the standardized rows (_standardized from the row's six statistics, loaded
+    # at row·6 + k), the floats the row kernel forms from the same statistics.
     SPARSE: tl.constexpr = t_idx_ptr.dtype.element_ty == tl.int32
+    STANDARDIZE: tl.constexpr = standard_ptr.dtype.element_ty == tl.float64
     rows = tl.program_id(0).to(tl.int64) + tl.zeros((1,), tl.int64)  # a [1, BLOCK] tile per chunk
+    if STANDARDIZE:
+        s_mean, s_scale, s_dof, t_mean, t_scale, t_dof = _load_standard(standard_ptr, rows, rows >= 0)
     s_max = tl.full((1,), -float("inf"), tl.float32)
     t_max = tl.full((1,), -float("inf"), tl.float32)
     s_sum = tl.zeros((1,), tl.float32)
@@ -886,6 +1340,9 @@ def _softmax_stats_kernel(
         s = tl.load(s_ptr + offsets, mask=mask, other=-float("inf")).to(tl.float32)
         t = _teacher_tile(t_ptr, offsets, t_idx_ptr, t_fill_ptr, rows[:, None], rows[:, None] >= 0, offs[None, :], mask,
                           -float("inf"), K, log_k, SPARSE)  # every program's row is < B
+        if STANDARDIZE:
+            s = tl.where(mask, _standardized(s, s_mean[:, None], s_scale[:, None]), -float("inf"))
+            t = tl.where(mask, _standardized(t, t_mean[:, None], t_scale[:, None]), -float("inf"))
         s_max, s_sum, _ = _softmax_step(s_max, s_sum, s, inv_tau)
         t_max, t_sum, _ = _softmax_step(t_max, t_sum, t, inv_tau)
     tl.store(stats_ptr + rows * 4, s_max)
@@ -901,6 +1358,7 @@ def _column_moments_kernel(
     t_idx_ptr,  # sparse: [B, K] int32 their classes, sorted in each row (an fp32 placeholder when dense)
     t_fill_ptr,  # sparse: [B] fp32 the logit of every other class
     stats_ptr,  # [B, 4] fp32 softmax statistics
+    standard_ptr,  # [B, 6] fp64 the rows' standardization (STANDARDIZE: fp64, else an fp32 placeholder)
     partial_ptr,  # [chunks, 5, C] fp64 out: per chunk of rows, the shifted column sums
     origin_ptr,  # [2, C] fp32 out: p and q of row 0 (chunk 0)
     B,
@@ -918,8 +1376,11 @@ def _column_moments_kernel(
     # partial sums; every thread owns its columns (no shared workspace). Offsets of rows,
     # of statistics and of partials are int64; column offsets are < C (masked). A sparse
     # teacher's rows (row 0, then the chunk's rows < B) are read by _teacher_tile under the
-    # same mask: at row·K + j with 0 <= j < K (int64), and fill[row].
+    # same mask: at row·K + j with 0 <= j < K (int64), and fill[row]. STANDARDIZE: every row
+    # (row 0's centers included) standardized by its statistics, loaded at row·6 + k (int64,
+    # row < B): elementwise, the floats the row kernel forms.
     SPARSE: tl.constexpr = t_idx_ptr.dtype.element_ty == tl.int32
+    STANDARDIZE: tl.constexpr = standard_ptr.dtype.element_ty == tl.float64
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < C
     chunk = tl.program_id(1)
@@ -927,10 +1388,13 @@ def _column_moments_kernel(
     last = tl.minimum(first + rows_per_chunk, B)
     wide_c = C + tl.zeros((), tl.int64)
     out = partial_ptr + chunk.to(tl.int64) * 5 * wide_c
-    center_p = _probability(tl.load(s_ptr + cols, mask=mask, other=0.0).to(tl.float32), tl.load(stats_ptr),
-                            tl.load(stats_ptr + 1), inv_tau)
+    s0 = tl.load(s_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     row0 = tl.zeros((), tl.int64)
     t0 = _teacher_tile(t_ptr, cols, t_idx_ptr, t_fill_ptr, row0, row0 < B, cols, mask, 0.0, K, log_k, SPARSE)
+    if STANDARDIZE:
+        s0 = _standardized(s0, tl.load(standard_ptr), tl.load(standard_ptr + 1))
+        t0 = _standardized(t0, tl.load(standard_ptr + 3), tl.load(standard_ptr + 4))
+    center_p = _probability(s0, tl.load(stats_ptr), tl.load(stats_ptr + 1), inv_tau)
     center_q = _probability(t0, tl.load(stats_ptr + 2), tl.load(stats_ptr + 3), inv_tau)
     if chunk == 0:
         tl.store(origin_ptr + cols, center_p, mask=mask)
@@ -946,6 +1410,10 @@ def _column_moments_kernel(
         s = tl.load(s_rows + cols, mask=mask, other=0.0).to(tl.float32)
         t = _teacher_tile(t_ptr, row * C + cols, t_idx_ptr, t_fill_ptr, row, row < B, cols, mask, 0.0, K, log_k,
                           SPARSE)
+        if STANDARDIZE:
+            row_standard = standard_ptr + row * 6
+            s = _standardized(s, tl.load(row_standard), tl.load(row_standard + 1))
+            t = _standardized(t, tl.load(row_standard + 3), tl.load(row_standard + 4))
         a = (_probability(s, tl.load(st), tl.load(st + 1), inv_tau) - center_p).to(tl.float64)
         b = (_probability(t, tl.load(st + 2), tl.load(st + 3), inv_tau) - center_q).to(tl.float64)
         sum_a += a
@@ -963,15 +1431,82 @@ def _column_moments_kernel(
 
 
 @triton.jit
-def _tile_probabilities(s_ptr, t_ptr, t_idx_ptr, t_fill_ptr, rows, row_mask, cols, col_mask, C, K, log_k, inv_tau,
-                        SPARSE: tl.constexpr):
+def _standardize_kernel(
+    s_ptr,  # [B, C] student logits
+    t_ptr,  # [B, C] teacher logits; sparse: [B, K] fp32 values (_teacher_tile)
+    t_idx_ptr,  # sparse: [B, K] int32 their classes, sorted in each row (an fp32 placeholder when dense)
+    t_fill_ptr,  # sparse: [B] fp32 the logit of every other class
+    standard_ptr,  # [B, 6] fp64 out: student mean, a = 1/(std + 1e-7), 1/((C − 1)·std), then the teacher's
+    zs_ptr,  # [B, C] fp32 out: the standardized student rows (WRITE_ROWS)
+    zt_ptr,  # [B, C] fp32 out: the standardized teacher rows, dense (WRITE_ROWS)
+    C,
+    K,  # sparse: the values per row
+    log_k,  # sparse: ceil(log2 K)
+    BLOCK: tl.constexpr,
+    WRITE_ROWS: tl.constexpr,
+):
+    # Logit standardization's statistics, one program per row: the moments over chunks of
+    # BLOCK columns (_moments_step, fp64; one chunk: exactly the two-pass moments), then
+    # _standard_scales; with WRITE_ROWS a second pass writes the standardized rows
+    # (_standardized: the floats every other kernel forms from these statistics), which the
+    # Spearman kernels sort and rank. Memory safety: reads and writes row·C + j (int64 row
+    # offset, j < C masked), writes the row's six statistics at row·6 + k; a sparse teacher
+    # is rebuilt by _teacher_tile under the same mask (loads at row·K + j with 0 <= j < K and
+    # fill[row], row < B: one program per row). Nothing is shared between threads but
+    # Triton's reductions, and nothing this kernel writes is read in the launch.
+    SPARSE: tl.constexpr = t_idx_ptr.dtype.element_ty == tl.int32
+    rows = tl.program_id(0).to(tl.int64) + tl.zeros((1,), tl.int64)  # a [1, BLOCK] tile per chunk
+    s_count = tl.zeros((1,), tl.float64)
+    s_mean = tl.zeros((1,), tl.float64)
+    s_squares = tl.zeros((1,), tl.float64)
+    t_count = tl.zeros((1,), tl.float64)
+    t_mean = tl.zeros((1,), tl.float64)
+    t_squares = tl.zeros((1,), tl.float64)
+    for start in range(0, C, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = (offs < C)[None, :]
+        offsets = rows[:, None] * C + offs[None, :]
+        s = tl.load(s_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        t = _teacher_tile(t_ptr, offsets, t_idx_ptr, t_fill_ptr, rows[:, None], rows[:, None] >= 0, offs[None, :], mask,
+                          0.0, K, log_k, SPARSE)  # every program's row is < B
+        s_count, s_mean, s_squares = _moments_step(s_count, s_mean, s_squares, s, mask)
+        t_count, t_mean, t_squares = _moments_step(t_count, t_mean, t_squares, t, mask)
+    s_scale, s_dof = _standard_scales(s_squares, C)
+    t_scale, t_dof = _standard_scales(t_squares, C)
+    out = standard_ptr + rows * 6
+    tl.store(out, s_mean)
+    tl.store(out + 1, s_scale)
+    tl.store(out + 2, s_dof)
+    tl.store(out + 3, t_mean)
+    tl.store(out + 4, t_scale)
+    tl.store(out + 5, t_dof)
+    if WRITE_ROWS:
+        for start in range(0, C, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = (offs < C)[None, :]
+            offsets = rows[:, None] * C + offs[None, :]
+            s = tl.load(s_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            t = _teacher_tile(t_ptr, offsets, t_idx_ptr, t_fill_ptr, rows[:, None], rows[:, None] >= 0, offs[None, :],
+                              mask, 0.0, K, log_k, SPARSE)
+            tl.store(zs_ptr + offsets, _standardized(s, s_mean[:, None], s_scale[:, None]), mask=mask)
+            tl.store(zt_ptr + offsets, _standardized(t, t_mean[:, None], t_scale[:, None]), mask=mask)
+
+
+@triton.jit
+def _tile_probabilities(s_ptr, t_ptr, t_idx_ptr, t_fill_ptr, standard_ptr, rows, row_mask, cols, col_mask, C, K, log_k,
+                        inv_tau, SPARSE: tl.constexpr, STANDARDIZE: tl.constexpr):
     """A [ROWS, BLOCK] tile of whole rows: its mask, each row's max and log-normalizer for
-    the student and the teacher, and p, q (0 outside the mask) by ``_probability``."""
+    the student and the teacher, and p, q (0 outside the mask) by ``_probability`` (of the
+    rows standardized by their statistics at rows·6 + k when STANDARDIZE)."""
     mask = row_mask[:, None] & col_mask[None, :]
     offsets = rows[:, None] * C + cols[None, :]
     s = tl.load(s_ptr + offsets, mask=mask, other=-float("inf")).to(tl.float32)
     t = _teacher_tile(t_ptr, offsets, t_idx_ptr, t_fill_ptr, rows[:, None], row_mask[:, None], cols[None, :], mask,
                       -float("inf"), K, log_k, SPARSE)
+    if STANDARDIZE:
+        s_mean, s_scale, s_dof, t_mean, t_scale, t_dof = _load_standard(standard_ptr, rows, row_mask)
+        s = tl.where(mask, _standardized(s, s_mean[:, None], s_scale[:, None]), -float("inf"))
+        t = tl.where(mask, _standardized(t, t_mean[:, None], t_scale[:, None]), -float("inf"))
     start = tl.zeros_like(rows).to(tl.float32)
     s_max, s_sum, _ = _softmax_step(start - float("inf"), start, s, inv_tau)
     t_max, t_sum, _ = _softmax_step(start - float("inf"), start, t, inv_tau)
@@ -989,6 +1524,7 @@ def _column_partials_kernel(
     t_idx_ptr,  # sparse: [B, K] int32 their classes, sorted in each row (an fp32 placeholder when dense)
     t_fill_ptr,  # sparse: [B] fp32 the logit of every other class
     stats_ptr,  # [B, 4] fp32 out: each row's student max, log-sum, teacher max, log-sum (at τ)
+    standard_ptr,  # [B, 6] fp64 the rows' standardization (STANDARDIZE: fp64, else an fp32 placeholder)
     partial_ptr,  # [programs, 5, C] fp64 out: per program, the shifted column sums
     origin_ptr,  # [2, C] fp32 out: p and q of row 0 (program 0)
     B,
@@ -1010,15 +1546,17 @@ def _column_partials_kernel(
     # its own slice of the partial sums and (g = 0) the origin; offsets are int64 for rows,
     # columns < C masked. The only values shared between threads are Triton's reductions.
     # A sparse teacher's rows are read by _teacher_tile under the same masks (rows < B, or
-    # row 0 alone): at row·K + j with 0 <= j < K (int64), and fill[row].
+    # row 0 alone): at row·K + j with 0 <= j < K (int64), and fill[row]. STANDARDIZE: each row
+    # standardized by its statistics (loaded at row·6 + k under the same row masks).
     SPARSE: tl.constexpr = t_idx_ptr.dtype.element_ty == tl.int32
+    STANDARDIZE: tl.constexpr = standard_ptr.dtype.element_ty == tl.float64
     program = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     col_mask = cols < C
     row_offsets = tl.arange(0, ROWS).to(tl.int64)
-    _, _, _, _, _, p_first, q_first = _tile_probabilities(s_ptr, t_ptr, t_idx_ptr, t_fill_ptr, row_offsets,
-                                                          row_offsets < 1, cols, col_mask, C, K, log_k, inv_tau,
-                                                          SPARSE)
+    _, _, _, _, _, p_first, q_first = _tile_probabilities(s_ptr, t_ptr, t_idx_ptr, t_fill_ptr, standard_ptr,
+                                                          row_offsets, row_offsets < 1, cols, col_mask, C, K, log_k,
+                                                          inv_tau, SPARSE, STANDARDIZE)
     p0 = tl.sum(p_first, 0)  # row 0 alone (the others are masked to 0)
     q0 = tl.sum(q_first, 0)
     first = program.to(tl.int64) * rows_per_program
@@ -1032,7 +1570,8 @@ def _column_partials_kernel(
         rows = start + row_offsets
         row_mask = rows < last
         mask, s_max, s_log_sum, t_max, t_log_sum, p, q = _tile_probabilities(
-            s_ptr, t_ptr, t_idx_ptr, t_fill_ptr, rows, row_mask, cols, col_mask, C, K, log_k, inv_tau, SPARSE)
+            s_ptr, t_ptr, t_idx_ptr, t_fill_ptr, standard_ptr, rows, row_mask, cols, col_mask, C, K, log_k, inv_tau,
+            SPARSE, STANDARDIZE)
         tl.store(stats_ptr + rows * 4, s_max, mask=row_mask)
         tl.store(stats_ptr + rows * 4 + 1, s_log_sum, mask=row_mask)
         tl.store(stats_ptr + rows * 4 + 2, t_max, mask=row_mask)
@@ -1289,12 +1828,13 @@ class TeacherRows:
         return self.k, max(self.k - 1, 0).bit_length()
 
 
-def _column_statistics(student, teacher: TeacherRows, inv_tau, layout: RowLayout):
+def _column_statistics(student, teacher: TeacherRows, inv_tau, layout: RowLayout, standard: torch.Tensor):
     """[5, C] fp32 (mean_p, mean_q, cross, self_p, self_q), the [C] column correlations, and
     the [B, 4] fp32 per-row softmax statistics they were computed with: in the row kernel's
     ``layout``, one read of each input when it is resident and C <= MAX_COLUMN_PARTIALS_CLASSES
     (``_column_partials_kernel``), else two (``_softmax_stats_kernel``, then
-    ``_column_moments_kernel``)."""
+    ``_column_moments_kernel``). ``standard``: the rows' standardization statistics ([B, 6]
+    fp64, _standardize_kernel's) or an fp32 placeholder (no standardization)."""
     rows, classes = student.shape
     stats = torch.empty(rows, 4, dtype=torch.float32, device=student.device)
     origin = torch.empty(2, classes, dtype=torch.float32, device=student.device)
@@ -1303,19 +1843,20 @@ def _column_statistics(student, teacher: TeacherRows, inv_tau, layout: RowLayout
         rows_per_chunk = triton.cdiv(rows_per_chunk, layout.rows) * layout.rows
         chunks = triton.cdiv(rows, rows_per_chunk)
         partial = torch.empty(chunks, 5, classes, dtype=torch.float64, device=student.device)
-        _column_partials_kernel[(chunks,)](student, *teacher.pointers, stats, partial, origin, rows, *teacher.sizes,
+        _column_partials_kernel[(chunks,)](student, *teacher.pointers, stats, standard, partial, origin, rows,
+                                           *teacher.sizes,
                                            inv_tau, rows_per_chunk, C=classes, ROWS=layout.rows, BLOCK=layout.block,
                                            num_warps=layout.warps)
     else:
         block, warps = chunk_config(classes)
-        _softmax_stats_kernel[(rows,)](student, *teacher.pointers, stats, classes, *teacher.sizes, inv_tau, BLOCK=block,
-                                       num_warps=warps)
+        _softmax_stats_kernel[(rows,)](student, *teacher.pointers, stats, standard, classes, *teacher.sizes, inv_tau,
+                                       BLOCK=block, num_warps=warps)
         chunks = triton.cdiv(rows, rows_per_chunk)
         column_block = min(256, triton.next_power_of_2(classes))
         partial = torch.empty(chunks, 5, classes, dtype=torch.float64, device=student.device)
         _column_moments_kernel[(triton.cdiv(classes, column_block), chunks)](
-            student, *teacher.pointers, stats, partial, origin, rows, classes, *teacher.sizes, inv_tau, rows_per_chunk,
-            BLOCK=column_block)
+            student, *teacher.pointers, stats, standard, partial, origin, rows, classes, *teacher.sizes, inv_tau,
+            rows_per_chunk, BLOCK=column_block)
     return (*_finish_columns(origin, partial.sum(0), rows), stats)
 
 
@@ -1445,7 +1986,10 @@ def fused_kd_loss_triton(
 
     With ``teacher_indices`` (a sparse teacher: ``teacher`` [B, k] fp32 values, int32 indices
     sorted in each row, ``teacher_fill`` [B] fp32) every kernel rebuilds the teacher's rows
-    where it reads them (``_teacher_tile``); no dense B×C teacher is made."""
+    where it reads them (``_teacher_tile``); no dense B×C teacher is made. ``tckd_coef``,
+    ``nckd_coef``: DKD's terms (they need a target and C >= 2); ``standardize``: logit
+    standardization of every term but CE (C >= 2), the rebuilt row of a sparse teacher
+    included."""
     check_fused_arguments("kdfast fused loss (triton)", student, teacher, target, difficulty, temperature,
                           rank_strength, difficulty_mode, ce_coef, column_coef, rectify, teacher_indices,
                           teacher_fill, teacher_grad)
@@ -1453,19 +1997,25 @@ def fused_kd_loss_triton(
     if classes > MAX_CLASSES:
         raise ValueError(f"kdfast fused loss (triton): at most {MAX_CLASSES} classes (32-bit column offsets), "
                          f"got C={classes}")
-    if tckd_coef != 0 or nckd_coef != 0 or standardize:
-        raise NotImplementedError("kdfast fused loss (triton): the DKD terms and logit standardization are not "
-                                  "implemented yet")
+    dkd = tckd_coef != 0 or nckd_coef != 0
+    if dkd and target is None:
+        raise ValueError("kdfast fused loss (triton): the DKD terms need a target")
+    if (dkd or standardize) and classes < 2:
+        raise ValueError(f"kdfast fused loss (triton): the DKD terms and logit standardization need at least 2 "
+                         f"classes, got {classes}")
     with on_device_of(student):
         return _fused_loss(student.contiguous(), teacher.contiguous(), target, difficulty, temperature, kl_coef,
                            ce_coef, pearson_coef, spearman_coef, column_coef, rank_strength, difficulty_mode,
-                           difficulty_value, rectify, student_grad, teacher_grad, teacher_indices, teacher_fill)
+                           difficulty_value, rectify, student_grad, teacher_grad, teacher_indices, teacher_fill,
+                           tckd_coef, nckd_coef, standardize)
 
 
 def _fused_loss(student, teacher, target, difficulty, temperature, kl_coef, ce_coef, pearson_coef, spearman_coef,
                 column_coef, rank_strength, difficulty_mode, difficulty_value, rectify, student_grad, teacher_grad,
-                teacher_indices, teacher_fill):
-    """The launches of :func:`fused_kd_loss_triton`, on the inputs' device (checked inputs)."""
+                teacher_indices, teacher_fill, tckd_coef=0.0, nckd_coef=0.0, standardize=False, dkd_terms=None):
+    """The launches of :func:`fused_kd_loss_triton`, on the inputs' device (checked inputs).
+    ``dkd_terms``: a [B, 2] fp64 tensor to receive each row's TCKD and NCKD (tests), when
+    the DKD terms are on."""
     rows, classes = student.shape
     inv_tau = 1.0 / temperature
     device = student.device
@@ -1477,10 +2027,33 @@ def _fused_loss(student, teacher, target, difficulty, temperature, kl_coef, ce_c
     grad_student = torch.empty_like(student) if student_grad else student.new_empty((0,))
     grad_teacher = torch.empty_like(teacher.values) if teacher_grad else teacher.values.new_empty((0,))
     layout = launch_config(classes, (pearson_coef != 0) + (column_coef != 0) + (spearman_coef != 0))
-    columns, column_rho, stats = (_column_statistics(student, teacher, inv_tau, layout) if column_coef != 0
+    # Flags carried by pointer dtypes (see the module doc): fp64 switches DKD's terms and
+    # the standardization on in every kernel that takes the pointer.
+    dkd = tckd_coef != 0 or nckd_coef != 0
+    if dkd and dkd_terms is None:
+        dkd_terms = torch.empty(rows, 2, dtype=torch.float64, device=device)
+    dkd_out = dkd_terms if dkd else row_loss
+    standard = row_loss
+    spearman_student, spearman_teacher = student, teacher
+    if standardize:
+        # The row kernel takes a resident row's statistics in registers, unless other kernels
+        # standardize the rows too: then all read _standardize_kernel's (the same floats).
+        if not layout.resident or column_coef != 0 or spearman_coef != 0:
+            standard = torch.empty(rows, 6, dtype=torch.float64, device=device)
+            block, warps = chunk_config(classes)
+            z_student = z_teacher = row_loss
+            if spearman_coef != 0:  # the Spearman terms rank and sort the standardized rows
+                z_student = torch.empty(rows, classes, dtype=torch.float32, device=device)
+                z_teacher = torch.empty(rows, classes, dtype=torch.float32, device=device)
+                spearman_student, spearman_teacher = z_student, TeacherRows.dense(z_teacher, row_loss)
+            _standardize_kernel[(rows,)](student, *teacher.pointers, standard, z_student, z_teacher, classes,
+                                         *teacher.sizes, BLOCK=block, WRITE_ROWS=spearman_coef != 0, num_warps=warps)
+        else:
+            standard = torch.empty(1, dtype=torch.float64, device=device)  # the flag alone (not read)
+    columns, column_rho, stats = (_column_statistics(student, teacher, inv_tau, layout, standard) if column_coef != 0
                                   else (row_loss, None, row_loss))
-    spearman_rho, spearman_grad = (_spearman(student, teacher, rank_strength, student_grad) if spearman_coef != 0
-                                   else (row_loss, None))
+    spearman_rho, spearman_grad = (_spearman(spearman_student, spearman_teacher, rank_strength, student_grad)
+                                   if spearman_coef != 0 else (row_loss, None))
     # The chunked layout's row Pearson term keeps each chunk's running maxima (8 bytes per
     # chunk of MAX_ROW_BLOCK classes).
     chunk_max = (torch.empty(rows, triton.cdiv(classes, layout.block), 2, dtype=torch.float32, device=device)
@@ -1489,10 +2062,10 @@ def _fused_loss(student, teacher, target, difficulty, temperature, kl_coef, ce_c
     difficulty = difficulty.float().contiguous() if difficulty is not None else row_loss
     _fused_row_kernel[(triton.cdiv(rows, layout.rows),)](
         student, *teacher.pointers, target, difficulty, spearman_rho,
-        spearman_grad if spearman_grad is not None else row_loss, columns, stats, chunk_max, row_loss,
-        grad_student if student_grad else row_loss, grad_teacher if teacher_grad else row_loss,
-        rows, *teacher.sizes, inv_tau, kl_coef, ce_coef, pearson_coef, spearman_coef, column_coef, difficulty_value,
-        1.0 / rows,
+        spearman_grad if spearman_grad is not None else row_loss, columns, stats, standard, chunk_max, row_loss,
+        dkd_out, grad_student if student_grad else row_loss, grad_teacher if teacher_grad else row_loss,
+        rows, *teacher.sizes, inv_tau, kl_coef, ce_coef, pearson_coef, spearman_coef, column_coef, tckd_coef,
+        nckd_coef, difficulty_value, 1.0 / rows,
         C=classes, HAS_TARGET=target is not row_loss, HAS_KL=kl_coef != 0, HAS_CE=ce_coef != 0, HAS_PEARSON=pearson_coef != 0,
         HAS_SPEARMAN=spearman_coef != 0, HAS_COLUMN=column_coef != 0, RECTIFY=rectify,
         DIFFICULTY_MODE=difficulty_mode, STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad,
