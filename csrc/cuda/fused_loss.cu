@@ -257,17 +257,19 @@ __device__ __forceinline__ void load_run(const T* row, int64_t j0, int64_t cols,
 //   run(j0, cols, vector, out)   kVector classes from j0 as floats, 0 past the row's end (the
 //                                row kernel's runs: load_run's 16-byte vector loads for a
 //                                dense teacher, unchanged; one search and a walk for a sparse);
-//   gather<N>(j0, cols, out)     N classes from j0 in value_type (the in-block sorts' items:
-//                                their 16-bit keys read a half teacher's own bits).
-// Both also have load(row, col), and on the host rows_from(first) (the Spearman chunks'
-// rows) and aligned16() (whether the row kernel may use vector loads).
+//   gather<N>(j0, cols, out)     N classes from j0 in value_type, masked past the row's end
+//                                (the in-block sorts' items, j0 + N ≤ 65536: their 16-bit
+//                                keys read a half teacher's own bits).
+// load(row, col, element) reads one class without a view (element = row·C + col: where a
+// dense teacher has it; the column kernels, the sorts' keys). On the host, rows_from(first,
+// cols) gives the accessor of the rows from `first` on (the Spearman chunks'), and
+// aligned16() whether the row kernel may use vector loads.
 template <typename T>
 struct DenseTeacherRows {
   using value_type = T;
   using grad_type = T;  // the teacher's gradient, when it has one
   static constexpr bool kSparse = false;
   const T* logits;  // [B, C]
-  int64_t cols;
 
   struct Row {
     const T* logits;  // the row's C logits
@@ -276,14 +278,17 @@ struct DenseTeacherRows {
       load_run(logits, j0, cols, vector, out);
     }
     template <int N>
-    __device__ __forceinline__ void gather(int64_t j0, int64_t cols, T (&out)[N]) const {
+    __device__ __forceinline__ void gather(int j0, int64_t cols, T (&out)[N]) const {
 #pragma unroll
-      for (int i = 0; i < N; ++i) out[i] = j0 + i < cols ? logits[j0 + i] : T();
+      for (int i = 0; i < N; ++i) {
+        const int p = j0 + i;
+        out[i] = p < cols ? logits[p] : T();
+      }
     }
   };
   __device__ __forceinline__ Row view(int64_t, int64_t offset) const { return {logits + offset}; }
-  __device__ __forceinline__ float load(int64_t row, int64_t col) const { return to_float(logits[row * cols + col]); }
-  DenseTeacherRows rows_from(int64_t first) const { return {logits + first * cols, cols}; }
+  __device__ __forceinline__ float load(int64_t, int64_t, int64_t element) const { return to_float(logits[element]); }
+  DenseTeacherRows rows_from(int64_t first, int64_t cols) const { return {logits + first * cols}; }
   bool aligned16() const { return reinterpret_cast<uintptr_t>(logits) % 16 == 0; }
 };
 
@@ -363,8 +368,8 @@ struct SparseTeacherRows {
   __device__ __forceinline__ Row view(int64_t row, int64_t) const {
     return {values + row * k, indices + row * k, static_cast<int32_t>(k), fill[row]};
   }
-  __device__ __forceinline__ float load(int64_t row, int64_t col) const { return view(row, 0).load(col); }
-  SparseTeacherRows rows_from(int64_t first) const {
+  __device__ __forceinline__ float load(int64_t row, int64_t col, int64_t) const { return view(row, 0).load(col); }
+  SparseTeacherRows rows_from(int64_t first, int64_t) const {
     return {values + first * k, indices + first * k, fill + first, k};
   }
   bool aligned16() const { return true; }  // never read by vector loads
@@ -409,8 +414,8 @@ __global__ void __launch_bounds__(kThreads) row_softmax_stats_kernel(const s_t* 
 
 // One thread per column, one blockIdx.y per chunk of rows. pass 0: Σ (p − p_0), Σ (q − q_0)
 // (shifted by row 0, so that a constant column centers to exactly zero); pass 1: centered
-// Σ ab, Σ aa, Σ bb with the means found by pass 0. The teacher through teacher.load(i, j):
-// row i's own entries only (SparseTeacherRows), i < rows, j < cols.
+// Σ ab, Σ aa, Σ bb with the means found by pass 0. The teacher through teacher.load(i, j,
+// ·) (i < rows, j < cols): row i's own entries only (SparseTeacherRows).
 template <typename s_t, typename Teacher>
 __global__ void __launch_bounds__(kThreads) column_moments_kernel(const s_t* student, Teacher teacher, int64_t rows,
                                                                   int64_t cols, float it, const SoftmaxStats* stats,
@@ -423,11 +428,11 @@ __global__ void __launch_bounds__(kThreads) column_moments_kernel(const s_t* stu
   const int64_t last = first + chunk < rows ? first + chunk : rows;
   double* out = partial + static_cast<int64_t>(blockIdx.y) * 3 * cols;
   if (pass == 0) {
-    const float p0 = prob(to_float(student[j]), stats[0]), q0 = prob(teacher.load(0, j), stats[1]);
+    const float p0 = prob(to_float(student[j]), stats[0]), q0 = prob(teacher.load(0, j, j), stats[1]);
     double sp = 0.0, sq = 0.0;
     for (int64_t i = first; i < last; ++i) {
       sp += prob(to_float(student[i * cols + j]), stats[2 * i]) - p0;
-      sq += prob(teacher.load(i, j), stats[2 * i + 1]) - q0;
+      sq += prob(teacher.load(i, j, i * cols + j), stats[2 * i + 1]) - q0;
     }
     out[j] = sp;
     out[cols + j] = sq;
@@ -436,7 +441,7 @@ __global__ void __launch_bounds__(kThreads) column_moments_kernel(const s_t* stu
     double ab = 0.0, aa = 0.0, bb = 0.0;
     for (int64_t i = first; i < last; ++i) {
       const double a = prob(to_float(student[i * cols + j]), stats[2 * i]) - mean_p;
-      const double b = prob(teacher.load(i, j), stats[2 * i + 1]) - mean_q;
+      const double b = prob(teacher.load(i, j, i * cols + j), stats[2 * i + 1]) - mean_q;
       ab += a * b;
       aa += a * a;
       bb += b * b;
@@ -449,7 +454,7 @@ __global__ void __launch_bounds__(kThreads) column_moments_kernel(const s_t* stu
 
 // Reduces the chunks' partials in order. pass 0 writes the column means; pass 1 the
 // correlation's gradient coefficients and ρ per column (the teacher's row 0 through
-// teacher.load(0, j), j < cols).
+// teacher.load(0, j, j), j < cols).
 struct ColumnStats {
   float *mean_p, *mean_q, *cross, *self_p, *self_q;
   double* rho;
@@ -468,7 +473,7 @@ __global__ void __launch_bounds__(kThreads) column_finalize_kernel(const s_t* st
   }
   if (pass == 0) {
     const float p0 = expf((to_float(student[j]) - stats[0].max) * it - stats[0].log_sum);
-    const float q0 = expf((teacher.load(0, j) - stats[1].max) * it - stats[1].log_sum);
+    const float q0 = expf((teacher.load(0, j, j) - stats[1].max) * it - stats[1].log_sum);
     columns.mean_p[j] = static_cast<float>(p0 + sums[0] / static_cast<double>(rows));
     columns.mean_q[j] = static_cast<float>(q0 + sums[1] / static_cast<double>(rows));
   } else {
@@ -483,11 +488,11 @@ __global__ void __launch_bounds__(kThreads) column_finalize_kernel(const s_t* st
 // ---------------------------------------------------------------------------------
 // 2. The Spearman term.
 
-// The segmented sorts' keys: the chunk's logits as floats, the teacher's through its row
-// view (a sparse teacher's rebuilt row: the sort keys are the workspace the dense path
-// already fills, nothing more; a dense view at offset e − col reads address e, as
-// before). Element e < rows·cols is row e / cols < rows, class e % cols: every read is of
-// that row (SparseTeacherRows: its own entries), every write at e or at offsets[row ≤ rows].
+// The segmented sorts' keys: the chunk's logits as floats, the teacher's through
+// teacher.load(row, col, e) (a sparse teacher's rebuilt row: the sort keys are the
+// workspace the dense path already fills, nothing more). Element e < rows·cols is row
+// e / cols < rows, class e − row·cols < cols: every read is of that row (SparseTeacherRows:
+// its own entries), every write at e or at offsets[row ≤ rows].
 template <typename s_t, typename Teacher>
 __global__ void __launch_bounds__(kThreads) prepare_sort_kernel(const s_t* student, Teacher teacher, int64_t rows,
                                                                 int64_t cols, float* s_keys, float* t_keys,
@@ -496,9 +501,8 @@ __global__ void __launch_bounds__(kThreads) prepare_sort_kernel(const s_t* stude
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * kThreads) {
     s_keys[e] = to_float(student[e]);
-    // (This form of the row and class left the dense kernels' code as it was.)
-    const int64_t row = e / cols, col = e - row * cols;
-    t_keys[e] = teacher.view(row, e - col).load(col);
+    const int64_t row = e / cols;
+    t_keys[e] = teacher.load(row, e - row * cols, e);
     iota[e] = static_cast<int32_t>(e % cols);
     if (e % cols == 0) offsets[e / cols] = static_cast<int32_t>(e);
   }
@@ -774,7 +778,7 @@ __global__ void __launch_bounds__(THREADS, 1) spearman_teacher_kernel(Teacher te
   // row's end, the largest key (after every real one: the sort is stable and their
   // positions come last).
   Value logits[ITEMS];
-  teacher.view(row, row * cols).gather(static_cast<int64_t>(threadIdx.x) * ITEMS, cols, logits);
+  teacher.view(row, row * cols).gather(static_cast<int>(threadIdx.x) * ITEMS, cols, logits);
   Key keys[ITEMS];
   uint16_t index[ITEMS];
 #pragma unroll
@@ -2527,7 +2531,7 @@ double* launch(const FusedLossArgs& a, const Layout& l, const Teacher& teacher, 
     const int64_t n = std::min<int64_t>(l.spearman_rows, rows - first);
     const int64_t at = first * cols;  // int64: B·C may pass 2^31
     const s_t* chunk_student = student + at;
-    const Teacher chunk_teacher = teacher.rows_from(first);
+    const Teacher chunk_teacher = teacher.rows_from(first, cols);
     double* rho = reinterpret_cast<double*>(ws + l.rho);
     float* grad_rho = cfg.student_grad ? reinterpret_cast<float*>(ws + l.grad_rho) : nullptr;
     if (l.spearman.block_sort) {
@@ -2600,7 +2604,7 @@ void launch_standardized(const FusedLossArgs& a, const Layout& l, const Teacher&
   inner.config.teacher_grad = g_t != nullptr;
   inner.grad_student = g_s;
   inner.grad_teacher = g_t;
-  double* column_rho = launch<float>(inner, l, DenseTeacherRows<float>{z_t, cols}, false);
+  double* column_rho = launch<float>(inner, l, DenseTeacherRows<float>{z_t}, false);
   const float grad_scale = 1.0f / static_cast<float>(rows);
   float* row_loss = reinterpret_cast<float*>(ws + l.row_loss);
   standardize_backward_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
@@ -2711,7 +2715,7 @@ void fused_loss(const FusedLossArgs& args) {
   dispatch(args.student_type, [&](auto s_tag) {
     dispatch(args.teacher_type, [&](auto t_tag) {
       using t_t = decltype(t_tag);
-      run(s_tag, DenseTeacherRows<t_t>{static_cast<const t_t*>(args.teacher), args.cols});
+      run(s_tag, DenseTeacherRows<t_t>{static_cast<const t_t*>(args.teacher)});
     });
   });
 }
