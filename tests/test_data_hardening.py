@@ -313,7 +313,7 @@ def test_dali_failures_that_name_no_file_are_traced_to_it(tmp_path):
     data = make_loader(root, "train", batch_size=6, loader="dali", image_size=16, num_workers=1)
     victim = data.index.files[4]
     Path(victim).write_bytes(b"\x17" + bytes(4999))  # what DALI 2.4 reports as "nvImageCodec failure: '#3'"
-    data._feed.start([np.arange(6), np.arange(6, 12)])
+    data._feed.start([np.arange(6), np.arange(6, 12)], 0)
     for batch in data._feed:
         pass
     unnamed = RuntimeError("Critical error in pipeline:\n\x1b[0;31m[ERROR] \x1b[0m\nnvImageCodec failure: '#3'")

@@ -194,7 +194,7 @@ def test_methods_and_options_that_cannot_use_a_cache_are_refused(digits_cache, t
     with pytest.raises(ValueError, match=r"'pesf' cannot train from --teacher-cache: its adapter trains on the "
                                          r"teacher's pooled features"):
         _run(tmp_path, "pesf", method="pesf", teacher="mlp-64", teacher_cache=str(digits_cache))
-    with pytest.raises(ValueError, match=r"only read by the methods kd, dist, cmkd, reskd, got method 'drkd'"):
+    with pytest.raises(ValueError, match=r"only read by the methods kd, dist, cmkd, dkd, reskd, got method 'drkd'"):
         _run(tmp_path, "drkd", method="drkd", teacher_cache=str(digits_cache))
     with pytest.raises(ValueError, match=r"teacher_cache and teacher_checkpoint exclude each other"):
         _run(tmp_path, "both", method="kd", teacher="mlp-64", teacher_checkpoint="t.pt",
