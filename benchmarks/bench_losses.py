@@ -51,7 +51,26 @@ LOSSES = {
     "spearman_loss": lambda s, t, y, backend: kdfast.spearman_loss(s, t, backend=backend),
     "cmkd_loss": lambda s, t, y, backend: kdfast.cmkd_loss(s, t, y, 4.0, backend=backend),
     "drkd_loss": lambda s, t, y, backend: kdfast.drkd_loss(s, t, y, 4.0, 1.0, backend=backend),
+    "dkd_loss": lambda s, t, y, backend: kdfast.dkd_loss(s, t, y, 1.0, 8.0, 4.0, backend=backend),
 }
+#: The logit-standardized variants (Sun et al., CVPR 2024), as LOSSES with standardize=True:
+#: ``kd_loss[standardize]`` …; the backend limitations are their loss's.
+STANDARDIZED = ("kd_loss", "dist_loss", "cmkd_loss", "drkd_loss", "dkd_loss")
+STANDARDIZED_ARGS = {
+    "kd_loss": lambda s, t, y: (s, t, 4.0), "dist_loss": lambda s, t, y: (s, t, 1.0, 1.0, 1.0),
+    "cmkd_loss": lambda s, t, y: (s, t, y, 4.0), "drkd_loss": lambda s, t, y: (s, t, y, 4.0, 1.0),
+    "dkd_loss": lambda s, t, y: (s, t, y, 1.0, 8.0, 4.0),
+}
+for _name in STANDARDIZED:
+    LOSSES[f"{_name}[standardize]"] = (
+        lambda name: lambda s, t, y, backend: getattr(kdfast, name)(*STANDARDIZED_ARGS[name](s, t, y),
+                                                                    standardize=True, backend=backend))(_name)
+
+
+def operation(loss: str) -> str:
+    """The kdfast op a LOSSES entry runs (``kd_loss`` for ``kd_loss[standardize]``)."""
+    return loss.split("[", 1)[0]
+
 SPEARMAN_LOSSES = ("spearman_loss", "cmkd_loss")
 PROVIDERS = ("eager", "compiled", "torchsort", "kdfast-cpu", "kdfast-cuda", "kdfast-triton", "liger")
 COLORS = dict(zip(PROVIDERS, ("tab:blue", "tab:purple", "tab:gray", "tab:orange", "tab:green", "tab:red",
@@ -93,7 +112,7 @@ def loss_function(provider: str, loss: str, device: torch.device, dtype: torch.d
         return torch.compile(lambda s, t, y: fn(s, t, y, "torch"), fullgraph=True), contextlib.nullcontext
     if provider == "liger":
         if loss != "kd_loss":
-            return "Liger-Kernel has a KL divergence, not the other losses"
+            return "Liger-Kernel has a KL divergence, not the other losses (nor standardization)"
         if device.type != "cuda":
             return "Liger-Kernel's kernels run on CUDA"
         try:
@@ -110,7 +129,7 @@ def loss_function(provider: str, loss: str, device: torch.device, dtype: torch.d
 
         return liger, contextlib.nullcontext
     if provider == "torchsort":
-        if loss not in SPEARMAN_LOSSES:
+        if operation(loss) not in SPEARMAN_LOSSES:
             return "only the Spearman terms use a soft rank"
         try:
             import torchsort  # noqa: F401
@@ -120,7 +139,7 @@ def loss_function(provider: str, loss: str, device: torch.device, dtype: torch.d
             return "torchsort's CUDA extension is not built here"
         return (lambda s, t, y: fn(s, t, y, "torch")), torchsort_soft_ranks
     backend = provider.split("-", 1)[1]
-    reasons = dispatch.not_supported_reasons(backend, loss, device, (dtype, dtype))
+    reasons = dispatch.not_supported_reasons(backend, operation(loss), device, (dtype, dtype))
     if reasons:
         return "; ".join(reasons)
     return (lambda s, t, y: fn(s, t, y, backend)), contextlib.nullcontext
@@ -182,7 +201,7 @@ def run(shapes, providers, losses, device, dtype, reps, memory=True, on_rows=Non
                         peak = peak_memory_mb(lambda: torch.autograd.grad(forward(), s), device) if memory else None
                 except Exception as error:  # noqa: BLE001 - reported, and the other measurements go on
                     failed = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
-                    print(f"{loss:14s} {provider:13s} B={batch:5d} C={classes:6d}  FAILED: {failed}")
+                    print(f"{loss:22s} {provider:13s} B={batch:5d} C={classes:6d}  FAILED: {failed}")
                     print("".join(traceback.format_exc().splitlines(keepends=True)[-12:]), end="")
                 if failed is not None:  # past the except block, whose traceback held the failed call's tensors
                     failures.append(f"{loss} {provider} B={batch} C={classes}: {failed}")
@@ -205,7 +224,7 @@ def run(shapes, providers, losses, device, dtype, reps, memory=True, on_rows=Non
                 if on_rows is not None:
                     on_rows(measured)
                 full = timings["forward+backward"]
-                print(f"{loss:14s} {provider:13s} B={batch:5d} C={classes:6d}  fwd+bwd {full['median_ms']:9.3f} ms "
+                print(f"{loss:22s} {provider:13s} B={batch:5d} C={classes:6d}  fwd+bwd {full['median_ms']:9.3f} ms "
                       f"[{full['q20_ms']:.3f}, {full['q80_ms']:.3f}]  fwd {timings['forward']['median_ms']:8.3f}  "
                       f"bwd {timings['backward']['median_ms']:8.3f}" + (f"  peak {peak:7.2f} MB" if memory else ""))
     return rows, failures

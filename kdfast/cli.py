@@ -86,8 +86,8 @@ def _reskd_curve(args) -> int:
 
 
 #: The trainer's options that ``kdfast cache build`` takes too (same flags, help and checks).
-_CACHE_BUILD_SHARED = ("data", "teacher", "teacher_checkpoint", "image_size", "loader", "workers", "seed", "amp",
-                       "batch_size", "exclude", "threads", "device", "progress")
+_CACHE_BUILD_SHARED = ("data", "teacher", "teacher_checkpoint", "teacher_combine", "teacher_weights", "image_size",
+                       "loader", "workers", "seed", "amp", "batch_size", "exclude", "threads", "device", "progress")
 
 
 def _add_cache_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,13 +96,18 @@ def _add_cache_arguments(parser: argparse.ArgumentParser) -> None:
 
     for name in _CACHE_BUILD_SHARED:
         option = OPTIONS[name]
-        kind = {"int": int, "float": float}.get(option.kind, str)
+        kind = {"int": int, "float": float}.get(option.item_kind, str)
         default = {"workers": 0, "batch_size": 64}.get(name, option.default)
         help_text = {"batch_size": "rows of every teacher forward (part of the cache's settings)",
-                     "workers": "DataLoader decode processes per process"}.get(name, option.help)
+                     "workers": "DataLoader decode processes per process",
+                     "teacher": "teacher architecture; repeat it for several teachers (the cache records their "
+                                "combination), each with its --teacher-checkpoint"}.get(name, option.help)
+        shape = {}  # how the trainer's parser reads it: repeated (--teacher a --teacher b) or several values
+        if option.kind.endswith("_list"):
+            shape = {"nargs": "+"} if option.item_kind in ("int", "float") else {"action": "append"}
         parser.add_argument(option.flag, type=kind, default=None, choices=option.choices,
                             required=name in ("teacher", "teacher_checkpoint"),
-                            help=f"{help_text} (default: {default})")
+                            help=f"{help_text} (default: {default})", **shape)
     parser.add_argument("--epochs", type=int, required=True, help="augmentation epochs to record")
     parser.add_argument("--top-k", type=int, default=10, help="teacher logits kept per sample (default 10)")
     parser.add_argument("--output", required=True, help="the cache folder (an unfinished one is resumed)")

@@ -77,10 +77,19 @@ class TrainConfig:
                                         "verify --output` writes)", kind="path")
     # models
     student: str = _option("resnet8", "student architecture (kdfast.models)")
-    teacher: str | None = _option(None, "teacher architecture (kd, dist, cmkd, pesf, reskd; ignored by ce, drkd; "
-                                        "with --teacher-cache optional, checked against the cache's)")
-    teacher_checkpoint: str | None = _option(None, "teacher weights: a kdfast model.pt/checkpoint or a "
-                                                   "torchvision state dict", kind="path")
+    teacher: list[str] | None = _option(None, "teacher architecture (kd, dist, cmkd, dkd, pesf, reskd; ignored by "
+                                              "ce, drkd; with --teacher-cache optional, checked against the "
+                                              "cache's); repeat it for several teachers, each with its "
+                                              "--teacher-checkpoint", kind="str_list")
+    teacher_checkpoint: list[str] | None = _option(None, "teacher weights: a kdfast model.pt/checkpoint, a "
+                                                         "torchvision/CRD/mdistiller file; one per --teacher, in "
+                                                         "the same order", kind="path_list")
+    teacher_combine: str | None = _option(None, "several teachers: 'logits' (the weighted mean of their logits; "
+                                                "the default) or 'probabilities' (the weighted mean of their "
+                                                "softmax at τ, as logits τ·log q)",
+                                          choices=("logits", "probabilities"))
+    teacher_weights: list[float] | None = _option(None, "several teachers: one weight each, normalized to sum 1 "
+                                                        "(default: uniform)", low=0, kind="float_list")
     teacher_cache: str | None = _option(None, "an offline teacher (`kdfast cache build`): replay its recorded crops "
                                               "and take the teacher's logits from it instead of running a teacher "
                                               "(kd, dist, cmkd, reskd; not with --teacher-checkpoint)", kind="path")
@@ -172,7 +181,10 @@ class Option:
     """The specification of one option: its type, whether it may be null, its choices or range."""
 
     name: str
-    kind: str  # "bool", "int", "float", "str", "path" (a str or os.PathLike) or "int_list"
+    #: "bool", "int", "float", "str", "path" (a str or os.PathLike), or a list of one of the last
+    #: four: "int_list", "float_list", "str_list", "path_list" (a list option given a single
+    #: string holds a list of it: a config file written when the option took one value).
+    kind: str
     nullable: bool
     default: object
     help: str
@@ -186,14 +198,19 @@ class Option:
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
+    @property
+    def item_kind(self) -> str:
+        """The kind of one value: the option's kind, or its items' for a list."""
+        return self.kind.removesuffix("_list")
+
     def allowed(self) -> str:
         """What the option accepts, in words ("a positive integer", "one of 'sgd', 'adamw'" …)."""
         if self.kind == "bool":
             text = "true or false"
         elif self.choices is not None:
             text = "one of " + ", ".join(repr(choice) for choice in self.choices)
-        elif self.kind in ("int", "float", "int_list"):
-            integer = self.kind != "float"
+        elif self.item_kind in ("int", "float"):
+            integer = self.item_kind == "int"
             noun = "integer" if integer else "number"
             if self.low == 0 and self.low_open and self.high is None:
                 text = f"a positive {noun}"
@@ -206,10 +223,12 @@ class Option:
                 text = f"a{'n' if integer else ''} {noun} {'>' if self.low_open else '>='} {_number(self.low)}"
             else:
                 text = f"a{'n' if integer else ''} {noun}"
-            if self.kind == "int_list":
-                text = "a list of " + text.removeprefix("a ").removeprefix("an ").replace("integer", "integers", 1)
+            if self.kind.endswith("_list"):
+                text = "a list of " + text.removeprefix("a ").removeprefix("an ").replace(noun, noun + "s", 1)
         else:
-            text = "a path" if self.kind == "path" else "a string"
+            text = "a path" if self.item_kind == "path" else "a string"
+            if self.kind.endswith("_list"):
+                text = "a non-empty list of " + text.removeprefix("a ") + "s"
         return text + (" or null (the default)" if self.nullable else "")
 
     def _fail(self, value, where: str, hint: str = ""):
@@ -223,7 +242,7 @@ class Option:
             if self.nullable:
                 return None
             self._fail(value, where)
-        if isinstance(value, str) and self.kind in ("bool", "int", "float", "int_list"):
+        if isinstance(value, str) and self.item_kind in ("bool", "int", "float"):
             hint = " (a string: write it without quotes)"
             if self.kind == "float" and re.fullmatch(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+", value.strip()):
                 hint = f" (a string: YAML reads a number like {value} as text; write it with a decimal point, " \
@@ -233,23 +252,33 @@ class Option:
             if not isinstance(value, bool):
                 self._fail(value, where)
             return value
-        if self.kind == "int_list":
+        if self.kind.endswith("_list"):
+            if self.item_kind in ("str", "path") and isinstance(value, (str, os.PathLike)):
+                value = [value]
             if not isinstance(value, (list, tuple)):
                 self._fail(value, where)
-            return [self._check_number(item, where, whole=value) for item in value]
+            if self.item_kind in ("int", "float"):
+                return [self._check_number(item, where, whole=value) for item in value]
+            if not value:
+                self._fail(value, where, " (an empty list)")
+            return [self._check_text(item, where, whole=value) for item in value]
         if self.kind in ("int", "float"):
             return self._check_number(value, where)
-        if self.kind == "path" and isinstance(value, os.PathLike):
+        return self._check_text(value, where)
+
+    def _check_text(self, value, where: str, whole=None):
+        shown = value if whole is None else whole
+        if self.item_kind == "path" and isinstance(value, os.PathLike):
             value = os.fspath(value)
         if not isinstance(value, str) or not value:
-            self._fail(value, where, " (an empty string)" if value == "" else "")
+            self._fail(shown, where, " (an empty string)" if value == "" else "")
         if self.choices is not None and value not in self.choices:
-            self._fail(value, where)
+            self._fail(shown, where)
         return value
 
     def _check_number(self, value, where: str, whole=None):
         shown = value if whole is None else whole
-        integer = self.kind in ("int", "int_list")
+        integer = self.item_kind == "int"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             self._fail(shown, where)
         if integer and not isinstance(value, int):
@@ -271,7 +300,7 @@ def _build_options() -> dict[str, Option]:
         text, meta = str(item.type), item.metadata
         if meta.get("kind"):
             kind = meta["kind"]
-        elif text.startswith("list"):
+        elif text.startswith("list[int]"):
             kind = "int_list"
         elif "bool" in text:
             kind = "bool"
@@ -308,8 +337,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, exclude: tuple[str,
         help_text = f"{option.help} (default: {option.default})"
         if option.kind == "bool":
             parser.add_argument(option.flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif option.kind == "int_list":
-            parser.add_argument(option.flag, nargs="+", type=int, default=None, help=help_text)
+        elif option.item_kind in ("int", "float") and option.kind.endswith("_list"):
+            parser.add_argument(option.flag, nargs="+", type={"int": int, "float": float}[option.item_kind],
+                                default=None, help=help_text)
+        elif option.kind.endswith("_list"):  # repeated: --teacher a --teacher b
+            parser.add_argument(option.flag, action="append", default=None, choices=option.choices, help=help_text)
         else:
             kind = {"int": int, "float": float}.get(option.kind, str)
             parser.add_argument(option.flag, type=kind, default=None, choices=option.choices, help=help_text)
@@ -387,6 +419,19 @@ def validate(config: TrainConfig) -> None:
     elif config.method in TEACHER_METHODS and not config.teacher_checkpoint:
         raise ValueError(f"method {config.method!r} needs teacher_checkpoint: the teacher's weights (a frozen "
                          f"random teacher teaches nothing)")
+    elif config.method in TEACHER_METHODS and len(config.teacher_checkpoint) != len(config.teacher):
+        raise ValueError(f"teacher_checkpoint must give one file per teacher, in the order of --teacher: "
+                         f"{len(config.teacher)} teacher(s) {config.teacher}, {len(config.teacher_checkpoint)} "
+                         f"checkpoint(s) {config.teacher_checkpoint}")
+    if config.teacher_cache is not None and (config.teacher_combine is not None or config.teacher_weights is not None):
+        raise ValueError("teacher_combine and teacher_weights are recorded in a teacher cache (the teachers were "
+                         "combined when it was built, see `kdfast cache info`): drop them with --teacher-cache")
+    if config.method in TEACHER_METHODS and config.teacher_cache is None:
+        check_teacher_weights(len(config.teacher), config.teacher_weights)
+    elif config.method not in TEACHER_METHODS and (config.teacher_combine is not None
+                                                   or config.teacher_weights is not None):
+        raise ValueError(f"teacher_combine and teacher_weights are read by the methods with a teacher "
+                         f"({', '.join(TEACHER_METHODS)}), got method {config.method!r}")
     if config.logit_standardization and config.method not in ("kd", "dist", "cmkd", "dkd", "drkd", "reskd"):
         raise ValueError(f"logit_standardization applies to the methods kd, dist, cmkd, dkd, drkd, reskd, got method "
                          f"{config.method!r}")
@@ -401,6 +446,16 @@ def validate(config: TrainConfig) -> None:
         raise ValueError(f"nesterov is an SGD option, got optimizer {config.optimizer!r}")
     if config.nesterov and config.momentum == 0:
         raise ValueError("nesterov needs a momentum > 0, got momentum 0")
+
+
+def check_teacher_weights(count: int, weights: list[float] | None) -> None:
+    """``--teacher-weights`` for ``count`` teachers: one non-negative weight each, not all 0 (ValueError)."""
+    if weights is not None:
+        if len(weights) != count:
+            raise ValueError(f"teacher_weights must give one weight per teacher ({count}), got {len(weights)}: "
+                             f"{weights}")
+        if not any(weight > 0 for weight in weights):
+            raise ValueError(f"teacher_weights must not all be 0, got {weights}")
 
 
 def resume_changes(saved: dict, config: TrainConfig) -> list[tuple[str, object, object]]:

@@ -7,8 +7,11 @@
   ``q = Σ_k w_k softmax(t_k / τ)``, returned as logits ``τ · log q`` (so that
   ``softmax(result / τ) = q`` exactly; a loss must then use the same τ).
 
-Weights default to uniform and are normalized to sum to 1. A leaf module: the losses and
-the trainer import it, it imports neither.
+Weights default to uniform and are normalized to sum to 1.
+
+:class:`TeacherEnsemble` runs K frozen teachers over a batch and combines their logits so;
+the trainer and the cache builder use it for ``--teacher`` given more than once. A leaf
+module: the losses, the trainer and the cache import it, it imports none of them.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 from kdfast import _checks
 
@@ -67,3 +71,60 @@ def combine_teachers(logits_list, weights=None, mode: str = "logits", temperatur
     terms = [torch.log_softmax(t.to(compute) / temperature, dim=1) + math.log(w)
              for w, t in zip(weights, logits_list) if w > 0]
     return (temperature * torch.logsumexp(torch.stack(terms), dim=0)).to(first.dtype)
+
+
+class TeacherEnsemble(nn.Module):
+    """K frozen teachers as one: ``forward(images)`` gives the combined logits and the features.
+
+    Each teacher runs once over the batch, under the caller's ``no_grad``/autocast, one after
+    the other; their logits are combined by :func:`combine_teachers` (``weights``, ``mode``,
+    ``temperature``). With one teacher, ``forward`` is that teacher's
+    ``fc(forward_features(images))`` itself (no combination: bitwise a single-teacher run).
+
+    Memory: all K teachers' weights stay on the device; under ``no_grad`` a teacher's
+    activations are freed when its forward returns, so the activation peak is the largest
+    single teacher's, plus K × ([B, C] logits + [B, D_k] features) kept for the combination.
+    Time: the sum of the K forwards.
+
+    Args:
+        teachers: K ≥ 1 models of the zoo (``forward_features`` and ``fc``); put in eval mode
+            and frozen here.
+        weights, mode, temperature: as :func:`combine_teachers`.
+
+    Attributes:
+        feature_dim: the features' width: the teacher's, or for K > 1 the sum of the
+            teachers' (their features concatenated, in order; what PESF-KD's adapter reads).
+    """
+
+    def __init__(self, teachers, weights=None, mode: str = "logits", temperature: float = 1.0):
+        super().__init__()
+        teachers = list(teachers)
+        if not teachers:
+            raise ValueError("teachers must hold at least one model")
+        if mode not in MODES:
+            raise ValueError(f"mode must be 'logits' or 'probabilities', got {mode!r}")
+        if weights is not None and len(weights) != len(teachers):
+            raise ValueError(f"weights must have one entry per teacher ({len(teachers)}), got {len(weights)}")
+        self.teachers = nn.ModuleList(teacher.eval().requires_grad_(False) for teacher in teachers)
+        self.weights = None if weights is None else [float(w) for w in weights]
+        self.mode = mode
+        self.temperature = _checks.check_temperature("temperature", temperature)
+        self.feature_dim = sum(teacher.feature_dim for teacher in teachers)
+        self._feature_forwards = [teacher.forward_features for teacher in self.teachers]
+
+    def train(self, mode: bool = True):
+        """Teachers stay in eval mode (their BatchNorm statistics are frozen) whatever is asked."""
+        return super().train(False)
+
+    def compile_features(self, **options) -> None:
+        """``torch.compile`` each teacher's feature extractor (the heads and the combination run eagerly)."""
+        self._feature_forwards = [torch.compile(teacher.forward_features, **options) for teacher in self.teachers]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(combined logits [B, C], features [B, feature_dim]) of ``images``."""
+        features = [forward(images) for forward in self._feature_forwards]
+        logits = [teacher.fc(feature) for teacher, feature in zip(self.teachers, features)]
+        if len(logits) == 1:
+            return logits[0], features[0]
+        combined = combine_teachers(logits, self.weights, self.mode, self.temperature)
+        return combined, torch.cat(features, dim=1)

@@ -56,11 +56,12 @@ from torch import nn
 import kdfast
 from kdfast.checkpoint import (CheckpointError, RunLock, atomic_write_bytes, latest_checkpoint, list_checkpoints,
                                read_checkpoint_file, remove_orphaned_temporaries, save_state_dict, write_checkpoint)
-from kdfast.config import (RESUME_MAY_CHANGE, TEACHER_METHODS, TrainConfig, describe_changes, read_config_file,
-                           resume_changes, save_config, validate)
+from kdfast.config import (OPTIONS, RESUME_MAY_CHANGE, TEACHER_METHODS, TrainConfig, describe_changes,
+                           read_config_file, resume_changes, save_config, validate)
 from kdfast.execution import execution_settings
 from kdfast.models import create_model, load_weights, upgrade_old_keys
 from kdfast.nn import TeacherAdapter
+from kdfast.teachers import TeacherEnsemble
 
 LOGGER = logging.getLogger("kdfast.train")
 
@@ -264,6 +265,11 @@ def open_teacher_cache(config: TrainConfig):
                          f"{cache.num_classes} classes the teacher's remaining mass is only known at those; train with "
                          f"--temperature set to one of them, or build the cache with --temperatures including "
                          f"{tau:g}")
+    combined_at = cache.manifest["teacher"].get("temperature")  # a combination of probabilities
+    if combined_at is not None and not math.isclose(tau, combined_at, rel_tol=1e-6):
+        raise ValueError(f"teacher cache {config.teacher_cache} holds its teachers' probabilities combined at "
+                         f"τ = {combined_at:g}, which a loss reads only at that temperature: train with --temperature "
+                         f"{combined_at:g} (got {tau:g}), or build a cache at {tau:g}")
     return cache
 
 
@@ -275,6 +281,34 @@ def build_model(name: str, loader, config: TrainConfig, runtime: Runtime, weight
         load_weights(model, weights, what=what)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     return model.to(device=runtime.device, memory_format=memory_format)
+
+
+def describe_teachers(teachers: list[str] | None) -> str | None:
+    """``resnet56`` for one teacher, ``resnet56 + wrn40_2`` for several (None without)."""
+    return None if not teachers else " + ".join(teachers)
+
+
+def _combination(config: TrainConfig) -> str:
+    if not config.teacher or len(config.teacher) == 1:
+        return ""
+    weights = "uniform" if config.teacher_weights is None else "weights " + ":".join(
+        f"{w:g}" for w in config.teacher_weights)
+    return f" (mean of their {config.teacher_combine or 'logits'}, {weights})"
+
+
+def build_teachers(config: TrainConfig, loader, runtime: Runtime, load_weights: bool = True) -> TeacherEnsemble:
+    """The run's frozen teachers (``--teacher``/``--teacher-checkpoint``, one or more) as one
+    :class:`~kdfast.teachers.TeacherEnsemble` combining them by ``--teacher-combine`` and
+    ``--teacher-weights`` at the method's temperature."""
+    names = OPTIONS["teacher"].check(config.teacher)  # a list, also in a TrainConfig built without validate
+    checkpoints = OPTIONS["teacher_checkpoint"].check(config.teacher_checkpoint) if load_weights else None
+    checkpoints = checkpoints or [None] * len(names)
+    several = len(names) > 1
+    teachers = [build_model(name, loader, config, runtime, checkpoint,
+                            f"teacher_checkpoint {number} ({name})" if several else "teacher_checkpoint")
+                for number, (name, checkpoint) in enumerate(zip(names, checkpoints), 1)]
+    return TeacherEnsemble(teachers, config.teacher_weights, config.teacher_combine or "logits",
+                           config.resolved_temperature())
 
 
 class Schedule:
@@ -520,9 +554,7 @@ class KDStep:
             student = _reskd_stage(config, runtime, student)
         self.teacher = adapter = None
         if config.method in TEACHER_METHODS and teacher_cache is None:
-            self.teacher = build_model(config.teacher, train_loader, config, runtime,
-                                       config.teacher_checkpoint if load_weights else None,
-                                       "teacher_checkpoint").eval().requires_grad_(False)
+            self.teacher = build_teachers(config, train_loader, runtime, load_weights)
         if config.method == "pesf":
             adapter = TeacherAdapter(self.teacher.feature_dim, train_loader.num_classes, config.adapter_hidden,
                                      config.resolved_temperature(), config.rectify,
@@ -534,9 +566,7 @@ class KDStep:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, Schedule(config, len(train_loader)))
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.amp == "fp16")
         self.loss_fn = MethodLoss(config, train_loader.num_classes, train_loader.num_samples, runtime.device)
-        self.step_model, self.teacher_forward = self.model, None
-        if self.teacher is not None:
-            self.teacher_forward = self.teacher.forward_features
+        self.step_model = self.model
 
     def wrap(self) -> None:
         """DDP (when distributed) and torch.compile (when asked); after any checkpoint is loaded."""
@@ -547,7 +577,7 @@ class KDStep:
                 model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         self.step_model = torch.compile(model) if self.config.compile else model
         if self.teacher is not None and self.config.compile:
-            self.teacher_forward = torch.compile(self.teacher.forward_features)
+            self.teacher.compile_features()
 
     def __call__(self, images, labels, indices, epoch: int, mark=None) -> dict[str, torch.Tensor]:
         mark = mark or (lambda part: None)
@@ -561,8 +591,7 @@ class KDStep:
         with _autocast(self.config, self.runtime.device):
             if self.teacher is not None:
                 with torch.no_grad():
-                    teacher_features = self.teacher_forward(images)
-                    teacher_logits = self.teacher.fc(teacher_features)
+                    teacher_logits, teacher_features = self.teacher(images)
                 mark("teacher forward")
             with _collective(self.runtime, "DDP's broadcast of the BatchNorm buffers (forward)"):
                 student_logits, adapted = self.step_model(images, teacher_logits, teacher_features)
@@ -950,9 +979,9 @@ def _train_locked(config: TrainConfig, runtime: Runtime, folder: Path, say) -> d
     metrics = MetricsWriter(folder if runtime.main else None, config.tensorboard)
     progress = Progress(config.progress, total_steps, runtime.main)
     parameters = sum(p.numel() for p in student.parameters())
-    teacher_name = config.teacher if cache is None else cache.manifest["teacher"]["architecture"]
+    teacher_name = describe_teachers(config.teacher) if cache is None else cache.teacher_description
     say(f"kdfast train: {config.method} | student {config.student} ({parameters:,} parameters)"
-        + (f" | teacher {config.teacher}" if kd_step.teacher is not None else "")
+        + (f" | teacher {teacher_name}{_combination(config)}" if kd_step.teacher is not None else "")
         + (f" | teacher {teacher_name} from cache {config.teacher_cache} (top-{cache.top_k} of {cache.num_classes}, "
            f"{cache.epochs} epoch(s) recorded)" if cache is not None else "")
         + f" | {train_loader.num_samples} train / {val_loader.num_samples} val images, {train_loader.num_classes} "

@@ -318,7 +318,7 @@ def test_example_imagenet_config_resolves():
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
     resolved = resolve_config(parser.parse_args(["--config", str(ROOT / "examples" / "imagenet_cmkd.yaml")]))
-    assert (resolved.student, resolved.teacher, resolved.method, resolved.amp) == ("resnet18", "resnet34", "cmkd", "bf16")
+    assert (resolved.student, resolved.teacher, resolved.method, resolved.amp) == ("resnet18", ["resnet34"], "cmkd", "bf16")
     assert "examples/imagenet_cmkd.yaml" in (ROOT / "examples" / "slurm_imagenet.sbatch").read_text()
 
 

@@ -49,6 +49,7 @@ from kdfast.cache.format import (
 from kdfast.data.common import IMAGENET_MEAN, IMAGENET_STD, SampleOrder
 from kdfast.data.digits import DIGITS_NAME, NATIVE_SIZE
 from kdfast.execution import execution_settings
+from kdfast.teachers import MODES, TeacherEnsemble
 
 LOGGER = logging.getLogger("kdfast.cache")
 
@@ -273,8 +274,54 @@ def _identity_differences(found: dict, wanted: dict, prefix: str = "") -> list[s
     return differences
 
 
-def build_cache(data: str | os.PathLike, teacher: str, teacher_checkpoint: str | os.PathLike,
-                output: str | os.PathLike, *, epochs: int, top_k: int, image_size: int | None = None,
+def _check_teachers(teacher, teacher_checkpoint, combine, weights, temperatures):
+    """(architectures, checkpoint paths, TeacherEnsemble's combination keywords), checked."""
+    def as_list(value):
+        return [value] if isinstance(value, (str, os.PathLike)) else list(value)
+
+    teachers, checkpoints = as_list(teacher), [os.fspath(c) for c in as_list(teacher_checkpoint)]
+    if not teachers or not all(isinstance(name, str) and name for name in teachers):
+        raise CacheError(f"teacher must be an architecture name or a non-empty list of them, got {teacher!r}")
+    if len(checkpoints) != len(teachers):
+        raise CacheError(f"teacher_checkpoint must give one file per teacher ({len(teachers)}: {teachers}), got "
+                         f"{len(checkpoints)}: {checkpoints}")
+    _check("teacher_combine", combine or "logits", str, choices=MODES)
+    if weights is not None:
+        weights = list(weights)
+        if len(weights) != len(teachers) or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+                for w in weights) or not any(w > 0 for w in weights):
+            raise CacheError(f"teacher_weights must be {len(teachers)} non-negative numbers, not all 0 (one per "
+                             f"teacher), got {weights!r}")
+    if len(teachers) > 1 and combine == "probabilities" and len(temperatures) != 1:
+        raise CacheError(f"teacher_combine 'probabilities' combines the teachers' softmax at one τ, which the "
+                         f"loss must then use: give exactly one temperature (the training τ), got "
+                         f"{list(temperatures)}")
+    weights = [1.0] * len(teachers) if weights is None else [float(w) for w in weights]
+    total = math.fsum(weights)
+    combination = {"weights": [w / total for w in weights], "mode": combine or "logits",
+                   "temperature": float(temperatures[0])}
+    return teachers, checkpoints, combination
+
+
+def _teacher_manifest(teachers: list[str], checkpoints: list[str], combination: dict) -> dict:
+    """The manifest's ``teacher``: one teacher's architecture, file and SHA-256 (as in every
+    cache so far); several: lists of each, and the combination (mode, normalized weights,
+    and τ for ``probabilities``)."""
+    digests = [_checkpoint_sha256(path) for path in checkpoints]
+    names = [Path(path).name for path in checkpoints]
+    if len(teachers) == 1:
+        return {"architecture": teachers[0], "checkpoint": names[0], "checkpoint_sha256": digests[0]}
+    entry = {"architecture": teachers, "checkpoint": names, "checkpoint_sha256": digests,
+             "combine": combination["mode"], "weights": combination["weights"]}
+    if combination["mode"] == "probabilities":
+        entry["temperature"] = combination["temperature"]
+    return entry
+
+
+def build_cache(data: str | os.PathLike, teacher: str | list[str], teacher_checkpoint: str | os.PathLike | list,
+                output: str | os.PathLike, *, epochs: int, top_k: int, teacher_combine: str | None = None,
+                teacher_weights=None, image_size: int | None = None,
                 loader: str = "auto", workers: int | None = 0, seed: int = 0, amp: str = "none",
                 batch_size: int = 64, temperatures=DEFAULT_TEMPERATURES, values_dtype: str = "float16",
                 shard_samples: int = DEFAULT_SHARD_SAMPLES, exclude=None, threads: int | None = None,
@@ -285,7 +332,12 @@ def build_cache(data: str | os.PathLike, teacher: str, teacher_checkpoint: str |
     Args:
         data: an image folder (its ``train`` split) or ``"digits"``.
         teacher, teacher_checkpoint: the teacher's architecture (:func:`kdfast.models.create_model`)
-            and weights (:func:`kdfast.models.load_weights`).
+            and weights (:func:`kdfast.models.load_weights`); or lists of K of each, pairwise:
+            the cache then records their combination (:func:`kdfast.combine_teachers`).
+        teacher_combine, teacher_weights: the combination of several teachers: ``"logits"``
+            (default) or ``"probabilities"`` (which needs exactly one temperature, the
+            combination's τ: a loss reads it only at that τ), and one weight per teacher
+            (default uniform; recorded normalized).
         output: the cache folder (created; an existing cache of the same settings is resumed).
         epochs: augmentation epochs to record (0 … epochs − 1; a reader cycles through them).
         top_k: logits kept per sample (1 ≤ k ≤ C; k = C keeps the whole row).
@@ -336,6 +388,8 @@ def build_cache(data: str | os.PathLike, teacher: str, teacher_checkpoint: str |
     temperatures = tuple(float(t) for t in temperatures)
     if len(set(temperatures)) != len(temperatures):
         raise CacheError(f"temperatures must be distinct, got {list(temperatures)}")
+    teachers, checkpoints, combination = _check_teachers(teacher, teacher_checkpoint, teacher_combine,
+                                                         teacher_weights, temperatures)
     data = os.fspath(data)
     if loader == "dali":
         raise CacheError("loader 'dali' cannot build a cache: DALI draws its random crops inside the pipeline, where "
@@ -351,8 +405,7 @@ def build_cache(data: str | os.PathLike, teacher: str, teacher_checkpoint: str |
     dtype = record_dtype(num_classes, top_k, values_dtype, len(temperatures))
     manifest = {
         "format": "kdfast-teacher-cache", "format_version": FORMAT_VERSION,
-        "teacher": {"architecture": teacher, "checkpoint": Path(teacher_checkpoint).name,
-                    "checkpoint_sha256": _checkpoint_sha256(teacher_checkpoint)},
+        "teacher": _teacher_manifest(teachers, checkpoints, combination),
         "dataset": dict(source.fingerprint, root=data),
         "classes": list(source.classes), "num_classes": num_classes, "num_samples": source.num_samples,
         "in_channels": source.in_channels, "image_size": source.image_size, "transform": source.transform,
@@ -408,9 +461,13 @@ def build_cache(data: str | os.PathLike, teacher: str, teacher_checkpoint: str |
         if len(todo) < len(mine) and rank == 0:
             LOGGER.info("%s: %d of this rank's %d shards are already built; building the other %d", folder,
                         len(mine) - len(todo), len(mine), len(todo))
-        model = create_model(teacher, num_classes, in_channels=source.in_channels, image_size=source.image_size)
-        load_weights(model, teacher_checkpoint, what="teacher checkpoint")
-        model = model.eval().requires_grad_(False).to(device_)
+        models = []
+        for number, (name, checkpoint) in enumerate(zip(teachers, checkpoints), 1):
+            model = create_model(name, num_classes, in_channels=source.in_channels, image_size=source.image_size)
+            load_weights(model, checkpoint, what="teacher checkpoint" if len(teachers) == 1
+                         else f"teacher checkpoint {number} ({name})")
+            models.append(model)
+        model = TeacherEnsemble(models, **combination).to(device_)
         _record(model, source, todo, folder, dtype, manifest, device_, _Progress(
             progress, sum(shard["count"] for shard in todo), world_size, rank == 0))
     source.close()
@@ -445,7 +502,7 @@ def _record(model, source, todo: list[dict], folder: Path, dtype: np.dtype, mani
         # memory format picks the convolution kernels, whose float32 results differ in the last bit.
         images = images.to(device=device, dtype=image_dtype).contiguous()
         with torch.no_grad(), autocast:
-            logits = model(images)
+            logits, _ = model(images)
         logits = logits.float().cpu()
         if not torch.isfinite(logits).all():
             row = int((~torch.isfinite(logits)).any(dim=1).nonzero()[0, 0])

@@ -174,3 +174,21 @@ def read_manifest(directory: str | os.PathLike) -> dict:
 
 def manifest_bytes(manifest: dict) -> bytes:
     return (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+
+
+def manifest_teachers(manifest: dict) -> list[str]:
+    """The architectures of the cache's teachers, in order (one for a single-teacher cache)."""
+    architecture = manifest["teacher"]["architecture"]
+    return list(architecture) if isinstance(architecture, list) else [architecture]
+
+
+def describe_manifest_teacher(manifest: dict) -> str:
+    """``resnet56`` or, for a combination, ``resnet56 + wrn40_2 (mean of their logits, weights 0.5:0.5)``."""
+    teacher = manifest["teacher"]
+    names = manifest_teachers(manifest)
+    if len(names) == 1:
+        return names[0]
+    mode = teacher["combine"]
+    at = f" at τ = {teacher['temperature']:g}" if mode == "probabilities" else ""
+    weights = ":".join(f"{w:g}" for w in teacher["weights"])
+    return f"{' + '.join(names)} (mean of their {mode}{at}, weights {weights})"

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from kdfast.cache.format import (
-    CacheError, CacheMismatchError, manifest_record_dtype, open_shard, read_manifest, record_bytes_by_field,
-    sha256_file, shard_plan,
+    CacheError, CacheMismatchError, describe_manifest_teacher, manifest_record_dtype, manifest_teachers, open_shard,
+    read_manifest, record_bytes_by_field, sha256_file, shard_plan,
 )
 from kdfast.sparse_teacher import SparseTeacher
 
@@ -47,14 +47,16 @@ class TeacherCache:
     @classmethod
     def open(cls, directory: str | os.PathLike, *, dataset: str | os.PathLike | dict | None = None,
              exclude=None, num_classes: int | None = None, image_size: int | None = None,
-             transform: dict | None = None, teacher: str | None = None, checksums: bool = False) -> "TeacherCache":
+             transform: dict | None = None, teacher: str | list[str] | None = None,
+             checksums: bool = False) -> "TeacherCache":
         """Open the finished cache at ``directory``, checked against what training will use.
 
         Args:
             dataset: the training data (a folder or ``"digits"``, fingerprinted as the builder
                 does, with ``exclude``) or a fingerprint dict from
                 :func:`kdfast.cache.dataset_fingerprint`.
-            num_classes, image_size, transform, teacher: the expected values (None: not checked).
+            num_classes, image_size, transform: the expected values (None: not checked).
+            teacher: the expected teacher architecture, or the list of a combination's (None: not checked).
             checksums: also verify every shard's SHA-256 (reads the whole cache).
 
         Raises :class:`CacheMismatchError` naming every difference, and :class:`CacheError`
@@ -77,8 +79,12 @@ class TeacherCache:
                     differences.append(f"dataset {key}: cache {recorded.get(key)!r}, expected {dataset[key]!r}")
         for name, wanted, found in (("num_classes", num_classes, manifest["num_classes"]),
                                     ("image_size", image_size, manifest["image_size"]),
-                                    ("teacher", teacher, manifest["teacher"]["architecture"])):
+                                    ("teacher", None if teacher is None else
+                                     [teacher] if isinstance(teacher, str) else list(teacher),
+                                     manifest_teachers(manifest))):
             if wanted is not None and wanted != found:
+                if name == "teacher" and len(wanted) == len(found) == 1:  # one teacher: its name, not a list
+                    wanted, found = wanted[0], found[0]
                 differences.append(f"{name}: cache {found!r}, expected {wanted!r}")
         if transform is not None:
             recorded = manifest["transform"]
@@ -92,6 +98,11 @@ class TeacherCache:
             if not report.ok:
                 raise CacheError("\n".join(report.lines()))
         return cls(directory, manifest)
+
+    @property
+    def teacher_description(self) -> str:
+        """The teacher (or the teachers and their combination) in words."""
+        return describe_manifest_teacher(self.manifest)
 
     @property
     def epochs(self) -> int:
@@ -245,7 +256,11 @@ def cache_info(directory: str | os.PathLike) -> list[str]:
     lines = [
         f"teacher cache {directory} (format {manifest['format_version']}, "
         f"{'complete' if manifest.get('complete') else 'UNFINISHED'})",
-        f"teacher: {teacher['architecture']} from {teacher['checkpoint']} (SHA-256 {teacher['checkpoint_sha256']})",
+        *(f"teacher: {name} from {file} (SHA-256 {digest})" for name, file, digest in zip(
+            *([value] if isinstance(value, str) else value
+              for value in (teacher["architecture"], teacher["checkpoint"], teacher["checkpoint_sha256"])))),
+        *([f"teachers combined: {describe_manifest_teacher(manifest)}"] if len(manifest_teachers(manifest)) > 1
+          else []),
         f"dataset: {dataset.get('root')} ({dataset['kind']}, {dataset['split']} split, {samples} samples, "
         f"SHA-256 {dataset['sha256']}), {manifest['num_classes']} classes, {manifest['in_channels']}×"
         f"{manifest['image_size']}×{manifest['image_size']} images",
