@@ -109,6 +109,9 @@ def loss_function(provider: str, loss: str, device: torch.device, dtype: torch.d
     if provider == "eager":
         return (lambda s, t, y: fn(s, t, y, "torch")), contextlib.nullcontext
     if provider == "compiled":
+        # Every loss compiles the same lambda's code with another closure: without a reset,
+        # Dynamo counts them as recompilations of one frame and stops at its limit (8).
+        torch._dynamo.reset()
         return torch.compile(lambda s, t, y: fn(s, t, y, "torch"), fullgraph=True), contextlib.nullcontext
     if provider == "liger":
         if loss != "kd_loss":

@@ -16,6 +16,8 @@ what it would write, for CI). Tables:
   (``benchmarks/results/sparse_teacher_error.csv``);
 * ``cache-accuracy``, ``cache-speed``: KD from a teacher cache against online KD, accuracy
   (``cache_accuracy.csv``) and images/s of the step (``teacher_cache_train.csv``).
+* ``cpu-losses``: forward+backward time of every loss on the CPU at B = 256, C = 1000 per
+  provider, with kdfast's speed-up (``losses.csv``).
 """
 
 from __future__ import annotations
@@ -214,6 +216,55 @@ def cache_speed_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cpu_losses_table(rows: list[dict], batch: str = "256", classes: str = "1000") -> str:
+    """Forward+backward ms per loss and provider on the CPU at B × C, fp32 (bench_losses.py):
+    the last run at the newest commit that measured kdfast-cpu there, with the speed-up's
+    range over every run at that commit."""
+    def here(row):
+        return (row["B"], row["C"], row["dtype"], row["mode"]) == (batch, classes, "float32", "forward+backward") \
+            and "cuda" not in row["provider"] and "triton" not in row["provider"]
+
+    points = [row for row in rows if here(row)]
+    commit = next(row["commit"] for row in reversed(points) if row["provider"] == "kdfast-cpu")
+    points = [row for row in points if row["commit"] == commit]
+    runs: dict[tuple, list[dict]] = defaultdict(list)
+    for row in points:
+        runs[row["loss"], row["provider"]].append(row)
+    losses = list(dict.fromkeys(row["loss"] for row in points if row["provider"] == "kdfast-cpu"))
+    count = max(len(runs[loss, "kdfast-cpu"]) for loss in losses)
+
+    def ms(loss, provider):
+        found = runs.get((loss, provider))
+        return float(found[-1]["median_ms"]) if found else None
+
+    def shown(value, bold=False):
+        if value is None:
+            return "—"
+        text = f"{value:.2f}"
+        return f"**{text}**" if bold else text
+
+    lines = ["| loss | eager | torch.compile | torchsort composite | **kdfast cpu** | speed-up vs eager | "
+             f"{'in ' + str(count) + ' runs | ' if count > 1 else ''}vs torch.compile | peak MB eager → kdfast |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | " + ("---: | " if count > 1 else "") + "---: | ---: |"]
+    for loss in losses:
+        eager, fused, compiled = ms(loss, "eager"), ms(loss, "kdfast-cpu"), ms(loss, "compiled")
+        ratios = [float(e["median_ms"]) / float(f["median_ms"])
+                  for e, f in zip(runs[loss, "eager"], runs[loss, "kdfast-cpu"])]
+        peak = f"{float(runs[loss, 'eager'][-1]['peak_mb']):.1f} → {float(runs[loss, 'kdfast-cpu'][-1]['peak_mb']):.2f}"
+        name = loss.replace("[standardize]", ", standardize=True")
+        lines.append(f"| `{name}` | {shown(eager)} | {shown(compiled)} | {shown(ms(loss, 'torchsort'))} | "
+                     f"{shown(fused, True)} | {eager / fused:.1f}× | "
+                     + (f"{min(ratios):.1f}–{max(ratios):.1f}× | " if count > 1 else "")
+                     + (f"{compiled / fused:.1f}× |" if compiled else "— |") + f" {peak} |")
+    last = runs[losses[0], "kdfast-cpu"][-1]
+    lines += ["", f"fp32, B = {batch}, C = {classes}, forward+backward, median ms (20/80% quantiles in "
+              f"`benchmarks/results/losses.csv`); {last['device']}, commit {commit}, {last['date']}"
+              + (f"; {count} runs of the benchmark at this commit, the table shows the last, the range column "
+                 f"the speed-up in each" if count > 1 else "")
+              + ". `python benchmarks/bench_losses.py --providers eager compiled torchsort kdfast-cpu --reps 50`."]
+    return "\n".join(lines)
+
+
 def render(readme: str, tables: dict[str, str]) -> str:
     for name, table in tables.items():
         pattern = re.compile(rf"(<!-- {name}:begin -->\n)(?:.*?\n)?(<!-- {name}:end -->)", re.S)
@@ -240,7 +291,8 @@ def main(argv=None) -> int:
     updated = render(current, {"gpu-static": static_table(rows), "gpu-bytes": bytes_table(rows),
                                "sparse-error": sparse_error_table(result_rows("sparse_teacher_error.csv")),
                                "cache-accuracy": cache_accuracy_table(result_rows("cache_accuracy.csv")),
-                               "cache-speed": cache_speed_table(result_rows("teacher_cache_train.csv"))})
+                               "cache-speed": cache_speed_table(result_rows("teacher_cache_train.csv")),
+                               "cpu-losses": cpu_losses_table(result_rows("losses.csv"))})
     if args.check:
         if updated != current:
             print(f"{args.readme}: the generated GPU tables differ from {args.csv}; run benchmarks/readme_tables.py")
