@@ -575,27 +575,44 @@ float fused_row(const s_t* s_in, const Teacher& teacher, int64_t row, int64_t n,
     return (static_cast<double>(t[j] - t_rest_max) - static_cast<double>(s[j] - s_rest_max)) * it + rest_shift;
   };
   if (dkd) {
+#pragma omp simd reduction(max : s_rest_max, t_rest_max)
     for (int64_t j = 0; j < n; ++j) {
-      if (j == target) continue;
-      s_rest_max = s[j] > s_rest_max ? s[j] : s_rest_max;
-      t_rest_max = t[j] > t_rest_max ? t[j] : t_rest_max;
-    }
-    float s_rest_sum = 0.0f, t_rest_sum = 0.0f;
-#pragma omp simd reduction(+ : s_rest_sum, t_rest_sum)
-    for (int64_t j = 0; j < n; ++j) {
-      tilde_p[j] = j != target ? vexp((s[j] - s_rest_max) * it) : 0.0f;
-      tilde_q[j] = j != target ? vexp((t[j] - t_rest_max) * it) : 0.0f;
-      s_rest_sum += tilde_p[j];
-      t_rest_sum += tilde_q[j];
-    }
-    const float inv_s_rest = 1.0f / s_rest_sum, inv_t_rest = 1.0f / t_rest_sum;
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      tilde_p[j] *= inv_s_rest;
-      tilde_q[j] *= inv_t_rest;
+      s_rest_max = std::max(s_rest_max, j != target ? s[j] : -kInf);
+      t_rest_max = std::max(t_rest_max, j != target ? t[j] : -kInf);
     }
     const double s_log_total = std::log(static_cast<double>(s_sum)), t_log_total = std::log(static_cast<double>(t_sum));
-    const double s_rest_log = std::log(static_cast<double>(s_rest_sum)), t_rest_log = std::log(static_cast<double>(t_rest_sum));
+    // log Σ_{j≠y} e^{(x_j − x_rest_max)·it} of one side. When the non-target maximum is
+    // within kReuseGap/it of the row maximum (always, unless the target dominates), the
+    // non-target softmax is the row's, renormalized: p̃_j = p_j / Σ_{j≠y} p_j, the sum of
+    // positive terms without cancellation; its largest entry is then ≥ e^{−kReuseGap}/C,
+    // far inside float's normal range, and entries that underflow in p but not in a
+    // softmax of their own are below e^{−87} relative to it (nothing a float sum keeps).
+    // Otherwise its own exps, relative to the non-target maximum (exact however large the gap).
+    constexpr float kReuseGap = 40.0f;
+    auto non_target_softmax = [&](const float* x, const float* probs, float x_max, float x_rest_max,
+                                  double log_total, float* tilde) -> double {
+      if ((x_rest_max - x_max) * it > -kReuseGap) {
+        float rest = 0.0f;
+#pragma omp simd reduction(+ : rest)
+        for (int64_t j = 0; j < n; ++j) rest += j != target ? probs[j] : 0.0f;
+        const float inv_rest = 1.0f / rest;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) tilde[j] = j != target ? probs[j] * inv_rest : 0.0f;
+        return std::log(static_cast<double>(rest)) + log_total - static_cast<double>(x_rest_max - x_max) * it;
+      }
+      float rest = 0.0f;
+#pragma omp simd reduction(+ : rest)
+      for (int64_t j = 0; j < n; ++j) {
+        tilde[j] = j != target ? vexp((x[j] - x_rest_max) * it) : 0.0f;
+        rest += tilde[j];
+      }
+      const float inv_rest = 1.0f / rest;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) tilde[j] *= inv_rest;
+      return std::log(static_cast<double>(rest));
+    };
+    const double s_rest_log = non_target_softmax(s, p, s_max, s_rest_max, s_log_total, tilde_p);
+    const double t_rest_log = non_target_softmax(t, q, t_max, t_rest_max, t_log_total, tilde_q);
     log_p_target = static_cast<double>(s[target] - s_max) * it - s_log_total;
     log_q_target = static_cast<double>(t[target] - t_max) * it - t_log_total;
     log_p_rest = static_cast<double>(s_rest_max - s_max) * it + s_rest_log - s_log_total;

@@ -84,3 +84,32 @@ def small_digits_folder(root, size: int = 16, per_class: int = 12):
         for extra in sorted(class_folder.iterdir())[per_class:]:
             extra.unlink()
     return root
+
+
+#: The Triton row kernel's constexprs for kd_loss at C = 1000, bf16 (resident, 2 rows per
+#: program, 8 warps): the base the Hopper compilation tests vary.
+KD_ROW_KERNEL = dict(C=1000, HAS_TARGET=False, HAS_KL=True, HAS_CE=False, HAS_PEARSON=False, HAS_SPEARMAN=False,
+                     HAS_COLUMN=False, RECTIFY=False, DIFFICULTY_MODE=0, STUDENT_GRAD=True, TEACHER_GRAD=False,
+                     ROWS=2, BLOCK=1024, RESIDENT=True)
+#: The integer (i32) scalar arguments of the kd_losses kernels.
+KERNEL_INTEGERS = ("C", "B", "K", "log_k", "rows_per_chunk", "rows_per_program")
+
+
+def compile_for_hopper(kernels: list[dict], cache_dir, timeout: float = 900) -> dict:
+    """Compile Triton kernels for sm_90 in a process without the interpreter and return
+    tests/hopper_compile.py's report (per label: registers, spills, cubin bytes, IR); see
+    that script for the spec of ``kernels``. ``cache_dir``: a fresh Triton cache (a cache
+    hit would skip ptxas and its log)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(cache_dir)
+    script = Path(__file__).with_name("hopper_compile.py")
+    result = subprocess.run([sys.executable, str(script)], input=json.dumps(kernels), env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

@@ -171,6 +171,32 @@ def test_cpu_bfloat16_error_is_at_most_twice_the_reference_at_bfloat16(name):
     assert relative_error(fused, truth) <= 2 * relative_error(ref, truth) + 1e-6
 
 
+@pytest.mark.parametrize("gap", [0.0, 20.0, 39.0, 41.0, 60.0, 120.0])
+def test_cpu_non_target_softmax_on_both_sides_of_its_shortcut(gap):
+    """The CPU kernel renormalizes the row's softmax for the non-target classes when their
+    maximum is within 40 (in logits/τ) of the target's, and takes their own exps beyond:
+    both agree with the fp64 reference as the target's lead grows through the switch."""
+    generator = torch.Generator().manual_seed(int(gap))
+    tau = 2.0
+    student = torch.randn(6, 50, dtype=torch.float64, generator=generator)
+    teacher = torch.randn(6, 50, dtype=torch.float64, generator=generator)
+    target = torch.randint(0, 50, (6,), generator=generator)
+    rows = torch.arange(6)
+    for x in (student, teacher):  # the target leads the other classes by `gap` in units of τ
+        x[rows, target] = x.max(dim=1).values + gap * tau
+    student[::2, :] = student[::2, :] * 0.5  # and half the rows with a student gap of only gap/2
+    expected = reference_and_gradients(student, teacher, target, tau)
+    got = reference_and_gradients(student.float(), teacher.float(), target, tau, backend="cpu")
+    for ours, theirs in zip(got, expected):
+        torch.testing.assert_close(ours.double(), theirs, rtol=2e-5, atol=1e-6)
+
+
+def reference_and_gradients(student, teacher, target, tau, backend="torch"):
+    s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+    loss = kdfast.dkd_loss(s, t, target, 1.0, 8.0, tau, backend=backend)
+    return (loss, *torch.autograd.grad(loss, (s, t)))
+
+
 def test_edge_rows():
     """Ties, ±1e4 logits and a constant row (standardized to zeros, finite gradient)."""
     student = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1e4, -1e4, 0.0, 3.0], [0.5, 0.5, -2.0, 7.0]])

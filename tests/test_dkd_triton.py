@@ -19,6 +19,7 @@ import torch
 import kdfast
 from kdfast.kernels import kd_losses
 from kdfast.sparse_teacher import SparseTeacher
+from helpers import KD_ROW_KERNEL, KERNEL_INTEGERS, compile_for_hopper
 
 # Each case: a loss of (student, teacher, backend) for targets y. DIST with both terms; CMKD
 # with a target (CE weight > 0, entropy difficulty from the standardized teacher); DR-KD with
@@ -298,22 +299,13 @@ def test_operator_refusals():
 # statistics kernels with it, and _standardize_kernel; ptxas's registers and spills
 # (printed). The flags off, the kd kernel is the one tests/test_sparse_triton.py compiles:
 # it must not spill.
-HOPPER_COMPILE = r"""
-import contextlib, inspect, io, json, re
-import triton
-from triton import knobs
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from kdfast.kernels import kd_losses
-
-KD = dict(C=1000, HAS_TARGET=False, HAS_KL=True, HAS_CE=False, HAS_PEARSON=False, HAS_SPEARMAN=False, HAS_COLUMN=False,
-          RECTIFY=False, DIFFICULTY_MODE=0, STUDENT_GRAD=True, TEACHER_GRAD=False, ROWS=2, BLOCK=1024, RESIDENT=True)
+KD = KD_ROW_KERNEL
 DKD = dict(KD, HAS_KL=False, HAS_TARGET=True)
 CHUNKED = dict(C=131072, ROWS=1, BLOCK=4096, RESIDENT=False)
 WIDE = dict(C=8192, ROWS=1, BLOCK=8192)
 DKD_PTR = {"dkd_ptr": "*fp64"}
 STD_PTR = {"standard_ptr": "*fp64"}
-KERNELS = [
+HOPPER_KERNELS = [
     ("kd", "_fused_row_kernel", KD, 8, {}),
     ("dkd", "_fused_row_kernel", DKD, 8, DKD_PTR),
     ("dkd-teacher-grad", "_fused_row_kernel", dict(DKD, TEACHER_GRAD=True), 8, DKD_PTR),
@@ -338,55 +330,16 @@ KERNELS = [
     ("column-moments-std", "_column_moments_kernel", dict(BLOCK=256), 4, STD_PTR),
     ("column-partials-std", "_column_partials_kernel", dict(C=1000, ROWS=2, BLOCK=1024), 8, STD_PTR),
 ]
-INTEGERS = ("C", "B", "K", "log_k", "rows_per_chunk", "rows_per_program")
-with contextlib.suppress(AttributeError):
-    knobs.nvidia.dump_ptxas_log = True
-report = {}
-for label, name, constexprs, warps, typed in KERNELS:
-    kernel = getattr(kd_losses, name)
-    signature = {}
-    for arg in inspect.signature(kernel.fn).parameters:
-        if arg in constexprs:
-            signature[arg] = "constexpr"
-        elif arg in typed:
-            signature[arg] = typed[arg]
-        elif arg in ("s_ptr", "t_ptr", "gs_ptr", "gt_ptr"):
-            signature[arg] = "*bf16"
-        elif arg == "target_ptr":
-            signature[arg] = "*i64"
-        elif arg in ("rho_s_ptr", "partial_ptr"):
-            signature[arg] = "*fp64"
-        elif arg.endswith("_ptr"):
-            signature[arg] = "*fp32"
-        else:
-            signature[arg] = "i32" if arg in INTEGERS else "fp32"
-    attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(signature) if arg.endswith("_ptr")}
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
-                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    assert len(compiled.asm["cubin"]) > 0, label
-    used = re.search(r"Used (\d+) registers", log.getvalue())
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())
-    report[label] = dict(registers=int(used.group(1)) if used else None,
-                         spills=int(spills.group(1)) + int(spills.group(2)) if spills else None)
-print(json.dumps(report))
-"""
+BF16_INPUTS = {"s_ptr": "*bf16", "t_ptr": "*bf16", "gs_ptr": "*bf16", "gt_ptr": "*bf16", "target_ptr": "*i64",
+               "rho_s_ptr": "*fp64", "partial_ptr": "*fp64"}
 
 
 def test_dkd_and_standardization_kernels_compile_for_hopper(tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)  # a cache hit would skip ptxas and its log
-    result = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], env=env, capture_output=True, text=True,
-                            timeout=1800)
-    assert result.returncode == 0, result.stderr[-4000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    print(report)
+    report = compile_for_hopper([
+        dict(label=label, kernel=f"kd_losses.{name}", constexprs=constexprs, warps=warps,
+             types={**BF16_INPUTS, **typed}, integers=KERNEL_INTEGERS)
+        for label, name, constexprs, warps, typed in HOPPER_KERNELS], tmp_path, timeout=1800)
+    print({label: (entry["registers"], entry["spills"]) for label, entry in report.items()})
     assert len(report) == 20
     if report["kd"]["spills"] is not None:  # when Triton prints ptxas's log
         assert report["kd"]["spills"] == 0, report

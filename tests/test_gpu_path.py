@@ -45,32 +45,17 @@ def test_triton_spearman_with_long_merges_matches_the_cpu_kernel():
     torch.testing.assert_close(ours_grad, expected_grad, rtol=1e-4, atol=1e-7)
 
 
-def test_pav_lanes_are_one_thread_each_so_no_slot_is_shared():
+def test_pav_lanes_are_one_thread_each_so_no_slot_is_shared(tmp_path):
     """The PAV kernel needs no barrier because thread r alone reads and writes row r's
     workspace: compiled with one warp for 32 rows, its IR has a single distributed layout
     of one element per thread and lane, no layout conversion and no shared memory."""
-    import os
-    import subprocess
-    import sys
+    from helpers import compile_for_hopper
 
-    script = r"""
-import inspect, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from kdfast.kernels import kd_losses
-kernel = kd_losses._pav_kernel
-types = {"theta_ptr": "*fp64", "stack_start_ptr": "*i32", "stack_a_ptr": "*fp64", "stack_b_ptr": "*fp64",
-         "block_count_ptr": "*i32", "B": "i32", "C": "i32"}
-constexprs = {"ROWS": kd_losses.PAV_ROWS}
-signature = {a: ("constexpr" if a in constexprs else types[a]) for a in inspect.signature(kernel.fn).parameters}
-compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
-print(compiled.asm["ttgir"])
-"""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ir = result.stdout
+    report = compile_for_hopper([dict(
+        label="pav", kernel="kd_losses._pav_kernel", constexprs={"ROWS": kd_losses.PAV_ROWS}, warps=1,
+        types={"theta_ptr": "*fp64", "stack_start_ptr": "*i32", "stack_a_ptr": "*fp64", "stack_b_ptr": "*fp64",
+               "block_count_ptr": "*i32"}, integers=("B", "C"), divisibility=False, ir=True)], tmp_path, timeout=300)
+    ir = report["pav"]["ttgir"]
     layouts = re.findall(r"^#\w+ = #ttg\.(\w+)<(.*)>$", ir, re.M)
     assert [kind for kind, _ in layouts] == ["blocked"], layouts
     assert "sizePerThread = [1]" in layouts[0][1] and "threadsPerWarp = [32]" in layouts[0][1], layouts

@@ -13,6 +13,7 @@ import torch
 import kdfast
 from kdfast.kernels import kd_losses
 from kdfast.sparse_teacher import SparseTeacher
+from helpers import KD_ROW_KERNEL, KERNEL_INTEGERS, compile_for_hopper
 
 TEMPERATURES = (1.5, 2.0, 3.0)
 
@@ -247,17 +248,8 @@ def test_malformed_indices_never_leave_the_row():
 # int32. Prints every kernel's registers and spills (ptxas -v), dense and sparse; the
 # resident kd_loss row kernel (C = 1000, bf16) must not spill. (ptxas may trade a few bytes
 # of spill for occupancy elsewhere: the chunked kd kernel, sparse, at 64 registers and 16 B.)
-HOPPER_SPARSE_COMPILE = r"""
-import contextlib, inspect, io, json, re
-import triton
-from triton import knobs
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from kdfast.kernels import kd_losses
-
-KD = dict(C=1000, HAS_TARGET=False, HAS_KL=True, HAS_CE=False, HAS_PEARSON=False, HAS_SPEARMAN=False, HAS_COLUMN=False,
-          RECTIFY=False, DIFFICULTY_MODE=0, STUDENT_GRAD=True, TEACHER_GRAD=False, ROWS=2, BLOCK=1024, RESIDENT=True)
-CONFIGURATIONS = [
+KD = KD_ROW_KERNEL
+SPARSE_CONFIGURATIONS = [
     ("kd", "_fused_row_kernel", KD, 8),
     ("all-resident", "_fused_row_kernel", dict(KD, HAS_TARGET=True, HAS_CE=True, HAS_PEARSON=True, HAS_SPEARMAN=True,
                                                HAS_COLUMN=True, DIFFICULTY_MODE=1), 8),
@@ -273,60 +265,21 @@ CONFIGURATIONS = [
     ("spearman-prepare", "_spearman_prepare_kernel", dict(BLOCK=1024), 4),
     ("spearman-prepare-8192", "_spearman_prepare_kernel", dict(BLOCK=8192), 16),
 ]
-KERNELS = [(f"{label}-{mode}", name, flags, warps, mode == "sparse")
-           for label, name, flags, warps in CONFIGURATIONS for mode in ("dense", "sparse")]
-INTEGERS = ("C", "B", "K", "log_k", "rows_per_chunk", "rows_per_program")
-with contextlib.suppress(AttributeError):
-    knobs.nvidia.dump_ptxas_log = True
-report = {}
-for label, name, constexprs, warps, sparse in KERNELS:
-    kernel = getattr(kd_losses, name)
-    signature = {}
-    for arg in inspect.signature(kernel.fn).parameters:
-        if arg in constexprs:
-            signature[arg] = "constexpr"
-        elif arg in ("s_ptr", "gs_ptr", "s_sorted_ptr"):
-            signature[arg] = "*bf16"
-        elif arg == "t_ptr":
-            signature[arg] = "*fp32" if sparse else "*bf16"
-        elif arg == "t_idx_ptr":
-            signature[arg] = "*i32" if sparse else "*fp32"
-        elif arg in ("target_ptr", "t_order_ptr"):
-            signature[arg] = "*i64"
-        elif arg in ("rho_s_ptr", "partial_ptr", "theta_ptr"):
-            signature[arg] = "*fp64"
-        elif arg.endswith("_ptr"):
-            signature[arg] = "*fp32"
-        else:
-            signature[arg] = "i32" if arg in INTEGERS else "fp32"
-    # 16-byte aligned pointers, as Triton's launcher specializes torch's allocations.
-    attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(signature) if arg.endswith("_ptr")}
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
-                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    assert len(compiled.asm["cubin"]) > 0, label
-    used = re.search(r"Used (\d+) registers", log.getvalue())
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())
-    report[label] = dict(registers=int(used.group(1)) if used else None,
-                         spills=int(spills.group(1)) + int(spills.group(2)) if spills else None)
-print(json.dumps(report))
-"""
+
+
+def _pointer_types(sparse: bool) -> dict:
+    """bf16 student, the teacher bf16 (dense) or fp32 values with int32 indices (sparse)."""
+    return {"s_ptr": "*bf16", "gs_ptr": "*bf16", "s_sorted_ptr": "*bf16", "t_ptr": "*fp32" if sparse else "*bf16",
+            "t_idx_ptr": "*i32" if sparse else "*fp32", "target_ptr": "*i64", "t_order_ptr": "*i64",
+            "rho_s_ptr": "*fp64", "partial_ptr": "*fp64", "theta_ptr": "*fp64"}
 
 
 def test_sparse_kernels_compile_for_hopper(tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)  # a cache hit would skip ptxas and its log
-    result = subprocess.run([sys.executable, "-c", HOPPER_SPARSE_COMPILE], env=env, capture_output=True, text=True,
-                            timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    print(report)
+    report = compile_for_hopper([
+        dict(label=f"{label}-{mode}", kernel=f"kd_losses.{name}", constexprs=flags, warps=warps,
+             types=_pointer_types(mode == "sparse"), integers=KERNEL_INTEGERS)
+        for label, name, flags, warps in SPARSE_CONFIGURATIONS for mode in ("dense", "sparse")], tmp_path)
+    print({label: (entry["registers"], entry["spills"]) for label, entry in report.items()})
     for label in ("kd-dense", "kd-sparse"):
         if report[label]["spills"] is not None:  # when Triton prints ptxas's log
             assert report[label]["spills"] == 0, report

@@ -139,69 +139,46 @@ def test_rectified_teacher_gradient_lands_on_the_unrectified_columns():
 # interpreter the kernels are not compilable objects): every kernel with the constexpr
 # combinations the launcher uses, at the widest rows included (compile times per kernel:
 # benchmarks/results/gpu_static.csv).
-HOPPER_COMPILE = r"""
-import inspect
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from kdfast.kernels import gate, kd_losses
-
-KERNELS = [
-    ("_fused_row_kernel", dict(C=1000, HAS_TARGET=True, HAS_CE=True, HAS_PEARSON=True, HAS_SPEARMAN=True,
-                               HAS_COLUMN=True, RECTIFY=False, DIFFICULTY_MODE=1, STUDENT_GRAD=True, TEACHER_GRAD=True,
-                               ROWS=2, BLOCK=1024, RESIDENT=True), 8),
-    ("_fused_row_kernel", dict(C=8192, HAS_TARGET=True, HAS_CE=True, HAS_PEARSON=True, HAS_SPEARMAN=False,
-                               HAS_COLUMN=False, RECTIFY=True, DIFFICULTY_MODE=0, STUDENT_GRAD=True, TEACHER_GRAD=True,
-                               ROWS=1, BLOCK=8192, RESIDENT=True), 16),
-    ("_fused_row_kernel", dict(C=131072, HAS_TARGET=True, HAS_CE=True, HAS_PEARSON=False, HAS_SPEARMAN=False,
-                               HAS_COLUMN=False, RECTIFY=True, DIFFICULTY_MODE=0, STUDENT_GRAD=True,
-                               TEACHER_GRAD=False, ROWS=1, BLOCK=4096, RESIDENT=False), 16),
-    ("_softmax_stats_kernel", dict(BLOCK=4096), 16),
-    ("_column_moments_kernel", dict(BLOCK=256), 4),
-    ("_column_partials_kernel", dict(C=1000, ROWS=2, BLOCK=1024), 8),
-    ("_spearman_prepare_kernel", dict(BLOCK=1024), 4),
-    ("_spearman_prepare_kernel", dict(BLOCK=8192), 16),
-    ("_pav_kernel", dict(ROWS=32), 1),
-    ("_spearman_finish_kernel", dict(WITH_GRAD=True, BLOCK=1024), 4),
-    ("_spearman_finish_kernel", dict(WITH_GRAD=True, BLOCK=8192), 16),
+HOPPER_KERNELS = [
+    ("kd_losses._fused_row_kernel", dict(C=1000, HAS_TARGET=True, HAS_CE=True, HAS_PEARSON=True, HAS_SPEARMAN=True,
+                                         HAS_COLUMN=True, RECTIFY=False, DIFFICULTY_MODE=1, STUDENT_GRAD=True,
+                                         TEACHER_GRAD=True, ROWS=2, BLOCK=1024, RESIDENT=True), 8),
+    ("kd_losses._fused_row_kernel", dict(C=8192, HAS_TARGET=True, HAS_CE=True, HAS_PEARSON=True, HAS_SPEARMAN=False,
+                                         HAS_COLUMN=False, RECTIFY=True, DIFFICULTY_MODE=0, STUDENT_GRAD=True,
+                                         TEACHER_GRAD=True, ROWS=1, BLOCK=8192, RESIDENT=True), 16),
+    ("kd_losses._fused_row_kernel", dict(C=131072, HAS_TARGET=True, HAS_CE=True, HAS_PEARSON=False,
+                                         HAS_SPEARMAN=False, HAS_COLUMN=False, RECTIFY=True, DIFFICULTY_MODE=0,
+                                         STUDENT_GRAD=True, TEACHER_GRAD=False, ROWS=1, BLOCK=4096, RESIDENT=False), 16),
+    ("kd_losses._softmax_stats_kernel", dict(BLOCK=4096), 16),
+    ("kd_losses._column_moments_kernel", dict(BLOCK=256), 4),
+    ("kd_losses._column_partials_kernel", dict(C=1000, ROWS=2, BLOCK=1024), 8),
+    ("kd_losses._spearman_prepare_kernel", dict(BLOCK=1024), 4),
+    ("kd_losses._spearman_prepare_kernel", dict(BLOCK=8192), 16),
+    ("kd_losses._pav_kernel", dict(ROWS=32), 1),
+    ("kd_losses._spearman_finish_kernel", dict(WITH_GRAD=True, BLOCK=1024), 4),
+    ("kd_losses._spearman_finish_kernel", dict(WITH_GRAD=True, BLOCK=8192), 16),
     ("gate._gate_confidence_kernel", dict(BLOCK_ROWS=4, BLOCK_COLS=1024, RESIDENT=True), 8),
     ("gate._gate_confidence_kernel", dict(BLOCK_ROWS=1, BLOCK_COLS=4096, RESIDENT=False), 8),
     ("gate._gate_compact_kernel", dict(BLOCK_ROWS=4), 1),
 ]
-POINTERS = {"s_ptr": "*bf16", "gs_ptr": "*bf16", "target_ptr": "*i64", "rho_s_ptr": "*fp64", "rho_ptr": "*fp64",
-            "partial_ptr": "*fp64", "theta_ptr": "*fp64", "stack_a_ptr": "*fp64", "stack_b_ptr": "*fp64",
-            "stack_start_ptr": "*i32", "flag_ptr": "*i32", "s_order_ptr": "*i64", "t_order_ptr": "*i64",
-            "s_sorted_ptr": "*bf16", "t_sorted_ptr": "*bf16", "logits_ptr": "*bf16", "rows_ptr": "*i64",
-            "next_rows_ptr": "*i64", "count_ptr": "*i64", "confidence_ptr": "*fp64", "threshold_ptr": "*fp64",
-            "counts_ptr": "*i64", "offsets_ptr": "*i64", "block_count_ptr": "*i32", "prefix_ptr": "*fp64"}
-for name, constexprs, warps in KERNELS:
-    kernel = getattr(gate, name.split(".")[1]) if name.startswith("gate.") else getattr(kd_losses, name)
-    signature = {}
-    for arg in inspect.signature(kernel.fn).parameters:
-        if arg in constexprs:
-            signature[arg] = "constexpr"
-        elif arg.endswith("_ptr"):
-            signature[arg] = POINTERS.get(arg, "*fp32")
-        else:
-            integers = ("C", "B", "rows_per_chunk", "rows_per_program", "active", "classes", "stride_row", "blocks")
-            signature[arg] = "i32" if arg in integers else "fp32"
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    assert len(compiled.asm["cubin"]) > 0, name
-    print("compiled", name, constexprs)
-"""
+HOPPER_POINTERS = {
+    "s_ptr": "*bf16", "gs_ptr": "*bf16", "target_ptr": "*i64", "rho_s_ptr": "*fp64", "rho_ptr": "*fp64",
+    "partial_ptr": "*fp64", "theta_ptr": "*fp64", "stack_a_ptr": "*fp64", "stack_b_ptr": "*fp64",
+    "stack_start_ptr": "*i32", "flag_ptr": "*i32", "s_order_ptr": "*i64", "t_order_ptr": "*i64",
+    "s_sorted_ptr": "*bf16", "t_sorted_ptr": "*bf16", "logits_ptr": "*bf16", "rows_ptr": "*i64",
+    "next_rows_ptr": "*i64", "count_ptr": "*i64", "confidence_ptr": "*fp64", "threshold_ptr": "*fp64",
+    "counts_ptr": "*i64", "offsets_ptr": "*i64", "block_count_ptr": "*i32", "prefix_ptr": "*fp64"}
+HOPPER_INTEGERS = ("C", "B", "rows_per_chunk", "rows_per_program", "active", "classes", "stride_row", "blocks")
 
 
-def test_kernels_compile_for_hopper():
-    import os
-    import subprocess
-    import sys
+def test_kernels_compile_for_hopper(tmp_path):
+    from helpers import compile_for_hopper
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("compiled") == 14
+    report = compile_for_hopper([
+        dict(label=f"{number}:{name}", kernel=name, constexprs=constexprs, warps=warps, types=HOPPER_POINTERS,
+             integers=HOPPER_INTEGERS, divisibility=False)
+        for number, (name, constexprs, warps) in enumerate(HOPPER_KERNELS)], tmp_path, timeout=600)
+    assert len(report) == 14 and all(entry["cubin_bytes"] > 0 for entry in report.values()), report
 
 
 @pytest.mark.interpreter
