@@ -3,7 +3,9 @@
 Subcommands:
 
 * ``kdfast train [--config FILE] [options]`` — train a teacher, a baseline or a KD student;
-* ``kdfast eval --student ARCH --checkpoint FILE [options]`` — top-1/top-5 on the val split;
+* ``kdfast eval [RUN_DIR] [--checkpoint FILE] [options]`` — top-1/top-5 on the val split;
+* ``kdfast models`` — the architectures, with their parameters;
+* ``kdfast plot RUN_DIR [RUN_DIR …] --output curves.png`` — training curves from metrics.jsonl;
 * ``kdfast reskd demo`` / ``kdfast reskd curve --chain FILE`` — res-students' accuracy vs cost;
 * ``kdfast data demo DIR`` — write the embedded digits as an ImageNet-style JPEG folder;
 * ``kdfast data verify DIR`` — decode every image of a dataset, list the bad ones;
@@ -47,10 +49,24 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from kdfast.config import resolve_config
+    from kdfast.config import resolve_eval_config
     from kdfast.train import run_eval
 
-    run_eval(resolve_config(args))
+    run_eval(resolve_eval_config(args))
+    return 0
+
+
+def _plot(args) -> int:
+    from kdfast.plot import plot_runs
+
+    print("wrote", plot_runs(args.runs, args.output, args.labels, args.title))
+    return 0
+
+
+def _models(args) -> int:
+    from kdfast.models import describe_models
+
+    print(*describe_models(), sep="\n")
     return 0
 
 
@@ -156,14 +172,44 @@ def _cache_info(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdfast", description="kdfast: fast knowledge distillation")
     commands = parser.add_subparsers(dest="command", required=True)
-    from kdfast.config import add_config_arguments
+    from kdfast.config import EVAL_OPTIONS, add_config_arguments
 
-    train = commands.add_parser("train", help="train a model (every option also settable in --config)")
+    train = commands.add_parser(
+        "train", help="train a teacher, a baseline or a KD student (every option also a key of --config)",
+        usage="kdfast train [--config FILE] [options]",
+        description="Train a model: a teacher or baseline (--method ce) or a student with a KD method. Every option "
+                    "is also a key of a YAML/JSON --config file (flags win); the resolved configuration is saved in "
+                    "the run folder as config.yaml.",
+        epilog="example: kdfast train --student resnet8 --method kd --teacher resnet20 --teacher-checkpoint "
+               "runs/teacher/model.pt --epochs 20 --output runs/kd")
     add_config_arguments(train, exclude=("checkpoint",))
     train.set_defaults(handler=_train)
-    evaluate = commands.add_parser("eval", help="evaluate weights on the validation split")
-    add_config_arguments(evaluate)
+    evaluate = commands.add_parser(
+        "eval", help="top-1/top-5 of a run's (or a file's) weights on the validation split",
+        usage="kdfast eval [RUN_DIR] [--checkpoint FILE] [options]",
+        description="Evaluate weights on the validation split. Given a run folder, its config.yaml supplies the "
+                    "student, data, image size and the other evaluation settings and its model.pt the weights; "
+                    "flags given here win. Without one, --checkpoint is required (and a config.yaml beside it is "
+                    "read the same way).",
+        epilog="examples: kdfast eval runs/kd | kdfast eval --student resnet18 --checkpoint resnet18.pth "
+               "--data /data/imagenet")
+    evaluate.add_argument("run", nargs="?", metavar="RUN_DIR", help="a kdfast train run folder (its config.yaml and "
+                                                                    "model.pt)")
+    add_config_arguments(evaluate, only=EVAL_OPTIONS,
+                         config_help="YAML or JSON file of options (a run's config.yaml; flags win)")
     evaluate.set_defaults(handler=_eval)
+
+    models = commands.add_parser("models", help="list the model architectures with their sizes")
+    models.set_defaults(handler=_models)
+
+    plot = commands.add_parser("plot", help="draw runs' training curves from their metrics.jsonl",
+                               description="Loss terms, learning rate, images/s and validation top-1 of one or more "
+                                           "runs, overlaid and labelled, into one image.")
+    plot.add_argument("runs", nargs="+", metavar="RUN_DIR", help="kdfast train run folders")
+    plot.add_argument("--output", default="curves.png", help="image to write (default: curves.png)")
+    plot.add_argument("--labels", nargs="+", default=None, help="one label per run (default: the folder names)")
+    plot.add_argument("--title", default=None, help="figure title")
+    plot.set_defaults(handler=_plot)
 
     reskd = commands.add_parser("reskd", help="res-students: demo and accuracy-vs-cost curve")
     reskd_commands = reskd.add_subparsers(dest="reskd_command", required=True)

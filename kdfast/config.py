@@ -75,8 +75,15 @@ class TrainConfig:
                                   low=0)
     exclude: str | None = _option(None, "a file listing images to leave out, one path per line (what `kdfast data "
                                         "verify --output` writes)", kind="path")
+    train_file_list: str | None = _option(None, "read the training split from this list instead of DATA/train: one "
+                                                "'relative/path.jpg <class index>' per line, paths relative to the "
+                                                "list's folder, indices into DATA/train's sorted class folders",
+                                          kind="path")
+    val_file_list: str | None = _option(None, "read the validation split from this list instead of DATA/val (e.g. "
+                                              "ImageNet's flat val folder: 'val/ILSVRC2012_val_00000001.JPEG 65' …)",
+                                        kind="path")
     # models
-    student: str = _option("resnet8", "student architecture (kdfast.models)")
+    student: str = _option("resnet8", "student architecture")
     teacher: list[str] | None = _option(None, "teacher architecture (kd, dist, cmkd, dkd, pesf, reskd; ignored by "
                                               "ce, drkd; with --teacher-cache optional, checked against the "
                                               "cache's); repeat it for several teachers, each with its "
@@ -158,7 +165,8 @@ class TrainConfig:
     log_every: int = _option(20, "steps between metrics.jsonl records", low=1)
     eval_every: int = _option(1, "epochs between evaluations (0: only at the end)", low=0)
     progress: str = _option("auto", "progress bar on stderr", choices=("auto", "bar", "lines", "none"))
-    tensorboard: bool = _option(True, "write TensorBoard events when tensorboard is installed")
+    tensorboard: bool = _option(False, "also write TensorBoard events (needs `pip install tensorboard`; "
+                                       "`kdfast plot RUN` draws metrics.jsonl without it)")
     # eval
     checkpoint: str | None = _option(None, "kdfast eval: weights of --student to evaluate (a model.pt, a kdfast "
                                            "checkpoint or a state dict)", kind="path")
@@ -174,6 +182,16 @@ class TrainConfig:
 
 def _number(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+#: The option groups of ``kdfast train --help`` and the README's table: each starts at the
+#: named field of :class:`TrainConfig` and runs until the next.
+GROUPS = (("data", "data"), ("models", "student"), ("method and loss", "method"), ("optimization", "optimizer"),
+          ("execution", "device"), ("output", "output"), ("evaluation", "checkpoint"))
+#: The options ``kdfast eval`` reads (the rest of a run's configuration does not change
+#: what its weights score).
+EVAL_OPTIONS = ("data", "loader", "image_size", "workers", "exclude", "val_file_list", "student", "checkpoint",
+                "batch_size", "device", "amp", "channels_last", "threads", "deterministic", "dist_timeout")
 
 
 @dataclass(frozen=True)
@@ -193,6 +211,7 @@ class Option:
     high: float | None = None
     low_open: bool = False
     high_open: bool = False
+    group: str = ""
 
     @property
     def flag(self) -> str:
@@ -296,7 +315,10 @@ class Option:
 
 def _build_options() -> dict[str, Option]:
     options = {}
+    starts = {first: name for name, first in GROUPS}
+    group = ""
     for item in dataclasses.fields(TrainConfig):
+        group = starts.get(item.name, group)
         text, meta = str(item.type), item.metadata
         if meta.get("kind"):
             kind = meta["kind"]
@@ -313,7 +335,7 @@ def _build_options() -> dict[str, Option]:
         default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
         options[item.name] = Option(item.name, kind, "None" in text, default, meta["help"], meta.get("choices"),
                                     meta.get("low"), meta.get("high"), meta.get("low_open", False),
-                                    meta.get("high_open", False))
+                                    meta.get("high_open", False), group)
     return options
 
 
@@ -328,23 +350,55 @@ def check_option(name: str, value, where: str = ""):
     return OPTIONS[name].check(value, where)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, *, exclude: tuple[str, ...] = ()) -> None:
-    """One ``--option`` per field of :class:`TrainConfig` (default ``None`` = not given), typed by :data:`OPTIONS`."""
-    parser.add_argument("--config", default=None, help="YAML or JSON file of options (keys as below, with _)")
+def help_text(option: Option) -> str:
+    """The option's help with its default said once: as its help says it, else appended
+    (nothing for an unset default the help explains, on/off for a switch)."""
+    text = option.help
+    if "default" in text.lower() or option.default is None:
+        return text
+    if option.kind == "bool":
+        return f"{text} (default: {'on' if option.default else 'off'})"
+    if isinstance(option.default, list):
+        return f"{text} (default: {' '.join(map(str, option.default)) or 'none'})"
+    return f"{text} (default: {_number(option.default)})"
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, *, exclude: tuple[str, ...] = (),
+                         only: tuple[str, ...] | None = None, config_help: str | None = None) -> None:
+    """One ``--option`` per field of :class:`TrainConfig` (default ``None`` = not given), typed by
+    :data:`OPTIONS`, in the argument groups of :data:`GROUPS`; ``only``: just these options."""
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help=config_help or "YAML or JSON file of options (keys as the flags below, with _)")
+    groups = {}
     for option in OPTIONS.values():
-        if option.name in exclude:
+        if option.name in exclude or (only is not None and option.name not in only):
             continue
-        help_text = f"{option.help} (default: {option.default})"
-        if option.kind == "bool":
-            parser.add_argument(option.flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif option.item_kind in ("int", "float") and option.kind.endswith("_list"):
-            parser.add_argument(option.flag, nargs="+", type={"int": int, "float": float}[option.item_kind],
-                                default=None, help=help_text)
-        elif option.kind.endswith("_list"):  # repeated: --teacher a --teacher b
-            parser.add_argument(option.flag, action="append", default=None, choices=option.choices, help=help_text)
-        else:
-            kind = {"int": int, "float": float}.get(option.kind, str)
-            parser.add_argument(option.flag, type=kind, default=None, choices=option.choices, help=help_text)
+        if option.group not in groups:
+            groups[option.group] = parser.add_argument_group(option.group)
+        _add_option(groups[option.group], option)
+
+
+_METAVARS = {"int": "N", "float": "X", "str": "NAME", "path": "PATH"}
+
+
+def _add_option(parser, option: Option) -> None:
+    text = help_text(option)
+    if option.name == "student":
+        from kdfast.models import model_names
+
+        text += " — one of " + ", ".join(model_names()) + " (`kdfast models` lists them with their sizes)"
+    if option.kind == "bool":
+        parser.add_argument(option.flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+    elif option.item_kind in ("int", "float") and option.kind.endswith("_list"):
+        parser.add_argument(option.flag, nargs="+", type={"int": int, "float": float}[option.item_kind],
+                            default=None, help=text, metavar=_METAVARS[option.item_kind])
+    elif option.kind.endswith("_list"):  # repeated: --teacher a --teacher b
+        parser.add_argument(option.flag, action="append", default=None, choices=option.choices, help=text,
+                            metavar=_METAVARS[option.item_kind])
+    else:
+        kind = {"int": int, "float": float}.get(option.kind, str)
+        parser.add_argument(option.flag, type=kind, default=None, choices=option.choices, help=text,
+                            metavar=None if option.choices else _METAVARS[option.kind])
 
 
 def read_config_file(path: str | os.PathLike, *, what: str = "config file") -> dict:
@@ -432,6 +486,12 @@ def validate(config: TrainConfig) -> None:
                                                    or config.teacher_weights is not None):
         raise ValueError(f"teacher_combine and teacher_weights are read by the methods with a teacher "
                          f"({', '.join(TEACHER_METHODS)}), got method {config.method!r}")
+    for name in ("train_file_list", "val_file_list"):
+        if getattr(config, name) is not None and config.data == "digits":
+            raise ValueError(f"{name} lists image files of a dataset folder; data='digits' is held in memory")
+    if config.train_file_list is not None and config.teacher_cache is not None:
+        raise ValueError("train_file_list and teacher_cache exclude each other: a cache records the samples of "
+                         "DATA/train (build one from a dataset folder)")
     if config.logit_standardization and config.method not in ("kd", "dist", "cmkd", "dkd", "drkd", "reskd"):
         raise ValueError(f"logit_standardization applies to the methods kd, dist, cmkd, dkd, drkd, reskd, got method "
                          f"{config.method!r}")
@@ -456,6 +516,50 @@ def check_teacher_weights(count: int, weights: list[float] | None) -> None:
                              f"{weights}")
         if not any(weight > 0 for weight in weights):
             raise ValueError(f"teacher_weights must not all be 0, got {weights}")
+
+
+def resolve_eval_config(args: argparse.Namespace) -> TrainConfig:
+    """``kdfast eval``'s configuration: a run folder's ``config.yaml`` (``RUN_DIR``, or the
+    folder of ``--checkpoint`` when it holds one), then ``--config``, then the flags, each
+    restricted to :data:`EVAL_OPTIONS`; the weights default to the run's ``model.pt``.
+    ValueError naming what is missing."""
+    run = getattr(args, "run", None)
+    checkpoint = getattr(args, "checkpoint", None)
+    folder = None
+    if run is not None:
+        folder = Path(run)
+        if not (folder / "config.yaml").is_file():
+            raise ValueError(f"RUN_DIR {folder} is not a kdfast run folder (it has no config.yaml); give a run "
+                             f"folder, or --checkpoint FILE with --student and --data")
+        if checkpoint is None:
+            checkpoint = folder / "model.pt"
+            if not checkpoint.is_file():
+                raise ValueError(f"run folder {folder} has no model.pt (the run has not finished): pass --checkpoint "
+                                 f"{folder}/checkpoint-<step>.pt")
+    elif checkpoint is not None:
+        beside = Path(checkpoint).parent
+        folder = beside if (beside / "config.yaml").is_file() else None
+    else:
+        raise ValueError("kdfast eval needs a run folder (kdfast eval RUN_DIR) or the weights (--checkpoint FILE, "
+                         "with --student and --data)")
+    values: dict = {}
+    if folder is not None:
+        saved = read_config_file(folder / "config.yaml", what="the run folder's config file")
+        if saved.get("method") == "reskd":
+            raise ValueError(f"{folder} is a ResKD stage: its model.pt is one res-student, whose logits only mean "
+                             f"something added to the chain's; evaluate the chain with `kdfast reskd curve --chain "
+                             f"{folder}/chain.pt`")
+        values.update({key: value for key, value in saved.items() if key in EVAL_OPTIONS})
+    if getattr(args, "config", None) is not None:
+        values.update({key: value for key, value in read_config_file(args.config).items() if key in EVAL_OPTIONS})
+    for key in EVAL_OPTIONS:
+        value = getattr(args, key, None)
+        if value is not None:
+            values[key] = check_option(key, value, f" ({OPTIONS[key].flag} on the command line)")
+    values["checkpoint"] = check_option("checkpoint", checkpoint)
+    config = TrainConfig(**values)
+    validate(config)
+    return config
 
 
 def resume_changes(saved: dict, config: TrainConfig) -> list[tuple[str, object, object]]:

@@ -127,14 +127,16 @@ def write_report(output: Path, results: dict, settings: dict) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", default="runs/demo", help="run folder (default runs/demo)")
-    parser.add_argument("--teacher", default="resnet20")
-    parser.add_argument("--student", default="resnet8")
-    parser.add_argument("--teacher-epochs", type=int, default=30)
+    parser = argparse.ArgumentParser(prog="python -m kdfast.demo", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--output", default="runs/demo", help="run folder")
+    parser.add_argument("--teacher", default="resnet20", help="teacher architecture (`kdfast models`)")
+    parser.add_argument("--student", default="resnet8", help="student architecture")
+    parser.add_argument("--teacher-epochs", type=int, default=30, help="teacher epochs")
     parser.add_argument("--epochs", type=int, default=20, help="student epochs")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per method")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                        help="rows of the table (ce is always added: the baseline)")
     args = parser.parse_args(argv)
     if "ce" not in args.methods:
         args.methods.insert(0, "ce")  # the baseline every other row is compared with

@@ -29,7 +29,7 @@ import re
 import torch
 from torch import nn
 
-__all__ = ["Classifier", "MODEL_NAMES", "create_model", "load_weights", "model_names"]
+__all__ = ["Classifier", "MODEL_NAMES", "create_model", "describe_models", "load_weights", "model_names"]
 
 
 class Classifier(nn.Module):
@@ -298,6 +298,29 @@ MODEL_NAMES = sorted(_IMAGENET) + sorted(_CIFAR) + ["resnet<depth>_w<width>", "w
 def model_names() -> list[str]:
     """The names :func:`create_model` accepts (patterns in angle brackets)."""
     return list(MODEL_NAMES)
+
+
+#: How ``kdfast models`` sizes each family: (classes, channels, image size, where it is used).
+_FAMILIES = (
+    (sorted(_IMAGENET), (1000, 3, 224, "ImageNet (torchvision's keys)")),
+    (sorted(_CIFAR, key=lambda n: (n.endswith("x4"), int(re.sub(r"\D", "", n.split("x")[0])))),
+     (100, 3, 32, "CIFAR-100 (CRD/RepDistiller keys)")),
+    (["resnet8_w8", "resnet20_w8"], (100, 3, 32, "narrow CIFAR ResNets, resnet<depth>_w<width>")),
+    (["wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2"], (100, 3, 32, "Wide ResNets, wrn_<depth>_<widen> (CRD keys)")),
+    (["mlp-32", "mlp-128", "mlp-256-256"], (10, 1, 8, "the embedded 8×8 digits, mlp-<width>-…")),
+)
+
+
+def describe_models() -> list[str]:
+    """``kdfast models``: each architecture (patterns by examples) with its parameters where it is used."""
+    lines = [f"{'model':14s} {'parameters':>12s}  used for (classes, input)"]
+    for names, (classes, channels, size, use) in _FAMILIES:
+        for name in names:
+            count = sum(p.numel() for p in create_model(name, classes, channels, size).parameters())
+            lines.append(f"{name:14s} {count:12,d}  {use} ({classes} classes, {channels}×{size}×{size})")
+    lines.append("Any model takes any number of classes (--data sets it); CIFAR-style ResNets, WRNs and MLPs any "
+                 "image size.")
+    return lines
 
 
 def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 224) -> Classifier:

@@ -225,6 +225,13 @@ def make_loaders(config: TrainConfig, runtime: Runtime, teacher_cache=None):
     torch loader, for both splits)."""
     from kdfast.data import make_loader
 
+    options = _loader_options(config, runtime, teacher_cache)
+    replay = {} if teacher_cache is None else {"augmentation": teacher_cache.augmentation}
+    return (make_loader(config.data, "train", file_list=config.train_file_list, **options, **replay),
+            make_loader(config.data, "val", file_list=config.val_file_list, **options))
+
+
+def _loader_options(config: TrainConfig, runtime: Runtime, teacher_cache=None) -> dict:
     options = dict(batch_size=config.batch_size, device=runtime.device, image_size=config.image_size,
                    dtype=_IMAGE_DTYPES[config.amp], channels_last=config.channels_last, rank=runtime.rank,
                    world_size=runtime.world_size, num_workers=config.workers, seed=config.seed)
@@ -232,8 +239,7 @@ def make_loaders(config: TrainConfig, runtime: Runtime, teacher_cache=None):
         options["loader"] = "torch" if teacher_cache is not None and config.loader == "auto" else config.loader
     if config.exclude is not None:
         options["exclude"] = config.exclude
-    replay = {} if teacher_cache is None else {"augmentation": teacher_cache.augmentation}
-    return make_loader(config.data, "train", **options, **replay), make_loader(config.data, "val", **options)
+    return options
 
 
 def open_teacher_cache(config: TrainConfig):
@@ -657,7 +663,8 @@ class MetricsWriter:
 
                 self.board = SummaryWriter(str(folder / "tensorboard"))
             except ImportError:
-                LOGGER.info("tensorboard is not installed; metrics go to metrics.jsonl only")
+                LOGGER.warning("--tensorboard was asked for but tensorboard is not installed (pip install "
+                               "tensorboard); metrics go to metrics.jsonl only (`kdfast plot RUN` draws them)")
 
     def write(self, record: dict) -> None:
         if self.path is None:
@@ -747,6 +754,10 @@ def _check_files(config: TrainConfig) -> None:
     if config.exclude is not None and not Path(config.exclude).is_file():
         raise ValueError(f"exclude file {config.exclude} does not exist (it lists images to leave out, one path per "
                          f"line: what `kdfast data verify DIR --output FILE` writes)")
+    for name in ("train_file_list", "val_file_list"):
+        if getattr(config, name) is not None and not Path(getattr(config, name)).is_file():
+            raise ValueError(f"{name} {getattr(config, name)} does not exist (one 'relative/path.jpg <class index>' "
+                             f"per line)")
 
 
 # The files of a run (besides its checkpoints) that describe its progress.
@@ -1096,11 +1107,16 @@ def run_eval(config: TrainConfig, print_fn=print) -> dict:
         raise ValueError("checkpoint is required by kdfast eval: the weights of --student to evaluate")
     validate(config)
     _check_files(config)
-    with _session(config) as runtime:
-        _, val_loader = make_loaders(config, runtime)
+    from kdfast.data import make_loader
+
+    with _session(config) as runtime:  # the val split only: indexing a training split can take minutes
+        val_loader = make_loader(config.data, "val", file_list=config.val_file_list,
+                                 **_loader_options(config, runtime))
         model = build_model(config.student, val_loader, config, runtime, config.checkpoint, "checkpoint")
         result = evaluate(model, val_loader, runtime, config)
         if runtime.main:
-            print_fn(f"{config.student} on {config.data} val: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%, "
+            print_fn(f"{config.student} ({config.checkpoint}) on {config.data} val"
+                     f"{f' ({config.val_file_list})' if config.val_file_list else ''} at {val_loader.image_shape[1]} px: "
+                     f"top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%, "
                      f"loss {result['loss']:.4f} ({result['images']} images)")
         return result
