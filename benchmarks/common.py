@@ -16,9 +16,7 @@ import datetime
 import gc
 import json
 import os
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from typing import Callable
@@ -104,34 +102,9 @@ def copy_bandwidth_gbps(device: torch.device, megabytes: int = 256) -> float:
     return 2 * x.numel() * 4 / (timing["median_ms"] * 1e-3) / 1e9
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model} ({torch.get_num_threads()} threads)"
-
-
-def commit() -> str:
-    """The short commit of the checkout, "-dirty" when code differs from it. KDFAST_COMMIT,
-    when set, is taken as is: for a copy of the tree without its .git folder (a lent GPU
-    machine), e.g. ``KDFAST_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/run_gpu.sh smoke``."""
-    if os.environ.get("KDFAST_COMMIT"):
-        return os.environ["KDFAST_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-        # Result files change as benchmarks run; only a change to the code makes the commit "dirty".
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
-                                ":(top,exclude)benchmarks/results"], capture_output=True, text=True,
-                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+# Shared with the demo (kdfast.demo records the same provenance in its results.json).
+from kdfast.provenance import device_name  # noqa: E402
+from kdfast.provenance import source_commit as commit  # noqa: E402
 
 
 def append_rows(filename: str, rows: list[dict]) -> str:

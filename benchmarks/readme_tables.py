@@ -16,6 +16,7 @@ what it would write, for CI). Tables:
   (``benchmarks/results/sparse_teacher_error.csv``);
 * ``cache-accuracy``, ``cache-speed``: KD from a teacher cache against online KD, accuracy
   (``cache_accuracy.csv``) and images/s of the step (``teacher_cache_train.csv``).
+* ``demo``: ``make demo``'s table (``demo_digits.json``, the demo's ``results.json``);
 * ``cpu-losses``: forward+backward time of every loss on the CPU at B = 256, C = 1000 per
   provider, with kdfast's speed-up (``losses.csv``).
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import re
 import sys
@@ -265,6 +267,21 @@ def cpu_losses_table(rows: list[dict], batch: str = "256", classes: str = "1000"
     return "\n".join(lines)
 
 
+def demo_block(saved: dict) -> str:
+    """``make demo``'s table from its committed results.json (benchmarks/results/demo_digits.json)."""
+    from kdfast.demo import ONE_IMAGE, report_table
+
+    settings = saved["settings"]
+    return "\n".join([
+        report_table(saved["results"], settings), "",
+        f"{settings['student']} student on {settings['per_class']} images per class ({settings['epochs']} epochs, "
+        f"batch 32), {settings['teacher']} teacher on all 1257 training images ({settings['teacher_epochs']} "
+        f"epochs); {settings['seeds']} seeds; validation top-1 on 540 images, one image = {ONE_IMAGE:.2f} points. "
+        f"Gains are the mean ± std over seeds of each seed's difference to ce (same initialization, data order and "
+        f"subset). Whole demo {settings['seconds'] / 60:.1f} min on {settings['device']}, idle; commit "
+        f"{settings['commit']}, {settings['date']}, PyTorch {settings['torch']}."])
+
+
 def render(readme: str, tables: dict[str, str]) -> str:
     for name, table in tables.items():
         pattern = re.compile(rf"(<!-- {name}:begin -->\n)(?:.*?\n)?(<!-- {name}:end -->)", re.S)
@@ -286,13 +303,18 @@ def main(argv=None) -> int:
         with open(os.path.join(ROOT, "benchmarks", "results", name), newline="") as handle:
             return list(csv.DictReader(handle))
 
+    def result_json(name: str) -> dict:
+        with open(os.path.join(ROOT, "benchmarks", "results", name)) as handle:
+            return json.load(handle)
+
     with open(args.readme) as handle:
         current = handle.read()
     updated = render(current, {"gpu-static": static_table(rows), "gpu-bytes": bytes_table(rows),
                                "sparse-error": sparse_error_table(result_rows("sparse_teacher_error.csv")),
                                "cache-accuracy": cache_accuracy_table(result_rows("cache_accuracy.csv")),
                                "cache-speed": cache_speed_table(result_rows("teacher_cache_train.csv")),
-                               "cpu-losses": cpu_losses_table(result_rows("losses.csv"))})
+                               "cpu-losses": cpu_losses_table(result_rows("losses.csv")),
+                               "demo": demo_block(result_json("demo_digits.json"))})
     if args.check:
         if updated != current:
             print(f"{args.readme}: the generated GPU tables differ from {args.csv}; run benchmarks/readme_tables.py")

@@ -79,6 +79,9 @@ class TrainConfig:
                                                 "'relative/path.jpg <class index>' per line, paths relative to the "
                                                 "list's folder, indices into DATA/train's sorted class folders",
                                           kind="path")
+    train_per_class: int | None = _option(None, "train on only N images of each class (a fixed choice, the same "
+                                                "for every --seed; all of a smaller class): few-label distillation, "
+                                                "with a teacher that saw every image", low=1)
     val_file_list: str | None = _option(None, "read the validation split from this list instead of DATA/val (e.g. "
                                               "ImageNet's flat val folder: 'val/ILSVRC2012_val_00000001.JPEG 65' …)",
                                         kind="path")
@@ -489,9 +492,10 @@ def validate(config: TrainConfig) -> None:
     for name in ("train_file_list", "val_file_list"):
         if getattr(config, name) is not None and config.data == "digits":
             raise ValueError(f"{name} lists image files of a dataset folder; data='digits' is held in memory")
-    if config.train_file_list is not None and config.teacher_cache is not None:
-        raise ValueError("train_file_list and teacher_cache exclude each other: a cache records the samples of "
-                         "DATA/train (build one from a dataset folder)")
+    for name in ("train_file_list", "train_per_class"):
+        if getattr(config, name) is not None and config.teacher_cache is not None:
+            raise ValueError(f"{name} and teacher_cache exclude each other: a cache records every sample of "
+                             f"DATA/train (build one from a dataset folder)")
     if config.logit_standardization and config.method not in ("kd", "dist", "cmkd", "dkd", "drkd", "reskd"):
         raise ValueError(f"logit_standardization applies to the methods kd, dist, cmkd, dkd, drkd, reskd, got method "
                          f"{config.method!r}")

@@ -227,7 +227,8 @@ def make_loaders(config: TrainConfig, runtime: Runtime, teacher_cache=None):
 
     options = _loader_options(config, runtime, teacher_cache)
     replay = {} if teacher_cache is None else {"augmentation": teacher_cache.augmentation}
-    return (make_loader(config.data, "train", file_list=config.train_file_list, **options, **replay),
+    return (make_loader(config.data, "train", file_list=config.train_file_list, per_class=config.train_per_class,
+                        **options, **replay),
             make_loader(config.data, "val", file_list=config.val_file_list, **options))
 
 

@@ -14,12 +14,13 @@ rank and the last-batch rules).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
 import torch
 
-from kdfast.data.common import IMAGENET_MEAN, IMAGENET_STD, Batch, Loader, SampleOrder
+from kdfast.data.common import IMAGENET_MEAN, IMAGENET_STD, Batch, Loader, SampleOrder, per_class_subset
 from kdfast.data.dali_loader import dali_version
 from kdfast.data.digits import DIGITS_NAME, write_digits_folder
 from kdfast.data.folder import DatasetError, SplitIndex, index_split
@@ -30,7 +31,7 @@ LOADERS = ("auto", "dali", "torch")
 
 __all__ = [
     "Batch", "DatasetError", "IMAGENET_MEAN", "IMAGENET_STD", "LOADERS", "Loader", "SplitIndex", "VerifyReport",
-    "dali_version", "index_split", "make_loader", "verify_dataset", "write_digits_folder",
+    "dali_version", "index_split", "make_loader", "per_class_subset", "verify_dataset", "write_digits_folder",
 ]
 
 
@@ -42,7 +43,7 @@ def make_loader(data: str | os.PathLike, split: str = "train", *, batch_size: in
                 device: str | torch.device = "cpu", image_size: int | None = None, resize_size: int | None = None,
                 dtype: torch.dtype = torch.float32, channels_last: bool = False, rank: int = 0, world_size: int = 1,
                 num_workers: int | None = None, seed: int = 0, file_list: str | os.PathLike | None = None,
-                exclude=None, augmentation=None) -> Loader:
+                exclude=None, augmentation=None, per_class: int | None = None) -> Loader:
     """An iterable of :class:`Batch` ``(images, labels, sample_indices)`` for one split and rank.
 
     Args:
@@ -81,6 +82,9 @@ def make_loader(data: str | os.PathLike, split: str = "train", *, batch_size: in
             recorded windows with ``fn.decoders.image_slice`` and flips them (its own decode
             and resize: pixels within a few levels of those); the digits take the box as
             their one-pixel shift. Train split only; ``"auto"`` picks torch (exact pixels).
+        per_class: keep only this many samples of each class (:func:`per_class_subset`, a
+            fixed choice: seed 0, whatever ``seed``), renumbered in the split's order; e.g.
+            few-label distillation (``kdfast train --train-per-class``).
 
     Indexing checks every file (:mod:`kdfast.data.check`; cached per file): a truncated,
     empty, unreadable or non-image file raises :class:`DatasetError` naming each such file
@@ -119,11 +123,16 @@ def make_loader(data: str | os.PathLike, split: str = "train", *, batch_size: in
                 f"{loader!r}); to read the digits through loader={loader!r}, write them as a JPEG folder with "
                 f"`kdfast data demo DIR` and pass data=DIR"
             )
-        order = SampleOrder(len(digits_split(split)[1]), batch_size, split, rank, world_size, seed)
+        keep = None if per_class is None else per_class_subset(digits_split(split)[1], per_class)
+        order = SampleOrder(len(digits_split(split)[1]) if keep is None else len(keep), batch_size, split, rank,
+                            world_size, seed)
         return DigitsLoader(order, image_size=image_size, device=device, dtype=dtype, channels_last=channels_last,
-                            augmentation=augmentation)
+                            augmentation=augmentation, keep=keep)
 
     index = index_split(data, split, file_list=file_list, exclude=exclude)
+    if per_class is not None:
+        keep = per_class_subset(index.labels, per_class)
+        index = dataclasses.replace(index, files=[index.files[i] for i in keep], labels=[index.labels[i] for i in keep])
     order = SampleOrder(len(index), batch_size, split, rank, world_size, seed)
     image_size = image_size or 224
     resize_size = resize_size or round(image_size / 0.875)

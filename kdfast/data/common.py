@@ -83,6 +83,19 @@ class SampleOrder:
         return np.ascontiguousarray(steps[:, self.rank, :].reshape(-1)).astype(np.int64)
 
 
+def per_class_subset(labels, per_class: int, seed: int = 0) -> np.ndarray:
+    """The sorted positions of ``per_class`` samples of each class of ``labels``: the first
+    ``per_class`` of each class's permutation by ``numpy.random.default_rng(seed)`` (all of a
+    class that has fewer). The choice depends on the labels and the seed only, so every run,
+    rank and loader of a dataset keeps the same samples."""
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+        raise ValueError(f"per_class must be a positive integer, got {per_class!r}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    kept = [rng.permutation(np.flatnonzero(labels == label))[:per_class] for label in np.unique(labels)]
+    return np.sort(np.concatenate(kept))
+
+
 def check_output_dtype(dtype) -> torch.dtype:
     if dtype not in OUTPUT_DTYPES:
         raise ValueError(f"dtype must be one of torch.float32, torch.float16, torch.bfloat16, got {dtype!r}")

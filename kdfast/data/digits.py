@@ -42,8 +42,10 @@ class DigitsLoader(Loader):
     """The digits split held as one tensor; batches are slices of it (no worker, no decode)."""
 
     def __init__(self, order: SampleOrder, *, image_size: int | None, device, dtype, channels_last: bool,
-                 augmentation=None):
+                 augmentation=None, keep: np.ndarray | None = None):
         images, labels, _ = digits_split(order.split)
+        if keep is not None:  # a subset of the split (positions), renumbered 0 … len(keep) − 1
+            images, labels = images[keep], labels[keep]
         self.augmentation = augmentation
         super().__init__(order, labels, device, dtype, channels_last)
         self.classes = [str(digit) for digit in range(10)]
