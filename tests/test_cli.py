@@ -86,7 +86,7 @@ def test_demo_help_names_the_module_and_its_defaults():
     result = run_module("kdfast.demo", "--help")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: python -m kdfast.demo")
-    assert "(default: 20)" in result.stdout and "(default: runs/demo)" in result.stdout
+    assert "(default: 60)" in result.stdout and "(default: runs/demo)" in result.stdout
 
 
 @pytest.fixture(scope="module")
