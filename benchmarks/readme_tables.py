@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import json
 import os
 import re
@@ -294,7 +295,8 @@ def render(readme: str, tables: dict[str, str]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--csv", default=os.path.join(ROOT, "benchmarks", "results", "gpu_static.csv"))
-    parser.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
+    parser.add_argument("--readme", default=os.path.join(ROOT, "README.md"),
+                        help="the README; the pages of docs/ beside it are rewritten too")
     parser.add_argument("--check", action="store_true", help="exit 1 if the README's tables are not current")
     args = parser.parse_args(argv)
     with open(args.csv, newline="") as handle:
@@ -307,22 +309,35 @@ def main(argv=None) -> int:
         with open(os.path.join(ROOT, "benchmarks", "results", name)) as handle:
             return json.load(handle)
 
-    with open(args.readme) as handle:
-        current = handle.read()
-    updated = render(current, {"gpu-static": static_table(rows), "gpu-bytes": bytes_table(rows),
-                               "sparse-error": sparse_error_table(result_rows("sparse_teacher_error.csv")),
-                               "cache-accuracy": cache_accuracy_table(result_rows("cache_accuracy.csv")),
-                               "cache-speed": cache_speed_table(result_rows("teacher_cache_train.csv")),
-                               "cpu-losses": cpu_losses_table(result_rows("losses.csv")),
-                               "demo": demo_block(result_json("demo_digits.json"))})
+    tables = {"gpu-static": static_table(rows), "gpu-bytes": bytes_table(rows),
+              "sparse-error": sparse_error_table(result_rows("sparse_teacher_error.csv")),
+              "cache-accuracy": cache_accuracy_table(result_rows("cache_accuracy.csv")),
+              "cache-speed": cache_speed_table(result_rows("teacher_cache_train.csv")),
+              "cpu-losses": cpu_losses_table(result_rows("losses.csv")),
+              "demo": demo_block(result_json("demo_digits.json"))}
+    # Each table lives in one file: the README or a page of docs/.
+    documents = [args.readme] + sorted(glob.glob(os.path.join(os.path.dirname(args.readme), "docs", "*.md")))
+    current = {}
+    for path in documents:
+        with open(path) as handle:
+            current[path] = handle.read()
+    updated = dict(current)
+    for name, table in tables.items():
+        holders = [path for path in documents if f"<!-- {name}:begin -->" in current[path]]
+        if len(holders) != 1:
+            raise SystemExit(f"<!-- {name}:begin --> must be in exactly one of README.md and docs/*.md, found in "
+                             f"{holders or 'none'}")
+        updated[holders[0]] = render(updated[holders[0]], {name: table})
+    stale = [path for path in documents if updated[path] != current[path]]
     if args.check:
-        if updated != current:
-            print(f"{args.readme}: the generated GPU tables differ from {args.csv}; run benchmarks/readme_tables.py")
+        if stale:
+            print(f"{', '.join(stale)}: the generated tables differ from benchmarks/results; run "
+                  f"benchmarks/readme_tables.py")
             return 1
         return 0
-    if updated != current:
-        with open(args.readme, "w") as handle:
-            handle.write(updated)
+    for path in stale:
+        with open(path, "w") as handle:
+            handle.write(updated[path])
     return 0
 
 

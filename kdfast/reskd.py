@@ -665,35 +665,46 @@ def accuracy_cost_curve(chain: ResidualChain, loader, *, references: dict[str, n
 
 
 def plot_curve(curve: dict, path, title: str = "ResKD: accuracy vs cost") -> None:
-    """Draw the curve (PNG): gated points, fixed chain lengths, references; the x axis is the
-    share of the teacher's FLOPs when a ``teacher`` reference is present, with ResKD's
-    published range (18–57 % of the teacher's cost) shaded."""
+    """Draw the curve (PNG) against the share of the full chain's FLOPs (linear, fit to the
+    chain): gated points, fixed chain lengths, the references (a point where their cost is
+    within the chain's range, else a line at their top-1 labelled with their cost), and the
+    calibrated operating point measured on held-out images when the curve has one
+    (``cross_validated``, as ``kdfast reskd demo`` writes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    teacher = curve["references"].get("teacher")
-    scale = teacher["flops"] if teacher else 1.0
-    unit = "share of the teacher's FLOPs" if teacher else "FLOPs per image"
-    figure, axis = plt.subplots(figsize=(7, 4.2))
-    if teacher:
-        axis.axvspan(0.18, 0.57, color="#DDDDDD", alpha=0.6, label="ResKD paper: 18–57 % of the teacher's cost")
+    full = curve["chain_prefixes"][-1]["flops"]
+    figure, axis = plt.subplots(figsize=(7.5, 4.4))
     gated = sorted(curve["gated"], key=lambda p: p["flops"])
-    axis.plot([p["flops"] / scale for p in gated], [p["top1"] for p in gated], "o-", color="#DD8452", ms=3,
-              label="gated chain (shared threshold)")
-    axis.plot([p["flops"] / scale for p in curve["chain_prefixes"]], [p["top1"] for p in curve["chain_prefixes"]],
+    axis.plot([p["flops"] / full for p in gated], [p["top1"] for p in gated], "o-", color="#DD8452", ms=3,
+              label="gated chain (one shared threshold per point)")
+    axis.plot([p["flops"] / full for p in curve["chain_prefixes"]], [p["top1"] for p in curve["chain_prefixes"]],
               "s--", color="#4C72B0", label="fixed chain length (1, 2, … stages)")
     markers = {"teacher": ("*", "#333333"), "student": ("D", "#55A868")}
+    right = 1.0
     for name, point in curve["references"].items():
         marker, color = markers.get(name, ("^", "#8172B2"))
-        axis.plot(point["flops"] / scale, point["top1"], marker, color=color, ms=10, label=name)
-    axis.set_xscale("log")
-    axis.set_xlabel(unit + " (log scale)")
+        share = point["flops"] / full
+        if share <= 1.6:
+            axis.plot(share, point["top1"], marker, color=color, ms=9, linestyle="",
+                      label=f"{name}: {point['top1']:.2f}% at {share:.2f}× the chain's FLOPs")
+            right = max(right, share)
+        else:  # far beyond the chain (the teacher): a level, not a point that squeezes the curve
+            axis.axhline(point["top1"], color=color, linestyle=":", linewidth=1.2,
+                         label=f"{name}: {point['top1']:.2f}% at {share:.1f}× the chain's FLOPs")
+    calibrated = curve.get("cross_validated")
+    if calibrated:
+        axis.plot(calibrated["flops_fraction"], calibrated["top1"], "P", color="#C44E52", ms=11, linestyle="",
+                  label=f"calibrated, on held-out halves: {calibrated['top1']:.2f}% at "
+                        f"{100 * calibrated['flops_fraction']:.1f}% of the chain's FLOPs")
+    axis.set_xlim(0, 1.05 * right)
+    axis.set_xlabel("FLOPs per image, as a share of the full chain's")
     axis.set_ylabel("val top-1 (%)")
     axis.set_title(title)
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8, loc="lower right")
+    axis.legend(fontsize=7.5, loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -7,7 +7,6 @@ trainer back.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from kdfast.reskd import accuracy_cost_curve, load_chain, two_fold_calibration, write_curve
@@ -44,7 +43,11 @@ def demo(output="runs/reskd", print_fn=print) -> dict:
     load_weights(student, output / "student" / "model.pt")
     curve = accuracy_cost_curve(chain, val, references={"teacher": teacher, "student": student})
     curve["architectures"] = spec["architectures"]
-    curve["two_fold_calibration"] = two_fold_calibration(chain, val, max_accuracy_drop=0.25)
+    curve["two_fold_calibration"] = folds = two_fold_calibration(chain, val, max_accuracy_drop=0.25)
+    # Every image once, gated with thresholds calibrated on the other half (equal halves).
+    mean = lambda key: sum(fold[key] for fold in folds) / len(folds)  # noqa: E731
+    curve["cross_validated"] = {"top1": mean("test_top1"), "full_chain_top1": mean("test_full_chain_top1"),
+                                "flops_fraction": mean("test_flops_fraction")}
     json_path, png_path = write_curve(curve, output)
     teacher_flops = curve["references"]["teacher"]["flops"]
     print_fn(f"ResKD on digits: chain {' + '.join(spec['architectures'])}")
@@ -53,15 +56,9 @@ def demo(output="runs/reskd", print_fn=print) -> dict:
                  f"({100 * point['flops'] / teacher_flops:.1f}% of the teacher)")
     for name, point in curve["references"].items():
         print_fn(f"  {name}: top-1 {point['top1']:.2f}%, {point['flops'] / 1e3:.0f} kFLOPs")
-    folds = curve["two_fold_calibration"]
     for fold in folds:
         print_fn(f"  calibrated {fold['folds']} (≤ 0.25 points): top-1 {fold['test_top1']:.2f}% vs full chain "
                  f"{fold['test_full_chain_top1']:.2f}% at {100 * fold['test_flops_fraction']:.1f}% of its FLOPs")
-    # Every image once, gated with thresholds calibrated on the other half (equal halves).
-    mean = lambda key: sum(fold[key] for fold in folds) / len(folds)  # noqa: E731
-    curve["cross_validated"] = {"top1": mean("test_top1"), "full_chain_top1": mean("test_full_chain_top1"),
-                                "flops_fraction": mean("test_flops_fraction")}
-    json_path.write_text(json.dumps(curve, indent=2) + "\n")
     print_fn(f"  cross-validated: top-1 {mean('test_top1'):.2f}% vs full chain {mean('test_full_chain_top1'):.2f}% "
              f"at {100 * mean('test_flops_fraction'):.1f}% of its FLOPs")
     print_fn(f"curve: {json_path}, {png_path}")
