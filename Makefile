@@ -19,7 +19,7 @@ demo: $(STAMPS)/kdfast
 	$(PY) -m kdfast.demo
 
 # ResKD on the digits: teacher, plain student, 3-stage chain, accuracy-vs-cost curve
-# (runs/reskd/curve.json and curve.png).
+# (runs/reskd/results.json, curve.json and curve.png).
 reskd: $(STAMPS)/kdfast
 	$(PY) -m kdfast reskd demo --output runs/reskd
 

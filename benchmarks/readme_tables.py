@@ -16,6 +16,7 @@ what it would write, for CI). Tables:
   (``benchmarks/results/sparse_teacher_error.csv``);
 * ``cache-accuracy``, ``cache-speed``: KD from a teacher cache against online KD, accuracy
   (``cache_accuracy.csv``) and images/s of the step (``teacher_cache_train.csv``).
+* ``reskd-demo``: ``make reskd``'s table (``reskd_demo_digits.json``, in docs/reskd.md);
 * ``demo``: ``make demo``'s table (``demo_digits.json``, the demo's ``results.json``);
 * ``cpu-losses``: forward+backward time of every loss on the CPU at B = 256, C = 1000 per
   provider, with kdfast's speed-up (``losses.csv``).
@@ -283,6 +284,13 @@ def demo_block(saved: dict) -> str:
         f"{settings['commit']}, {settings['date']}, PyTorch {settings['torch']}."])
 
 
+def reskd_demo_block(saved: dict) -> str:
+    """``make reskd``'s table from its committed results.json (benchmarks/results/reskd_demo_digits.json)."""
+    from kdfast.reskd_demo import summary_table
+
+    return summary_table(saved)
+
+
 def render(readme: str, tables: dict[str, str]) -> str:
     for name, table in tables.items():
         pattern = re.compile(rf"(<!-- {name}:begin -->\n)(?:.*?\n)?(<!-- {name}:end -->)", re.S)
@@ -314,7 +322,8 @@ def main(argv=None) -> int:
               "cache-accuracy": cache_accuracy_table(result_rows("cache_accuracy.csv")),
               "cache-speed": cache_speed_table(result_rows("teacher_cache_train.csv")),
               "cpu-losses": cpu_losses_table(result_rows("losses.csv")),
-              "demo": demo_block(result_json("demo_digits.json"))}
+              "demo": demo_block(result_json("demo_digits.json")),
+              "reskd-demo": reskd_demo_block(result_json("reskd_demo_digits.json"))}
     # Each table lives in one file: the README or a page of docs/.
     documents = [args.readme] + sorted(glob.glob(os.path.join(os.path.dirname(args.readme), "docs", "*.md")))
     current = {}

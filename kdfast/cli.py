@@ -73,7 +73,7 @@ def _models(args) -> int:
 def _reskd_demo(args) -> int:
     from kdfast.reskd_demo import demo
 
-    demo(args.output)
+    demo(args.output, seeds=args.seeds)
     return 0
 
 
@@ -213,9 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     reskd = commands.add_parser("reskd", help="res-students: demo and accuracy-vs-cost curve")
     reskd_commands = reskd.add_subparsers(dest="reskd_command", required=True)
-    reskd_demo = reskd_commands.add_parser("demo", help="train a teacher, a student and a 3-stage chain on the "
-                                                        "digits; write the curve")
-    reskd_demo.add_argument("--output", default="runs/reskd")
+    reskd_demo = reskd_commands.add_parser("demo", help="train a teacher, then per seed a 3-stage chain and plain "
+                                                        "students of one stage's and of the chain's cost; write "
+                                                        "the results and the curve")
+    reskd_demo.add_argument("--output", default="runs/reskd", help="run folder (default: runs/reskd)")
+    reskd_demo.add_argument("--seeds", type=int, default=3, help="seeds (default: 3)")
     reskd_demo.set_defaults(handler=_reskd_demo)
     curve = reskd_commands.add_parser("curve", help="accuracy vs cost of gated inference (curve.json, curve.png)")
     curve.add_argument("--chain", required=True, help="chain.pt of the last ResKD stage")

@@ -682,10 +682,10 @@ def plot_curve(curve: dict, path, title: str = "ResKD: accuracy vs cost") -> Non
               label="gated chain (one shared threshold per point)")
     axis.plot([p["flops"] / full for p in curve["chain_prefixes"]], [p["top1"] for p in curve["chain_prefixes"]],
               "s--", color="#4C72B0", label="fixed chain length (1, 2, … stages)")
-    markers = {"teacher": ("*", "#333333"), "student": ("D", "#55A868")}
+    others = iter([("D", "#55A868"), ("^", "#8172B2"), ("v", "#937860"), ("X", "#DA8BC3")] * 4)
     right = 1.0
     for name, point in curve["references"].items():
-        marker, color = markers.get(name, ("^", "#8172B2"))
+        marker, color = ("*", "#333333") if name == "teacher" else next(others)
         share = point["flops"] / full
         if share <= 1.6:
             axis.plot(share, point["top1"], marker, color=color, ms=9, linestyle="",

@@ -509,3 +509,22 @@ def test_shared_simulation_equals_the_general_one(seed):
     general = simulate(confidences, correct, flops, thresholds[:, None].expand(-1, stages - 1))
     for a, b in zip(general, simulate_shared(confidences, correct, flops, thresholds)):
         assert torch.equal(a, b)
+
+
+def test_reskd_demo_slice_reproduces_the_committed_results(tmp_path):
+    """Seed 0 of `make reskd` (teacher, both plain students, the chain, its calibration):
+    the same numbers to the last digit, or docs/reskd.md's table is stale (rerun `make reskd`,
+    copy runs/reskd/results.json to benchmarks/results/reskd_demo_digits.json and curve.* to
+    reskd_curve_digits.*, then `python benchmarks/readme_tables.py`)."""
+    import json
+    from pathlib import Path
+
+    from kdfast.reskd_demo import demo
+
+    committed = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" /
+                            "reskd_demo_digits.json").read_text())
+    results = demo(tmp_path, seeds=1, print_fn=lambda *_: None)
+    assert results["teacher_top1"] == committed["teacher_top1"]
+    ours, theirs = results["runs"][0], committed["runs"][0]
+    for key in ("chain_prefixes_top1", "plain_top1", "cross_validated"):
+        assert ours[key] == theirs[key], key
