@@ -19,6 +19,8 @@ import argparse
 import logging
 import sys
 
+__all__ = ["build_parser", "main"]
+
 
 def _data_demo(args) -> int:
     from kdfast.data import write_digits_folder

@@ -27,6 +27,10 @@ from pathlib import Path
 
 from kdfast._checks import MAX_TEMPERATURE
 
+__all__ = ["TrainConfig", "Option", "OPTIONS", "METHODS", "TEACHER_METHODS", "CACHE_METHODS", "DEFAULT_TEMPERATURE",
+           "GROUPS", "EVAL_OPTIONS", "RESUME_MAY_CHANGE", "add_config_arguments", "check_option", "read_config_file",
+           "resolve_config", "resolve_eval_config", "validate", "resume_changes", "describe_changes", "save_config"]
+
 METHODS = ("ce", "kd", "dist", "cmkd", "dkd", "drkd", "pesf", "reskd")
 TEACHER_METHODS = ("kd", "dist", "cmkd", "dkd", "pesf", "reskd")  # drkd's teacher is the student's own past logits
 #: The methods that can take their teacher's logits from a cache (--teacher-cache); pesf trains an

@@ -30,6 +30,9 @@ import torch
 
 from kdfast import _ops, fused, reference
 
+__all__ = ["OPS", "BACKEND_NAMES", "ENV_VAR", "Backend", "BackendStatus", "BackendUnavailableError", "backends",
+           "choose", "not_supported_reasons", "register", "requested_backend", "resolve"]
+
 BACKEND_NAMES = ("torch", "cpu", "triton", "cuda")
 ENV_VAR = "KDFAST_BACKEND"
 

@@ -11,6 +11,8 @@ import os
 
 import torch
 
+__all__ = ["execution_settings"]
+
 
 @contextlib.contextmanager
 def execution_settings(threads: int | None, deterministic: bool):

@@ -31,6 +31,9 @@ from kdfast import _checks, reference
 from kdfast.dispatch import resolve
 from kdfast.sparse_teacher import SparseTeacher
 
+__all__ = ["kd_loss", "pearson_loss", "dist_loss", "spearman_loss", "cmkd_loss", "drkd_loss", "dkd_loss", "rectify",
+           "default_spearman_strength", "SPEARMAN_STRENGTH_SCALE", "WEIGHTINGS"]
+
 #: The default regularization strength of the Spearman terms' soft ranks is
 #: ε = SPEARMAN_STRENGTH_SCALE / C, applied to the row-standardized student logits.
 #: It must shrink like 1/C: C standardized values lie about 2.5/C apart, and once ε is

@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from kdfast.softrank import average_ranks, soft_rank
 from kdfast.sparse_teacher import SparseTeacher
 
+__all__ = ["kd_loss", "pearson_loss", "dist_loss", "spearman_loss", "cmkd_loss", "drkd_loss", "dkd_loss", "rectify",
+           "pearson", "standardize_logits", "spearman_rows", "entropy_difficulty"]
+
 #: Denominator floor of the Pearson correlation: ρ(a, b) = <a−ā, b−b̄> / max(‖a−ā‖‖b−b̄‖, 1e-8).
 PEARSON_EPS = 1e-8
 

@@ -318,7 +318,18 @@ def load_chain(path, device="cpu") -> tuple[ResidualChain, dict]:
 # ----------------------------------------------------------------------------- cost
 
 def count_flops(module: nn.Module, image_shape: Sequence[int], device="cpu", batch: int = 8) -> float:
-    """FLOPs of one image through ``module`` (eval mode), counted by ``torch.utils.flop_counter``."""
+    """FLOPs of one image through ``module`` (eval mode), counted by ``torch.utils.flop_counter``.
+
+    Args:
+        module: any ``nn.Module`` taking ``[N, C, H, W]`` images (a zoo model, a chain stage).
+        image_shape: one image's ``(C, H, W)``, e.g. ``(3, 224, 224)`` or a loader's ``image_shape``.
+        device: where the counting forward runs (the module's parameters must be there).
+        batch: images in the counting forward (the count is divided by it; BatchNorm in
+            eval mode makes it exact for any batch).
+
+    Returns:
+        Floating-point operations per image (a multiply-add counts 2), as a float.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     if not isinstance(module, nn.Module):

@@ -14,6 +14,8 @@ from torch.autograd.function import once_differentiable
 
 from kdfast import _checks, _ops
 
+__all__ = ["soft_rank", "soft_sort", "average_ranks"]
+
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     # fp16/bf16 are upcast: soft ranks need more resolution than half precision offers.

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
+__all__ = ["SparseTeacher"]
+
 #: The remaining mass below which the tail is treated as empty (the smallest normal float32).
 _TINY = torch.finfo(torch.float32).tiny
 

@@ -23,6 +23,8 @@ from torch import nn
 
 from kdfast import _checks
 
+__all__ = ["MODES", "TeacherEnsemble", "combine_teachers"]
+
 MODES = ("logits", "probabilities")
 
 
