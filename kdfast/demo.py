@@ -3,7 +3,7 @@
 The setting is few-label distillation, where a student clearly underfits on its own and
 a teacher's soft labels carry what the labels do not (Hinton et al., 2015): a ResNet-20
 teacher is trained with cross-entropy on the whole training split (1,257 images); then a
-ResNet-8 student (a third of its parameters) is trained on **10 images per class** (100
+ResNet-8 student (29 % of its parameters) is trained on **10 images per class** (100
 images, ``--train-per-class 10``) with each method — ``ce``, ``kd``, ``dist``, ``cmkd``,
 ``dkd``, ``drkd``, ``pesf``, and ``kd+ls`` (KD on logit-standardized logits) — from the
 same initialization and data order for a given seed, over several seeds. Every run is a
