@@ -1,6 +1,6 @@
 """Wall-clock of gated vs full-chain ResKD inference, against what the FLOPs promise.
 
-Reads the chain that ``kdfast reskd demo`` trains (``--run``, default runs/reskd; the demo
+Reads the seed-0 chain that ``kdfast reskd demo`` trains (``--run``, default runs/reskd; the demo
 is run first when it is missing) and times, on the digits validation images (tiled
 ``--tile`` times into one batch, so that per-layer overheads do not hide the work):
 
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default="reskd.csv", help="CSV under benchmarks/results/ ('' to not write)")
     args = parser.parse_args(argv)
 
-    chain_file = os.path.join(args.run, "stage2", "chain.pt")
+    chain_file = os.path.join(args.run, "seed0-stage2", "chain.pt")  # the chain of the demo's curve
     if not os.path.exists(chain_file):
         print(f"{chain_file} is missing: running kdfast reskd demo first")
         demo(args.run)

@@ -16,6 +16,9 @@ what it would write, for CI). Tables:
   (``benchmarks/results/sparse_teacher_error.csv``);
 * ``cache-accuracy``, ``cache-speed``: KD from a teacher cache against online KD, accuracy
   (``cache_accuracy.csv``) and images/s of the step (``teacher_cache_train.csv``).
+* ``softrank``, ``data-loaders``, ``train-step``, ``reskd-bench``: the soft-rank, loader,
+  training-step and gated-inference benchmarks (``softrank.csv``, ``data.csv``,
+  ``train.csv``, ``reskd.csv``, in docs/benchmarks.md);
 * ``reskd-demo``: ``make reskd``'s table (``reskd_demo_digits.json``, in docs/reskd.md);
 * ``demo``: ``make demo``'s table (``demo_digits.json``, the demo's ``results.json``);
 * ``cpu-losses``: forward+backward time of every loss on the CPU at B = 256, C = 1000 per
@@ -284,6 +287,109 @@ def demo_block(saved: dict) -> str:
         f"{settings['commit']}, {settings['date']}, PyTorch {settings['torch']}."])
 
 
+def _latest(rows: list[dict]) -> list[dict]:
+    """The rows of the newest commit in a results file (rows are appended in run order)."""
+    return [row for row in rows if row["commit"] == rows[-1]["commit"]]
+
+
+def softrank_table(rows: list[dict]) -> str:
+    """Soft rank / soft sort against torchsort, forward+backward ms (bench_softrank.py)."""
+    rows = _latest(rows)
+    at = {(r["op"], r["provider"], r["regularization"], r["mode"], r["n"]): float(r["median_ms"]) for r in rows}
+    lines = ["| op | regularization | n | kdfast | torchsort | torchsort / kdfast | the row sort alone |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for n in sorted({r["n"] for r in rows}, key=int):
+        for op in ("soft_rank", "soft_sort"):
+            for reg in ("kl", "l2"):
+                ours = at.get((op, "kdfast", reg, "forward+backward", n))
+                theirs = at.get((op, "torchsort", reg, "forward+backward", n))
+                if ours is None:
+                    continue
+                ratio = f"{theirs / ours:.2f}×" if theirs else "—"
+                lines.append(f"| {op} | {reg} | {n} | {ours:.2f} | {f'{theirs:.2f}' if theirs else '—'} | {ratio} | "
+                             f"{at[('sort', 'torch', '', 'forward', n)]:.2f} |")
+    first = rows[0]
+    lines += ["", f"fp32, B = {first['B']}, forward+backward, median ms; {first['device']}, commit {first['commit']}, "
+              f"{first['date']}. `python benchmarks/bench_softrank.py`."]
+    return "\n".join(lines)
+
+
+def data_table(rows: list[dict]) -> str:
+    """Images/s of each loader over the runs of the newest commit (bench_data.py)."""
+    rows = _latest(rows)
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    runs = [[r for r in rows if r["provider"] == p] for p in providers]
+    count = min(len(r) for r in runs)
+    names = {"dali-cpu": "DALI, CPU-only mode (`dali`, `device=\"cpu\"`)", "torch-cpu": "PyTorch fallback (`torch`, Pillow)",
+             "dali-gpu": "DALI, GPU decode", "torch-gpu": "PyTorch fallback, GPU batches"}
+    lines = ["| loader | " + " | ".join(f"run {i + 1}" for i in range(count)) + " |",
+             "| --- | " + " | ".join("---:" for _ in range(count)) + " |"]
+    for provider, measured in zip(providers, runs):
+        lines.append(f"| {names.get(provider, provider)} | " + " | ".join(
+            f"{float(r['images_per_s']):.0f} ({float(r['q20_images_per_s']):.0f}–{float(r['q80_images_per_s']):.0f})"
+            for r in measured[:count]) + " |")
+    if {"dali-cpu", "torch-cpu"} <= set(providers):
+        dali, plain = runs[providers.index("dali-cpu")], runs[providers.index("torch-cpu")]
+        lines.append("| DALI / PyTorch | " + " | ".join(
+            f"{float(d['images_per_s']) / float(t['images_per_s']):.2f}×" for d, t in zip(dali, plain)) + " |")
+    first = rows[0]
+    lines += ["", f"images/s, median of the timed epochs (20–80 % quantiles); {first['images']} images per run, "
+              f"{first['image_size']} px, batch {first['batch_size']}, {first['workers']} workers; {first['device']}, "
+              f"DALI {first['dali']}, torch {first['torch']}, commit {first['commit']}, {first['date']}. "
+              f"`python benchmarks/bench_data.py`."]
+    return "\n".join(lines)
+
+
+def train_table(rows: list[dict]) -> str:
+    """The KD step's images/s per feed and its parts (bench_train.py)."""
+    rows = _latest(rows)
+
+    def ms(value):
+        number = _number(value)
+        return "—" if number is None or number != number else f"{number:.2f} ms"
+
+    lines = ["| preset | method | teacher → student | feed | images/s (q20–q80) | of synthetic | teacher fwd | "
+             "student fwd | loss | backward | optimizer |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        share = _number(r["of_synthetic"])
+        loss = ms(r["loss_ms"])
+        if _number(r.get("loss_share")) is not None:
+            loss = f"**{loss} ({100 * float(r['loss_share']):.1f} %)**"
+        lines.append(f"| {r['preset']} | {r['method']} | {r['teacher']} → {r['student']} | {r['feed']} | "
+                     f"{float(r['images_per_s']):.0f} ({float(r['q20_images_per_s']):.0f}–"
+                     f"{float(r['q80_images_per_s']):.0f}) | {'' if share is None else f'{100 * share:.1f} %'} | "
+                     f"{ms(r['teacher_forward_ms'])} | {ms(r['student_forward_ms'])} | {loss} | {ms(r['backward_ms'])} | "
+                     f"{ms(r['optimizer_ms'])} |")
+    first = rows[0]
+    lines += ["", f"batch {first['batch_size']}, {first['device']}, torch {first['torch']}, commit {first['commit']}, "
+              f"{first['date']}; the parts are timed on the synthetic feed (a pass that synchronizes after each). "
+              f"`python benchmarks/bench_train.py --preset digits` (and `--preset digits-jpeg`)."]
+    return "\n".join(lines)
+
+
+def reskd_bench_table(rows: list[dict]) -> str:
+    """Gated vs full-chain wall-clock against the FLOPs' promise, over the runs of the newest commit (bench_reskd.py)."""
+    rows = _latest(rows)
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    full_top1 = rows[0]["full_top1"]
+    lines = ["| thresholds | FLOPs of the full chain | promised speed-up | measured speed-up (each run) | "
+             f"measured / promised | top-1 (full {float(full_top1):.2f} %) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for setting in settings:
+        runs = [r for r in rows if r["setting"] == setting]
+        lines.append(f"| {setting} | {100 * float(runs[0]['flops_fraction']):.1f} % | "
+                     f"{float(runs[0]['promised_speedup']):.2f}× | "
+                     + " / ".join(f"{float(r['speedup']):.2f}" for r in runs) + "× | "
+                     + " / ".join(f"{100 * float(r['speedup_vs_promise']):.0f}" for r in runs) + " % | "
+                     f"{float(runs[0]['top1']):.2f} % |")
+    first = rows[0]
+    count = len([r for r in rows if r["setting"] == settings[0]])
+    lines += ["", f"batch {first['batch']} ({first['chain']}), {count} run(s), {first['device']}, commit "
+              f"{first['commit']}, {first['date']}; the gate alone {float(first['gate_us']):.0f} µs. "
+              f"`python benchmarks/bench_reskd.py` (after `make reskd`)."]
+    return "\n".join(lines)
+
+
 def reskd_demo_block(saved: dict) -> str:
     """``make reskd``'s table from its committed results.json (benchmarks/results/reskd_demo_digits.json)."""
     from kdfast.reskd_demo import summary_table
@@ -323,7 +429,11 @@ def main(argv=None) -> int:
               "cache-speed": cache_speed_table(result_rows("teacher_cache_train.csv")),
               "cpu-losses": cpu_losses_table(result_rows("losses.csv")),
               "demo": demo_block(result_json("demo_digits.json")),
-              "reskd-demo": reskd_demo_block(result_json("reskd_demo_digits.json"))}
+              "reskd-demo": reskd_demo_block(result_json("reskd_demo_digits.json")),
+              "softrank": softrank_table(result_rows("softrank.csv")),
+              "data-loaders": data_table(result_rows("data.csv")),
+              "train-step": train_table(result_rows("train.csv")),
+              "reskd-bench": reskd_bench_table(result_rows("reskd.csv"))}
     # Each table lives in one file: the README or a page of docs/.
     documents = [args.readme] + sorted(glob.glob(os.path.join(os.path.dirname(args.readme), "docs", "*.md")))
     current = {}
