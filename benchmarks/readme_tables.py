@@ -19,6 +19,7 @@ what it would write, for CI). Tables:
 * ``softrank``, ``data-loaders``, ``train-step``, ``reskd-bench``: the soft-rank, loader,
   training-step and gated-inference benchmarks (``softrank.csv``, ``data.csv``,
   ``train.csv``, ``reskd.csv``, in docs/benchmarks.md);
+* ``spearman-strength``: the Spearman terms' ε (``spearman_strength.csv``, in docs/losses.md);
 * ``reskd-demo``: ``make reskd``'s table (``reskd_demo_digits.json``, in docs/reskd.md);
 * ``demo``: ``make demo``'s table (``demo_digits.json``, the demo's ``results.json``);
 * ``cpu-losses``: forward+backward time of every loss on the CPU at B = 256, C = 1000 per
@@ -390,6 +391,38 @@ def reskd_bench_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def spearman_strength_table(rows: list[dict]) -> str:
+    """ε = κ/C of the Spearman terms: gradient share and |soft − hard Spearman| (spearman_strength.py),
+    ranges over both kinds of teacher-like logits."""
+    import math
+
+    rows = _latest(rows)
+
+    def bound(values) -> str:
+        worst = max(values)
+        if worst < 1e-4:
+            return "< 0.0001"
+        digits = 4 if worst < 1e-3 else 3
+        return f"≤ {math.ceil(worst * 10**digits) / 10**digits:.{digits}f}"
+
+    lines = ["| ε · C | soft ranks carrying a gradient | \\|soft − hard Spearman\\|, C = 10 | C = 100 | "
+             "C = 1000 … 10000 |", "| --- | --- | --- | --- | --- |"]
+    for kappa in sorted({r["kappa"] for r in rows}, key=float):
+        mine = [r for r in rows if r["kappa"] == kappa]
+        shares = [100 * float(r["gradient_share"]) for r in mine]
+        gap = lambda pick: bound([float(r["soft_hard_gap"]) for r in mine if pick(int(r["classes"]))])  # noqa: E731
+        cells = [f"{kappa:g}" + (" (default)" if float(kappa) == 2 else ""),
+                 f"{min(shares):.0f}–{max(shares):.0f}%", gap(lambda c: c == 10), gap(lambda c: c == 100),
+                 gap(lambda c: c >= 1000)]
+        if float(kappa) == 2:
+            cells = [f"**{cell}**" for cell in cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    first = rows[0]
+    lines += ["", f"64 rows per C, both kinds of logits; {first['device']}, commit {first['commit']}, {first['date']}. "
+              f"`python benchmarks/spearman_strength.py`."]
+    return "\n".join(lines)
+
+
 def reskd_demo_block(saved: dict) -> str:
     """``make reskd``'s table from its committed results.json (benchmarks/results/reskd_demo_digits.json)."""
     from kdfast.reskd_demo import summary_table
@@ -433,7 +466,8 @@ def main(argv=None) -> int:
               "softrank": softrank_table(result_rows("softrank.csv")),
               "data-loaders": data_table(result_rows("data.csv")),
               "train-step": train_table(result_rows("train.csv")),
-              "reskd-bench": reskd_bench_table(result_rows("reskd.csv"))}
+              "reskd-bench": reskd_bench_table(result_rows("reskd.csv")),
+              "spearman-strength": spearman_strength_table(result_rows("spearman_strength.csv"))}
     # Each table lives in one file: the README or a page of docs/.
     documents = [args.readme] + sorted(glob.glob(os.path.join(os.path.dirname(args.readme), "docs", "*.md")))
     current = {}
