@@ -411,7 +411,7 @@ def spearman_strength_table(rows: list[dict]) -> str:
         mine = [r for r in rows if r["kappa"] == kappa]
         shares = [100 * float(r["gradient_share"]) for r in mine]
         gap = lambda pick: bound([float(r["soft_hard_gap"]) for r in mine if pick(int(r["classes"]))])  # noqa: E731
-        cells = [f"{kappa:g}" + (" (default)" if float(kappa) == 2 else ""),
+        cells = [f"{float(kappa):g}" + (" (default)" if float(kappa) == 2 else ""),
                  f"{min(shares):.0f}–{max(shares):.0f}%", gap(lambda c: c == 10), gap(lambda c: c == 100),
                  gap(lambda c: c >= 1000)]
         if float(kappa) == 2:
