@@ -1116,8 +1116,8 @@ def run_eval(config: TrainConfig, print_fn=print) -> dict:
         model = build_model(config.student, val_loader, config, runtime, config.checkpoint, "checkpoint")
         result = evaluate(model, val_loader, runtime, config)
         if runtime.main:
-            print_fn(f"{config.student} ({config.checkpoint}) on {config.data} val"
+            print_fn(f"{config.student} on {config.data} val"
                      f"{f' ({config.val_file_list})' if config.val_file_list else ''} at {val_loader.image_shape[1]} px: "
                      f"top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%, "
-                     f"loss {result['loss']:.4f} ({result['images']} images)")
+                     f"loss {result['loss']:.4f} ({result['images']} images; weights {config.checkpoint})")
         return result

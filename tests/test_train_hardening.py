@@ -94,10 +94,11 @@ def test_exclude_flag_and_key_reach_the_loaders(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "1252 train / 537 val images" in result.stdout
     (tmp_path / "options.yaml").write_text(f"exclude: {tmp_path / 'bad.txt'}\n")
-    evaluated = run_cli("eval", *common, "--config", tmp_path / "options.yaml", "--checkpoint", "run/model.pt",
+    # eval takes the options it reads (data, loader, workers, student …), not the training ones.
+    evaluated = run_cli("eval", *common[:8], "--config", tmp_path / "options.yaml", "--checkpoint", "run/model.pt",
                         cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr
-    assert "(537 images)" in evaluated.stdout
+    assert "(537 images;" in evaluated.stdout
     missing = run_cli("train", *common, "--exclude", "nope.txt", "--output", "run2", cwd=tmp_path)
     assert missing.returncode == 2 and "exclude file nope.txt does not exist" in missing.stderr
     assert "--exclude" in run_cli("train", "--help", cwd=tmp_path).stdout
