@@ -111,14 +111,33 @@ def append_rows(filename: str, rows: list[dict]) -> str:
     """Append ``rows`` to ``benchmarks/results/filename`` (CSV with a header), adding
     device-independent provenance: commit and date. Returns the file's path. An absolute
     ``filename`` is used as it is (benchmarks/run_gpu.sh writes straight into its output
-    folder that way)."""
+    folder that way). When the rows have columns the file's header lacks (a benchmark that
+    gained a measurement), the file is rewritten, atomically, with the union of the columns
+    (old rows empty in the new ones), so that every row stays under its own names."""
     os.makedirs(RESULTS_DIR, exist_ok=True)
     path = os.path.join(RESULTS_DIR, filename)
     stamp = {"commit": commit(), "date": datetime.date.today().isoformat()}
     rows = [{**row, **stamp} for row in rows]
+    fields = list(rows[0])
+    if os.path.exists(path):
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            header, old_rows = list(reader.fieldnames or []), list(reader)
+        if header and set(fields) <= set(header):
+            fields = header
+        else:  # new columns: before commit/date, in the rows' order
+            merged = [f for f in header if f not in ("commit", "date")]
+            merged += [f for f in fields if f not in merged and f not in ("commit", "date")]
+            fields = merged + ["commit", "date"]
+            temporary = path + ".tmp"
+            with open(temporary, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(old_rows)
+            os.replace(temporary, path)
     new_file = not os.path.exists(path)
     with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(handle, fieldnames=fields, restval="")
         if new_file:
             writer.writeheader()
         writer.writerows(rows)
