@@ -267,7 +267,8 @@ def plot(rows, path):
         axes[0][column].set_ylabel("fwd+bwd ms" if column == 0 else "")
     handles = [plt.Line2D([], [], color=COLORS[p], marker="o", label=p) for p in PROVIDERS if p in shown]
     figure.legend(handles=handles, loc="upper right", ncol=len(handles), fontsize=8)
-    figure.suptitle(f"kdfast losses, forward+backward, {full[0]['dtype']}, {full[0]['device']}", fontsize=9, x=0.3)
+    figure.suptitle(f"kdfast losses, forward+backward, {full[0]['dtype']}, {full[0]['device']}, commit "
+                    f"{full[0].get('commit', '?')}, {full[0].get('date', '')}", fontsize=9, x=0.3)
     figure.tight_layout(rect=(0, 0, 1, 0.95))
     figure.savefig(path, dpi=110)
     print("wrote", path)
