@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import sys
 import traceback
@@ -45,26 +46,18 @@ import kdfast  # noqa: E402
 from kdfast import dispatch, reference  # noqa: E402
 
 LOSSES = {
-    "kd_loss": lambda s, t, y, backend: kdfast.kd_loss(s, t, 4.0, backend=backend),
-    "pearson_loss": lambda s, t, y, backend: kdfast.pearson_loss(s, t, 1.0, backend=backend),
-    "dist_loss": lambda s, t, y, backend: kdfast.dist_loss(s, t, 1.0, 1.0, 1.0, backend=backend),
-    "spearman_loss": lambda s, t, y, backend: kdfast.spearman_loss(s, t, backend=backend),
-    "cmkd_loss": lambda s, t, y, backend: kdfast.cmkd_loss(s, t, y, 4.0, backend=backend),
-    "drkd_loss": lambda s, t, y, backend: kdfast.drkd_loss(s, t, y, 4.0, 1.0, backend=backend),
-    "dkd_loss": lambda s, t, y, backend: kdfast.dkd_loss(s, t, y, 1.0, 8.0, 4.0, backend=backend),
+    "kd_loss": lambda s, t, y, backend, **kw: kdfast.kd_loss(s, t, 4.0, backend=backend, **kw),
+    "pearson_loss": lambda s, t, y, backend, **kw: kdfast.pearson_loss(s, t, 1.0, backend=backend, **kw),
+    "dist_loss": lambda s, t, y, backend, **kw: kdfast.dist_loss(s, t, 1.0, 1.0, 1.0, backend=backend, **kw),
+    "spearman_loss": lambda s, t, y, backend, **kw: kdfast.spearman_loss(s, t, backend=backend, **kw),
+    "cmkd_loss": lambda s, t, y, backend, **kw: kdfast.cmkd_loss(s, t, y, 4.0, backend=backend, **kw),
+    "drkd_loss": lambda s, t, y, backend, **kw: kdfast.drkd_loss(s, t, y, 4.0, 1.0, backend=backend, **kw),
+    "dkd_loss": lambda s, t, y, backend, **kw: kdfast.dkd_loss(s, t, y, 1.0, 8.0, 4.0, backend=backend, **kw),
 }
-#: The logit-standardized variants (Sun et al., CVPR 2024), as LOSSES with standardize=True:
-#: ``kd_loss[standardize]`` …; the backend limitations are their loss's.
-STANDARDIZED = ("kd_loss", "dist_loss", "cmkd_loss", "drkd_loss", "dkd_loss")
-STANDARDIZED_ARGS = {
-    "kd_loss": lambda s, t, y: (s, t, 4.0), "dist_loss": lambda s, t, y: (s, t, 1.0, 1.0, 1.0),
-    "cmkd_loss": lambda s, t, y: (s, t, y, 4.0), "drkd_loss": lambda s, t, y: (s, t, y, 4.0, 1.0),
-    "dkd_loss": lambda s, t, y: (s, t, y, 1.0, 8.0, 4.0),
-}
-for _name in STANDARDIZED:
-    LOSSES[f"{_name}[standardize]"] = (
-        lambda name: lambda s, t, y, backend: getattr(kdfast, name)(*STANDARDIZED_ARGS[name](s, t, y),
-                                                                    standardize=True, backend=backend))(_name)
+#: The logit-standardized variants (Sun et al., CVPR 2024): ``kd_loss[standardize]`` … is
+#: its loss with standardize=True; the backend limitations are their loss's.
+for _name in ("kd_loss", "dist_loss", "cmkd_loss", "drkd_loss", "dkd_loss"):
+    LOSSES[f"{_name}[standardize]"] = functools.partial(LOSSES[_name], standardize=True)
 
 
 def operation(loss: str) -> str:

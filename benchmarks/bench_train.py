@@ -125,17 +125,18 @@ def build_teacher_cache(preset: dict, device: torch.device, workers: int, top_k:
     train_loader, _ = make_loaders(config, runtime)
     channels, height, _ = train_loader.image_shape
     torch.manual_seed(0)
-    teacher = create_model(config.teacher, train_loader.num_classes, channels, height).to(device).eval()
+    (teacher_name,) = config.teacher  # the presets have one teacher
+    teacher = create_model(teacher_name, train_loader.num_classes, channels, height).to(device).eval()
     checkpoint = os.path.join(tempfile.mkdtemp(prefix="kdfast-bench-teacher-"), "teacher.pt")
     torch.save(teacher.state_dict(), checkpoint)
-    output = f"{folder}-cache-{config.teacher}-k{top_k}"
+    output = f"{folder}-cache-{teacher_name}-k{top_k}"
     shutil.rmtree(output, ignore_errors=True)
     common = dict(image_size=preset.get("image_size"), amp=config.amp, batch_size=config.batch_size)
     # The build's deterministic mode makes PyTorch import its compiler once (~1 s here): a
     # start-up cost, not a per-image one; imported before the clock starts.
     importlib.import_module("torch._inductor")
     begin = time.perf_counter()
-    build_cache(config.data, config.teacher, checkpoint, output, epochs=1, top_k=top_k, loader="torch",
+    build_cache(config.data, teacher_name, checkpoint, output, epochs=1, top_k=top_k, loader="torch",
                 workers=workers, device=device.type, progress="none", **common)
     build_rate = train_loader.num_samples / (time.perf_counter() - begin)
     # The teacher's own inference over the same loader (the samples the build decoded).
@@ -219,7 +220,8 @@ def main(argv=None) -> int:
         share = "" if cached not in synthetic_rate else round(median / synthetic_rate[cached], 3)
         total = sum(parts.values())
         row = dict(preset=args.preset, feed=feed, method=config.method, student=config.student,
-                   teacher=config.teacher, batch_size=config.batch_size, image_size=train_loader.image_shape[1],
+                   teacher=" + ".join(config.teacher),
+                   batch_size=config.batch_size, image_size=train_loader.image_shape[1],
                    amp=config.amp, channels_last=config.channels_last, compile=args.compile, workers=args.workers,
                    images_per_s=round(median, 1), q20_images_per_s=round(q20, 1), q80_images_per_s=round(q80, 1),
                    of_synthetic=share,

@@ -60,6 +60,11 @@ def _span(values, digits: int = 0) -> str:
     return text[0] if text[0] == text[1] else f"{text[0]}–{text[1]}"
 
 
+def _latest(rows: list[dict]) -> list[dict]:
+    """The rows of the newest commit in a results file (rows are appended in run order)."""
+    return [row for row in rows if row["commit"] == rows[-1]["commit"]]
+
+
 def _triton_layout(row: dict) -> str:
     config = row["config"]
     if row["kernel"] != "_fused_row_kernel":
@@ -154,7 +159,7 @@ def bytes_table(rows: list[dict]) -> str:
 def sparse_error_table(rows: list[dict]) -> str:
     """Relative gradient (and loss) error of each loss with a cached top-k teacher, per k:
     the last run of ``benchmarks/sparse_teacher_error.py`` (rows of its newest commit)."""
-    latest = [row for row in rows if row["commit"] == rows[-1]["commit"]]
+    latest = _latest(rows)
     names = list(dict.fromkeys(row["loss"] for row in latest))
     by_key = {(row["loss"], row["k"]): row for row in latest}
     ks = sorted({int(row["k"]) for row in latest})
@@ -183,7 +188,7 @@ def cache_accuracy_table(rows: list[dict]) -> str:
     """Online KD vs KD from teacher caches (benchmarks/cache_accuracy.py): top-1 per seed, mean ± std."""
     import statistics
 
-    latest = [row for row in rows if row["commit"] == rows[-1]["commit"]]
+    latest = _latest(rows)
     runs = list(dict.fromkeys(row["run"] for row in latest))
     lines = ["| teacher → student | run | top-1 per seed (%) | mean ± std |", "| --- | --- | --- | ---: |"]
     for run in runs:
@@ -202,7 +207,7 @@ def cache_accuracy_table(rows: list[dict]) -> str:
 
 def cache_speed_table(rows: list[dict]) -> str:
     """Images/s of the KD step online vs from a teacher cache (bench_train.py's +cache feeds)."""
-    latest = [row for row in rows if row["commit"] == rows[-1]["commit"]]
+    latest = _latest(rows)
     lines = ["| teacher → student | feed | online (images/s) | from the cache | speed-up | cache build | "
              "teacher inference |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for row in latest:
@@ -261,7 +266,8 @@ def cpu_losses_table(rows: list[dict], batch: str = "256", classes: str = "1000"
         eager, fused, compiled = ms(loss, "eager"), ms(loss, "kdfast-cpu"), ms(loss, "compiled")
         ratios = [float(e["median_ms"]) / float(f["median_ms"])
                   for e, f in zip(runs[loss, "eager"], runs[loss, "kdfast-cpu"])]
-        peak = f"{float(runs[loss, 'eager'][-1]['peak_mb']):.1f} → {float(runs[loss, 'kdfast-cpu'][-1]['peak_mb']):.2f}"
+        peaks = [float(runs[loss, provider][-1]["peak_mb"]) for provider in ("eager", "kdfast-cpu")]
+        peak = f"{peaks[0]:.1f} → {peaks[1]:.2f}"
         name = loss.replace("[standardize]", ", standardize=True")
         lines.append(f"| `{name}` | {shown(eager)} | {shown(compiled)} | {shown(ms(loss, 'torchsort'))} | "
                      f"{shown(fused, True)} | {eager / fused:.1f}× | "
@@ -289,11 +295,6 @@ def demo_block(saved: dict) -> str:
         f"Gains are the mean ± std over seeds of each seed's difference to ce (same initialization, data order and "
         f"subset). Whole demo {settings['seconds'] / 60:.1f} min on {settings['device']}, idle; commit "
         f"{settings['commit']}, {settings['date']}, PyTorch {settings['torch']}."])
-
-
-def _latest(rows: list[dict]) -> list[dict]:
-    """The rows of the newest commit in a results file (rows are appended in run order)."""
-    return [row for row in rows if row["commit"] == rows[-1]["commit"]]
 
 
 def softrank_table(rows: list[dict]) -> str:
@@ -324,7 +325,8 @@ def data_table(rows: list[dict]) -> str:
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     runs = [[r for r in rows if r["provider"] == p] for p in providers]
     count = min(len(r) for r in runs)
-    names = {"dali-cpu": "DALI, CPU-only mode (`dali`, `device=\"cpu\"`)", "torch-cpu": "PyTorch fallback (`torch`, Pillow)",
+    names = {"dali-cpu": "DALI, CPU-only mode (`dali`, `device=\"cpu\"`)",
+             "torch-cpu": "PyTorch fallback (`torch`, Pillow)",
              "dali-gpu": "DALI, GPU decode", "torch-gpu": "PyTorch fallback, GPU batches"}
     lines = ["| loader | " + " | ".join(f"run {i + 1}" for i in range(count)) + " |",
              "| --- | " + " | ".join("---:" for _ in range(count)) + " |"]
@@ -363,7 +365,8 @@ def train_table(rows: list[dict]) -> str:
         lines.append(f"| {r['preset']} | {r['method']} | {r['teacher']} → {r['student']} | {r['feed']} | "
                      f"{float(r['images_per_s']):.0f} ({float(r['q20_images_per_s']):.0f}–"
                      f"{float(r['q80_images_per_s']):.0f}) | {'' if share is None else f'{100 * share:.1f} %'} | "
-                     f"{ms(r['teacher_forward_ms'])} | {ms(r['student_forward_ms'])} | {loss} | {ms(r['backward_ms'])} | "
+                     f"{ms(r['teacher_forward_ms'])} | {ms(r['student_forward_ms'])} | {loss} | "
+                     f"{ms(r['backward_ms'])} | "
                      f"{ms(r['optimizer_ms'])} |")
     first = rows[0]
     lines += ["", f"batch {first['batch_size']}, {first['device']}, torch {first['torch']}, commit {first['commit']}, "
@@ -373,12 +376,14 @@ def train_table(rows: list[dict]) -> str:
 
 
 def reskd_bench_table(rows: list[dict]) -> str:
-    """Gated vs full-chain wall-clock against the FLOPs' promise, over the runs of the newest commit (bench_reskd.py)."""
+    """Gated vs full-chain wall-clock against the FLOPs' promise, over the runs of the newest
+    commit (bench_reskd.py)."""
     rows = _latest(rows)
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     full_top1 = rows[0]["full_top1"]
     lines = ["| thresholds | FLOPs of the full chain | promised speed-up | measured speed-up (each run) | "
-             f"measured / promised | top-1 (full {float(full_top1):.2f} %) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+             f"measured / promised | top-1 (full {float(full_top1):.2f} %) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for setting in settings:
         runs = [r for r in rows if r["setting"] == setting]
         lines.append(f"| {setting} | {100 * float(runs[0]['flops_fraction']):.1f} % | "

@@ -178,6 +178,14 @@ class TrainConfig:
     checkpoint: str | None = _option(None, "kdfast eval: weights of --student to evaluate (a model.pt, a kdfast "
                                            "checkpoint or a state dict)", kind="path")
 
+    def __post_init__(self):
+        # A list option given one string (``teacher="resnet20"``) holds a list of it even in a
+        # TrainConfig built without validate(), as validate() would make it.
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if item.metadata.get("kind") in ("str_list", "path_list") and isinstance(value, (str, os.PathLike)):
+                setattr(self, item.name, [os.fspath(value)])
+
     def resolved_temperature(self) -> float:
         return DEFAULT_TEMPERATURE[self.method] if self.temperature is None else self.temperature
 

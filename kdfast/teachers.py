@@ -23,9 +23,23 @@ from torch import nn
 
 from kdfast import _checks
 
-__all__ = ["MODES", "TeacherEnsemble", "combine_teachers"]
+__all__ = ["MODES", "TeacherEnsemble", "combine_teachers", "describe_teachers"]
 
 MODES = ("logits", "probabilities")
+
+
+def describe_teachers(names, mode: str | None = None, weights=None, temperature: float | None = None) -> str | None:
+    """``resnet56`` for one teacher; ``resnet56 + wrn_40_2`` for several, followed, when
+    ``mode`` is given, by their combination: ``(mean of their probabilities at τ = 4, weights
+    1:3)`` (``uniform`` without weights; τ only for ``probabilities``). None without teachers."""
+    if not names:
+        return None
+    text = " + ".join(names)
+    if mode is None or len(names) == 1:
+        return text
+    at = f" at τ = {temperature:g}" if mode == "probabilities" and temperature is not None else ""
+    shown = "uniform" if weights is None else "weights " + ":".join(f"{w:g}" for w in weights)
+    return f"{text} (mean of their {mode}{at}, {shown})"
 
 
 def combine_teachers(logits_list, weights=None, mode: str = "logits", temperature: float = 1.0) -> torch.Tensor:

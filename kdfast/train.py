@@ -56,12 +56,12 @@ from torch import nn
 import kdfast
 from kdfast.checkpoint import (CheckpointError, RunLock, atomic_write_bytes, latest_checkpoint, list_checkpoints,
                                read_checkpoint_file, remove_orphaned_temporaries, save_state_dict, write_checkpoint)
-from kdfast.config import (OPTIONS, RESUME_MAY_CHANGE, TEACHER_METHODS, TrainConfig, describe_changes,
-                           read_config_file, resume_changes, save_config, validate)
+from kdfast.config import (RESUME_MAY_CHANGE, TEACHER_METHODS, TrainConfig, describe_changes, read_config_file,
+                           resume_changes, save_config, validate)
 from kdfast.execution import execution_settings
 from kdfast.models import create_model, load_weights, upgrade_old_keys
 from kdfast.nn import TeacherAdapter
-from kdfast.teachers import TeacherEnsemble
+from kdfast.teachers import TeacherEnsemble, describe_teachers
 
 LOGGER = logging.getLogger("kdfast.train")
 
@@ -290,26 +290,12 @@ def build_model(name: str, loader, config: TrainConfig, runtime: Runtime, weight
     return model.to(device=runtime.device, memory_format=memory_format)
 
 
-def describe_teachers(teachers: list[str] | None) -> str | None:
-    """``resnet56`` for one teacher, ``resnet56 + wrn40_2`` for several (None without)."""
-    return None if not teachers else " + ".join(teachers)
-
-
-def _combination(config: TrainConfig) -> str:
-    if not config.teacher or len(config.teacher) == 1:
-        return ""
-    weights = "uniform" if config.teacher_weights is None else "weights " + ":".join(
-        f"{w:g}" for w in config.teacher_weights)
-    return f" (mean of their {config.teacher_combine or 'logits'}, {weights})"
-
-
 def build_teachers(config: TrainConfig, loader, runtime: Runtime, load_weights: bool = True) -> TeacherEnsemble:
     """The run's frozen teachers (``--teacher``/``--teacher-checkpoint``, one or more) as one
     :class:`~kdfast.teachers.TeacherEnsemble` combining them by ``--teacher-combine`` and
     ``--teacher-weights`` at the method's temperature."""
-    names = OPTIONS["teacher"].check(config.teacher)  # a list, also in a TrainConfig built without validate
-    checkpoints = OPTIONS["teacher_checkpoint"].check(config.teacher_checkpoint) if load_weights else None
-    checkpoints = checkpoints or [None] * len(names)
+    names = config.teacher
+    checkpoints = (config.teacher_checkpoint if load_weights else None) or [None] * len(names)
     several = len(names) > 1
     teachers = [build_model(name, loader, config, runtime, checkpoint,
                             f"teacher_checkpoint {number} ({name})" if several else "teacher_checkpoint")
@@ -992,8 +978,10 @@ def _train_locked(config: TrainConfig, runtime: Runtime, folder: Path, say) -> d
     progress = Progress(config.progress, total_steps, runtime.main)
     parameters = sum(p.numel() for p in student.parameters())
     teacher_name = describe_teachers(config.teacher) if cache is None else cache.teacher_description
+    combination = describe_teachers(config.teacher, config.teacher_combine or "logits", config.teacher_weights,
+                                    config.resolved_temperature())
     say(f"kdfast train: {config.method} | student {config.student} ({parameters:,} parameters)"
-        + (f" | teacher {teacher_name}{_combination(config)}" if kd_step.teacher is not None else "")
+        + (f" | teacher {combination}" if kd_step.teacher is not None else "")
         + (f" | teacher {teacher_name} from cache {config.teacher_cache} (top-{cache.top_k} of {cache.num_classes}, "
            f"{cache.epochs} epoch(s) recorded)" if cache is not None else "")
         + f" | {train_loader.num_samples} train / {val_loader.num_samples} val images, {train_loader.num_classes} "
@@ -1116,8 +1104,8 @@ def run_eval(config: TrainConfig, print_fn=print) -> dict:
         model = build_model(config.student, val_loader, config, runtime, config.checkpoint, "checkpoint")
         result = evaluate(model, val_loader, runtime, config)
         if runtime.main:
-            print_fn(f"{config.student} on {config.data} val"
-                     f"{f' ({config.val_file_list})' if config.val_file_list else ''} at {val_loader.image_shape[1]} px: "
+            listed = f" ({config.val_file_list})" if config.val_file_list else ""
+            print_fn(f"{config.student} on {config.data} val{listed} at {val_loader.image_shape[1]} px: "
                      f"top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%, "
                      f"loss {result['loss']:.4f} ({result['images']} images; weights {config.checkpoint})")
         return result

@@ -113,3 +113,19 @@ def compile_for_hopper(kernels: list[dict], cache_dir, timeout: float = 900) -> 
                             text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def install_fake_cuda_launcher(monkeypatch, launcher):
+    """Stand ``launcher`` in for the compiled CUDA module and make the wrapper's CUDA device and
+    stream calls no-ops, so that the CUDA wrapper (``kdfast.fused._fused_kd_loss_cuda``) runs on
+    CPU tensors and hands its arguments to ``launcher`` (tests of what reaches the launcher)."""
+    import contextlib
+    import types
+
+    from kdfast import fused
+
+    monkeypatch.setattr(fused, "_C_cuda", launcher)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    return launcher

@@ -10,13 +10,12 @@ On the CPU: the launcher's refusals and the Python wrapper's arguments (through 
 launcher), which need no GPU.
 """
 
-import contextlib
 import ctypes
 import types
 
 import pytest
 import torch
-from helpers import teacher_like
+from helpers import install_fake_cuda_launcher, teacher_like
 
 import kdfast
 from kdfast import fused
@@ -238,12 +237,7 @@ class _FakeLauncher:
 
 @pytest.fixture
 def fake_launcher(monkeypatch):
-    fake = _FakeLauncher()
-    monkeypatch.setattr(fused, "_C_cuda", fake)
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
-    return fake
+    return install_fake_cuda_launcher(monkeypatch, _FakeLauncher())
 
 
 def _wrapper(student, teacher, indices=None, fill=None, teacher_grad=False):

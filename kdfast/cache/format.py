@@ -184,11 +184,8 @@ def manifest_teachers(manifest: dict) -> list[str]:
 
 def describe_manifest_teacher(manifest: dict) -> str:
     """``resnet56`` or, for a combination, ``resnet56 + wrn40_2 (mean of their logits, weights 0.5:0.5)``."""
+    from kdfast.teachers import describe_teachers
+
     teacher = manifest["teacher"]
-    names = manifest_teachers(manifest)
-    if len(names) == 1:
-        return names[0]
-    mode = teacher["combine"]
-    at = f" at τ = {teacher['temperature']:g}" if mode == "probabilities" else ""
-    weights = ":".join(f"{w:g}" for w in teacher["weights"])
-    return f"{' + '.join(names)} (mean of their {mode}{at}, weights {weights})"
+    return describe_teachers(manifest_teachers(manifest), teacher.get("combine", "logits"), teacher.get("weights"),
+                             teacher.get("temperature"))
